@@ -1,0 +1,3 @@
+"""harness: reproducible PyTorch training with lockfiles and bit-for-bit replay."""
+
+__version__ = "0.1.0"

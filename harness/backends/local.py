@@ -1,0 +1,52 @@
+"""Train in a child process of the current Python environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from harness import rundir
+from harness.backends.base import LaunchSpec
+
+
+class LocalHandle:
+    def __init__(self, process: subprocess.Popen, log_path):
+        self.process = process
+        self.log_path = log_path
+
+    def wait(self) -> int:
+        with open(self.log_path, "a") as log:
+            for line in self.process.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                log.flush()
+        return self.process.wait()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class LocalBackend:
+    name = "local"
+
+    def launch(self, spec: LaunchSpec) -> LocalHandle:
+        command = [sys.executable, "-u", "-m", "harness.train", str(spec.run_dir)]
+        if spec.data_root:
+            command += ["--data-root", str(spec.data_root)]
+        command += list(spec.extra_args)
+        # The pinned variables must be in the environment before the interpreter starts
+        # (PYTHONHASHSEED is read only at interpreter start-up).
+        env = {**os.environ, **spec.env}
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        return LocalHandle(process, spec.run_dir / rundir.LOG)

@@ -1,0 +1,201 @@
+"""Compose a run configuration with Hydra, validate it against typed schemas and resolve it
+once, so that what a run saves in config.yaml is exactly what it ran with.
+
+Hydra's compose API is used instead of `@hydra.main`, which owns argv and does not sit well
+under subcommands; overrides keep Hydra's grammar (`key=value`, `+key=value`, `group=option`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from harness.errors import ConfigError
+
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+SEED_LIMIT = 2**32  # numpy seeds must be below this
+
+
+class DeterminismMode(Enum):
+    strict = "strict"  # deterministic algorithms enforced: a nondeterministic op raises
+    warn = "warn"  # deterministic algorithms preferred: a nondeterministic op warns
+    off = "off"  # nothing enforced (seeds are still set)
+
+
+@dataclass
+class DeterminismConf:
+    mode: DeterminismMode = DeterminismMode.strict
+    threads: int = 2  # torch intra-op threads and OMP/MKL_NUM_THREADS
+    pythonhashseed: int = 0
+    cublas_workspace_config: str = ":4096:8"
+
+
+@dataclass
+class DataFile:
+    file: str = MISSING  # file name as published (".gz" or raw IDX)
+    sha256: str = MISSING  # sha256 of the decompressed content: the data's identity
+
+
+@dataclass
+class DataConf:
+    name: str = MISSING
+    dirname: Optional[str] = None  # directory name under the standard locations
+    root: Optional[str] = None  # explicit directory holding the files
+    mirrors: List[str] = field(default_factory=list)
+    files: Dict[str, DataFile] = field(default_factory=dict)
+    dataset: Any = MISSING  # `_target_` building a dataset: called with root=, split=
+
+
+@dataclass
+class TrainerConf:
+    epochs: int = 3
+    max_steps: Optional[int] = None  # stop after this many steps (None: run all epochs)
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    num_workers: int = 0
+    train_limit: Optional[int] = None  # use only the first N training samples
+    eval_limit: Optional[int] = None  # evaluate on the first N test samples
+    log_every: int = 100  # progress line every N steps (metrics are logged every step)
+    fingerprint_every: int = 100  # parameter digest every N steps, for divergence reports
+    checkpoint_every: int = 1000
+    device: str = "cpu"
+
+
+@dataclass
+class BackendConf:
+    name: str = "local"
+
+
+@dataclass
+class RunConf:
+    name: str = MISSING
+    seed: Optional[int] = None  # None: the harness draws one at launch and records it
+    model: Any = MISSING
+    optim: Any = MISSING
+    data: DataConf = field(default_factory=DataConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    determinism: DeterminismConf = field(default_factory=DeterminismConf)
+    backend: BackendConf = field(default_factory=BackendConf)
+
+
+def default_config_dir() -> Path:
+    """`$HARNESS_CONFIG_DIR`, else `./conf` when it exists, else the bundled configs."""
+    if os.environ.get("HARNESS_CONFIG_DIR"):
+        return Path(os.environ["HARNESS_CONFIG_DIR"]).resolve()
+    local = Path.cwd() / "conf"
+    if local.is_dir():
+        return local.resolve()
+    return BUILTIN_CONFIG_DIR
+
+
+def available_configs(config_dir: Path) -> List[str]:
+    names = {p.stem for p in config_dir.glob("*.yaml")}
+    if config_dir != BUILTIN_CONFIG_DIR:
+        names |= {p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml")}
+    return sorted(names)
+
+
+def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Compose `<config_dir>/<name>.yaml` with Hydra overrides; return the validated,
+    fully resolved config as plain data (seed drawn here when the config leaves it null)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    config_dir = Path(config_dir) if config_dir else default_config_dir()
+    if not config_dir.is_dir():
+        raise ConfigError(f"config directory {config_dir} does not exist; pass --config-dir DIR")
+    valid = available_configs(config_dir)
+    if name not in valid:
+        raise ConfigError(
+            f"unknown config '{name}'. Valid configs: {', '.join(valid) or '(none)'} "
+            f"(from {config_dir}); add conf/{name}.yaml or pick one of these."
+        )
+    hydra_overrides = list(overrides)
+    if config_dir != BUILTIN_CONFIG_DIR:
+        # The user's configs can build on the bundled groups (model=cnn, data=mnist, ...).
+        hydra_overrides.append(f"hydra.searchpath=[file://{BUILTIN_CONFIG_DIR}]")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            composed = hydra_compose(config_name=name, overrides=hydra_overrides)
+    except HydraException as exc:
+        raise ConfigError(f"cannot compose config '{name}': {exc}") from None
+    composed = OmegaConf.to_container(composed, resolve=False)
+    composed.pop("hydra", None)
+    composed.setdefault("name", name)
+    return validate(composed)
+
+
+def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Check `raw` against the typed schema, resolve interpolations once, check ranges,
+    draw a seed if none is set. Returns plain data (what config.yaml holds)."""
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RunConf), raw)
+        resolved = OmegaConf.to_container(typed, resolve=True, enum_to_str=True,
+                                          throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {_first_line(exc)}. Fix the value in the config "
+                          f"file or the override.") from None
+    _check_ranges(resolved)
+    if resolved["seed"] is None:
+        resolved["seed"] = secrets.randbelow(SEED_LIMIT)
+    return resolved
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    key = getattr(exc, "full_key", None)
+    text = lines[0] if lines else type(exc).__name__
+    return f"{text} (key: {key})" if key and key not in text else text
+
+
+def _check_ranges(cfg: Dict[str, Any]) -> None:
+    trainer = cfg["trainer"]
+    rules = [
+        ("trainer.epochs", trainer["epochs"], 1),
+        ("trainer.max_steps", trainer["max_steps"], 1),
+        ("trainer.batch_size", trainer["batch_size"], 1),
+        ("trainer.eval_batch_size", trainer["eval_batch_size"], 1),
+        ("trainer.num_workers", trainer["num_workers"], 0),
+        ("trainer.train_limit", trainer["train_limit"], 1),
+        ("trainer.eval_limit", trainer["eval_limit"], 1),
+        ("trainer.log_every", trainer["log_every"], 1),
+        ("trainer.fingerprint_every", trainer["fingerprint_every"], 1),
+        ("trainer.checkpoint_every", trainer["checkpoint_every"], 1),
+        ("determinism.threads", cfg["determinism"]["threads"], 1),
+        ("determinism.pythonhashseed", cfg["determinism"]["pythonhashseed"], 0),
+        ("seed", cfg["seed"], 0),
+    ]
+    for key, value, minimum in rules:
+        if value is not None and value < minimum:
+            raise ConfigError(f"invalid config: {key}={value}; it must be >= {minimum}.")
+    if cfg["seed"] is not None and cfg["seed"] >= SEED_LIMIT:
+        raise ConfigError(f"invalid config: seed={cfg['seed']}; it must be below {SEED_LIMIT}.")
+    if cfg["determinism"]["pythonhashseed"] > 4294967295:
+        raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
+
+
+def canonical_json(data: Any) -> str:
+    """The one JSON form that hashes are computed over: sorted keys, no spaces."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_sha256(cfg: Dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(cfg).encode()).hexdigest()
+
+
+def to_yaml(cfg: Dict[str, Any]) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))
+
+
+def load_yaml(path: Path) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)

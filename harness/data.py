@@ -1,0 +1,303 @@
+"""MNIST-format (IDX) datasets: reading, locating, verifying and fetching.
+
+A dataset's identity is the sha256 of each file's *decompressed* content, pinned in
+`conf/data/<name>.yaml`: mirrors and distributions recompress the `.gz` archives (Debian's
+Fashion-MNIST does), so archive checksums only say whether one download is intact.
+
+Data arrives before training, never during it: the launcher locates (or fetches) and
+verifies the files on the host, then hands one directory to the training process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from harness.errors import DataError
+
+DEBIAN_DATASETS = Path("/usr/share/datasets")
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+
+
+# ---------------------------------------------------------------- reading
+
+def open_maybe_gzip(path: Path):
+    with open(path, "rb") as probe:
+        is_gzip = probe.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if is_gzip else open(path, "rb")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (raw or gzip-compressed) into a numpy array."""
+    with open_maybe_gzip(path) as stream:
+        raw = stream.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number); replace it with the "
+                        f"published file.")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path} is truncated or padded: {len(raw)} bytes, the header says "
+                        f"{expected}; replace it with the published file.")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def find_file(directory: Path, name: str) -> Optional[Path]:
+    """`name` in `directory`, accepting the compressed or decompressed variant."""
+    stem = name[:-3] if name.endswith(".gz") else name
+    for candidate in (name, stem, stem + ".gz"):
+        path = directory / candidate
+        if path.is_file():
+            return path
+    return None
+
+
+class IdxClassification:
+    """An image-classification dataset stored as MNIST-style IDX files in `root`:
+    `{train,t10k}-images-idx3-ubyte[.gz]` and `{train,t10k}-labels-idx1-ubyte[.gz]`.
+
+    Images become float32 tensors of shape (1, H, W), normalized with `mean` and `std`;
+    all of it is held in memory (60,000 28x28 images are 188 MB as float32).
+    """
+
+    def __init__(self, root: str, split: str, mean: float = 0.0, std: float = 1.0):
+        import torch
+
+        if split not in SPLIT_PREFIX:
+            raise DataError(f"unknown split '{split}'; use one of {sorted(SPLIT_PREFIX)}")
+        prefix = SPLIT_PREFIX[split]
+        images = read_idx(self._path(Path(root), f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(self._path(Path(root), f"{prefix}-labels-idx1-ubyte"))
+        if len(images) != len(labels):
+            raise DataError(f"{root}: {len(images)} images but {len(labels)} labels for {split}")
+        # In place: one float32 copy of the images, not three temporaries.
+        pixels = torch.from_numpy(images).unsqueeze(1).to(torch.float32)
+        self.images = pixels.div_(255.0).sub_(mean).div_(std)
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    @staticmethod
+    def _path(root: Path, name: str) -> Path:
+        path = find_file(root, name)
+        if path is None:
+            raise DataError(f"{name}[.gz] not found in {root}")
+        return path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+
+# ---------------------------------------------------------------- identity
+
+def content_sha256(path: Path) -> str:
+    """sha256 of the file's content, decompressed when it is gzip. Remembered per
+    (path, size, mtime, inode), like git's index, so an unchanged file is not re-read on
+    every launch; any change to the file changes the key and forces a new hash."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    cache = _hash_cache()
+    if key not in cache:
+        cache[key] = _hash_content(path)
+        _save_hash_cache(cache)
+    return cache[key]
+
+
+def _hash_cache_path() -> Path:
+    return user_cache_dir().parent / "content-sha256.json"
+
+
+def _hash_cache() -> Dict[str, str]:
+    try:
+        return json.loads(_hash_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_hash_cache(cache: Dict[str, str]) -> None:
+    path = _hash_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(cache, handle)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the re-hash next time
+
+
+def _hash_content(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open_maybe_gzip(path) as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- locating
+
+def user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "harness" / "data"
+
+
+def search_dirs(data_cfg: Dict) -> List[Path]:
+    """Where a dataset is looked for, in order. An explicit `data.root` is the only place."""
+    if data_cfg.get("root"):
+        return [Path(data_cfg["root"]).expanduser()]
+    dirname = data_cfg.get("dirname") or data_cfg["name"]
+    dirs = []
+    if os.environ.get("HARNESS_DATA"):
+        dirs.append(Path(os.environ["HARNESS_DATA"]) / dirname)
+    dirs.append(user_cache_dir() / dirname)
+    dirs.append(DEBIAN_DATASETS / dirname)
+    return dirs
+
+
+def locate(data_cfg: Dict) -> Optional[Tuple[Path, Dict[str, Path]]]:
+    """The first searched directory holding every pinned file, with the file paths."""
+    files = data_cfg.get("files") or {}
+    for directory in search_dirs(data_cfg):
+        found = {key: find_file(directory, spec["file"]) for key, spec in files.items()}
+        if all(found.values()):
+            return directory, found
+    return None
+
+
+def verify(data_cfg: Dict, paths: Dict[str, Path]) -> Dict[str, Dict[str, str]]:
+    """Check each file's content hash against its pin; return what the lockfile records."""
+    record = {}
+    for key, path in sorted(paths.items()):
+        pinned = data_cfg["files"][key]["sha256"]
+        actual = content_sha256(path)
+        if actual != pinned:
+            raise DataError(
+                f"{path} has content sha256 {actual}, but conf/data/{data_cfg['name']}.yaml "
+                f"pins {pinned}. The file is corrupt or a different dataset: delete it and run "
+                f"`harness data fetch {data_cfg['name']}`, or fix the pin if you changed data "
+                f"on purpose.")
+        record[key] = {"file": path.name, "sha256": actual}
+    return record
+
+
+def prepare(data_cfg: Dict, fetch_missing: bool = True) -> Tuple[Optional[Path], Dict]:
+    """Locate (fetching when missing and mirrors are pinned) and verify a dataset.
+    Returns the directory to hand to training and the per-file record for the lockfile.
+    A dataset without pinned files (a user's own generator, say) needs nothing here."""
+    if not data_cfg.get("files"):
+        root = data_cfg.get("root")
+        return (Path(root) if root else None), {}
+    located = locate(data_cfg)
+    if located is None and fetch_missing and data_cfg.get("mirrors") and not data_cfg.get("root"):
+        print(f"harness: dataset '{data_cfg['name']}' not found locally; fetching it",
+              file=sys.stderr)
+        try:
+            fetch(data_cfg, user_cache_dir() / (data_cfg.get("dirname") or data_cfg["name"]))
+        except DataError as exc:
+            raise DataError(f"{missing_message(data_cfg)}\nFetching failed too: {exc}") from None
+        located = locate(data_cfg)
+    if located is None:
+        raise DataError(missing_message(data_cfg))
+    directory, paths = located
+    return directory, verify(data_cfg, paths)
+
+
+def missing_message(data_cfg: Dict) -> str:
+    names = ", ".join(spec["file"] for spec in data_cfg["files"].values())
+    searched = "\n".join(f"  {d}" for d in search_dirs(data_cfg))
+    return (f"dataset '{data_cfg['name']}' not found: need {names} (or the same without .gz) "
+            f"in one of:\n{searched}\nFetch it with `harness data fetch {data_cfg['name']}`, "
+            f"or put the files in one of those directories, or pass data.root=DIR.")
+
+
+# ---------------------------------------------------------------- fetching
+
+def fetch(data_cfg: Dict, dest: Path, retries: int = 3, backoff: float = 0.5,
+          timeout: float = 30.0) -> Dict[str, Path]:
+    """Download every pinned file missing from `dest`, trying each mirror with retries.
+    A file lands in `dest` only after its content hash matched (temp file + rename)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    mirrors = data_cfg.get("mirrors") or []
+    if not mirrors:
+        raise DataError(f"dataset '{data_cfg['name']}' has no mirrors in its config; put the "
+                        f"files in {dest} yourself.")
+    result = {}
+    for key, spec in sorted(data_cfg["files"].items()):
+        existing = find_file(dest, spec["file"])
+        if existing and content_sha256(existing) == spec["sha256"]:
+            print(f"  {spec['file']}: already present and verified", file=sys.stderr)
+            result[key] = existing
+            continue
+        result[key] = _fetch_one(spec, mirrors, dest, retries, backoff, timeout)
+    return result
+
+
+def _fetch_one(spec: Dict, mirrors: List[str], dest: Path, retries: int, backoff: float,
+               timeout: float) -> Path:
+    failures = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + spec["file"]
+        for attempt in range(1, retries + 1):
+            try:
+                return _download_verified(url, spec, dest, timeout)
+            except _CorruptDownload as exc:
+                failures.append(f"{url}: {exc}")
+                break  # a mirror serving wrong content will not improve on retry
+            except (urllib.error.URLError, OSError, EOFError) as exc:
+                failures.append(f"{url} (attempt {attempt}/{retries}): {exc}")
+                if attempt < retries:
+                    time.sleep(backoff * 2 ** (attempt - 1))
+    details = "\n  ".join(failures)
+    raise DataError(f"could not fetch {spec['file']} from any mirror:\n  {details}\n"
+                    f"Check the network or proxy, or copy the file into {dest}.")
+
+
+class _CorruptDownload(Exception):
+    pass
+
+
+def _download_verified(url: str, spec: Dict, dest: Path, timeout: float) -> Path:
+    print(f"  {spec['file']}: downloading {url}", file=sys.stderr)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec['file']}.", suffix=".part", dir=dest)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            total = int(resp.headers.get("Content-Length") or 0)
+            done = 0
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+                done += len(chunk)
+                if total:
+                    print(f"\r  {spec['file']}: {done * 100 // total}% of {total} bytes",
+                          end="", file=sys.stderr)
+            if total:
+                print(file=sys.stderr)
+        try:
+            actual = _hash_content(tmp)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise _CorruptDownload(f"unreadable download ({exc})") from None
+        if actual != spec["sha256"]:
+            raise _CorruptDownload(f"content sha256 {actual} does not match the pin "
+                                   f"{spec['sha256']}; rejected")
+        final = dest / spec["file"]
+        os.replace(tmp, final)
+        return final
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,149 @@
+"""Everything that makes a run repeatable bit for bit, with the reason for each pin.
+
+Two halves: `pinned_environment` is computed by the launcher, because some settings only
+take effect if they are in the environment before the interpreter or the CUDA context
+starts; `apply` runs first thing inside the training process and `audit` reads back what is
+actually in effect, so the lockfile records facts rather than intentions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Dict
+
+from harness.errors import HarnessError
+
+
+def pinned_environment(det: Dict[str, Any]) -> Dict[str, str]:
+    """Variables the training process must start with."""
+    threads = str(det["threads"])
+    return {
+        # Python's str/bytes hashing is salted per process unless this is fixed: set and
+        # dict iteration orders (and anything built from them) would change between runs.
+        "PYTHONHASHSEED": str(det["pythonhashseed"]),
+        # cuBLAS picks reduction strategies by workspace; a fixed config makes its results
+        # deterministic (required by use_deterministic_algorithms on CUDA >= 10.2).
+        "CUBLAS_WORKSPACE_CONFIG": det["cublas_workspace_config"],
+        # CPU results change with the number of threads (reduction order): pin them.
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a training step may draw from."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def apply(det: Dict[str, Any]) -> None:
+    """Apply the determinism mode and thread counts inside the training process."""
+    import torch
+
+    mode = det["mode"]
+    torch.set_num_threads(det["threads"])
+    # Inter-op parallelism reorders independent ops; one thread keeps the order fixed.
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process (only possible when called twice)
+    if mode == "off":
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True  # autotuning picks kernels by timing
+        return
+    # strict: a nondeterministic op raises; warn: it only warns.
+    torch.use_deterministic_algorithms(True, warn_only=(mode == "warn"))
+    # cuDNN: only deterministic convolution algorithms, and no timing-based selection.
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    # TF32 rounds float32 matmuls/convolutions to 10 mantissa bits on Ampere and newer:
+    # off, so results match full float32 and do not depend on the GPU generation.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def audit() -> Dict[str, Any]:
+    """What is in effect right now, read back from torch and the environment."""
+    import torch
+
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "env": {name: os.environ.get(name) for name in
+                ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
+                 "MKL_NUM_THREADS")},
+    }
+
+
+def expected_audit(det: Dict[str, Any]) -> Dict[str, Any]:
+    """The subset of `audit()` that the configured mode promises."""
+    expected: Dict[str, Any] = {
+        "torch_num_threads": det["threads"],
+        "torch_num_interop_threads": 1,
+        "env": pinned_environment(det),
+    }
+    if det["mode"] != "off":
+        expected.update({
+            "deterministic_algorithms": True,
+            "deterministic_warn_only": det["mode"] == "warn",
+            "cudnn_deterministic": True,
+            "cudnn_benchmark": False,
+            "cuda_matmul_allow_tf32": False,
+            "cudnn_allow_tf32": False,
+            "float32_matmul_precision": "highest",
+        })
+    return expected
+
+
+def check(det: Dict[str, Any], actual: Dict[str, Any]) -> None:
+    """Fail loudly when something the config promises is not in effect."""
+    wrong = []
+    for key, want in expected_audit(det).items():
+        have = actual.get(key)
+        if key == "env":
+            wrong += [f"env {name}={have.get(name)!r}, expected {value!r}"
+                      for name, value in want.items() if have.get(name) != value]
+        elif have != want:
+            wrong.append(f"{key}={have!r}, expected {want!r}")
+    if wrong:
+        raise HarnessError(
+            "determinism settings are not in effect: " + "; ".join(wrong) +
+            ". Launch training through `harness train` (it sets these before the interpreter "
+            "starts) rather than running the training module directly.")
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed python and numpy in each DataLoader worker from the worker's torch seed, which
+    the DataLoader derives from its seeded generator (base seed + worker id)."""
+    import numpy as np
+    import torch
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int):
+    """The generator that orders epoch `epoch`: a pure function of (seed, epoch), so that an
+    epoch can be re-created exactly on resume and does not depend on earlier epochs."""
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    return generator

@@ -1,0 +1,44 @@
+"""User-facing errors. Each carries a message that says how to fix the problem and the
+exit code the CLI returns for it; the CLI catches them once and prints the message.
+
+Exit codes (also in docs/cli.md):
+  1  the training run itself failed (see its train.log)
+  2  invalid input: unknown config, bad override, wrong type, bad argument
+  3  data missing or corrupt
+  4  an environment part is missing or down (Docker engine, Slurm, GPU runtime)
+  5  a lockfile is damaged or was tampered with
+  6  replay refused: the environment differs in a way that breaks bitwise equality
+  7  replay or verify ran, and the results DIVERGED
+"""
+
+
+class HarnessError(Exception):
+    exit_code = 1
+
+
+class RunFailed(HarnessError):
+    exit_code = 1
+
+
+class ConfigError(HarnessError):
+    exit_code = 2
+
+
+class DataError(HarnessError):
+    exit_code = 3
+
+
+class EnvironmentProblem(HarnessError):
+    exit_code = 4
+
+
+class LockfileError(HarnessError):
+    exit_code = 5
+
+
+class ReplayRefused(HarnessError):
+    exit_code = 6
+
+
+class Diverged(HarnessError):
+    exit_code = 7

@@ -1,0 +1,259 @@
+"""The lockfile (`harness.lock`): what a run was, completely enough to rebuild its
+environment and to refuse a replay that cannot be exact. Field reference: docs/lockfile.md.
+
+Written as JSON with sorted keys; `lock_sha256` is the sha256 of the canonical JSON
+(sorted keys, no whitespace) of everything else, so any edit is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from harness.config import canonical_json
+from harness.errors import LockfileError
+from harness.rundir import atomic_write_text
+
+SCHEMA = "harness.lock/1"
+
+# Environment variables recorded in the lockfile. Only these: anything else (tokens, keys,
+# passwords) must never reach a run directory.
+ENV_ALLOWLIST = (
+    "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING",
+    "NCCL_ALGO", "NCCL_PROTO", "TORCH_CUDNN_V8_API_DISABLED", "LD_PRELOAD",
+    "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+)
+
+# CPU features that decide which math kernels (and so which rounding) a library selects.
+MATH_ISA_FLAGS = (
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw",
+    "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+    "amx_bf16", "asimd", "sve", "sve2",
+)
+
+
+# ---------------------------------------------------------------- capture
+
+def capture_environment() -> Dict[str, str]:
+    return {name: os.environ[name] for name in ENV_ALLOWLIST if name in os.environ}
+
+
+def capture_software() -> Dict[str, Any]:
+    """Versions as seen from inside the training process."""
+    import importlib.metadata as metadata
+
+    import torch
+
+    cuda_available = torch.cuda.is_available()
+    nccl = None
+    if cuda_available and hasattr(torch.cuda, "nccl"):
+        try:
+            version = torch.cuda.nccl.version()
+            nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except (RuntimeError, AttributeError):
+            nccl = None
+    packages = {}
+    for dist in metadata.distributions():
+        name = dist.metadata.get("Name")
+        if name:
+            packages[name.lower()] = dist.version
+    return {
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_git_version": getattr(torch.version, "git_version", None),
+        "torch_cpu_capability": _cpu_capability(torch),
+        "cuda_runtime": torch.version.cuda,
+        "cuda_available": cuda_available,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "nccl": nccl,
+        "packages": dict(sorted(packages.items())),
+    }
+
+
+def _cpu_capability(torch) -> Optional[str]:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        return None
+
+
+def capture_cpu() -> Dict[str, Any]:
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and model is None:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "model": model or platform.processor() or None,
+        "architecture": platform.machine(),
+        "isa_flags": sorted(flags.intersection(MATH_ISA_FLAGS)),
+        "logical_cores": os.cpu_count(),
+    }
+
+
+def capture_gpus() -> Dict[str, Any]:
+    """GPUs and driver through NVML (nvidia-ml-py). No NVML: an explicit empty list and the
+    reason, so that "no GPU" is recorded as a fact rather than as a missing field."""
+    try:
+        import pynvml
+    except ImportError:
+        return {"gpus": [], "driver": None, "nvml": None, "nvml_error": "nvidia-ml-py not installed"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return {"gpus": [], "driver": None, "nvml": None, "nvml_error": str(exc)}
+    try:
+        gpus = [_gpu_record(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i), i)
+                for i in range(pynvml.nvmlDeviceGetCount())]
+        return {"gpus": gpus, "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
+                "nvml": _text(pynvml.nvmlSystemGetNVMLVersion()), "nvml_error": None}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _gpu_record(pynvml, handle, index: int) -> Dict[str, Any]:
+    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    try:
+        mig_current, _ = pynvml.nvmlDeviceGetMigMode(handle)
+        mig = bool(mig_current)
+    except pynvml.NVMLError:
+        mig = None  # not supported on this GPU
+    try:
+        sm_count = pynvml.nvmlDeviceGetNumGpuCores(handle)  # CUDA cores, not SMs
+    except (pynvml.NVMLError, AttributeError):
+        sm_count = None
+    return {
+        "index": index,
+        "name": _text(pynvml.nvmlDeviceGetName(handle)),
+        "uuid": _text(pynvml.nvmlDeviceGetUUID(handle)),
+        "compute_capability": f"{major}.{minor}",
+        "memory_total": pynvml.nvmlDeviceGetMemoryInfo(handle).total,
+        "mig_mode": mig,
+        "cuda_cores": sm_count,
+        "sm_count": _torch_sm_count(index),
+    }
+
+
+def _torch_sm_count(index: int) -> Optional[int]:
+    """Streaming multiprocessors, which NVML does not report; torch does."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    except (ImportError, RuntimeError, AssertionError):
+        return None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def capture_hardware() -> Dict[str, Any]:
+    gpu = capture_gpus()
+    return {"cpu": capture_cpu(), "hostname": platform.node(), **gpu}
+
+
+def capture_source(directory: Path) -> Dict[str, Any]:
+    """Git state of the project the run was launched from."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "dirty": None, "diff_sha256": None,
+                "note": f"{directory} is not a git checkout"}
+    diff = git("diff", "HEAD", "--binary") or ""
+    untracked = git("ls-files", "--others", "--exclude-standard") or ""
+    dirty = bool(diff.strip() or untracked.strip())
+    return {
+        "git_commit": commit.strip(),
+        "dirty": dirty,
+        "diff_sha256": hashlib.sha256((diff + untracked).encode()).hexdigest() if dirty else None,
+    }
+
+
+def harness_source_sha256() -> str:
+    """sha256 over the harness package's own source files, in path order."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- write / read
+
+def seal(lock: Dict[str, Any]) -> Dict[str, Any]:
+    """Return `lock` with `lock_sha256` computed over the canonical rest."""
+    body = {k: v for k, v in lock.items() if k != "lock_sha256"}
+    return {**body, "lock_sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
+
+
+def write(path: Path, lock: Dict[str, Any]) -> Dict[str, Any]:
+    sealed = seal(lock)
+    atomic_write_text(path, json.dumps(sealed, sort_keys=True, indent=2) + "\n")
+    return sealed
+
+
+def read(path: Path) -> Dict[str, Any]:
+    """Read a lockfile and check its integrity; refuse a damaged or edited one."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise LockfileError(f"cannot read lockfile {path}: {exc.strerror}") from None
+    try:
+        lock = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LockfileError(f"lockfile {path} is not valid JSON ({exc.msg} at line "
+                            f"{exc.lineno}): it is truncated or damaged. Re-run the training "
+                            f"to get a new one; a damaged lockfile cannot be trusted.") from None
+    if not isinstance(lock, dict) or "lock_sha256" not in lock:
+        raise LockfileError(f"lockfile {path} has no lock_sha256: not a harness lockfile.")
+    if seal(lock)["lock_sha256"] != lock["lock_sha256"]:
+        raise LockfileError(f"lockfile {path} fails its integrity check (lock_sha256 does not "
+                            f"match its content): it was edited or damaged after the run. "
+                            f"Restore the original from backup or re-run the training.")
+    return lock
+
+
+def flatten(data: Any, prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists of records are keyed by index."""
+    if isinstance(data, dict):
+        out: Dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
+
+
+def required_fields() -> List[str]:
+    """Top-level fields every lockfile has (docs/lockfile.md documents each)."""
+    return ["schema", "run_id", "created_utc", "harness", "config", "config_sha256", "seed",
+            "overrides", "backend", "determinism", "software", "hardware", "environment",
+            "source", "data", "results", "lock_sha256"]

@@ -1,0 +1,149 @@
+"""The run directory `runs/<run-id>/`: the contract between launch, training and replay.
+
+    config.yaml      resolved config (no interpolations left)
+    overrides.txt    the overrides the user typed, one per line
+    launch.json      facts gathered on the host before launch (source, data, image)
+    status.json      running | succeeded | failed, exit code, times, pid
+    metrics.jsonl    one record per step (loss also as float.hex) and per evaluation
+    train.log        what the training printed
+    checkpoints/     training state at intervals (the newest two)
+    model.pt         final weights
+    harness.lock     the lockfile, written last, only by a run that finished
+
+Every file is written atomically (temp file + rename), so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from harness.errors import ConfigError
+
+CONFIG = "config.yaml"
+OVERRIDES = "overrides.txt"
+LAUNCH = "launch.json"
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+LOG = "train.log"
+WEIGHTS = "model.pt"
+LOCK = "harness.lock"
+CHECKPOINTS = "checkpoints"
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("HARNESS_RUNS") or "runs")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, sort_keys=True, indent=2) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_run_id(config_name: str) -> str:
+    """UTC time + config name + random suffix: sorts by time, unique under concurrency
+    (the directory is created exclusively, and a clash is retried)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in config_name)[:40]
+    return f"{stamp}-{safe}-{secrets.token_hex(3)}"
+
+
+def create(runs_dir: Path, config_name: str) -> Path:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(10):
+        path = runs_dir / new_run_id(config_name)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a unique run directory in {runs_dir}")
+
+
+def write_status(run_dir: Path, state: str, **fields: Any) -> Dict[str, Any]:
+    status = {}
+    if (run_dir / STATUS).exists():
+        status = read_json(run_dir / STATUS)
+    status.update(fields, state=state, updated_utc=now_utc())
+    write_json(run_dir / STATUS, status)
+    return status
+
+
+def read_status(run_dir: Path) -> Dict[str, Any]:
+    """The run's status; a run marked running whose launcher process is gone is reported
+    as failed (it was killed before it could say so)."""
+    try:
+        status = read_json(run_dir / STATUS)
+    except (OSError, ValueError):
+        return {"state": "unknown"}
+    if status.get("state") == "running" and status.get("host_pid"):
+        if not _pid_alive(int(status["host_pid"])):
+            status = {**status, "state": "failed", "reason": "launcher process gone"}
+    return status
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resolve(ref: str, runs_dir: Optional[Path] = None) -> Path:
+    """A run directory from a run id, a unique prefix of one, or a path."""
+    path = Path(ref)
+    if (path / CONFIG).exists():
+        return path
+    runs_dir = runs_dir or default_runs_dir()
+    exact = runs_dir / ref
+    if (exact / CONFIG).exists():
+        return exact
+    matches = [p for p in list_runs(runs_dir) if p.name.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ConfigError(f"no run '{ref}' in {runs_dir}; `harness runs` lists the runs, or "
+                          f"pass a run directory path.")
+    names = ", ".join(p.name for p in matches[:5])
+    raise ConfigError(f"run prefix '{ref}' is ambiguous ({len(matches)} runs: {names}...); "
+                      f"give more characters.")
+
+
+def list_runs(runs_dir: Path) -> List[Path]:
+    if not runs_dir.is_dir():
+        return []
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG).exists())
+
+
+def elapsed_since(start: float) -> float:
+    return round(time.monotonic() - start, 3)

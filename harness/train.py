@@ -1,0 +1,265 @@
+"""The training process: `python -m harness.train RUN_DIR [--data-root DIR]`.
+
+Started by a backend (a child process, a container, a batch job) with the pinned
+environment already in place. It applies and checks the determinism settings before
+anything else, trains, and writes metrics, weights and finally the lockfile into RUN_DIR.
+Read top to bottom: setup, loop, evaluation, results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader, Subset
+
+from harness import determinism, lockfile, rundir
+from harness.config import load_yaml
+from harness.errors import HarnessError
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_digests(state: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """sha256 (first 16 hex digits) of each tensor's bytes: names the tensors that differ."""
+    return {name: hashlib.sha256(tensor_bytes(t)).hexdigest()[:16]
+            for name, t in sorted(state.items())}
+
+
+def weights_sha256(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order (name, dtype, shape, raw bytes), independent of
+    pickle framing, so equal weights give equal hashes whatever wrote them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode()
+        digest.update(header)
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- data order
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """The sample order of one epoch, a pure function of (seed, epoch), optionally starting
+    part-way through (used when resuming mid-epoch)."""
+
+    def __init__(self, size: int, seed: int, epoch: int, start: int = 0):
+        self.order = torch.randperm(size, generator=determinism.epoch_generator(seed, epoch))
+        self.order = self.order[start:].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataLoader:
+    trainer = cfg["trainer"]
+    return DataLoader(
+        dataset,
+        batch_size=trainer["batch_size"],
+        sampler=EpochOrder(len(dataset), cfg["seed"], epoch, start_sample),
+        num_workers=trainer["num_workers"],
+        worker_init_fn=determinism.worker_init_fn,
+        generator=determinism.epoch_generator(cfg["seed"] + 1, epoch),
+    )
+
+
+def limited(dataset, limit):
+    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Metrics:
+    """metrics.jsonl: one JSON record per line, flushed as written."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "a")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def evaluate(model, dataset, cfg: Dict, device) -> Dict[str, Any]:
+    model.eval()
+    loader = DataLoader(dataset, batch_size=cfg["trainer"]["eval_batch_size"], shuffle=False)
+    correct, total, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            total += len(labels)
+    model.train()
+    loss = loss_sum / max(total, 1)
+    return {"accuracy": correct / max(total, 1), "loss": loss, "loss_hex": loss.hex(),
+            "samples": total}
+
+
+def save_checkpoint(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
+    directory = run_dir / rundir.CHECKPOINTS
+    directory.mkdir(exist_ok=True)
+    path = directory / f"step-{state['step']:08d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    for old in sorted(directory.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def rng_state() -> Dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
+    started = time.time()
+    cfg = load_yaml(run_dir / rundir.CONFIG)
+    launch = rundir.read_json(run_dir / rundir.LAUNCH)
+    det = cfg["determinism"]
+
+    # Determinism first: nothing may draw a random number before the seeds are set.
+    determinism.apply(det)
+    determinism.seed_everything(cfg["seed"])
+    in_effect = determinism.audit()
+    determinism.check(det, in_effect)
+
+    device = torch.device(cfg["trainer"]["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("trainer.device=cuda but torch sees no CUDA device here; use "
+                           "trainer.device=cpu or run on a machine with an NVIDIA GPU.")
+
+    data_kwargs = {"root": data_root} if data_root else {}
+    train_set = limited(instantiate(cfg["data"]["dataset"], split="train", **data_kwargs),
+                        cfg["trainer"]["train_limit"])
+    test_set = limited(instantiate(cfg["data"]["dataset"], split="test", **data_kwargs),
+                       cfg["trainer"]["eval_limit"])
+    model = instantiate(cfg["model"]).to(device)
+    optimizer = instantiate(cfg["optim"], params=model.parameters())
+
+    trainer = cfg["trainer"]
+    steps_per_epoch = -(-len(train_set) // trainer["batch_size"])
+    total_steps = trainer["epochs"] * steps_per_epoch
+    if trainer["max_steps"]:
+        total_steps = min(total_steps, trainer["max_steps"])
+    print(f"harness: training {cfg['name']} seed={cfg['seed']} on {device} "
+          f"({len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+          f"determinism={det['mode']}, threads={det['threads']})", flush=True)
+
+    metrics = Metrics(run_dir / rundir.METRICS)
+    step, loss_value, first_step_at = 0, float("nan"), None
+    tick, tick_step = time.time(), 0
+    model.train()
+    for epoch in range(trainer["epochs"]):
+        if step >= total_steps:
+            break
+        for images, labels in epoch_loader(train_set, cfg, epoch):
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_value = loss.item()
+            record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_value,
+                      "loss_hex": loss_value.hex()}
+            if step % trainer["fingerprint_every"] == 0 or step == total_steps:
+                record["params"] = tensor_digests(model.state_dict())
+            metrics.write(record)
+            if first_step_at is None:
+                first_step_at = time.time()
+            if step % trainer["log_every"] == 0 or step == total_steps:
+                rate = (step - tick_step) / max(time.time() - tick, 1e-9)
+                eta = (total_steps - step) / max(rate, 1e-9)
+                print(f"step {step}/{total_steps} epoch {epoch + 1}/{trainer['epochs']} "
+                      f"loss {loss_value:.4f} {rate:.1f} steps/s ETA {eta:.0f}s", flush=True)
+                tick, tick_step = time.time(), step
+            if step % trainer["checkpoint_every"] == 0 and step < total_steps:
+                save_checkpoint(run_dir, {
+                    "step": step, "epoch": epoch, "config_sha256": launch["config_sha256"],
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": rng_state()})
+            if step >= total_steps:
+                break
+
+    evaluation = evaluate(model, test_set, cfg, device)
+    metrics.write({"kind": "eval", "step": step, **evaluation})
+    metrics.close()
+    print(f"eval: accuracy {evaluation['accuracy']:.4f} loss {evaluation['loss']:.4f} "
+          f"on {evaluation['samples']} test samples", flush=True)
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, run_dir / rundir.WEIGHTS)
+    results = {
+        "steps": step,
+        "epochs_started": epoch + 1,
+        "final_loss": loss_value,
+        "final_loss_hex": loss_value.hex(),
+        "test_accuracy": evaluation["accuracy"],
+        "test_loss_hex": evaluation["loss_hex"],
+        "weights_sha256": weights_sha256(state),
+        "metrics_sha256": hashlib.sha256((run_dir / rundir.METRICS).read_bytes()).hexdigest(),
+    }
+    finished = time.time()
+    lock = {
+        **launch["lock"],
+        "determinism": {"mode": det["mode"], "seed": cfg["seed"], "in_effect": in_effect},
+        "software": lockfile.capture_software(),
+        "hardware": lockfile.capture_hardware(),
+        "environment": lockfile.capture_environment(),
+        "results": results,
+        "timing": {
+            "time_to_first_step_s": round((first_step_at or finished) - launch["launched_unix"], 3),
+            "train_process_s": round(finished - started, 3),
+        },
+    }
+    lockfile.write(run_dir / rundir.LOCK, lock)
+    return results
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.train",
+                                     description="Train one prepared run directory.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args(argv)
+    try:
+        results = run(args.run_dir, args.data_root)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    print(f"weights sha256 {results['weights_sha256']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
