@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from harness import __version__
-from harness.errors import HarnessError
+from harness.errors import DataError, HarnessError
 
 EPILOG = "Exit codes: 0 ok, 1 run failed, 2 invalid input, 3 data missing or corrupt, " \
          "4 environment part missing, 5 damaged lockfile, 6 replay refused, 7 diverged."
@@ -40,8 +40,17 @@ def cmd_data_where(args: argparse.Namespace) -> int:
     data_cfg = _data_config(args.name, args.config_dir)
     located = data.locate(data_cfg)
     if located is None:
-        raise HarnessError(data.missing_message(data_cfg))
+        raise DataError(data.missing_message(data_cfg))
     print(located[0])
+    return 0
+
+
+def cmd_lock_check(args: argparse.Namespace) -> int:
+    from harness import lockfile, rundir
+
+    run_dir = rundir.resolve(args.run, args.runs_dir)
+    lock = lockfile.read(run_dir / rundir.LOCK)
+    print(f"{run_dir.name}: lockfile intact (lock_sha256 {lock['lock_sha256'][:16]}...)")
     return 0
 
 
@@ -56,7 +65,8 @@ def _data_config(name: str, config_dir: Optional[Path]):
         path = directory / "data" / f"{name}.yaml"
         if path.is_file():
             raw = config.load_yaml(path)
-            return {"root": None, "dirname": None, "mirrors": [], "files": {}, **raw}
+            return {"root": None, "dirname": None, "mirrors": [], "files": {},
+                    "debian_package": None, **raw}
     valid = sorted({p.stem for d in dirs for p in (d / "data").glob("*.yaml")})
     raise ConfigError(f"unknown dataset '{name}'; valid datasets: {', '.join(valid)}")
 
@@ -102,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="print the directory a dataset is found in")
     where.add_argument("name")
     where.set_defaults(handler=cmd_data_where)
+
+    lock = sub.add_parser("lock", help="lockfiles: check integrity")
+    lock_sub = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
+    check = lock_sub.add_parser(
+        "check", help="verify a run's lockfile against its lock_sha256",
+        description="Exit 0 when RUN's harness.lock is intact, 5 when it was edited or damaged.")
+    check.add_argument("run", help="run id, unique prefix of one, or run directory")
+    check.add_argument("--runs-dir", type=Path, default=None)
+    check.set_defaults(handler=cmd_lock_check)
     return parser
 
 

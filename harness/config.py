@@ -35,7 +35,7 @@ class DeterminismMode(Enum):
 class DeterminismConf:
     mode: DeterminismMode = DeterminismMode.strict
     threads: int = 2  # torch intra-op threads and OMP/MKL_NUM_THREADS
-    pythonhashseed: int = 0
+    pythonhashseed: Optional[int] = 0  # None: not pinned (PYTHONHASHSEED=random)
     cublas_workspace_config: str = ":4096:8"
 
 
@@ -53,6 +53,7 @@ class DataConf:
     mirrors: List[str] = field(default_factory=list)
     files: Dict[str, DataFile] = field(default_factory=dict)
     dataset: Any = MISSING  # `_target_` building a dataset: called with root=, split=
+    debian_package: Optional[str] = None  # Debian package that installs the files
 
 
 @dataclass
@@ -81,6 +82,9 @@ class RunConf:
     seed: Optional[int] = None  # None: the harness draws one at launch and records it
     model: Any = MISSING
     optim: Any = MISSING
+    # A `_target_` factory called with optimizer= and total_steps= (OneCycleLR fits), or
+    # null for a constant learning rate. Stepped after every optimizer step.
+    scheduler: Any = None
     data: DataConf = field(default_factory=DataConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     determinism: DeterminismConf = field(default_factory=DeterminismConf)
@@ -120,6 +124,7 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
             f"unknown config '{name}'. Valid configs: {', '.join(valid) or '(none)'} "
             f"(from {config_dir}); add conf/{name}.yaml or pick one of these."
         )
+    _check_override_syntax(overrides)
     hydra_overrides = list(overrides)
     if config_dir != BUILTIN_CONFIG_DIR:
         # The user's configs can build on the bundled groups (model=cnn, data=mnist, ...).
@@ -133,6 +138,21 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
     composed.pop("hydra", None)
     composed.setdefault("name", name)
     return validate(composed)
+
+
+def _check_override_syntax(overrides: List[str]) -> None:
+    """Name the override that does not parse (Hydra's own message does not say which)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as exc:
+            raise ConfigError(f"cannot parse override '{override}': {_first_line(exc)}. "
+                              f"Overrides look like key=value, +new_key=value or "
+                              f"group=option.") from None
 
 
 def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
@@ -180,7 +200,7 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
             raise ConfigError(f"invalid config: {key}={value}; it must be >= {minimum}.")
     if cfg["seed"] is not None and cfg["seed"] >= SEED_LIMIT:
         raise ConfigError(f"invalid config: seed={cfg['seed']}; it must be below {SEED_LIMIT}.")
-    if cfg["determinism"]["pythonhashseed"] > 4294967295:
+    if (cfg["determinism"]["pythonhashseed"] or 0) > 4294967295:
         raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
 
 

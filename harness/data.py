@@ -86,7 +86,7 @@ class IdxClassification:
         if len(images) != len(labels):
             raise DataError(f"{root}: {len(images)} images but {len(labels)} labels for {split}")
         # In place: one float32 copy of the images, not three temporaries.
-        pixels = torch.from_numpy(images).unsqueeze(1).to(torch.float32)
+        pixels = torch.from_numpy(images.copy()).unsqueeze(1).to(torch.float32)
         self.images = pixels.div_(255.0).sub_(mean).div_(std)
         self.labels = torch.from_numpy(labels.astype(np.int64))
 
@@ -224,7 +224,9 @@ def missing_message(data_cfg: Dict) -> str:
     searched = "\n".join(f"  {d}" for d in search_dirs(data_cfg))
     return (f"dataset '{data_cfg['name']}' not found: need {names} (or the same without .gz) "
             f"in one of:\n{searched}\nFetch it with `harness data fetch {data_cfg['name']}`, "
-            f"or put the files in one of those directories, or pass data.root=DIR.")
+            f"or put the files in one of those directories, or pass data.root=DIR."
+            + (f" On Debian without internet access: apt-get install {data_cfg['debian_package']}."
+               if data_cfg.get("debian_package") else ""))
 
 
 # ---------------------------------------------------------------- fetching

@@ -21,7 +21,8 @@ def pinned_environment(det: Dict[str, Any]) -> Dict[str, str]:
     return {
         # Python's str/bytes hashing is salted per process unless this is fixed: set and
         # dict iteration orders (and anything built from them) would change between runs.
-        "PYTHONHASHSEED": str(det["pythonhashseed"]),
+        # determinism.pythonhashseed=null leaves it unpinned on purpose ("random").
+        "PYTHONHASHSEED": "random" if det["pythonhashseed"] is None else str(det["pythonhashseed"]),
         # cuBLAS picks reduction strategies by workspace; a fixed config makes its results
         # deterministic (required by use_deterministic_algorithms on CUDA >= 10.2).
         "CUBLAS_WORKSPACE_CONFIG": det["cublas_workspace_config"],

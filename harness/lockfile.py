@@ -180,15 +180,17 @@ def capture_source(directory: Path) -> Dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"git_commit": None, "dirty": None, "diff_sha256": None,
+        return {"root": str(directory), "git_commit": None, "dirty": None, "diff_sha256": None,
                 "note": f"{directory} is not a git checkout"}
     diff = git("diff", "HEAD", "--binary") or ""
     untracked = git("ls-files", "--others", "--exclude-standard") or ""
     dirty = bool(diff.strip() or untracked.strip())
     return {
+        "root": str(directory),
         "git_commit": commit.strip(),
         "dirty": dirty,
         "diff_sha256": hashlib.sha256((diff + untracked).encode()).hexdigest() if dirty else None,
+        "note": None,
     }
 
 

@@ -78,7 +78,7 @@ def new_run_id(config_name: str) -> str:
 def create(runs_dir: Path, config_name: str) -> Path:
     runs_dir.mkdir(parents=True, exist_ok=True)
     for _ in range(10):
-        path = runs_dir / new_run_id(config_name)
+        path = runs_dir.resolve() / new_run_id(config_name)
         try:
             path.mkdir()
             return path

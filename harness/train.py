@@ -171,6 +171,9 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
     total_steps = trainer["epochs"] * steps_per_epoch
     if trainer["max_steps"]:
         total_steps = min(total_steps, trainer["max_steps"])
+    scheduler = None
+    if cfg.get("scheduler"):
+        scheduler = instantiate(cfg["scheduler"], optimizer=optimizer, total_steps=total_steps)
     print(f"harness: training {cfg['name']} seed={cfg['seed']} on {device} "
           f"({len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"determinism={det['mode']}, threads={det['threads']})", flush=True)
@@ -188,6 +191,8 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
             loss = torch.nn.functional.cross_entropy(model(images), labels)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             loss_value = loss.item()
             record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_value,
@@ -207,6 +212,7 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
                 save_checkpoint(run_dir, {
                     "step": step, "epoch": epoch, "config_sha256": launch["config_sha256"],
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None,
                     "rng": rng_state()})
             if step >= total_steps:
                 break

@@ -1,0 +1,127 @@
+"""Shared fixtures. Tests run the real `harness` CLI in a subprocess against real data:
+Debian's Fashion-MNIST and small IDX files generated here."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+IN_CI = os.environ.get("CI") == "true"
+
+# Short real-data runs: enough steps for weights to depend on everything pinned.
+FAST = ["trainer.max_steps=24", "trainer.eval_limit=500", "trainer.log_every=8",
+        "trainer.fingerprint_every=8"]
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip on a developer machine without the part; fail in CI, where it must exist."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cache_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def cli(tmp_path, cache_home):
+    """Run `harness ARGS...` in a subprocess; returns CompletedProcess (text)."""
+
+    def run(*args: str, env: dict | None = None, cwd: Path | None = None, check_rc=None,
+            timeout: float = 600):
+        full_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home),
+                    "PYTHONPATH": str(TESTS / "fixtures")}
+        full_env.pop("HARNESS_DATA", None)
+        full_env.update(env or {})
+        done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd or tmp_path,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+        if check_rc is not None and done.returncode != check_rc:
+            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
+                                 f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+        return done
+
+    return run
+
+
+def run_dir_of(done: subprocess.CompletedProcess) -> Path:
+    """The run directory `harness train` printed last."""
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("run dir:"):
+            return Path(line.split(":", 1)[1].strip())
+    raise AssertionError(f"no 'run dir:' line in output:\n{done.stdout}\n{done.stderr}")
+
+
+def read_lock(run_dir: Path) -> dict:
+    return json.loads((run_dir / "harness.lock").read_text())
+
+
+def loss_bits(run_dir: Path) -> list:
+    return [json.loads(line)["loss_hex"] for line in (run_dir / "metrics.jsonl").read_text()
+            .splitlines() if json.loads(line)["kind"] == "train"]
+
+
+@pytest.fixture(scope="session")
+def fashion() -> Path:
+    require((FASHION / "train-images-idx3-ubyte.gz").exists(),
+            f"Debian's Fashion-MNIST is not in {FASHION} (run `make data`)")
+    return FASHION
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> str:
+    """Write an IDX file; return the sha256 of its uncompressed content."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    content = header + array.astype(np.uint8).tobytes()
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as handle:
+        handle.write(content)
+    return hashlib.sha256(content).hexdigest()
+
+
+def make_tiny_idx(directory: Path, n_train: int = 256, n_test: int = 64, seed: int = 0) -> dict:
+    """Four small MNIST-format files in `directory`; returns {key: {file, sha256}}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, label in enumerate(labels):  # a learnable pattern: a bright row per class
+            images[i, 2 + 2 * label, :] = 250
+        for kind, array, suffix in (("images", images, "idx3"), ("labels", labels, "idx1")):
+            name = f"{prefix}-{kind}-{suffix}-ubyte.gz"
+            files[f"{split}_{kind}"] = {"file": name, "sha256": write_idx(directory / name, array)}
+    return files
+
+
+@pytest.fixture
+def tiny_conf(tmp_path) -> Path:
+    """A config directory with `tiny.yaml` training the bundled CNN on generated IDX data
+    stored in tmp/tinydata (pinned in conf/data/tiny.yaml)."""
+    files = make_tiny_idx(tmp_path / "tinydata")
+    conf = tmp_path / "conf"
+    (conf / "data").mkdir(parents=True)
+    data_cfg = {"name": "tiny", "root": str(tmp_path / "tinydata"), "mirrors": [],
+                "files": files, "dataset": {"_target_": "harness.data.IdxClassification",
+                                            "mean": 0.1, "std": 0.3}}
+    (conf / "data" / "tiny.yaml").write_text(json.dumps(data_cfg))
+    (conf / "tiny.yaml").write_text(
+        "defaults:\n  - model: cnn\n  - data: tiny\n  - optim: adam\n  - trainer: default\n"
+        "  - determinism: strict\n  - backend: local\n  - _self_\n"
+        "name: tiny\nseed: 0\ntrainer:\n  epochs: 1\n  batch_size: 32\n  log_every: 4\n"
+        "  fingerprint_every: 4\n  checkpoint_every: 2\n")
+    return conf

@@ -1,0 +1,44 @@
+"""Bad input: a clear message naming the fix, exit code 2, and no run directory."""
+
+import pytest
+
+from conftest import TESTS
+
+
+def assert_rejected(done, *phrases):
+    assert done.returncode == 2, done.stdout + done.stderr
+    for phrase in phrases:
+        assert phrase in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, phrases", [
+    (["train", "mnistt"], ["unknown config 'mnistt'", "fashion_mnist", "mnist"]),
+    (["train", "fashion_mnist", "trainer.max_stepz=3"], ["trainer.max_stepz", "+trainer"]),
+    (["train", "fashion_mnist", "optimm.lr=0.1"], ["optimm.lr"]),
+    (["train", "fashion_mnist", "trainer.max_steps=abc"], ["trainer.max_steps", "abc"]),
+    (["train", "fashion_mnist", "trainer.max_steps=-5"], ["trainer.max_steps=-5", ">= 1"]),
+    (["train", "fashion_mnist", "trainer.batch_size=0"], ["trainer.batch_size=0"]),
+    (["train", "fashion_mnist", "seed=-1"], ["seed=-1"]),
+    (["train", "fashion_mnist", "determinism=strictest"], ["determinism", "strictest"]),
+    (["train", "fashion_mnist", "determinism.mode=sometimes"], ["determinism.mode"]),
+    (["train", "fashion_mnist", "seed=[1,2"], ["seed=[1,2"]),
+])
+def test_bad_train_input(cli, tmp_path, args, phrases):
+    done = cli(*args, "--runs-dir", str(tmp_path / "runs"))
+    assert_rejected(done, *phrases)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_unknown_backend_lists_valid_ones(cli, tmp_path):
+    done = cli("train", "hashy", "backend.name=moon", "--config-dir", str(TESTS / "conf"),
+               "--runs-dir", str(tmp_path / "runs"))
+    assert_rejected(done, "unknown backend 'moon'", "local")
+
+
+def test_help_lists_subcommands(cli):
+    done = cli("--help", check_rc=0)
+    for command in ("train", "data", "lock"):
+        assert command in done.stdout
+    done = cli("train", "--help", check_rc=0)
+    assert "Hydra overrides" in done.stdout

@@ -1,0 +1,155 @@
+"""IDX reading, dataset lookup and verification, and fetching from a local HTTP server."""
+
+import gzip
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_idx, run_dir_of, write_idx
+from harness import data
+from harness.errors import DataError
+
+
+def test_idx_reader_reads_raw_and_gzip(tmp_path):
+    array = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", array, compress=True)
+    write_idx(tmp_path / "b", array, compress=False)
+    assert (data.read_idx(tmp_path / "a.gz") == array).all()
+    assert (data.read_idx(tmp_path / "b") == array).all()
+    assert data.content_sha256(tmp_path / "a.gz") == data.content_sha256(tmp_path / "b")
+
+
+def test_idx_reader_rejects_truncated_file(tmp_path):
+    write_idx(tmp_path / "a", np.zeros((4, 28, 28)), compress=False)
+    (tmp_path / "a").write_bytes((tmp_path / "a").read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        data.read_idx(tmp_path / "a")
+
+
+def test_fashion_mnist_debian_files_match_the_publishers_content(fashion):
+    cfg = json.loads(json.dumps({"name": "fashion_mnist", "dirname": "fashion-mnist"}))
+    from harness import config
+
+    pins = config.load_yaml(config.BUILTIN_CONFIG_DIR / "data" / "fashion_mnist.yaml")["files"]
+    cfg["files"] = pins
+    directory, paths = data.locate({**cfg, "root": str(fashion)})
+    record = data.verify(cfg, paths)
+    assert {k: v["sha256"] for k, v in record.items()} == {k: v["sha256"] for k, v in pins.items()}
+
+
+def test_missing_data_is_a_clear_error_and_leaves_no_run(cli, tiny_conf, tmp_path):
+    done = cli("train", "tiny", "data.root=/nonexistent/data", "--config-dir", str(tiny_conf),
+               "--runs-dir", str(tmp_path / "runs"))
+    assert done.returncode == 3, done.stderr
+    for phrase in ("train-images-idx3-ubyte.gz", "/nonexistent/data", "harness data fetch tiny"):
+        assert phrase in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_corrupt_local_data_is_refused(cli, tiny_conf, tmp_path):
+    images = tmp_path / "tinydata" / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(images.read_bytes()))
+    raw[100] ^= 0xFF  # one flipped byte
+    images.write_bytes(gzip.compress(bytes(raw)))
+    done = cli("train", "tiny", "--config-dir", str(tiny_conf), "--runs-dir", str(tmp_path / "runs"))
+    assert done.returncode == 3
+    assert "content sha256" in done.stderr and "pins" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dataset_found_through_harness_data(cli, tiny_conf, tmp_path):
+    """$HARNESS_DATA/<name>/ is searched when data.root is not set."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "tinydata").rename(tmp_path / "store" / "tiny")
+    done = cli("train", "tiny", "data.root=null", "trainer.max_steps=2",
+               "--config-dir", str(tiny_conf), env={"HARNESS_DATA": str(tmp_path / "store")},
+               check_rc=0)
+    lock = json.loads((run_dir_of(done) / "harness.lock").read_text())
+    assert lock["data"]["root"] == str(tmp_path / "store" / "tiny")
+
+
+class _Server:
+    """Serves files from a directory on 127.0.0.1 in a thread."""
+
+    def __init__(self, directory: Path):
+        handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+            *a, directory=str(directory), **k)
+        http.server.SimpleHTTPRequestHandler.log_message = lambda *a, **k: None
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    files = make_tiny_idx(tmp_path / "served")
+    server = _Server(tmp_path / "served")
+    conf = tmp_path / "conf"
+    (conf / "data").mkdir(parents=True)
+    yield server, files, conf
+    server.close()
+
+
+def write_data_conf(conf: Path, mirrors, files):
+    (conf / "data" / "tiny.yaml").write_text(json.dumps({
+        "name": "tiny", "mirrors": mirrors, "files": files,
+        "dataset": {"_target_": "harness.data.IdxClassification"}}))
+
+
+def test_fetch_downloads_and_verifies(cli, mirror, tmp_path):
+    server, files, conf = mirror
+    write_data_conf(conf, ["http://127.0.0.1:9/dead/", server.url], files)  # first one down
+    dest = tmp_path / "dest"
+    done = cli("data", "fetch", "tiny", "--dest", str(dest), "--config-dir", str(conf),
+               "--retries", "1", check_rc=0)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(f["file"] for f in files.values())
+    for spec in files.values():
+        assert data.content_sha256(dest / spec["file"]) == spec["sha256"]
+    assert "127.0.0.1:9" in done.stderr  # the failed mirror is reported, then skipped
+
+
+def test_fetch_rejects_a_corrupted_file(cli, mirror, tmp_path):
+    server, files, conf = mirror
+    served = tmp_path / "served" / "train-labels-idx1-ubyte.gz"
+    served.write_bytes(gzip.compress(gzip.decompress(served.read_bytes())[:-1] + b"\x07"))
+    write_data_conf(conf, [server.url], files)
+    dest = tmp_path / "dest"
+    done = cli("data", "fetch", "tiny", "--dest", str(dest), "--config-dir", str(conf))
+    assert done.returncode == 3
+    assert "does not match the pin" in done.stderr and "rejected" in done.stderr
+    assert not (dest / "train-labels-idx1-ubyte.gz").exists()
+    assert not any(p.name.endswith(".part") for p in dest.iterdir())
+
+
+def test_fetch_with_server_down_fails_clearly(cli, mirror, tmp_path):
+    server, files, conf = mirror
+    url = server.url
+    server.close()
+    write_data_conf(conf, [url], files)
+    dest = tmp_path / "dest"
+    done = cli("data", "fetch", "tiny", "--dest", str(dest), "--config-dir", str(conf),
+               "--retries", "2")
+    assert done.returncode == 3
+    assert "could not fetch" in done.stderr and "attempt 2/2" in done.stderr
+    assert list(dest.iterdir()) == []
+
+
+def test_train_fetches_missing_data_before_launch(cli, mirror, tmp_path):
+    server, files, conf = mirror
+    write_data_conf(conf, [server.url], files)
+    (conf / "tiny.yaml").write_text(
+        "defaults:\n  - model: cnn\n  - data: tiny\n  - optim: adam\n  - trainer: default\n"
+        "  - determinism: strict\n  - backend: local\n  - _self_\nname: tiny\nseed: 0\n"
+        "trainer:\n  max_steps: 2\n")
+    done = cli("train", "tiny", "--config-dir", str(conf), check_rc=0)
+    assert "fetching" in done.stderr
+    lock = json.loads((run_dir_of(done) / "harness.lock").read_text())
+    assert lock["data"]["root"].endswith("harness/data/tiny")
