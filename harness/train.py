@@ -181,6 +181,7 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
     metrics = Metrics(run_dir / rundir.METRICS)
     step, loss_value, first_step_at = 0, float("nan"), None
     tick, tick_step = time.time(), 0
+    loop_start = time.time()
     model.train()
     for epoch in range(trainer["epochs"]):
         if step >= total_steps:
@@ -217,6 +218,7 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
             if step >= total_steps:
                 break
 
+    loop_end = time.time()
     evaluation = evaluate(model, test_set, cfg, device)
     metrics.write({"kind": "eval", "step": step, **evaluation})
     metrics.close()
@@ -245,6 +247,8 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
         "results": results,
         "timing": {
             "time_to_first_step_s": round((first_step_at or finished) - launch["launched_unix"], 3),
+            "first_step_unix": first_step_at,
+            "train_loop_s": round(loop_end - loop_start, 3),
             "train_process_s": round(finished - started, 3),
         },
     }
