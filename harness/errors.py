@@ -7,8 +7,11 @@ Exit codes (also in docs/cli.md):
   3  data missing or corrupt
   4  an environment part is missing or down (Docker engine, Slurm, GPU runtime)
   5  a lockfile is damaged or was tampered with
-  6  replay refused: the environment differs in a way that breaks bitwise equality
+  6  replay or resume refused: the environment (or config) differs in a way that breaks
+     bitwise equality
   7  replay or verify ran, and the results DIVERGED
+ 75  training stopped on SIGTERM/SIGUSR1 after writing a checkpoint: requeue or resume it
+     (EX_TEMPFAIL; the Slurm job script requeues on it)
 """
 
 
