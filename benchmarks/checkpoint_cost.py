@@ -1,0 +1,160 @@
+"""What checkpoints cost, for the default model (conf/model/cnn.yaml, Adam, one-cycle LR):
+
+  checkpoint_write_s        writing one complete checkpoint (atomic, fsync'd), median of 5
+                            (target < 0.2 s)
+  overhead_fraction         that write once per trainer.checkpoint_every steps, as a fraction
+                            of the training time of those steps (target < 2 %)
+  resume_to_first_step_s    `harness train --resume RUN` started -> first new optimizer step
+                            in metrics.jsonl, on Fashion-MNIST (target < 5 s)
+
+Run: .venv/bin/python benchmarks/checkpoint_cost.py   (prints JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def write_cost(tmp: Path) -> dict:
+    import torch
+    from hydra.utils import instantiate
+
+    from harness import checkpoint, config, determinism
+
+    cfg = config.compose("fashion_mnist", [], config.BUILTIN_CONFIG_DIR)
+    determinism.apply(cfg["determinism"])
+    determinism.seed_everything(0)
+    model = instantiate(cfg["model"])
+    optimizer = instantiate(cfg["optim"], params=model.parameters())
+    scheduler = instantiate(cfg["scheduler"], optimizer=optimizer, total_steps=10_000)
+    batch = cfg["trainer"]["batch_size"]
+    images, labels = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        scheduler.step()
+
+    for _ in range(3):
+        step()
+    step_times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        step()
+        step_times.append(time.perf_counter() - started)
+    facts = checkpoint.environment_facts(determinism.audit(), "cpu")
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    writes = []
+    for i in range(5):
+        started = time.perf_counter()
+        path = checkpoint.save(run_dir, {
+            "step": i + 1, "epoch": 0, "position": (i + 1) * batch, "config_sha256": "0" * 64,
+            "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state()})
+        writes.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    checkpoint.load(path)
+    load_s = time.perf_counter() - started
+    interval = cfg["trainer"]["checkpoint_every"]
+    step_s = statistics.median(step_times)
+    write_s = statistics.median(writes)
+    return {
+        "checkpoint_write_s": round(write_s, 4),
+        "checkpoint_load_s": round(load_s, 4),
+        "checkpoint_bytes": path.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_step_s": round(step_s, 4),
+        "checkpoint_every": interval,
+        "overhead_fraction": round(write_s / (write_s + interval * step_s), 5),
+    }
+
+
+def resume_cost(tmp: Path) -> dict:
+    """Interrupt a real run with SIGTERM, then time the resume to its first new step."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
+    runs = tmp / "runs"
+    args = ["fashion_mnist", "trainer.max_steps=40", "trainer.checkpoint_every=5",
+            "trainer.eval_limit=200", "--runs-dir", str(runs)]
+    process = subprocess.Popen([sys.executable, "-m", "harness", "train", *args], env=env,
+                               cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        found = list(runs.glob("*/metrics.jsonl")) if runs.exists() else []
+        if found and found[0].read_text().count("\n") >= 7:
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+        if process.poll() is not None:
+            raise SystemExit(f"training ended early: {process.stderr.read()}")
+        time.sleep(0.01)
+    process.wait(timeout=300)
+    metrics = found[0]
+    stopped = metrics.read_text().count("\n")
+    started = time.time()
+    resume = subprocess.Popen([sys.executable, "-m", "harness", "train", "--resume",
+                               metrics.parent.name, "--runs-dir", str(runs)], env=env, cwd=tmp,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # When each phase ended, seen in the output: launcher ready (data verified), training
+    # process set up (torch imported, data loaded, model built), checkpoint restored.
+    markers = {"launcher_ready_s": "harness: resuming run", "training_setup_s": "harness: training",
+               "checkpoint_restored_s": "harness: resuming from step-"}
+    phases = {}
+
+    def watch():
+        for line in resume.stdout:
+            for key, marker in markers.items():
+                if key not in phases and line.startswith(marker):
+                    phases[key] = round(time.time() - started, 3)
+
+    import threading
+
+    threading.Thread(target=watch, daemon=True).start()
+    first = None
+    while resume.poll() is None and first is None:
+        try:
+            lines = metrics.read_text().splitlines()
+            if any(json.loads(line).get("step") == stopped + 1 for line in lines[-3:]):
+                first = time.time() - started
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    resume.wait(timeout=600)
+    return {"interrupted_exit_code": process.returncode, "stopped_at_step": stopped,
+            "resume_to_first_step_s": round(first, 3) if first else None,
+            "resume_phases": phases,
+            "resumed_run_exit_code": resume.returncode}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = {"benchmark": "checkpoint_cost", "model": "conf/model/cnn.yaml (fashion_mnist)",
+               "cpu_threads": 2, **write_cost(tmp), **resume_cost(tmp)}
+    out["targets"] = {"checkpoint_write_s": 0.2, "overhead_fraction": 0.02,
+                      "resume_to_first_step_s": 5.0}
+    out["meets_targets"] = {k: (out.get(k) is not None and out[k] < v)
+                            for k, v in out["targets"].items()}
+    out["load_average_1m"] = os.getloadavg()[0]
+    # Calibration: this machine's speed right now (2 cores shared with other work).
+    started = time.time()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    out["python_import_torch_s"] = round(time.time() - started, 3)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

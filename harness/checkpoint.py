@@ -1,0 +1,258 @@
+"""Training checkpoints: `runs/<run-id>/checkpoints/step-XXXXXXXX.pt`.
+
+A checkpoint holds everything the next optimizer step depends on, so that a run resumed
+from it continues bit for bit as if it had never stopped:
+
+    step, epoch, position   optimizer steps taken; the epoch in progress; samples of that
+                            epoch already consumed (its order is a pure function of
+                            (seed, epoch), so the rest of the epoch is rebuilt exactly)
+    model, optimizer,       state dicts
+    scheduler
+    rng                     python `random`, numpy, torch CPU and every CUDA device
+    config_sha256           the run's resolved config (launch.json)
+    environment_sha256      hash of the environment facts that change the math
+    environment             those facts, so that a refusal can name what differs
+    model_sha256            weights hash, checked on load (detects a damaged file)
+
+Written atomically (temp file, fsync, rename); the newest `keep` (2) are kept. Loading
+skips a damaged newest checkpoint and falls back to the older one; a checkpoint from
+another config or environment is refused, never silently used.
+
+Torch is imported inside the functions: the launcher imports this module for its
+constants without loading torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness import rundir
+from harness.config import canonical_json
+from harness.errors import HarnessError
+
+FORMAT = "harness.checkpoint/1"
+PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+
+# Exit code of a training process that stopped on SIGTERM/SIGUSR1 after writing a
+# checkpoint: "preempted, requeue me". 75 is EX_TEMPFAIL (sysexits.h): a temporary
+# failure, the invoker is invited to retry. The Slurm job script requeues on it; the
+# launcher marks the run `preempted`.
+REQUEUE_EXIT = 75
+
+REQUIRED = ("format", "step", "epoch", "position", "config_sha256", "environment_sha256",
+            "environment", "model", "model_sha256", "optimizer", "scheduler", "rng")
+
+
+class CheckpointRefused(HarnessError):
+    """A checkpoint (or a resume request) that does not belong to this run as it is now."""
+
+    exit_code = 6
+
+
+# ---------------------------------------------------------------- facts that must match
+
+
+def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
+    """The facts a resumed run must share with the run that wrote the checkpoint: those
+    that change floating-point results (library builds, kernels selected for this CPU,
+    GPU model and SM count, thread counts and determinism flags in effect). The host name
+    and GPU UUIDs are left out: another node of the same kind gives the same bits."""
+    import platform
+
+    import torch
+
+    from harness import lockfile
+
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"name": props.name, "capability": f"{props.major}.{props.minor}",
+                         "sm_count": props.multi_processor_count})
+    cpu = lockfile.capture_cpu()
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),  # a str subclass torch.load(weights_only) refuses
+        "torch_git_version": getattr(torch.version, "git_version", None),
+        "torch_cpu_capability": lockfile._cpu_capability(torch),
+        "cuda_runtime": str(torch.version.cuda) if torch.version.cuda else None,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_architecture": cpu["architecture"],
+        "cpu_isa_flags": cpu["isa_flags"],
+        "device": device,
+        "gpus": gpus if device.startswith("cuda") else [],
+        "determinism": {k: v for k, v in in_effect.items() if k != "env"},
+        "env": in_effect.get("env", {}),
+    }
+
+
+def facts_sha256(facts: Dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(facts).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every generator a training step may draw from, in a form torch.load accepts with
+    weights_only=True (tensors and plain Python values only)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        if not torch.cuda.is_available() or torch.cuda.device_count() != len(state["cuda"]):
+            raise CheckpointRefused(
+                f"the checkpoint holds RNG states for {len(state['cuda'])} CUDA device(s) but "
+                f"this process sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+                f"resume on a node with the same GPUs.")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- save / load / validate
+
+
+def directory(run_dir: Path) -> Path:
+    return Path(run_dir) / rundir.CHECKPOINTS
+
+
+def path_for(run_dir: Path, step: int) -> Path:
+    return directory(run_dir) / f"step-{step:08d}.pt"
+
+
+def listed(run_dir: Path) -> List[Path]:
+    """Checkpoint files, newest (highest step) first; temp files are not listed."""
+    folder = directory(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if PATTERN.match(p.name)), reverse=True)
+
+
+def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` atomically as step-<step>.pt, then drop all but the newest `keep`."""
+    import torch
+
+    from harness.train import weights_sha256
+
+    missing = [k for k in REQUIRED if k not in state and k not in ("format", "model_sha256")]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    state = {**state, "format": FORMAT, "model_sha256": weights_sha256(state["model"])}
+    folder = directory(run_dir)
+    folder.mkdir(exist_ok=True)
+    path = path_for(run_dir, state["step"])
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    for old in listed(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Damaged(Exception):
+    """A checkpoint file that cannot be read back intact."""
+
+
+def load(path: Path) -> Dict[str, Any]:
+    """Read one checkpoint and check it is complete and intact; raises Damaged."""
+    import torch
+
+    from harness.train import weights_sha256
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, garbage, unpickling error: all "damaged"
+        raise Damaged(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise Damaged(f"is not a {FORMAT} checkpoint")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise Damaged(f"lacks {', '.join(missing)}")
+    if weights_sha256(state["model"]) != state["model_sha256"]:
+        raise Damaged("fails its weights hash check (the file was damaged after writing)")
+    return state
+
+
+def validate(state: Dict[str, Any], path: Path, config_sha256: str,
+             facts: Dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another config or in another environment."""
+    if state["config_sha256"] != config_sha256:
+        raise CheckpointRefused(
+            f"checkpoint {path} was written by a run with config_sha256 "
+            f"{state['config_sha256'][:16]}..., but this run's config has "
+            f"{config_sha256[:16]}...: it belongs to another config. Resume with the run's "
+            f"own config (`harness train --resume RUN` with no overrides), or start a new run.")
+    if state["environment_sha256"] != facts_sha256(facts):
+        diffs = [f"{key}: checkpoint {state['environment'].get(key)!r}, here {facts.get(key)!r}"
+                 for key in sorted(set(facts) | set(state["environment"]))
+                 if state["environment"].get(key) != facts.get(key)]
+        raise CheckpointRefused(
+            f"checkpoint {path} was written in another environment, so resuming here could "
+            f"not reproduce the uninterrupted run bit for bit. Differences: "
+            f"{'; '.join(diffs)}. Resume where the run started (same image, software and "
+            f"hardware), or start a new run here.")
+
+
+def newest_valid(run_dir: Path, config_sha256: str, facts: Dict[str, Any]
+                 ) -> Tuple[Optional[Dict[str, Any]], Optional[Path], List[str]]:
+    """The newest intact checkpoint of `run_dir` (validated against the run's config and
+    this environment), its path, and notes on damaged ones skipped on the way. Returns
+    (None, None, notes) when there is no intact checkpoint."""
+    notes = []
+    for path in listed(run_dir):
+        try:
+            state = load(path)
+        except Damaged as exc:
+            notes.append(f"skipping damaged checkpoint {path.name}: it {exc}")
+            continue
+        validate(state, path, config_sha256, facts)
+        return state, path, notes
+    return None, None, notes

@@ -1,0 +1,172 @@
+"""Render the Slurm batch script of `harness submit` (pure text: golden-tested).
+
+One script serves one run or a job array: RUN_DIRS lists the prepared run directories and
+SLURM_ARRAY_TASK_ID picks one. The script forwards USR1/TERM to the training and requeues
+on checkpoint.REQUEUE_EXIT. The training runs through a container runtime on the node:
+`none` (the harness venv on a shared filesystem), `docker`, `apptainer` or `pyxis`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from harness import __version__
+from harness.checkpoint import REQUEUE_EXIT
+from harness.errors import ConfigError
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
+RUNTIMES = ("none", "docker", "apptainer", "pyxis")
+SCRIPT_NAME = "job.sbatch"
+LOG_NAME = "slurm.out"
+# Where a container sees the run directory and the data.
+RUN_MOUNT = "/harness/run"
+DATA_MOUNT = "/data"
+# Slurm variables the training reads (SLURM_RESTART_COUNT: resume) and records.
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+              "SLURM_RESTART_COUNT")
+
+
+@dataclass
+class JobSpec:
+    job_name: str
+    run_dirs: List[Path]  # prepared run directories; more than one: a job array
+    data_roots: List[Optional[Path]]  # one per run directory
+    env: Dict[str, str]  # the pinned environment (determinism.pinned_environment)
+    slurm: Dict  # backend.slurm of the resolved config
+    device: str = "cpu"  # trainer.device
+    python: str = "python3"  # runtime none: interpreter on the node
+    log_dir: Optional[Path] = None  # arrays: where Slurm writes before the script redirects
+    extra_train_args: List[str] = field(default_factory=list)
+
+
+def q(value) -> str:
+    return shlex.quote(str(value))
+
+
+def gpus_wanted(spec: JobSpec) -> int:
+    gpus = int(spec.slurm.get("gpus") or 0)
+    if spec.device.startswith("cuda") and gpus == 0:
+        gpus = 1
+    return gpus
+
+
+def sbatch_options(spec: JobSpec) -> List[str]:
+    slurm = spec.slurm
+    options = [f"--job-name={spec.job_name}"]
+    if slurm.get("partition"):
+        options.append(f"--partition={slurm['partition']}")
+    options += [f"--time={slurm['time']}", "--nodes=1", "--ntasks=1",
+                f"--cpus-per-task={slurm['cpus_per_task']}"]
+    if slurm.get("mem"):
+        options.append(f"--mem={slurm['mem']}")
+    gpus = gpus_wanted(spec)
+    constraints = []
+    if gpus:
+        gpu_type = slurm.get("gpu_type")
+        if not gpu_type:
+            raise ConfigError(
+                "this config asks for a GPU (trainer.device=cuda or backend.slurm.gpus>0) but "
+                "backend.slurm.gpu_type is not set: bitwise results hold only on one GPU model, "
+                "so the job must pin it. Set e.g. backend.slurm.gpu_type=h100 (the cluster's "
+                "gres type and node feature for that model).")
+        options.append(f"--gres=gpu:{gpu_type}:{gpus}")
+        constraints.append(gpu_type)
+    if slurm.get("constraint"):
+        constraints.append(slurm["constraint"])
+    if constraints:
+        options.append(f"--constraint={'&'.join(constraints)}")
+    options.append(f"--signal=B:USR1@{slurm['signal_before_s']}")
+    options.append("--requeue" if slurm.get("requeue", True) else "--no-requeue")
+    options.append("--open-mode=append")
+    if len(spec.run_dirs) == 1:
+        options.append(f"--output={spec.run_dirs[0] / LOG_NAME}")
+    else:
+        log_dir = spec.log_dir or spec.run_dirs[0].parent / ".slurm"
+        options.append(f"--output={log_dir / (spec.job_name + '-%A_%a.out')}")
+        options.append(f"--array=0-{len(spec.run_dirs) - 1}")
+    options += list(slurm.get("extra_sbatch") or [])
+    return options
+
+
+def train_command(spec: JobSpec) -> str:
+    """The command line that runs the training for "$RUN_DIR" on the node."""
+    runtime = str(spec.slurm.get("runtime") or "none")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown backend.slurm.runtime '{runtime}'; valid runtimes: "
+                          f"{', '.join(RUNTIMES)}")
+    has_data = any(spec.data_roots)
+    extra = "".join(f" {q(a)}" for a in spec.extra_train_args)
+    if runtime == "none":
+        data = ' --data-root "$DATA_ROOT"' if has_data else ""
+        return f'{q(spec.python)} -u -m harness.train "$RUN_DIR"{data}{extra}'
+    image = spec.slurm.get("image")
+    if not image or "@sha256:" not in image:
+        raise ConfigError(
+            f"backend.slurm.runtime={runtime} needs backend.slurm.image pinned by digest "
+            f"(REPO@sha256:...), got {image!r}: a tag can move between the submit and the "
+            f"job, and replays need the exact image. `docker inspect --format "
+            f"'{{{{index .RepoDigests 0}}}}' IMAGE` prints it.")
+    python = q(spec.slurm.get("container_python") or "python")
+    data = f" --data-root {DATA_MOUNT}" if has_data else ""
+    inner = f"{python} -u -m harness.train {RUN_MOUNT}{data}{extra}"
+    gpus = gpus_wanted(spec)
+    names = list(spec.env) + list(SLURM_VARS)
+    if runtime == "docker":
+        user = spec.slurm.get("container_user") or "$(id -u):$(id -g)"
+        user = f'"{user}"' if user.startswith("$(") else q(user)
+        lines = ['docker run --rm --init --name "harness-${SLURM_JOB_ID}"',
+                 "--network none --read-only --tmpfs /tmp",
+                 f"--user {user} --cap-drop ALL --security-opt no-new-privileges",
+                 "--shm-size 1g"]
+        if gpus:
+            lines.append('--gpus "\\"device=${CUDA_VISIBLE_DEVICES}\\""')
+        lines.append(" ".join(f"-e {name}" for name in names))
+        mounts = f'-v "$RUN_DIR":{RUN_MOUNT}:rw'
+        if has_data:
+            mounts = f'-v "$DATA_ROOT":{DATA_MOUNT}:ro ' + mounts
+        lines += [mounts, f"-w {RUN_MOUNT} {q(image)}", inner]
+    elif runtime == "apptainer":
+        source = image if image.startswith(("/", "docker://", "oras://")) else f"docker://{image}"
+        lines = ["apptainer exec --containall --cleanenv --no-home --writable-tmpfs"]
+        if gpus:
+            lines.append("--nv")
+        lines.append(" ".join(f'--env "{name}=${{{name}:-}}"' for name in names))
+        binds = f'--bind "$RUN_DIR":{RUN_MOUNT}:rw'
+        if has_data:
+            binds = f'--bind "$DATA_ROOT":{DATA_MOUNT}:ro ' + binds
+        lines += [binds, f"--pwd {RUN_MOUNT} {q(source)}", inner]
+    else:  # pyxis
+        mounts = f'"$RUN_DIR":{RUN_MOUNT}:rw'
+        if has_data:
+            mounts = f'"$DATA_ROOT":{DATA_MOUNT}:ro,' + mounts
+        lines = ["srun --ntasks=1 --export=ALL",
+                 f"--container-image={q(image)}",
+                 f"--container-mounts={mounts}",
+                 f"--container-workdir={RUN_MOUNT} --no-container-mount-home",
+                 inner]
+    return " \\\n    ".join(lines)
+
+
+def render(spec: JobSpec) -> str:
+    if not spec.run_dirs or len(spec.run_dirs) != len(spec.data_roots):
+        raise ValueError("one data root per run directory")
+    array = len(spec.run_dirs) > 1
+    text = TEMPLATE.read_text()
+    values = {
+        "VERSION": __version__,
+        "RUNTIME": str(spec.slurm.get("runtime") or "none"),
+        "REQUEUE_EXIT": str(REQUEUE_EXIT),
+        "SBATCH": "\n".join(f"#SBATCH {o}" for o in sbatch_options(spec)),
+        "RUN_DIRS": "\n".join(f"    {q(d)}" for d in spec.run_dirs),
+        "DATA_ROOTS": "\n".join(f"    {q(d) if d else q('')}" for d in spec.data_roots),
+        "REDIRECT": (f'exec >>"$RUN_DIR/{LOG_NAME}" 2>&1  # each array task logs into its '
+                     f'own run directory') if array else f"# log: $RUN_DIR/{LOG_NAME}",
+        "EXPORTS": "\n".join(f"export {k}={q(v)}" for k, v in spec.env.items()),
+        "COMMAND": train_command(spec),
+    }
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    return text

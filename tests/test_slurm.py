@@ -1,0 +1,228 @@
+"""`harness submit --backend slurm` against the real single-node Slurm (make slurm-env):
+a job's results equal a local run's bit for bit, a preempted job is requeued and resumes
+to the same weights, a sweep is one job array, and the rendered scripts are golden-tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, loss_bits, read_lock, require, run_dir_of
+from test_resume import OVERRIDES, harness, make_context
+
+GOLDEN = TESTS / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+def slurm_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    done = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return done.returncode == 0 and "UP" in done.stdout
+
+
+# ---------------------------------------------------------------- golden scripts
+
+
+def golden_spec(runtime: str, **slurm):
+    from harness import sbatch
+
+    conf = {"partition": "gpu", "time": "02:00:00", "cpus_per_task": 8, "mem": "32G",
+            "gpus": 0, "gpu_type": None, "constraint": None, "signal_before_s": 120,
+            "requeue": True, "runtime": runtime, "python": None, "container_python": "python",
+            "container_user": None, "extra_sbatch": [], "poll_s": 2.0,
+            "image": "127.0.0.1:5000/harness/train@sha256:" + "ab" * 32, **slurm}
+    return sbatch.JobSpec(
+        job_name="harness-mnist", run_dirs=[Path("/shared/runs/RUN-A")],
+        data_roots=[Path("/shared/data/mnist")],
+        env={"PYTHONHASHSEED": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+             "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"},
+        slurm=conf, device="cuda" if slurm.get("gpus") else "cpu",
+        python="/shared/venv/bin/python")
+
+
+CASES = {
+    "none": dict(),
+    "none-array": dict(),
+    "docker-gpu": dict(gpus=1, gpu_type="h100"),
+    "apptainer-gpu": dict(gpus=1, gpu_type="h100"),
+    "pyxis-gpu": dict(gpus=2, gpu_type="h200", constraint="ib"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_sbatch_script_matches_golden(case):
+    from harness import sbatch
+
+    spec = golden_spec(case.split("-")[0], **CASES[case])
+    if case == "none-array":
+        spec.run_dirs = [Path(f"/shared/runs/RUN-{c}") for c in "ABC"]
+        spec.data_roots = [Path("/shared/data/mnist")] * 3
+        spec.log_dir = Path("/shared/runs/.slurm")
+    text = sbatch.render(spec)
+    path = GOLDEN / f"sbatch-{case}.sh"
+    if UPDATE or not path.exists():
+        require(not os.environ.get("CI"), f"golden file {path} missing")
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"rendered script differs from {path} (UPDATE_GOLDEN=1)"
+    # The shell accepts it.
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_gpu_without_gpu_type_is_refused_and_tags_are_refused():
+    from harness import sbatch
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gpu_type"):
+        sbatch.render(golden_spec("none", gpus=1))
+    with pytest.raises(ConfigError, match="pinned by digest"):
+        sbatch.render(golden_spec("docker", image="harness/train:latest"))
+
+
+# ---------------------------------------------------------------- the real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require(slurm_up(), "Slurm is not running here (make slurm-env)")
+    ctx = make_context(tmp_path_factory.mktemp("slurm"))
+    ctx["reference"] = run_dir_of(harness(ctx, "train", "tiny", *OVERRIDES, check_rc=0))
+    return ctx
+
+
+def same_results(run_dir: Path, reference: Path) -> None:
+    assert read_lock(run_dir)["results"]["weights_sha256"] == \
+        read_lock(reference)["results"]["weights_sha256"]
+    assert loss_bits(run_dir) == loss_bits(reference)
+    assert (run_dir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+
+
+def status_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_job_matches_local_run(cluster):
+    done = harness(cluster, "submit", "tiny", *OVERRIDES, "--wait", check_rc=0)
+    run_dir = run_dir_of(done)
+    same_results(run_dir, cluster["reference"])
+    job, local = read_lock(run_dir), read_lock(cluster["reference"])
+    assert job["backend"]["name"] == "slurm"
+    for key in ("software", "determinism"):
+        assert job[key] == local[key]
+    assert job["hardware"]["cpu"] == local["hardware"]["cpu"]
+    assert job["environment"]["SLURM_JOB_ID"] == status_of(run_dir)["slurm_job_id"]
+    status = status_of(run_dir)
+    assert status["state"] == "succeeded" and status["slurm_state"] == "COMPLETED"
+    script = (run_dir / "job.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@" in script and "#SBATCH --requeue" in script
+    assert f"--output={run_dir}/slurm.out" in script
+
+
+def wait_for_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= steps:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run_dir} did not reach step {steps}: "
+                         f"{(run_dir / 'slurm.out').read_text() if (run_dir / 'slurm.out').exists() else ''}")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.parametrize("how", ["usr1", "scontrol-requeue"])
+def test_preempted_job_is_requeued_and_resumes_to_identical_weights(cluster, how):
+    done = harness(cluster, "submit", "tiny", *OVERRIDES, check_rc=0)
+    run_dir = run_dir_of(done)
+    job_id = status_of(run_dir)["slurm_job_id"]
+    wait_for_steps(run_dir, 9)
+    if how == "usr1":  # what --signal=B:USR1@N does before the time limit
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    else:  # an administrator or a preempting job
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    done = harness(cluster, "slurm", "status", run_dir.name, "--wait", check_rc=0)
+    assert "succeeded" in done.stdout
+    log = (run_dir / "slurm.out").read_text()
+    assert "exiting with code 75" in log, log
+    assert "harness: resuming from step-" in log, log
+    if how == "usr1":
+        assert f"requeueing job {job_id}" in log
+    status = status_of(run_dir)
+    assert status["slurm_restarts"] >= 1 and status["state"] == "succeeded"
+    assert read_lock(run_dir)["environment"]["SLURM_RESTART_COUNT"] == "1"
+    same_results(run_dir, cluster["reference"])
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_sweep_is_one_job_array_of_normal_runs(cluster):
+    # One CPU per task: two tasks run at once on the 2-CPU test node (the training still
+    # pins 2 threads; task/none does not bind, so the bits do not change).
+    small = [o for o in OVERRIDES if not o.startswith("trainer.epochs")] + [
+        "trainer.epochs=1", "backend.slurm.cpus_per_task=1"]
+    done = harness(cluster, "submit", "tiny", *small, "seed=0,1,2", "-m", "--wait", check_rc=0)
+    run_dirs = [Path(line.split(":", 1)[1].strip()) for line in done.stdout.splitlines()
+                if line.startswith("run dir:")]
+    assert len(run_dirs) == 3
+    statuses = [status_of(d) for d in run_dirs]
+    assert len({s["slurm_job_id"] for s in statuses}) == 1  # one array
+    assert [s["slurm_array_task_id"] for s in statuses] == [0, 1, 2]
+    locks = [read_lock(d) for d in run_dirs]
+    assert [lock["seed"] for lock in locks] == [0, 1, 2]
+    assert len({lock["results"]["weights_sha256"] for lock in locks}) == 3
+    for run_dir in run_dirs:
+        check = subprocess.run([sys.executable, "-m", "harness", "lock", "check", str(run_dir)],
+                               capture_output=True, text=True, env=cluster["env"])
+        assert check.returncode == 0, check.stderr
+        assert "harness-job:" in (run_dir / "slurm.out").read_text()
+        assert len(loss_bits(run_dir)) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_rejected_submission_gives_schedulers_words_and_exit_4(cluster):
+    done = harness(cluster, "submit", "tiny", "backend.slurm.partition=nosuchpartition",
+                   check_rc=4)
+    assert "sbatch rejected the job" in done.stderr
+    assert "invalid partition" in done.stderr.lower()
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_failed_job_gives_log_path_and_exit_1(cluster):
+    done = harness(cluster, "submit", "tiny", "backend.slurm.python=/nonexistent/python",
+                   "--wait", check_rc=1)
+    assert "Slurm job(s) failed" in done.stderr and "slurm.out" in done.stderr
+    assert "FAILED" in done.stderr
+
+
+def test_missing_sbatch_is_an_environment_problem(cli, tiny_conf):
+    env = {"PATH": str(Path(os.sys.executable).parent)}
+    done = cli("submit", "tiny", "--config-dir", str(tiny_conf), env=env, check_rc=4)
+    assert "`sbatch` not found" in done.stderr and "make slurm-env" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_train_with_backend_slurm_runs_one_job_and_waits(cluster):
+    small = [o for o in OVERRIDES if not o.startswith("trainer.epochs")] + ["trainer.epochs=1"]
+    done = harness(cluster, "train", "tiny", *small, "backend=slurm", check_rc=0)
+    run_dir = run_dir_of(done)
+    assert "submitted Slurm job" in done.stdout
+    status = status_of(run_dir)
+    assert status["state"] == "succeeded" and status["slurm_state"] == "COMPLETED"
+    assert read_lock(run_dir)["backend"]["name"] == "slurm"
+    assert len(loss_bits(run_dir)) == 8
