@@ -1,0 +1,237 @@
+"""Train inside the pinned image in a locked-down container, through docker-py.
+
+The container has no network, a read-only root with a tmpfs /tmp, a non-root user, no
+capabilities and no privilege escalation; the dataset is mounted read-only and the run
+directory read-write. GPUs are requested only for trainer.device=cuda. Output streams to
+the terminal and train.log; the exit code is the container's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from harness.progress import Console
+from harness import image, rundir
+from harness.backends.base import LaunchSpec
+from harness.config import load_yaml
+from harness.errors import EnvironmentProblem
+
+RUN_MOUNT = "/harness/run"
+DATA_MOUNT = "/harness/data"
+CODE_MOUNT = "/harness/code"
+LABEL = "org.harness.run"  # every training container carries it: `docker ps -a --filter label=...`
+GPU_HINT = ("The NVIDIA container runtime is missing: install the NVIDIA driver and the "
+            "NVIDIA Container Toolkit (nvidia-ctk runtime configure --runtime=docker, then "
+            "restart dockerd), or train on the CPU: trainer.device=cpu.")
+
+
+class ContainerProcess:
+    """The container seen as a process (poll, send_signal), so that the launcher can forward
+    SIGTERM/SIGUSR1 to the training inside it as it does to a local child."""
+
+    def __init__(self, container):
+        self.container = container
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        from docker.errors import NotFound
+
+        if self.returncode is None:
+            try:
+                self.container.reload()
+            except NotFound:
+                return 1
+            if self.container.status in ("exited", "dead"):
+                self.returncode = int(self.container.attrs["State"]["ExitCode"])
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        from docker.errors import APIError
+
+        try:
+            self.container.kill(signal=int(signum))
+        except APIError:
+            pass  # already gone
+
+
+class DockerHandle:
+    def __init__(self, container, log_path: Path, stop_timeout_s: int):
+        self.container = container
+        self.process = ContainerProcess(container)
+        self.log_path = log_path
+        self.stop_timeout_s = stop_timeout_s
+
+    def wait(self) -> int:
+        from docker.errors import DockerException
+        from requests.exceptions import RequestException
+
+        with open(self.log_path, "a") as log:
+            console = Console(log)
+            try:
+                for chunk in self.container.logs(stream=True, follow=True):
+                    console.feed(chunk.decode(errors="replace"))
+                code = int(self.container.wait().get("StatusCode", 1))
+            except (DockerException, RequestException) as exc:
+                # The container (or the engine) went away under the run: it failed.
+                console.feed(f"\nharness: lost the training container: {_first(str(exc))}\n")
+                code = 137
+            console.close()
+        self._remove()
+        return code
+
+    def stop(self) -> None:
+        """Stop (SIGTERM, then SIGKILL after the grace period) and remove the container."""
+        from docker.errors import APIError
+
+        try:
+            self.container.stop(timeout=self.stop_timeout_s)
+        except APIError:
+            pass
+        self._remove()
+
+    def _remove(self) -> None:
+        from docker.errors import APIError, NotFound
+
+        try:
+            self.container.remove(force=True)
+        except (NotFound, APIError):
+            pass
+
+
+def gpu_requested(cfg: Dict[str, Any]) -> bool:
+    return str(cfg["trainer"]["device"]).startswith("cuda")
+
+
+def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Path],
+                      env: Dict[str, str]) -> Dict[str, Any]:
+    """Keyword arguments for containers.create: the sandbox every training container gets."""
+    from docker.types import DeviceRequest
+
+    opts = cfg["backend"]["docker"]
+    volumes = {str(run_dir.resolve()): {"bind": RUN_MOUNT, "mode": "rw"}}
+    if data_root:
+        volumes[str(Path(data_root).resolve())] = {"bind": DATA_MOUNT, "mode": "ro"}
+    pythonpath = ["/opt/harness/src"]
+    for i, directory in enumerate(opts.get("pythonpath") or []):
+        target = f"{CODE_MOUNT}/{i}"
+        volumes[str(Path(directory).resolve())] = {"bind": target, "mode": "ro"}
+        pythonpath.append(target)
+    command = ["python", "-u", "-m", "harness.train", RUN_MOUNT]
+    if data_root:
+        command += ["--data-root", DATA_MOUNT]
+    kwargs: Dict[str, Any] = dict(
+        command=command,
+        environment={**env, "PYTHONPATH": ":".join(pythonpath), "HOME": "/tmp"},
+        user=_user(opts["user"]),
+        working_dir=RUN_MOUNT,
+        volumes=volumes,
+        network_mode=opts["network"],
+        read_only=True,
+        tmpfs={"/tmp": "rw,nosuid,nodev,size=1g,mode=1777"},
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        shm_size=opts["shm_size"],
+        labels={LABEL: run_dir.name, **(opts.get("labels") or {})},
+        detach=True,
+    )
+    if gpu_requested(cfg):
+        count = -1 if str(opts["gpus"]) == "all" else int(opts["gpus"])
+        kwargs["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]
+    return kwargs
+
+
+def _user(configured: str) -> str:
+    # As root the run directory is handed to the container's user; otherwise the container
+    # runs as the invoking (non-root) user, who owns the run directory already.
+    return configured if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+
+
+def _hand_over(run_dir: Path, user: str) -> None:
+    """Make the run directory writable for the container's user."""
+    if os.geteuid() != 0:
+        return
+    uid, gid = (int(x) for x in user.split(":"))
+    for path in [run_dir, *run_dir.rglob("*")]:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def start_or_explain(container, cfg: Dict[str, Any]) -> None:
+    """Start a created container; on a GPU request the engine cannot satisfy, remove the
+    container (the engine leaves it in Created state) and say what is missing."""
+    from docker.errors import APIError
+
+    try:
+        container.start()
+    except APIError as exc:
+        try:
+            container.remove(force=True)
+        except APIError:
+            pass
+        text = str(exc)
+        if gpu_requested(cfg) and ("device driver" in text or "gpu" in text.lower()):
+            raise EnvironmentProblem(f"trainer.device={cfg['trainer']['device']} asks for GPUs "
+                                     f"but the Docker engine cannot provide them ({_first(text)}). "
+                                     f"{GPU_HINT}") from None
+        raise EnvironmentProblem(f"the training container did not start: {_first(text)}") from None
+
+
+def _first(text: str) -> str:
+    return text.strip().splitlines()[0][:400] if text.strip() else "unknown error"
+
+
+class DockerBackend:
+    name = "docker"
+
+    def __init__(self, engine=None):
+        self._engine = engine
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = image.client()
+        return self._engine
+
+    def lock_facts(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        """Before any run directory exists: an engine answers, the image is there (built if
+        needed), a GPU request can be met. Returns the lockfile's `image` and
+        `container_runtime` sections."""
+        engine = self.engine
+        facts = image.build(cfg["image"], engine=engine)
+        if gpu_requested(cfg):
+            self._probe_gpu(cfg, facts["reference"])
+        return {"image": facts, "container_runtime": image.engine_facts(engine)}
+
+    def _probe_gpu(self, cfg: Dict[str, Any], reference: str) -> None:
+        from docker.types import DeviceRequest
+
+        opts = cfg["backend"]["docker"]
+        count = -1 if str(opts["gpus"]) == "all" else int(opts["gpus"])
+        probe = self.engine.containers.create(
+            reference, command=["true"], network_mode="none",
+            labels={LABEL: "gpu-probe"},
+            device_requests=[DeviceRequest(count=count, capabilities=[["gpu"]])])
+        start_or_explain(probe, cfg)
+        probe.wait()
+        probe.remove(force=True)
+
+    def launch(self, spec: LaunchSpec) -> DockerHandle:
+        run_dir = spec.run_dir
+        cfg = load_yaml(run_dir / rundir.CONFIG)
+        lock = rundir.read_json(run_dir / rundir.LAUNCH).get("lock", {})
+        reference = (lock.get("image") or {}).get("id") or \
+            image.build(cfg["image"], engine=self.engine)["id"]
+        options = container_options(cfg, run_dir, spec.data_root, spec.env)
+        if spec.extra_args:
+            options["command"] = options["command"] + list(spec.extra_args)
+        _hand_over(run_dir, options["user"])
+        container = self.engine.containers.create(reference, **options)
+        try:
+            start_or_explain(container, cfg)
+        except EnvironmentProblem as exc:
+            rundir.write_status(run_dir, "failed", exit_code=exc.exit_code, reason=str(exc),
+                                finished_utc=rundir.now_utc())
+            raise
+        return DockerHandle(container, run_dir / rundir.LOG,
+                            int(cfg["backend"]["docker"]["stop_timeout_s"]))

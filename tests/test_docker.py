@@ -1,0 +1,192 @@
+"""backend=docker end to end against the real engine and the local registry (make docker-env):
+build and reuse the pinned image, train in a locked-down container, compare with a local
+run bit for bit, check the sandbox from inside, and fail clearly where a part is missing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, loss_bits, read_lock, require, run_dir_of
+from test_lockfile import documented_fields, lookup
+
+LABEL = "org.harness.run"
+
+
+def _engine():
+    import docker
+
+    try:
+        engine = docker.from_env(timeout=30)
+        engine.ping()
+        return engine
+    except Exception:  # no engine: require() below skips or (CI) fails
+        return None
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = _engine()
+    require(engine is not None, "no Docker engine answers (run `make docker-env`)")
+    from harness import config
+
+    require(config.state_ref("base-cpu") is not None or os.environ.get("HARNESS_CPU_BASE"),
+            "no pinned base image (run `make docker-env`)")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def built(engine, tmp_path_factory):
+    """`harness build --push` once per module (a no-op when the image exists); its facts."""
+    done = subprocess.run([sys.executable, "-m", "harness", "build", "--push"],
+                          cwd=tmp_path_factory.mktemp("build"), capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def leftover_containers(engine):
+    return engine.containers.list(all=True, filters={"label": LABEL})
+
+
+def docker_train(cli, conf: Path, *overrides, check_rc=0, **kwargs):
+    return cli("train", "tiny", "--config-dir", str(conf), "backend=docker", *overrides,
+               check_rc=check_rc, **kwargs)
+
+
+@pytest.mark.docker
+def test_build_then_train_records_the_image(cli, tiny_conf, engine, built):
+    done = docker_train(cli, tiny_conf)
+    run_dir = run_dir_of(done)
+    lock = read_lock(run_dir)
+    assert lock["backend"]["name"] == "docker"
+    inspected = engine.api.inspect_image(lock["image"]["reference"])
+    assert lock["image"]["id"] == inspected["Id"]
+    assert lock["image"]["repo_digest"] in inspected["RepoDigests"]
+    assert lock["image"]["repo_digest"].startswith("127.0.0.1:5000/harness/train-cpu@sha256:")
+    assert lock["image"]["base"].endswith("@" + lock["image"]["base_digest"])
+    labels = inspected["Config"]["Labels"]
+    assert labels["org.harness.requirements-lock-sha256"] == lock["image"]["requirements_lock_sha256"]
+    assert labels["org.harness.dockerfile-sha256"] == lock["image"]["dockerfile_sha256"]
+    assert lock["container_runtime"]["version"] == engine.version()["Version"]
+    for field in documented_fields(docker_run=True):  # docker-only fields exist here
+        lookup(lock, field)
+    # Captured inside the container: the image's interpreter, not the host venv's.
+    assert "pytest" not in lock["software"]["packages"]
+    assert "train.log" in os.listdir(run_dir) and "step 8/8" in (run_dir / "train.log").read_text()
+    assert leftover_containers(engine) == []
+
+    first = json.loads(cli("build", check_rc=0).stdout)  # (re)builds if the tree changed
+    started = time.monotonic()  # unchanged tree: found by its content hash, nothing built
+    again = cli("build", check_rc=0)
+    elapsed = time.monotonic() - started
+    assert json.loads(again.stdout)["id"] == first["id"]
+    assert "building" not in again.stderr
+    assert elapsed < 2.5, f"cached build took {elapsed:.2f} s"
+
+
+@pytest.mark.docker
+def test_local_and_docker_train_bit_identical(cli, tiny_conf, engine, built):
+    local = run_dir_of(cli("train", "tiny", "--config-dir", str(tiny_conf), check_rc=0))
+    boxed = run_dir_of(docker_train(cli, tiny_conf))
+    a, b = read_lock(local), read_lock(boxed)
+    assert a["software"]["torch"] == b["software"]["torch"]  # the same CPU torch build
+    assert a["determinism"]["in_effect"]["torch_num_threads"] == \
+        b["determinism"]["in_effect"]["torch_num_threads"]
+    assert loss_bits(local) == loss_bits(boxed)
+    assert a["results"]["weights_sha256"] == b["results"]["weights_sha256"]
+
+
+PROBE_CONF = """
+defaults:
+  - optim: sgd
+  - trainer: default
+  - determinism: strict
+  - backend: docker
+  - _self_
+name: probe
+seed: 0
+model: {_target_: harness_testkit.TinyMLP, in_features: 16}
+data:
+  name: probe
+  dataset: {_target_: harness_testkit.SandboxProbeDataset, size: 64}
+trainer: {epochs: 1, batch_size: 16, log_every: 2}
+"""
+
+
+@pytest.mark.docker
+def test_container_sandbox_seen_from_inside(cli, tmp_path, engine, built):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "probe.yaml").write_text(PROBE_CONF)
+    done = cli("train", "probe", "--config-dir", str(conf),
+               f"backend.docker.pythonpath=[{TESTS / 'fixtures'}]", check_rc=0)
+    probe = json.loads((run_dir_of(done) / "probe.json").read_text())
+    assert probe["uid"] == 10001 and probe["gid"] == 10001 and probe["euid"] == 10001
+    assert probe["root_write"] == "EROFS"  # read-only root file system
+    assert probe["tmp_writable"] and probe["home"] == "/tmp"
+    assert probe["interfaces"] == ["lo"]  # network_mode=none: loopback only
+    assert probe["connect_1.1.1.1:53"] != "ok"
+    assert int(probe["cap_eff"], 16) == 0  # cap_drop ALL
+    assert probe["no_new_privs"] == "1"
+    assert probe["shm_bytes"] >= 512 * 2**20  # room for DataLoader workers
+    assert leftover_containers(engine) == []
+
+
+@pytest.mark.docker
+def test_gpu_request_without_nvidia_runtime_fails_clearly(cli, tiny_conf, tmp_path, engine,
+                                                          built):
+    if "nvidia" in engine.info().get("Runtimes", {}):
+        pytest.skip("this engine has the NVIDIA runtime")
+    done = docker_train(cli, tiny_conf, "trainer.device=cuda", check_rc=4)
+    assert "NVIDIA Container Toolkit" in done.stderr and "trainer.device=cpu" in done.stderr
+    assert leftover_containers(engine) == []  # the Created container was removed
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.docker
+def test_ctrl_c_stops_and_removes_the_container(tiny_conf, tmp_path, cache_home, engine, built):
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home),
+           "PYTHONPATH": str(TESTS / "fixtures")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", "train", "tiny", "--config-dir", str(tiny_conf),
+         "backend=docker", "trainer.epochs=1000", "trainer.log_every=1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step "):
+            break
+    assert len(leftover_containers(engine)) == 1, "".join(lines)
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 1, "".join(lines) + rest
+    assert "interrupted" in rest
+    assert leftover_containers(engine) == []
+    run_dir = next((tmp_path / "runs").iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["reason"] == "interrupted"
+
+
+@pytest.mark.docker
+def test_auto_backend_picks_docker_when_an_engine_answers(cli, tiny_conf, engine, built):
+    done = cli("train", "tiny", "--config-dir", str(tiny_conf), "backend=auto", check_rc=0)
+    assert "backend=auto chose docker" in done.stderr
+    assert read_lock(run_dir_of(done))["backend"]["name"] == "docker"
+
+
+def test_engine_down_fails_with_how_to_start_one(cli, tiny_conf, tmp_path):
+    closed = {"DOCKER_HOST": "tcp://127.0.0.1:9"}  # discard port: nothing listens
+    done = docker_train(cli, tiny_conf, check_rc=4, env=closed)
+    assert "no Docker engine answers at tcp://127.0.0.1:9" in done.stderr
+    assert "make docker-env" in done.stderr and "backend=local" in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+    done = cli("train", "tiny", "--config-dir", str(tiny_conf), "backend=auto", env=closed,
+               check_rc=0)
+    assert "backend=auto chose local" in done.stderr
+    assert read_lock(run_dir_of(done))["backend"]["name"] == "local"

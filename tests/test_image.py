@@ -1,0 +1,89 @@
+"""Image logic without an engine: Dockerfile rendering (golden), content-hash identity,
+lock parsing, base pinning rules, profile selection."""
+
+import os
+import shutil
+
+import pytest
+
+from conftest import ROOT, TESTS
+from harness import config, image
+from harness.errors import ConfigError, EnvironmentProblem
+
+GOLDEN = TESTS / "golden" / "Dockerfile.cuda"
+PINNED = "127.0.0.1:5000/harness/base-cpu@sha256:" + "ab" * 32
+
+
+def test_cuda_dockerfile_matches_golden():
+    rendered = image.render_dockerfile(image.profile_config("cuda"))
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(rendered)
+    assert rendered == GOLDEN.read_text(), (
+        "the rendered cuda Dockerfile changed; if intended, run "
+        "UPDATE_GOLDEN=1 pytest tests/test_image.py and review the diff")
+
+
+def test_cpu_dockerfile_takes_the_base_as_build_arg_and_installs_offline():
+    text = image.render_dockerfile(image.profile_config("cpu"))
+    assert "ARG BASE\nFROM ${BASE}\n" in text
+    assert "--no-index" in text and "--require-hashes" in text
+    assert "USER 10001:10001" in text and "@@" not in text
+
+
+def test_cpu_profile_reads_the_pinned_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("HARNESS_CPU_BASE", raising=False)
+    assert image.profile_config("cpu")["base"] is None
+    with pytest.raises(EnvironmentProblem, match="make docker-env"):
+        image.check_base(image.profile_config("cpu"))
+    (tmp_path / "base-cpu.ref").write_text(PINNED + "\n")
+    assert image.profile_config("cpu")["base"] == PINNED
+    monkeypatch.setenv("HARNESS_CPU_BASE", "mirror.example:5000/base@sha256:" + "cd" * 32)
+    assert image.profile_config("cpu")["base"].startswith("mirror.example:5000/")
+
+
+def test_base_must_be_pinned_by_digest():
+    cfg = {**image.profile_config("cpu"), "base": "debian:bookworm"}
+    with pytest.raises(ConfigError, match="not pinned by digest"):
+        image.check_base(cfg)
+    with pytest.raises(ConfigError, match="placeholder"):
+        image.check_base(image.profile_config("cuda"))
+
+
+def test_every_run_config_has_an_image_section():
+    cfg = config.compose("fashion_mnist", [])
+    assert cfg["image"]["profile"] == config.default_image_profile()
+    cfg = config.compose("fashion_mnist", ["image=cuda", "image.registry=reg.example:5000"])
+    assert cfg["image"]["profile"] == "cuda"
+    assert cfg["image"]["registry"] == "reg.example:5000"
+
+
+def test_identity_changes_with_each_input(tmp_path, monkeypatch):
+    cfg = {**image.profile_config("cpu"), "base": PINNED}
+    first = image.identity(cfg)
+    assert first == image.identity(cfg)  # stable
+    assert first["reference"].startswith("harness/train-cpu:")
+    other_base = image.identity({**cfg, "base": PINNED[:-2] + "cd"})
+    assert other_base["content_hash"] != first["content_hash"]
+    lock = tmp_path / "requirements.lock"
+    shutil.copyfile(ROOT / cfg["lock"], lock)
+    assert image.identity({**cfg, "lock": str(lock)})["content_hash"] == first["content_hash"]
+    lock.write_text(lock.read_text() + "# changed\n")
+    assert image.identity({**cfg, "lock": str(lock)})["content_hash"] != first["content_hash"]
+    changed_env = image.identity({**cfg, "env": {"X": "1"}})
+    assert changed_env["dockerfile_sha256"] != first["dockerfile_sha256"]
+
+
+def test_lock_pins_every_distribution_with_a_hash():
+    entries = image.parse_lock(ROOT / "docker" / "requirements-cpu.lock")
+    names = {req.split("==")[0].lower(): req.split("==")[1] for req, _ in entries}
+    assert names["torch"].startswith("2.13.0")
+    assert {"numpy", "hydra-core", "omegaconf", "antlr4-python3-runtime"} <= set(names)
+    assert all(len(hashes) >= 1 and all(len(h) == 64 for h in hashes) for _, hashes in entries)
+
+
+def test_unhashed_lock_is_refused(tmp_path):
+    lock = tmp_path / "bad.lock"
+    lock.write_text("torch==2.13.0\n")
+    with pytest.raises(ConfigError, match="no --hash"):
+        image.parse_lock(lock)
