@@ -1,0 +1,210 @@
+"""The replay gate: which differences between two environments break bitwise equality.
+
+Table-driven: RULES maps lockfile field patterns (flattened keys, `*` matches anything,
+`[]` any list index) to BLOCKING or INFO, with the reason. The first matching rule wins;
+a field no rule names is informational. Adding a rule (e.g. for a new `image.*` field) is
+one line. `lock diff` uses the same table, plus the results and config groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from harness.lockfile import flatten
+
+BLOCKING = "blocking"
+INFO = "informational"
+RESULTS = "results"
+CONFIG = "config"
+
+# (pattern, class, why). Order matters: specific patterns before general ones.
+RULES: Tuple[Tuple[str, str, str], ...] = (
+    # Container image: same digest means same userland, libraries and wheels.
+    ("image.repo_digest", BLOCKING, "a different image holds different libraries"),
+    ("image.image_id", BLOCKING, "a different image holds different libraries"),
+    ("image.id", BLOCKING, "a different image holds different libraries"),
+    ("image.*digest*", BLOCKING, "a different image holds different libraries"),
+    ("image.*", INFO, "image metadata"),
+    # GPUs: cuBLAS/cuDNN pick kernels (and reduction orders) per architecture and SM count.
+    ("hardware.gpus", BLOCKING, "the number of GPUs differs"),
+    ("hardware.gpus[].name", BLOCKING, "another GPU model runs other kernels"),
+    ("hardware.gpus[].compute_capability", BLOCKING, "kernels are chosen per architecture"),
+    ("hardware.gpus[].sm_count", BLOCKING, "cuBLAS splits reductions by SM count"),
+    ("hardware.gpus[].mig_mode", BLOCKING, "a MIG slice has fewer SMs"),
+    ("hardware.gpus[].uuid", INFO, "another card of the same model"),
+    ("hardware.gpus[].index", INFO, "device numbering"),
+    ("hardware.gpus[].*", INFO, "does not change the math"),
+    ("hardware.driver", BLOCKING, "the driver ships the PTX JIT and can change kernels"),
+    ("hardware.nvml", INFO, "follows the driver"),
+    ("hardware.nvml_error", INFO, "why NVML gave nothing"),
+    # CPU: the ISA decides which vector kernels (and so which rounding) run.
+    ("hardware.cpu.isa_flags", BLOCKING, "CPU math kernels are selected by ISA"),
+    ("hardware.cpu.architecture", BLOCKING, "another CPU architecture runs other kernels"),
+    ("hardware.cpu.*", INFO, "threads are pinned; the ISA flags decide the kernels"),
+    ("hardware.hostname", INFO, "another machine of the same kind"),
+    # Software seen by the training process.
+    ("software.python", BLOCKING, "the interpreter version"),
+    ("software.python_implementation", BLOCKING, "the interpreter"),
+    ("software.torch", BLOCKING, "torch kernels change between versions"),
+    ("software.torch_git_version", BLOCKING, "a different torch build"),
+    ("software.torch_cpu_capability", BLOCKING, "torch selected other CPU kernels"),
+    ("software.cuda_runtime", BLOCKING, "CUDA libraries change kernels"),
+    ("software.cuda_available", BLOCKING, "the math would run on another device"),
+    ("software.cudnn", BLOCKING, "cuDNN versions change convolution algorithms"),
+    ("software.nccl", BLOCKING, "NCCL versions change reduction orders"),
+    ("software.packages.torch", BLOCKING, "torch kernels change between versions"),
+    ("software.packages.numpy", BLOCKING, "numpy draws seeded random numbers"),
+    ("software.packages.*", INFO, "not on the math path of training"),
+    ("software.platform", INFO, "kernel and libc string"),
+    # Determinism settings actually in effect, and the variables that set them.
+    ("determinism.*", BLOCKING, "a determinism setting or thread count differs"),
+    ("environment.PYTHONHASHSEED", BLOCKING, "changes set/dict iteration orders"),
+    ("environment.CUBLAS_WORKSPACE_CONFIG", BLOCKING, "changes cuBLAS reduction strategy"),
+    ("environment.OMP_NUM_THREADS", BLOCKING, "CPU reductions depend on thread count"),
+    ("environment.MKL_NUM_THREADS", BLOCKING, "CPU reductions depend on thread count"),
+    ("environment.NCCL_*", BLOCKING, "changes collective algorithms"),
+    ("environment.TORCH_CUDNN_V8_API_DISABLED", BLOCKING, "changes cuDNN algorithm choice"),
+    ("environment.LD_PRELOAD", BLOCKING, "a preloaded library can replace math routines"),
+    ("environment.*", INFO, "scheduling and device visibility"),
+    ("container_runtime.*", INFO, "engine version; the image pins the userland"),
+    ("harness.*", INFO, "harness code changed; the comparison will show any effect"),
+    ("source.*", INFO, "project code changed; the comparison will show any effect"),
+    ("created_utc", INFO, "when the launch was prepared"),
+)
+
+# Lockfile sections that describe the environment (compared by the replay gate).
+ENVIRONMENT_SECTIONS = ("image", "software", "hardware", "environment", "determinism")
+RESULT_PREFIXES = ("results.", "timing.")
+CONFIG_KEYS = ("config", "config_sha256", "seed", "overrides")
+
+
+def _compile(pattern: str) -> "re.Pattern[str]":
+    return re.compile("^" + re.escape(pattern).replace(r"\*", ".*") + "$")
+
+
+_COMPILED = [(_compile(p), cls, why) for p, cls, why in RULES]
+
+
+def _normal_key(key: str) -> str:
+    return re.sub(r"\[\d+\]", "[]", key)
+
+
+def classify(key: str) -> Tuple[str, str]:
+    """(class, why) for a flattened lockfile key."""
+    normal = _normal_key(key)
+    for regex, cls, why in _COMPILED:
+        if regex.match(normal):
+            return cls, why
+    return INFO, "not known to change results"
+
+
+def group(key: str) -> Tuple[str, str]:
+    """lock-diff group of a key: results, config, or the gate's class."""
+    if key.startswith(RESULT_PREFIXES):
+        return RESULTS, "outcome of the run"
+    if key.split(".", 1)[0] in CONFIG_KEYS or key == "determinism.seed":
+        return CONFIG, "what was trained"
+    return classify(key)
+
+
+MISSING = "(absent)"
+
+
+@dataclass
+class Difference:
+    key: str
+    a: Any
+    b: Any
+    group: str
+    why: str
+
+    @property
+    def blocking(self) -> bool:
+        return self.group == BLOCKING
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def differences(a: Dict[str, Any], b: Dict[str, Any],
+                grouper=group, ignore: Iterable[str] = ("lock_sha256", "run_id")) -> List[Difference]:
+    """Every flattened field whose value differs between lockfile-like dicts a and b."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    skip = set(ignore)
+    out = []
+    for key in sorted(set(flat_a) | set(flat_b)):
+        if key in skip:
+            continue
+        va, vb = flat_a.get(key, MISSING), flat_b.get(key, MISSING)
+        if va != vb:
+            cls, why = grouper(key)
+            out.append(Difference(key, va, vb, cls, why))
+    return out
+
+
+def environment_of(lock: Dict[str, Any]) -> Dict[str, Any]:
+    """The parts of a lockfile the gate compares."""
+    return {k: lock[k] for k in ENVIRONMENT_SECTIONS + ("harness",) if k in lock}
+
+
+def gate(lock: Dict[str, Any], current: Dict[str, Any],
+         skip: Iterable[str] = ()) -> List[Difference]:
+    """Differences between the locked environment and the current one, leaving out the
+    `skip` sections (those the current capture cannot speak for). A locked image with no
+    current one blocks."""
+    locked = copy.deepcopy(environment_of(lock))
+    here = copy.deepcopy(environment_of(current))
+    for section in skip:
+        locked.pop(section, None)
+        here.pop(section, None)
+    if "image" in locked and "image" not in here:
+        here["image"] = {}
+    locked.get("determinism", {}).pop("seed", None)
+    return differences(locked, here, grouper=classify, ignore=())
+
+
+# ---------------------------------------------------------------- rendering
+
+def short(value: Any, width: int = 48) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render(diffs: List[Difference], label_a: str = "locked", label_b: str = "current",
+           with_why: bool = True) -> str:
+    rows = [[d.key, short(d.a), short(d.b)] + ([d.why] if with_why else []) for d in diffs]
+    header = ["field", label_a, label_b] + (["why it matters"] if with_why else [])
+    return table(rows, header)
+
+
+GROUP_ORDER = (BLOCKING, INFO, RESULTS, CONFIG)
+
+
+def render_grouped(diffs: List[Difference], label_a: str, label_b: str) -> str:
+    """lock diff output: one table per group, in GROUP_ORDER, empty groups said so."""
+    parts = []
+    for name in GROUP_ORDER:
+        members = [d for d in diffs if d.group == name]
+        title = {BLOCKING: "blocking for bitwise replay", INFO: "informational",
+                 RESULTS: "results", CONFIG: "config"}[name]
+        if not members:
+            parts.append(f"== {title}: none")
+            continue
+        parts.append(f"== {title} ({len(members)})\n" +
+                     render(members, label_a, label_b, with_why=name in (BLOCKING, INFO)))
+    return "\n\n".join(parts)
+
+
+def find(diffs: List[Difference], key: str) -> Optional[Difference]:
+    return next((d for d in diffs if d.key == key), None)

@@ -1,0 +1,114 @@
+"""`harness replay RUN`: check the lockfile, gate on the environment, re-run the same
+resolved config as a new run linked to the original, and compare the two bit for bit.
+
+Planning (lockfile, config, gate) does not import torch: the current environment is
+captured by a child process (harness.capture) started like the training process.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness import __version__, capture, compare, config, gate, lockfile, rundir
+from harness.errors import Diverged, ReplayRefused
+
+REPLAY_FILE = "replay.json"
+
+
+def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, Any],
+                                                                Dict[str, Any]]:
+    """(run dir, verified lockfile, validated config) of the run to replay."""
+    run_dir = rundir.resolve(ref, runs_dir)
+    lock = lockfile.read(run_dir / rundir.LOCK)
+    cfg = config.validate(lock["config"])
+    diffs = gate.differences({"config": lock["config"]}, {"config": cfg})
+    changed = [d.key for d in diffs if d.a != gate.MISSING]
+    if changed:
+        raise ReplayRefused(
+            f"the locked config of {run_dir.name} no longer validates to itself under harness "
+            f"{__version__} (changed: {', '.join(changed[:5])}): the config schema changed "
+            f"since the run. Replay with the harness version that wrote it "
+            f"({lock['harness']['version']}).")
+    if diffs:
+        # The schema grew since the run: new fields get their defaults, nothing it ran with
+        # changes. The new run's config_sha256 differs from the original's because of them.
+        print(f"harness: config fields added since the run, at their defaults: "
+              f"{', '.join(d.key for d in diffs[:6])}{' ...' if len(diffs) > 6 else ''}",
+              flush=True)
+    return run_dir, lock, cfg
+
+
+def current_environment(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """(the environment a new training process would record, sections the gate must skip).
+
+    The capture child runs on this host. A backend that runs training in an image (it has
+    `lock_facts`, e.g. docker) contributes the image it would use; the software and
+    environment variables are then those of the image, pinned by its id and digests, so the
+    host's are not compared."""
+    from harness import backends
+
+    env = capture.current(cfg["determinism"])
+    env["harness"] = {"version": __version__,
+                      "source_sha256": lockfile.harness_source_sha256()}
+    backend = backends.get(cfg["backend"]["name"])
+    skip: List[str] = []
+    if hasattr(backend, "lock_facts"):
+        env.update(backend.lock_facts(cfg))
+        skip = ["software", "environment"]
+    return env, skip
+
+
+def refusal(run_id: str, blocking: List[gate.Difference]) -> str:
+    return (f"replay of {run_id} refused: {len(blocking)} difference(s) from the locked "
+            f"environment break bitwise equality:\n{gate.render(blocking)}\n"
+            f"Run the replay where these match (same machine type, image and versions), or "
+            f"pass --allow-mismatch to run it anyway: the differences are recorded in the "
+            f"new run and the comparison will likely report DIVERGED.")
+
+
+def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False) -> int:
+    from harness import launch
+
+    started = time.perf_counter()
+    orig_dir, lock, cfg = load_original(ref, runs_dir)
+    current, skip = current_environment(cfg)
+    diffs = gate.gate(lock, current, skip)
+    blocking = [d for d in diffs if d.blocking]
+    informational = [d for d in diffs if not d.blocking]
+    if blocking and not allow_mismatch:
+        raise ReplayRefused(refusal(orig_dir.name, blocking))
+    if blocking:
+        print(f"harness: --allow-mismatch: replaying despite {len(blocking)} blocking "
+              f"difference(s):\n{gate.render(blocking)}", flush=True)
+    if informational:
+        print(f"harness: {len(informational)} informational difference(s) (no effect "
+              f"expected): {', '.join(d.key for d in informational[:6])}"
+              f"{' ...' if len(informational) > 6 else ''}", flush=True)
+    gate_s = time.perf_counter() - started
+
+    link = {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"]}
+    extra = {"replay_of": link,
+             "replay_mismatches": [d.to_json() for d in diffs]}
+    train_started = time.perf_counter()
+    new_dir = launch.start(cfg, lock.get("overrides", []), runs_dir or orig_dir.parent, extra)
+    train_s = time.perf_counter() - train_started
+
+    compare_started = time.perf_counter()
+    new_lock = lockfile.read(new_dir / rundir.LOCK)
+    report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
+    compare_s = time.perf_counter() - compare_started
+    record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),
+              "blocking_differences": [d.to_json() for d in blocking],
+              "timing": {"gate_s": round(gate_s, 3), "train_s": round(train_s, 3),
+                         "compare_s": round(compare_s, 3)}}
+    rundir.write_json(new_dir / REPLAY_FILE, record)
+    print(compare.render(report), flush=True)
+    if report["verdict"] != compare.IDENTICAL:
+        raise Diverged(
+            f"replay {new_dir.name} of {orig_dir.name} DIVERGED at step "
+            f"{report['first_diverging_step']} (report in {new_dir / REPLAY_FILE}). "
+            f"Run `harness verify {cfg['name']}` here to see whether the config is "
+            f"deterministic and which module differs first.")
+    return 0

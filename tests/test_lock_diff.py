@@ -1,0 +1,148 @@
+"""`harness lock diff` and the gate's classification table (pure parts unit-tested, the
+command end to end)."""
+
+import json
+
+import pytest
+
+from conftest import TESTS, run_dir_of
+from harness import gate
+
+CONF = str(TESTS / "conf")
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("hardware.gpus[0].name", gate.BLOCKING),
+    ("hardware.gpus[3].compute_capability", gate.BLOCKING),
+    ("hardware.gpus[0].sm_count", gate.BLOCKING),
+    ("hardware.gpus[1].uuid", gate.INFO),
+    ("hardware.gpus[0].memory_total", gate.INFO),
+    ("hardware.gpus", gate.BLOCKING),
+    ("hardware.driver", gate.BLOCKING),
+    ("hardware.cpu.isa_flags", gate.BLOCKING),
+    ("hardware.cpu.model", gate.INFO),
+    ("hardware.hostname", gate.INFO),
+    ("software.torch", gate.BLOCKING),
+    ("software.torch_git_version", gate.BLOCKING),
+    ("software.torch_cpu_capability", gate.BLOCKING),
+    ("software.cudnn", gate.BLOCKING),
+    ("software.cuda_runtime", gate.BLOCKING),
+    ("software.python", gate.BLOCKING),
+    ("software.platform", gate.INFO),
+    ("software.packages.numpy", gate.BLOCKING),
+    ("software.packages.torch", gate.BLOCKING),
+    ("software.packages.pytest", gate.INFO),
+    ("software.packages.torchvision", gate.INFO),
+    ("determinism.in_effect.torch_num_threads", gate.BLOCKING),
+    ("determinism.in_effect.env.PYTHONHASHSEED", gate.BLOCKING),
+    ("environment.OMP_NUM_THREADS", gate.BLOCKING),
+    ("environment.SLURM_JOB_ID", gate.INFO),
+    ("environment.CUDA_VISIBLE_DEVICES", gate.INFO),
+    ("image.repo_digest", gate.BLOCKING),
+    ("image.base_digest", gate.BLOCKING),
+    ("image.reference", gate.INFO),
+    ("created_utc", gate.INFO),
+    ("something.new", gate.INFO),
+])
+def test_classification_table(key, expected):
+    assert gate.classify(key)[0] == expected
+
+
+def test_groups_put_results_and_config_apart():
+    assert gate.group("results.weights_sha256")[0] == gate.RESULTS
+    assert gate.group("timing.train_process_s")[0] == gate.RESULTS
+    assert gate.group("config.optim.lr")[0] == gate.CONFIG
+    assert gate.group("seed")[0] == gate.CONFIG
+    assert gate.group("software.torch")[0] == gate.BLOCKING
+
+
+def test_gate_ignores_seed_and_blocks_a_missing_image():
+    lock = {"determinism": {"seed": 3, "mode": "strict"}, "image": {"repo_digest": "sha256:a"},
+            "software": {"torch": "2.1"}}
+    current = {"determinism": {"mode": "strict"}, "software": {"torch": "2.1"}}
+    diffs = gate.gate(lock, current)
+    assert [(d.key, d.group) for d in diffs] == [("image.repo_digest", gate.BLOCKING)]
+    assert lock["determinism"]["seed"] == 3  # the lockfile data is not modified
+
+
+def test_render_grouped():
+    a = {"software": {"torch": "2.1", "platform": "x"}, "results": {"steps": 3},
+         "config": {"optim": {"lr": 0.1}}}
+    b = {"software": {"torch": "2.2", "platform": "y"}, "results": {"steps": 3},
+         "config": {"optim": {"lr": 0.2}}, "hardware": {"hostname": "n1"}}
+    text = gate.render_grouped(gate.differences(a, b), "a", "b")
+    sections = text.split("\n\n")
+    assert sections[0].startswith("== blocking for bitwise replay (1)")
+    assert "software.torch" in sections[0] and "2.1" in sections[0] and "2.2" in sections[0]
+    assert sections[1].startswith("== informational (2)")
+    assert "hardware.hostname" in sections[1] and "(absent)" in sections[1]
+    assert sections[2] == "== results: none"
+    assert sections[3].startswith("== config (1)") and "config.optim.lr" in sections[3]
+
+
+def test_lock_diff_of_two_runs(cli, tmp_path):
+    runs = str(tmp_path / "runs")
+    a = run_dir_of(cli("train", "hashy", "--config-dir", CONF, "--runs-dir", runs, check_rc=0))
+    b = run_dir_of(cli("train", "hashy", "seed=1", "--config-dir", CONF, "--runs-dir", runs,
+                       check_rc=0))
+    done = cli("lock", "diff", a.name, b.name[:27], "--runs-dir", runs, check_rc=0)
+    text = done.stdout
+    assert "== blocking for bitwise replay: none" in text
+    assert "== informational" in text and "created_utc" in text
+    results = text.split("== results")[1].split("== config")[0]
+    assert "results.weights_sha256" in results and "results.final_loss_hex" in results
+    config = text.split("== config")[1]
+    assert "seed" in config and "config.seed" in config and "overrides" in config
+
+    done = cli("lock", "diff", str(a), str(b), "--json", check_rc=0)
+    data = json.loads(done.stdout)
+    groups = {d["key"]: d["group"] for d in data["differences"]}
+    assert groups["config.seed"] == groups["seed"] == "config"
+    assert groups["results.weights_sha256"] == "results"
+    assert "lock_sha256" not in groups and "run_id" not in groups
+
+    text = (b / "harness.lock").read_text()
+    (b / "harness.lock").write_text(text.replace('"seed": 1', '"seed": 2', 1))
+    done = cli("lock", "diff", str(a), str(b))
+    assert done.returncode == 5 and "integrity check" in done.stderr
+
+
+def _fake_run(directory, losses, params, weight):
+    """A run directory with just what the comparison reads."""
+    import torch
+
+    directory.mkdir()
+    lines = []
+    for step, (loss, digest) in enumerate(zip(losses, params), start=1):
+        record = {"kind": "train", "step": step, "epoch": 0, "loss": loss, "loss_hex": loss.hex()}
+        if digest:
+            record["params"] = digest
+        lines.append(json.dumps(record, sort_keys=True))
+    lines.append(json.dumps({"kind": "eval", "step": len(losses), "accuracy": 0.5,
+                             "loss_hex": "0x1p+0"}))
+    (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    torch.save({"a.weight": torch.tensor([1.0, 2.0]), "b.bias": torch.tensor([weight])},
+               directory / "model.pt")
+    return directory
+
+
+def test_compare_report_names_step_tensor_and_distance(tmp_path):
+    from harness import compare
+
+    same = {"a.weight": "aa", "b.bias": "bb"}
+    a = _fake_run(tmp_path / "a", [2.0, 1.5, 1.25, 1.0], [None, same, None, same], 0.5)
+    b = _fake_run(tmp_path / "b", [2.0, 1.5, 1.25, 1.125],
+                  [None, same, None, {"a.weight": "aa", "b.bias": "cc"}], 0.75)
+    report = compare.compare_runs(a, b, {"results": {"weights_sha256": "x"}},
+                                  {"results": {"weights_sha256": "y"}})
+    assert report["verdict"] == compare.DIVERGED
+    assert report["first_diverging_step"] == 4
+    assert report["first_differing_tensors"] == ["b.bias"]
+    assert report["max_abs_diff"] == {"b.bias": 0.25}
+    text = compare.render(report)
+    assert "DIVERGED: first diverging step 4" in text and "b.bias: 2.500e-01" in text
+
+    report = compare.compare_runs(a, a, {"results": {"weights_sha256": "x"}},
+                                  {"results": {"weights_sha256": "x"}})
+    assert report["verdict"] == compare.IDENTICAL and report["fingerprints_compared"] == 2
+    assert compare.render(report).startswith("IDENTICAL: 4 steps of loss bits, 2 parameter")

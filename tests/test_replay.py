@@ -1,0 +1,195 @@
+"""`harness replay`: integrity check, environment gate, re-run, bitwise comparison.
+End to end through the real CLI, on real data (Fashion-MNIST) and on the test configs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, TESTS, read_lock, run_dir_of
+from harness import lockfile
+
+CONF = str(TESTS / "conf")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """Run the CLI in a module-wide working directory (runs are shared between tests)."""
+    base = tmp_path_factory.mktemp("replay")
+    cache = tmp_path_factory.mktemp("replaycache")
+
+    def run(*args, check_rc=None):
+        env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(TESTS / "fixtures")}
+        done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=base, env=env,
+                              capture_output=True, text=True, timeout=600)
+        if check_rc is not None and done.returncode != check_rc:
+            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
+                                 f"{check_rc}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    run.base = base
+    return run
+
+
+def new_run_dir(done):
+    """The replay's own run directory (the last 'run dir:' line)."""
+    return run_dir_of(done)
+
+
+@pytest.fixture(scope="module")
+def hashy_run(harness):
+    return run_dir_of(harness("train", "hashy", "--config-dir", CONF, "--runs-dir", "runs",
+                              check_rc=0))
+
+
+def copy_run(run_dir, tmp_path):
+    dest = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def edit_lock(run_dir, change, reseal=True):
+    lock = read_lock(run_dir)
+    change(lock)
+    if reseal:
+        lock = lockfile.seal(lock)
+    (run_dir / "harness.lock").write_text(json.dumps(lock, sort_keys=True, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- IDENTICAL
+
+@pytest.mark.slow
+def test_replay_of_fashion_run_is_identical(harness, fashion):
+    original = run_dir_of(harness("train", "fashion_mnist", *FAST, "--runs-dir", "runs",
+                                  check_rc=0))
+    # by unique prefix of the run id (with the runs dir), as a user types it
+    done = harness("replay", original.name[:26], "--runs-dir", "runs", check_rc=0)
+    replay = new_run_dir(done)
+    assert replay != original
+    assert "IDENTICAL: 24 steps of loss bits, 3 parameter fingerprints" in done.stdout
+    lock, new = read_lock(original), read_lock(replay)
+    assert new["replay_of"] == {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"]}
+    assert new["results"]["weights_sha256"] == lock["results"]["weights_sha256"]
+    assert new["config"] == lock["config"]
+    assert (replay / "metrics.jsonl").read_bytes() == (original / "metrics.jsonl").read_bytes()
+    record = json.loads((replay / "replay.json").read_text())
+    assert record["verdict"] == "IDENTICAL" and record["first_diverging_step"] is None
+    assert not [d for d in new["replay_mismatches"] if d["group"] == "blocking"]
+
+
+def test_replay_of_run_with_drawn_seed_reproduces_it(harness):
+    original = run_dir_of(harness("train", "hashy", "seed=null", "--config-dir", CONF,
+                                  "--runs-dir", "runs", check_rc=0))
+    done = harness("replay", str(original), check_rc=0)
+    replay = new_run_dir(done)
+    lock, new = read_lock(original), read_lock(replay)
+    assert new["seed"] == lock["seed"] == lock["config"]["seed"]
+    assert new["results"]["weights_sha256"] == lock["results"]["weights_sha256"]
+    assert "IDENTICAL" in done.stdout
+
+
+# ---------------------------------------------------------------- integrity
+
+def test_edited_lockfile_is_refused(harness, hashy_run, tmp_path):
+    run = copy_run(hashy_run, tmp_path)
+    text = (run / "harness.lock").read_text()
+    (run / "harness.lock").write_text(text.replace('"steps": 32', '"steps": 33', 1))
+    done = harness("replay", str(run))
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "fails its integrity check" in done.stderr and "re-run the training" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]
+
+
+def test_truncated_lockfile_is_refused(harness, hashy_run, tmp_path):
+    run = copy_run(hashy_run, tmp_path)
+    data = (run / "harness.lock").read_bytes()
+    (run / "harness.lock").write_bytes(data[: len(data) // 2])
+    done = harness("replay", str(run))
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "truncated or damaged" in done.stderr
+
+
+# ---------------------------------------------------------------- gate
+
+def test_blocking_difference_is_refused_then_allowed(harness, hashy_run, tmp_path):
+    run = copy_run(hashy_run, tmp_path)
+
+    def other_machine(lock):
+        lock["hardware"]["cpu"]["isa_flags"] = sorted(
+            set(lock["hardware"]["cpu"]["isa_flags"]) ^ {"avx512f"})
+        lock["software"]["torch"] = "1.13.1+cu117"
+
+    edit_lock(run, other_machine)
+    harness("lock", "check", str(run), check_rc=0)  # integrity passes: it was re-sealed
+    done = harness("replay", str(run))
+    assert done.returncode == 6, done.stdout + done.stderr
+    for phrase in ("refused", "hardware.cpu.isa_flags", "software.torch", "1.13.1+cu117",
+                   "--allow-mismatch"):
+        assert phrase in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]  # nothing ran
+
+    done = harness("replay", str(run), "--allow-mismatch", check_rc=0)
+    replay = new_run_dir(done)
+    recorded = {d["key"]: d for d in read_lock(replay)["replay_mismatches"]}
+    assert recorded["software.torch"]["a"] == "1.13.1+cu117"
+    assert recorded["software.torch"]["group"] == "blocking"
+    assert recorded["hardware.cpu.isa_flags"]["group"] == "blocking"
+    record = json.loads((replay / "replay.json").read_text())
+    assert record["allowed_mismatch"] is True
+    assert {d["key"] for d in record["blocking_differences"]} == {
+        "software.torch", "hardware.cpu.isa_flags"}
+    assert record["verdict"] == "IDENTICAL"  # the math really ran on the same machine
+
+
+def test_informational_difference_does_not_block(harness, hashy_run, tmp_path):
+    run = copy_run(hashy_run, tmp_path)
+
+    def elsewhere(lock):
+        lock["hardware"]["hostname"] = "another-node-17"
+        lock["software"]["packages"]["pytest"] = "0.0.1"
+
+    edit_lock(run, elsewhere)
+    done = harness("replay", str(run), check_rc=0)
+    assert "hardware.hostname" in done.stdout and "informational" in done.stdout
+    groups = {d["key"]: d["group"] for d in read_lock(new_run_dir(done))["replay_mismatches"]}
+    assert groups["hardware.hostname"] == groups["software.packages.pytest"] == "informational"
+
+
+def test_unknown_run_is_bad_input(harness):
+    done = harness("replay", "no-such-run", "--runs-dir", "runs")
+    assert done.returncode == 2 and "harness runs" in done.stderr
+
+
+# ---------------------------------------------------------------- DIVERGED
+
+def test_injected_gradient_noise_diverges_at_its_step_and_names_the_tensor(harness):
+    original = run_dir_of(harness("train", "noisy", "model.where=grad", "model.start_call=6",
+                                  "--config-dir", CONF, "--runs-dir", "runs", check_rc=0))
+    done = harness("replay", str(original))
+    assert done.returncode == 7, done.stdout + done.stderr
+    assert "DIVERGED: first diverging step 6" in done.stdout
+    assert "parameters first differ at fingerprint step 6: jitter.weight\n" in done.stdout
+    assert "max abs difference" in done.stdout and "jitter.weight: " in done.stdout
+    assert "DIVERGED at step 6" in done.stderr and "harness verify noisy" in done.stderr
+    record = json.loads((new_run_dir(done) / "replay.json").read_text())
+    assert record["verdict"] == "DIVERGED"
+    assert record["first_differing_tensors"] == ["jitter.weight"]
+    # the forward is exact at step 6: the loss first differs one step later
+    assert record["first_loss_difference"]["step"] == 7
+    assert 0 < record["max_abs_diff"]["jitter.weight"] < 1
+
+
+def test_injected_output_noise_diverges_at_its_step(harness):
+    original = run_dir_of(harness("train", "noisy", "model.start_call=9", "--config-dir", CONF,
+                                  "--runs-dir", "runs", check_rc=0))
+    done = harness("replay", str(original))
+    assert done.returncode == 7, done.stdout + done.stderr
+    record = json.loads((new_run_dir(done) / "replay.json").read_text())
+    assert record["first_diverging_step"] == 9
+    assert record["first_loss_difference"]["step"] == 9
+    assert "jitter.weight" in record["first_differing_tensors"]
