@@ -4,6 +4,7 @@ boundary that turns a HarnessError into its message and exit code."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,14 +13,63 @@ from harness import __version__
 from harness.errors import DataError, HarnessError
 
 EPILOG = "Exit codes: 0 ok, 1 run failed, 2 invalid input, 3 data missing or corrupt, " \
-         "4 environment part missing, 5 damaged lockfile, 6 replay refused, 7 diverged."
+         "4 environment part missing, 5 damaged lockfile, 6 replay or resume refused, 7 diverged, " \
+         "75 preempted (a checkpoint was written; continue with `harness train --resume RUN`)."
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from harness import launch
+    from harness.errors import ConfigError
 
+    if args.resume:
+        launch.resume(args.resume, args.config, args.overrides, args.config_dir, args.runs_dir)
+        return 0
+    if not args.config:
+        raise ConfigError("harness train needs a config name (e.g. `harness train mnist`), or "
+                          "--resume RUN to continue a run.")
+    if args.multirun:
+        from harness import sweep
+
+        sweep.run(args.config, args.overrides, args.config_dir, args.runs_dir)
+        return 0
     launch.train(args.config, args.overrides, args.config_dir, args.runs_dir)
     return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from harness import sweep
+
+    report = sweep.summary(args.sweep, args.runs_dir)
+    print(json.dumps(report, indent=2) if args.json else sweep.render(report))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness import plot, rundir
+
+    run_dirs = [rundir.resolve(ref, args.runs_dir) for ref in args.runs]
+    output = args.output or Path(f"compare-{'-'.join(d.name[-6:] for d in run_dirs)}.png")
+    data = plot.curves(run_dirs)
+    plot.render(data, output)
+    for run in data["runs"][1:]:
+        if run["diverges_at"] is not None:
+            print(f"{run['run_id']} diverges from {data['reference']} at step {run['diverges_at']}")
+    print(output.resolve())
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from harness import submit
+
+    submit.submit(args.config, args.overrides, args.backend, args.multirun, args.wait,
+                  args.config_dir, args.runs_dir)
+    return 0
+
+
+def cmd_slurm_status(args: argparse.Namespace) -> int:
+    from harness import submit
+
+    return submit.status(args.runs, args.runs_dir, wait=args.wait)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -54,6 +104,68 @@ def cmd_lock_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lock_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from harness import gate, lockfile, rundir
+
+    dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
+    locks = [lockfile.read(d / rundir.LOCK) for d in dirs]
+    diffs = gate.differences(*locks)
+    if args.json:
+        print(json.dumps({"a": dirs[0].name, "b": dirs[1].name,
+                          "differences": [d.to_json() for d in diffs]}, indent=2))
+    else:
+        print(f"a: {dirs[0].name}\nb: {dirs[1].name}\n")
+        print(gate.render_grouped(diffs, "a", "b"))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from harness import replay
+
+    return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from harness import verify
+
+    return verify.verify(args.config, args.overrides, args.config_dir, args.runs_dir,
+                         steps=args.steps, fingerprint_every=args.fingerprint_every,
+                         jobs=args.jobs)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from harness import rundir, runs
+
+    rows = runs.collect(args.runs_dir or rundir.default_runs_dir())
+    print(runs.to_json(rows) if args.json else (runs.render(rows) if rows else "no runs"))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import json
+
+    from harness import config, image
+
+    if args.config:
+        cfg = config.compose(args.config, args.overrides + (
+            [f"image={args.profile}"] if args.profile else []), args.config_dir)
+        image_cfg = cfg["image"]
+    else:
+        image_cfg = image.profile_config(args.profile, args.config_dir)
+    facts = image.build(image_cfg, push=args.push or bool(image_cfg.get("push")))
+    print(json.dumps(facts, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_image_lock(args: argparse.Namespace) -> int:
+    from harness import image
+
+    print(image.lock_requirements(image.profile_config(args.profile, args.config_dir)))
+    return 0
+
+
 def _data_config(name: str, config_dir: Optional[Path]):
     """conf/data/<name>.yaml from the config directory, else the bundled one."""
     from harness import config
@@ -69,6 +181,16 @@ def _data_config(name: str, config_dir: Optional[Path]):
                     "debian_package": None, **raw}
     valid = sorted({p.stem for d in dirs for p in (d / "data").glob("*.yaml")})
     raise ConfigError(f"unknown dataset '{name}'; valid datasets: {', '.join(valid)}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,12 +212,72 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compose conf/CONFIG.yaml with Hydra overrides, train it with its "
                     "backend, and write runs/<run-id>/ with config, metrics, weights and "
                     "harness.lock.")
-    train.add_argument("config", help="config name, e.g. mnist or fashion_mnist")
+    train.add_argument("config", nargs="?", default=None,
+                       help="config name, e.g. mnist or fashion_mnist (optional with --resume)")
     train.add_argument("overrides", nargs="*",
                        help="Hydra overrides, e.g. seed=3 optim.lr=0.02 trainer.max_steps=200")
     train.add_argument("--runs-dir", type=Path, default=None,
                        help="where run directories go (default: $HARNESS_RUNS or ./runs)")
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue run RUN (id, unique prefix or directory) in its own "
+                            "directory from its newest intact checkpoint; a config and "
+                            "overrides given too must match the run's")
+    train.add_argument("-m", "--multirun", action="store_true",
+                       help="sweep: run every combination of comma-separated override values "
+                            "(Hydra sweep syntax, e.g. -m seed=0,1,2) in sequence")
     train.set_defaults(handler=cmd_train)
+
+    summary = sub.add_parser(
+        "summary", help="seed statistics of a sweep",
+        description="Group a sweep's runs by configuration (all overrides but the seed) and "
+                    "report n, mean, standard deviation and 95% confidence interval of the "
+                    "final metrics; compare configurations with Welch's interval for the "
+                    "difference (is it larger than the seed noise?).")
+    summary.add_argument("sweep", help="sweep id (printed by `harness train -m`), prefix or file")
+    summary.add_argument("--runs-dir", type=Path, default=None)
+    summary.add_argument("--json", action="store_true", help="machine-readable output")
+    summary.set_defaults(handler=cmd_summary)
+
+    compare = sub.add_parser(
+        "compare", help="plot runs' loss and accuracy curves into a PNG",
+        description="Overlay the loss and accuracy curves of RUNs in one PNG and mark the "
+                    "first step where a run's loss bits leave the first run's.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids, prefixes or directories")
+    compare.add_argument("-o", "--output", type=Path, default=None, help="PNG path to write")
+    compare.add_argument("--runs-dir", type=Path, default=None)
+    compare.set_defaults(handler=cmd_compare)
+
+    submit = sub.add_parser(
+        "submit", parents=[common], epilog=EPILOG,
+        help="submit a config as a batch job (Slurm); -m sweeps submit one job array",
+        description="Prepare run directories here (config, launch facts, data verified), "
+                    "render a batch script into each (job.sbatch) and submit it. The job "
+                    "trains with the pinned environment, checkpoints on USR1/TERM and is "
+                    "requeued; a restarted job resumes. Options: conf/backend/slurm.yaml "
+                    "(backend.slurm.*).")
+    submit.add_argument("config", help="config name, e.g. mnist or fashion_mnist")
+    submit.add_argument("overrides", nargs="*",
+                        help="Hydra overrides; with -m, sweeps such as seed=0,1,2")
+    submit.add_argument("--backend", default="slurm", choices=["slurm"],
+                        help="batch backend (default: slurm)")
+    submit.add_argument("-m", "--multirun", action="store_true",
+                        help="expand Hydra sweep overrides into one job array")
+    submit.add_argument("--wait", action="store_true",
+                        help="poll the scheduler until every job ended; exit 1 if one failed")
+    submit.add_argument("--runs-dir", type=Path, default=None,
+                        help="where run directories go (default: $HARNESS_RUNS or ./runs)")
+    submit.set_defaults(handler=cmd_submit)
+
+    slurm = sub.add_parser("slurm", help="Slurm jobs of runs: status")
+    slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="ACTION")
+    slurm_status = slurm_sub.add_parser(
+        "status", parents=[common], help="ask Slurm about runs' jobs and update their status.json",
+        description="Query squeue/scontrol/sacct for each RUN's job, record slurm_state in "
+                    "status.json and print it. Exit 1 when a job failed.")
+    slurm_status.add_argument("runs", nargs="+", metavar="RUN")
+    slurm_status.add_argument("--wait", action="store_true", help="poll until the jobs ended")
+    slurm_status.add_argument("--runs-dir", type=Path, default=None)
+    slurm_status.set_defaults(handler=cmd_slurm_status)
 
     data = sub.add_parser("data", help="datasets: fetch, locate")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -113,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("name")
     where.set_defaults(handler=cmd_data_where)
 
-    lock = sub.add_parser("lock", help="lockfiles: check integrity")
+    lock = sub.add_parser("lock", help="lockfiles: check integrity, diff two")
     lock_sub = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
     check = lock_sub.add_parser(
         "check", help="verify a run's lockfile against its lock_sha256",
@@ -121,12 +303,95 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("run", help="run id, unique prefix of one, or run directory")
     check.add_argument("--runs-dir", type=Path, default=None)
     check.set_defaults(handler=cmd_lock_check)
+    diff = lock_sub.add_parser(
+        "diff", help="what differs between two runs' lockfiles",
+        description="Compare two lockfiles field by field, grouped: blocking for bitwise "
+                    "replay, informational, results, config.")
+    diff.add_argument("run_a", help="run id, unique prefix of one, or run directory")
+    diff.add_argument("run_b", help="run id, unique prefix of one, or run directory")
+    diff.add_argument("--runs-dir", type=Path, default=None)
+    diff.add_argument("--json", action="store_true", help="machine-readable output")
+    diff.set_defaults(handler=cmd_lock_diff)
+
+    replay = sub.add_parser(
+        "replay", epilog=EPILOG, help="re-run a run and compare it bit for bit",
+        description="Check RUN's lockfile, refuse (exit 6) when this environment differs in "
+                    "a way that breaks bitwise equality, re-run the same resolved config as a "
+                    "new run linked to RUN, and compare loss bits, parameter fingerprints and "
+                    "final weights: IDENTICAL (exit 0) or DIVERGED (exit 7).")
+    replay.add_argument("run", help="run id, unique prefix of one, or run directory")
+    replay.add_argument("--runs-dir", type=Path, default=None,
+                        help="where to find RUN and put the replay (default: $HARNESS_RUNS "
+                             "or ./runs; a RUN path puts the replay beside it)")
+    replay.add_argument("--allow-mismatch", action="store_true",
+                        help="replay despite blocking differences (they are recorded)")
+    replay.set_defaults(handler=cmd_replay)
+
+    verify = sub.add_parser(
+        "verify", parents=[common], epilog=EPILOG,
+        help="train a short prefix twice and show whether it is deterministic here",
+        description="Run the first --steps steps of CONFIG twice with the determinism audit "
+                    "on; exit 0 when bitwise identical, 7 with the first diverging step, "
+                    "tensors and module otherwise.")
+    verify.add_argument("config", help="config name, e.g. mnist or fashion_mnist")
+    verify.add_argument("overrides", nargs="*", help="Hydra overrides, as for train")
+    verify.add_argument("--steps", type=_positive, default=20,
+                        help="steps per run (default 20)")
+    verify.add_argument("--fingerprint-every", type=_positive, default=1,
+                        help="parameter digest interval (default 1: every step)")
+    verify.add_argument("--jobs", type=_positive, default=None,
+                        help="2 runs the two in parallel, 1 one after the other (default: "
+                             "parallel when there are cores for both)")
+    verify.add_argument("--runs-dir", type=Path, default=None)
+    verify.set_defaults(handler=cmd_verify)
+
+    runs = sub.add_parser("runs", help="table of runs with results and replay verdicts")
+    runs.add_argument("--runs-dir", type=Path, default=None,
+                      help="default: $HARNESS_RUNS or ./runs")
+    runs.add_argument("--json", action="store_true", help="machine-readable output")
+    runs.set_defaults(handler=cmd_runs)
+    build = sub.add_parser(
+        "build", parents=[common], epilog=EPILOG,
+        help="build (or find) the pinned training image",
+        description="Build the image of CONFIG's image profile (or of --profile alone) "
+                    "through the Docker engine, offline, from the hash-locked wheelhouse. "
+                    "The tag is a content hash of the Dockerfile, the lock, the harness "
+                    "source and the base digest: an unchanged tree reuses its image. Prints "
+                    "the image facts a lockfile records.")
+    build.add_argument("config", nargs="?", default=None,
+                       help="config name (optional: default the image profile alone)")
+    build.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. image.base=...")
+    build.add_argument("--profile", default=None,
+                       help="image profile (conf/image/): cpu or cuda (default: cuda on a "
+                            "machine with an NVIDIA GPU, else cpu)")
+    build.add_argument("--push", action="store_true",
+                       help="push to image.registry (default 127.0.0.1:5000) and record "
+                            "the repo digest")
+    build.set_defaults(handler=cmd_build)
+
+    image = sub.add_parser("image", help="training image: lock its dependencies")
+    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    image_lock = image_sub.add_parser(
+        "lock", parents=[common],
+        help="regenerate docker/requirements-<profile>.lock with hashes",
+        description="Resolve image.requirements with pip for the image's Python, write "
+                    "image.lock pinning every distribution to one file by sha256, and "
+                    "download those files into the wheelhouse the build copies.")
+    image_lock.add_argument("--profile", default=None, help="image profile (default: cpu "
+                            "or cuda, as for build)")
+    image_lock.set_defaults(handler=cmd_image_lock)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train mnist -m seed=0,1`); argparse only takes
+    # positionals in one run, so leftovers that are not options join the overrides.
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except HarnessError as exc:

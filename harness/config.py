@@ -72,8 +72,72 @@ class TrainerConf:
 
 
 @dataclass
+class DockerConf:
+    """How backend=docker (and auto, when it picks docker) runs the training container."""
+    user: str = "10001:10001"  # non-root uid:gid inside the container
+    shm_size: str = "1g"  # /dev/shm for DataLoader workers
+    network: str = "none"  # data arrives before training; the container needs no network
+    gpus: str = "all"  # with trainer.device=cuda: "all" or a count
+    stop_timeout_s: int = 10  # grace between SIGTERM and SIGKILL on stop
+    pythonpath: List[str] = field(default_factory=list)  # host dirs mounted read-only, on PYTHONPATH
+    labels: Dict[str, str] = field(default_factory=dict)  # extra container labels
+
+
+@dataclass
+class ImageConf:
+    """The container image a docker run trains in (conf/image/<profile>.yaml)."""
+    profile: str = "cpu"
+    base: Optional[str] = None  # base image pinned by digest: REPO@sha256:...
+    python: str = "python3"  # interpreter in the base that creates /opt/venv
+    python_version: str = "3.11"  # Python the wheels are locked for
+    requirements: str = "docker/requirements-cpu.in"  # top-level pins (relative: project root)
+    lock: str = "docker/requirements-cpu.lock"  # hash-locked closure of `requirements`
+    torch_index: Optional[str] = None  # extra wheel index for torch (CUDA builds)
+    repository: str = "harness/train-cpu"  # local image name; the tag is a content hash
+    registry: Optional[str] = "127.0.0.1:5000"  # where `harness build --push` pushes
+    build_network: str = "none"  # network of RUN steps during the build
+    system_setup: str = ""  # Dockerfile lines run before the Python setup
+    env: Dict[str, str] = field(default_factory=dict)  # extra ENV baked into the image
+
+
+class SlurmRuntime(Enum):
+    none = "none"  # the harness venv on a shared filesystem
+    docker = "docker"  # `docker run` on the node, locked down
+    apptainer = "apptainer"  # `apptainer exec` (Singularity)
+    pyxis = "pyxis"  # `srun --container-image` (Pyxis/enroot)
+
+
+@dataclass
+class SlurmConf:
+    """How `harness submit --backend slurm` asks for resources (conf/backend/slurm.yaml)."""
+    partition: Optional[str] = None  # None: the cluster's default partition
+    time: str = "01:00:00"  # time limit (sbatch --time)
+    cpus_per_task: int = 2
+    mem: Optional[str] = None  # e.g. "16G"; None: the partition's default
+    gpus: int = 0  # GPUs per job (--gres=gpu[:TYPE]:N)
+    gpu_type: Optional[str] = None  # e.g. h100: pins the GPU model (gres type + --constraint)
+    constraint: Optional[str] = None  # extra node features (&-joined with gpu_type)
+    signal_before_s: int = 120  # --signal=B:USR1@N: checkpoint N s before the time limit
+    requeue: bool = True  # --requeue: a preempted job is queued again and resumes
+    runtime: SlurmRuntime = SlurmRuntime.none
+    image: Optional[str] = None  # container image pinned by digest (REPO@sha256:...)
+    python: Optional[str] = None  # runtime none: interpreter on the node (default: this one)
+    container_python: str = "python"  # interpreter inside the container
+    container_user: Optional[str] = None  # docker --user; None: the job's own uid:gid
+    extra_sbatch: List[str] = field(default_factory=list)  # more "--opt=value" lines
+    poll_s: float = 2.0  # `harness submit --wait` polling interval
+
+
+@dataclass
 class BackendConf:
     name: str = "local"
+    docker: DockerConf = field(default_factory=DockerConf)
+    slurm: SlurmConf = field(default_factory=SlurmConf)
+
+
+@dataclass
+class TrackerConf:
+    tensorboard: bool = False  # export metrics, config and lockfile as TensorBoard events
 
 
 @dataclass
@@ -89,6 +153,42 @@ class RunConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     determinism: DeterminismConf = field(default_factory=DeterminismConf)
     backend: BackendConf = field(default_factory=BackendConf)
+    tracker: TrackerConf = field(default_factory=TrackerConf)
+    image: ImageConf = field(default_factory=ImageConf)
+
+
+def state_ref(name: str) -> Optional[str]:
+    """`${harness_state_ref:NAME}`: the image reference `make docker-env` pinned on this
+    machine ($HARNESS_STATE_DIR/NAME.ref), or null when it has not run (a docker build then
+    says how to get one)."""
+    state = os.environ.get("HARNESS_STATE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".local", "state", "harness")
+    try:
+        return Path(state, f"{name}.ref").read_text().strip() or None
+    except OSError:
+        return None
+
+
+OmegaConf.register_new_resolver("harness_state_ref", state_ref, replace=True)
+
+
+def default_image_profile() -> str:
+    """`cuda` on a machine with an NVIDIA GPU (driver loaded), else `cpu`."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return "cuda" if gpus.is_dir() and any(gpus.iterdir()) else "cpu"
+
+
+def _with_image_profile(config_file: Path, overrides: List[str]) -> List[str]:
+    """Every run has an `image` group; a config need not list it in its defaults. Then
+    `image=NAME` (as typed) selects it, else the machine's default profile."""
+    defaults = (OmegaConf.load(config_file).get("defaults") or []) if config_file.is_file() else []
+    groups = {str(key).replace("override ", "").strip().lstrip("/").split("@")[0]
+              for entry in defaults for key in (entry.keys() if hasattr(entry, "keys") else [entry])}
+    if "image" in groups:
+        return overrides
+    chosen = [o for o in overrides if o.lstrip("+").startswith("image=")]
+    rest = [o for o in overrides if o not in chosen]
+    return rest + [("+" + chosen[-1].lstrip("+")) if chosen else f"+image={default_image_profile()}"]
 
 
 def default_config_dir() -> Path:
@@ -125,7 +225,9 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
             f"(from {config_dir}); add conf/{name}.yaml or pick one of these."
         )
     _check_override_syntax(overrides)
-    hydra_overrides = list(overrides)
+    primary = config_dir / f"{name}.yaml"
+    hydra_overrides = _with_image_profile(
+        primary if primary.is_file() else BUILTIN_CONFIG_DIR / f"{name}.yaml", list(overrides))
     if config_dir != BUILTIN_CONFIG_DIR:
         # The user's configs can build on the bundled groups (model=cnn, data=mnist, ...).
         hydra_overrides.append(f"hydra.searchpath=[file://{BUILTIN_CONFIG_DIR}]")

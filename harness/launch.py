@@ -4,13 +4,22 @@ and record how it ended. Torch is not imported here; it loads in the training pr
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import __version__, backends, config, data, lockfile, rundir
+from harness import __version__, backends, config, data, lockfile, progress, rundir, tracking
 from harness.determinism import pinned_environment
-from harness.errors import RunFailed
+from harness.checkpoint import REQUEUE_EXIT, CheckpointRefused
+from harness.errors import ConfigError, HarnessError, RunFailed
+
+
+class Preempted(HarnessError):
+    """The training stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
+
+    exit_code = REQUEUE_EXIT
 
 
 def train(name: str, overrides: List[str], config_dir: Optional[Path] = None,
@@ -28,13 +37,82 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     # Data is located and verified before anything is written: a run that cannot start
     # leaves no run directory behind.
     data_root, data_files = data.prepare(cfg["data"])
+    # A backend may add lock facts (docker: image and engine) and check that it can run
+    # at all (engine up, image built, GPUs available) before anything is written.
+    if hasattr(backend, "lock_facts"):
+        lock_extra = {**backend.lock_facts(cfg), **(lock_extra or {})}
     run_dir = rundir.create(runs_dir or rundir.default_runs_dir(), cfg["name"])
     prepare(run_dir, cfg, overrides, backend.name, data_root, data_files, launched, lock_extra)
     print(f"harness: run {run_dir.name} ({backend.name} backend) -> {run_dir}", flush=True)
     rundir.write_status(run_dir, "running", backend=backend.name, started_utc=rundir.now_utc(),
                         host_pid=os.getpid())
+    return _run(run_dir, cfg, backend, data_root, [])
+
+
+def resume(ref: str, name: Optional[str], overrides: List[str],
+           config_dir: Optional[Path] = None, runs_dir: Optional[Path] = None) -> Path:
+    """Continue run `ref` in its own directory from its newest intact checkpoint (the
+    training process picks and validates it). With a config name (and overrides), refuse
+    when they do not compose to the run's recorded config."""
+    run_dir = rundir.resolve(ref, runs_dir)
+    if (run_dir / rundir.LOCK).exists():
+        raise ConfigError(f"run {run_dir.name} already finished (it has a lockfile); there is "
+                          f"nothing to resume. Start a new run instead.")
+    cfg = config.load_yaml(run_dir / rundir.CONFIG)
+    recorded_sha = rundir.read_json(run_dir / rundir.LAUNCH)["config_sha256"]
+    if config.config_sha256(cfg) != recorded_sha:
+        raise CheckpointRefused(f"{run_dir / rundir.CONFIG} no longer matches the config the "
+                                f"run was launched with (launch.json); it was edited. Restore "
+                                f"it, or start a new run.")
+    if name:
+        if not any(o.lstrip("+").startswith("seed=") for o in overrides):
+            # A config without a seed draws one at launch: the run's own is the one it had.
+            overrides = [*overrides, f"seed={cfg['seed']}"]
+        asked = config.compose(name, overrides, config_dir)
+        if config.config_sha256(asked) != recorded_sha:
+            flat_run, flat_asked = lockfile.flatten(cfg), lockfile.flatten(asked)
+            diffs = [f"{k}: run {flat_run.get(k)!r}, given {flat_asked.get(k)!r}"
+                     for k in sorted(set(flat_run) | set(flat_asked))
+                     if flat_run.get(k) != flat_asked.get(k)]
+            raise CheckpointRefused(
+                f"cannot resume run {run_dir.name} with config '{name}' "
+                f"{' '.join(overrides)}: it differs from the run's config ({'; '.join(diffs)}). "
+                f"Resume with the run's own config: `harness train --resume {run_dir.name}`.")
+    backend = backends.get(_resume_backend(cfg["backend"]["name"]))
+    data_root, _ = data.prepare(cfg["data"])
+    previous = rundir.read_status(run_dir)
+    print(f"harness: resuming run {run_dir.name} ({backend.name} backend) -> {run_dir}",
+          flush=True)
+    rundir.write_status(run_dir, "running", backend=backend.name, host_pid=os.getpid(),
+                        resumed_utc=rundir.now_utc(), resumes=previous.get("resumes", 0) + 1)
+    return _run(run_dir, cfg, backend, data_root, ["--resume"])
+
+
+def _resume_backend(name: str) -> str:
+    # A batch job resumes by itself when the scheduler restarts it; `--resume` by hand
+    # continues such a run right here.
+    return "local" if name == "slurm" else name
+
+
+def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
+         extra_args: List[str]) -> Path:
+    env = pinned_environment(cfg["determinism"])
+    interval = progress.live_interval()
+    if interval:  # a terminal: ask the training for frequent lines to draw a live bar
+        env[progress.INTERVAL_ENV] = interval
     handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, env=pinned_environment(cfg["determinism"]), data_root=data_root))
+        run_dir=run_dir, env=env, data_root=data_root, extra_args=extra_args))
+    process = getattr(handle, "process", None)
+
+    def forward(signum, frame):
+        # SIGTERM/SIGUSR1 to the launcher: the training checkpoints at its next step
+        # boundary and exits with REQUEUE_EXIT; the launcher waits for that and records it.
+        if process is not None and process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal() works only there
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         code = handle.wait()
     except KeyboardInterrupt:
@@ -42,6 +120,9 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
         rundir.write_status(run_dir, "failed", exit_code=130, reason="interrupted",
                             finished_utc=rundir.now_utc())
         raise RunFailed(f"run {run_dir.name} interrupted; it is marked failed.") from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return finish(run_dir, code)
 
 
@@ -73,13 +154,35 @@ def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_na
 
 def finish(run_dir: Path, code: int) -> Path:
     lock_written = (run_dir / rundir.LOCK).exists()
+    if code == REQUEUE_EXIT:
+        rundir.write_status(run_dir, "preempted", exit_code=code, finished_utc=rundir.now_utc(),
+                            reason="stopped on a signal after writing a checkpoint")
+        raise Preempted(f"run {run_dir.name} was preempted: it wrote a checkpoint and stopped "
+                        f"(exit code {REQUEUE_EXIT}). Continue it with `harness train --resume "
+                        f"{run_dir.name}`.")
     if code == 0 and lock_written:
         rundir.write_status(run_dir, "succeeded", exit_code=0, finished_utc=rundir.now_utc())
+        tracking.export(run_dir, config.load_yaml(run_dir / rundir.CONFIG))
         print(f"harness: run {run_dir.name} succeeded", flush=True)
         print(f"run id:  {run_dir.name}\nrun dir: {run_dir}", flush=True)
         return run_dir
     reason = "no lockfile written" if code == 0 else f"exit code {code}"
     rundir.write_status(run_dir, "failed", exit_code=code or 1, reason=reason,
                         finished_utc=rundir.now_utc())
+    said = _training_error(run_dir)
+    if code == CheckpointRefused.exit_code and said:
+        # The training refused to resume (checkpoint from another config or environment):
+        # its own words, with its exit code, rather than a generic failure.
+        raise CheckpointRefused(said)
     raise RunFailed(f"run {run_dir.name} failed ({reason}); see {run_dir / rundir.LOG}")
 
+
+
+def _training_error(run_dir: Path) -> Optional[str]:
+    """The last `harness: error:` line the training process printed, without the prefix."""
+    try:
+        lines = (run_dir / rundir.LOG).read_text().splitlines()
+    except OSError:
+        return None
+    errors = [line for line in lines if line.startswith("harness: error: ")]
+    return errors[-1][len("harness: error: "):] if errors else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import determinism, lockfile, rundir
+from harness import audit, checkpoint, determinism, lockfile, progress, rundir
 from harness.config import load_yaml
 from harness.errors import HarnessError
 
@@ -66,6 +68,16 @@ class EpochOrder(torch.utils.data.Sampler):
         return len(self.order)
 
 
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker set-up: the determinism seeding, and deaf to the preemption
+    signals. Those are for the training process, which checkpoints at the next step boundary
+    and then stops its workers itself; a worker killed by a scheduler's SIGTERM (sent to
+    every process of a job) would make the next batch fail instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    determinism.worker_init_fn(worker_id)
+
+
 def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataLoader:
     trainer = cfg["trainer"]
     return DataLoader(
@@ -73,7 +85,7 @@ def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataL
         batch_size=trainer["batch_size"],
         sampler=EpochOrder(len(dataset), cfg["seed"], epoch, start_sample),
         num_workers=trainer["num_workers"],
-        worker_init_fn=determinism.worker_init_fn,
+        worker_init_fn=worker_init,
         generator=determinism.epoch_generator(cfg["seed"] + 1, epoch),
     )
 
@@ -116,33 +128,50 @@ def evaluate(model, dataset, cfg: Dict, device) -> Dict[str, Any]:
             "samples": total}
 
 
-def save_checkpoint(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
-    directory = run_dir / rundir.CHECKPOINTS
-    directory.mkdir(exist_ok=True)
-    path = directory / f"step-{state['step']:08d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    for old in sorted(directory.glob("step-*.pt"))[:-keep]:
-        old.unlink()
-    return path
+class StopRequest:
+    """SIGTERM / SIGUSR1 (a scheduler preempting us, or a time limit coming): remember it;
+    the loop writes a checkpoint at the next step boundary and exits with
+    checkpoint.REQUEUE_EXIT. The handler only sets a flag (printing here could re-enter
+    a write in progress)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self) -> "StopRequest":
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
 
-def rng_state() -> Dict[str, Any]:
-    import random
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the train records up to `step` (a resumed run re-writes the rest, bit for bit);
+    a torn last line from a killed process goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not line.endswith("\n") or record.get("kind") != "train" or record["step"] > step:
+            break
+        kept.append(line)
+    rundir.atomic_write_text(path, "".join(kept))
 
-    import numpy as np
 
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
+def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str, Any] | None:
+    """Train the run; returns its results, or None when a stop signal made it checkpoint
+    and stop early (the caller exits with checkpoint.REQUEUE_EXIT)."""
     started = time.time()
+    stop = StopRequest().install()
     cfg = load_yaml(run_dir / rundir.CONFIG)
     launch = rundir.read_json(run_dir / rundir.LAUNCH)
     det = cfg["determinism"]
@@ -164,6 +193,7 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
     test_set = limited(instantiate(cfg["data"]["dataset"], split="test", **data_kwargs),
                        cfg["trainer"]["eval_limit"])
     model = instantiate(cfg["model"]).to(device)
+    audit.attach(model, run_dir)  # per-module digests when HARNESS_AUDIT=1 (verify)
     optimizer = instantiate(cfg["optim"], params=model.parameters())
 
     trainer = cfg["trainer"]
@@ -178,15 +208,55 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
           f"({len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"determinism={det['mode']}, threads={det['threads']})", flush=True)
 
+    # A restarted Slurm job (requeued after preemption) resumes by itself.
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    resume = resume or restarts > 0
+    facts = checkpoint.environment_facts(in_effect, cfg["trainer"]["device"])
+    step, start_epoch, start_position = 0, 0, 0
+    restored = None
+    if resume:
+        restored, path, notes = checkpoint.newest_valid(run_dir, launch["config_sha256"], facts)
+        for note in notes:
+            print(f"harness: {note}", flush=True)
+        if restored is None:
+            print(f"harness: resume: no intact checkpoint in {run_dir / rundir.CHECKPOINTS}; "
+                  f"starting again from step 0", flush=True)
+        else:
+            model.load_state_dict(restored["model"])
+            optimizer.load_state_dict(restored["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(restored["scheduler"])
+            step, start_epoch = restored["step"], restored["epoch"]
+            start_position = restored["position"]
+            print(f"harness: resuming from {path.name}: step {step}, epoch {start_epoch + 1}, "
+                  f"{start_position} samples of the epoch done", flush=True)
+        truncate_metrics(run_dir / rundir.METRICS, step)
+    if restored is not None:
+        # Last, so that nothing drawn while building the model and data changes them.
+        checkpoint.set_rng_state(restored["rng"])
+
+    def save(epoch: int, position: int) -> Path:
+        return checkpoint.save(run_dir, {
+            "step": step, "epoch": epoch, "position": position,
+            "config_sha256": launch["config_sha256"],
+            "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "rng": checkpoint.rng_state()})
+
     metrics = Metrics(run_dir / rundir.METRICS)
-    step, loss_value, first_step_at = 0, float("nan"), None
-    tick, tick_step = time.time(), 0
+    loss_value, first_step_at = float("nan"), None
+    tick, tick_step = time.time(), step
+    live_every = float(os.environ.get(progress.INTERVAL_ENV) or 0)
+    last_report = tick
     loop_start = time.time()
+    epoch = start_epoch
     model.train()
-    for epoch in range(trainer["epochs"]):
+    for epoch in range(start_epoch, trainer["epochs"]):
         if step >= total_steps:
             break
-        for images, labels in epoch_loader(train_set, cfg, epoch):
+        position = start_position if epoch == start_epoch else 0
+        for images, labels in epoch_loader(train_set, cfg, epoch, position):
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = torch.nn.functional.cross_entropy(model(images), labels)
@@ -195,6 +265,7 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
             if scheduler is not None:
                 scheduler.step()
             step += 1
+            position += len(labels)
             loss_value = loss.item()
             record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_value,
                       "loss_hex": loss_value.hex()}
@@ -203,18 +274,26 @@ def run(run_dir: Path, data_root: str | None) -> Dict[str, Any]:
             metrics.write(record)
             if first_step_at is None:
                 first_step_at = time.time()
-            if step % trainer["log_every"] == 0 or step == total_steps:
+            logged = step % trainer["log_every"] == 0 or step == total_steps
+            if logged or (live_every and time.time() - last_report >= live_every):
+                # `step` lines go to the log; `progress` lines only feed a terminal's live bar.
                 rate = (step - tick_step) / max(time.time() - tick, 1e-9)
                 eta = (total_steps - step) / max(rate, 1e-9)
-                print(f"step {step}/{total_steps} epoch {epoch + 1}/{trainer['epochs']} "
-                      f"loss {loss_value:.4f} {rate:.1f} steps/s ETA {eta:.0f}s", flush=True)
-                tick, tick_step = time.time(), step
-            if step % trainer["checkpoint_every"] == 0 and step < total_steps:
-                save_checkpoint(run_dir, {
-                    "step": step, "epoch": epoch, "config_sha256": launch["config_sha256"],
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None,
-                    "rng": rng_state()})
+                print(f"{'step' if logged else 'progress'} {step}/{total_steps} epoch "
+                      f"{epoch + 1}/{trainer['epochs']} loss {loss_value:.4f} {rate:.1f} "
+                      f"steps/s ETA {eta:.0f}s", flush=True)
+                last_report = time.time()
+                if logged:
+                    tick, tick_step = last_report, step
+            stopping = stop.signum is not None and step < total_steps
+            if stopping or (step % trainer["checkpoint_every"] == 0 and step < total_steps):
+                saved = save(epoch, position)
+            if stopping:
+                metrics.close()
+                print(f"harness: {stop.name} received: checkpoint {saved.name} written at step "
+                      f"{step}; exiting with code {checkpoint.REQUEUE_EXIT} (preempted, resume "
+                      f"with --resume)", flush=True)
+                return None
             if step >= total_steps:
                 break
 
@@ -261,12 +340,16 @@ def main(argv: List[str] | None = None) -> int:
                                      description="Train one prepared run directory.")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest intact checkpoint in RUN_DIR")
     args = parser.parse_args(argv)
     try:
-        results = run(args.run_dir, args.data_root)
+        results = run(args.run_dir, args.data_root, resume=args.resume)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    if results is None:
+        return checkpoint.REQUEUE_EXIT
     print(f"weights sha256 {results['weights_sha256']}", flush=True)
     return 0
 

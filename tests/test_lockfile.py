@@ -19,10 +19,16 @@ def tiny_run(cli, tiny_conf):
     return run_dir_of(done), secrets
 
 
-def documented_fields():
-    """Field paths listed in docs/lockfile.md as `| `path` | ...` table rows."""
+DOCKER_ONLY = "(docker runs only)"
+
+
+def documented_fields(docker_run: bool = False):
+    """Field paths listed in docs/lockfile.md as `| `path` | ...` table rows; rows whose
+    meaning starts with "(docker runs only)" only when `docker_run`."""
     text = (ROOT / "docs" / "lockfile.md").read_text()
-    return re.findall(r"^\| `([a-z0-9_.\[\]]+)` \|", text, flags=re.M)
+    rows = re.findall(r"^\| `([a-z0-9_.\[\]]+)` \| *(.*)$", text, flags=re.M)
+    return [field for field, meaning in rows
+            if docker_run or not meaning.startswith(DOCKER_ONLY)]
 
 
 def lookup(lock, dotted):

@@ -4,7 +4,7 @@ stop. They share one small interface (see base.py); `get` picks one by name."""
 from harness.backends.base import Backend, Handle, LaunchSpec
 from harness.errors import ConfigError
 
-NAMES = ("local",)
+NAMES = ("local", "docker", "auto", "slurm")
 
 
 def get(name: str) -> Backend:
@@ -12,7 +12,36 @@ def get(name: str) -> Backend:
         from harness.backends.local import LocalBackend
 
         return LocalBackend()
+    if name == "docker":
+        from harness.backends.docker import DockerBackend
+
+        return DockerBackend()
+    if name == "auto":
+        return _auto()
+    if name == "slurm":
+        from harness.backends.slurm import SlurmBackend
+
+        return SlurmBackend()
     raise ConfigError(f"unknown backend '{name}'; valid backends: {', '.join(NAMES)}")
+
+
+def _auto() -> Backend:
+    """docker when an engine answers, else local; says which and why."""
+    import sys
+
+    from harness import image
+    from harness.errors import EnvironmentProblem
+
+    try:
+        engine = image.client(timeout=5)
+    except EnvironmentProblem as exc:
+        print(f"harness: backend=auto chose local: {exc}", file=sys.stderr, flush=True)
+        return get("local")
+    from harness.backends.docker import DockerBackend
+
+    print("harness: backend=auto chose docker (a Docker engine answers)", file=sys.stderr,
+          flush=True)
+    return DockerBackend(engine)
 
 
 __all__ = ["Backend", "Handle", "LaunchSpec", "get", "NAMES"]

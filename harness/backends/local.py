@@ -9,6 +9,7 @@ import sys
 
 from harness import rundir
 from harness.backends.base import LaunchSpec
+from harness.progress import Console
 
 
 class LocalHandle:
@@ -18,11 +19,10 @@ class LocalHandle:
 
     def wait(self) -> int:
         with open(self.log_path, "a") as log:
+            console = Console(log)
             for line in self.process.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                log.write(line)
-                log.flush()
+                console.feed(line)
+            console.close()
         return self.process.wait()
 
     def stop(self, grace_s: float = 10.0) -> None:

@@ -1,0 +1,81 @@
+"""Terminal output: a live bar on a terminal, plain lines everywhere else."""
+
+import os
+import pty
+import re
+import subprocess
+import sys
+
+from conftest import TESTS, run_dir_of
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
+
+
+def test_non_terminal_output_has_no_control_characters(cli, tiny_conf):
+    done = cli("train", "tiny", "--config-dir", str(tiny_conf), check_rc=0)
+    assert "step 8/8" in done.stdout
+    assert not CONTROL.search(done.stdout), repr(done.stdout)
+    assert not CONTROL.search(done.stderr), repr(done.stderr)
+    log = (run_dir_of(done) / "train.log").read_text()
+    assert "step 4/8" in log and not CONTROL.search(log)
+    assert "progress " not in done.stdout + log
+
+
+def test_terminal_gets_a_live_bar_and_the_log_stays_plain(tmp_path, cache_home):
+    """Run under a pseudo-terminal: the bar is redrawn in place with \\r."""
+    conf = TESTS / "conf"
+    primary, replica = pty.openpty()
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(TESTS / "fixtures"),
+           "COLUMNS": "120"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", "train", "hashy", "trainer.epochs=6",
+         "--config-dir", str(conf), "--runs-dir", str(tmp_path / "runs")],
+        stdin=replica, stdout=replica, stderr=replica, env=env, cwd=tmp_path)
+    os.close(replica)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=300) == 0
+    out = b"".join(chunks).decode()
+    assert "\r\x1b[2K[" in out and "steps/s ETA" in out
+    assert re.search(r"\[#+\.*\] \d+/96 epoch", out)
+    run_dir = next((tmp_path / "runs").iterdir())
+    log = (run_dir / "train.log").read_text()
+    assert "step 96/96" in log and not CONTROL.search(log) and "progress " not in log
+
+
+class _Terminal:
+    """A text stream that says it is a terminal (rendering only; the real-terminal path is
+    shown end to end above)."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_image_build_on_a_terminal_draws_one_bar():
+    from harness.progress import BuildConsole
+
+    term = _Terminal()
+    console = BuildConsole(term)
+    console.feed("Step 1/4 : FROM base\n ---> abc\nStep 2/4 : RUN pip install")
+    console.feed(" torch\nCollecting torch\n")
+    console.close()
+    frames = term.text.split("\r\x1b[2K")
+    assert frames[1].startswith("[#####...............] build step 1/4: Step 1/4 : FROM base")
+    assert frames[-1].startswith("[##########..........] build step 2/4: Collecting torch")
+    assert term.text.endswith("\n") and term.text.count("\n") == 1
