@@ -36,5 +36,10 @@ slurm-env:
 data:
 	bash scripts/debian-data.sh
 
+# Benchmarks (long: about 20 minutes on 2 cores; needs make data and make docker-env):
+# writes benchmarks/results.json and the table in benchmarks/README.md.
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache

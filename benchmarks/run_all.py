@@ -1,0 +1,95 @@
+"""`make bench`: run every benchmark, merge their JSON into benchmarks/results.json and
+write the table in benchmarks/README.md. Each comparison is a ratio measured in one run.
+
+    .venv/bin/python benchmarks/run_all.py [--skip container]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+SCRIPTS = {
+    "core": ["core.py", "--accuracy"],
+    "container": ["container.py"],
+    "checkpoint": ["checkpoint_cost.py"],
+    "replay": ["replay_overhead.py"],
+}
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object a benchmark prints last (it may print progress before it)."""
+    start = stdout.rfind("\n{") + 1 if not stdout.startswith("{") else 0
+    return json.loads(stdout[start:])
+
+
+def get(data: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+# (figure, results.json path, unit, target)
+TABLE = [
+    ("default fashion_mnist test accuracy (3 epochs)", "core.accuracy.test_accuracy", "", ">= 0.915"),
+    ("time to first step, local backend", "core.time_to_first_step.median_s", "s", "< 5"),
+    ("harness overhead vs bare loop", "core.overhead.overhead_pct", "%", "< 3"),
+    ("throughput strict / determinism off", "core.determinism.strict_over_off_throughput", "x", ""),
+    ("lockfile capture (software+hardware)", "core.lockfile_capture.capture_s", "s", ""),
+    ("container vs bare steps/s", "container.container_vs_bare_ratio", "x", ">= 0.97"),
+    ("container start to first step", "container.container_start_to_first_step_s", "s", "< 4"),
+    ("cached image build", "container.cached_build_s", "s", "< 2"),
+    ("checkpoint write", "checkpoint.checkpoint_write_s", "s", "< 0.2"),
+    ("checkpointing cost at default interval (fraction)", "checkpoint.overhead_fraction", "", "< 0.02"),
+    ("resume to first step", "checkpoint.resume_to_first_step_s", "s", "< 5"),
+    ("replay overhead vs original training (fraction)", "replay.replay.gate_plus_compare_vs_original_train", "", "< 0.05"),
+    ("fingerprint cost per step at default interval", "replay.fingerprint.per_step_cost_default_from_call_ms", "ms", ""),
+]
+
+
+def render(results: dict) -> str:
+    rows = ["| figure | value | target |", "|---|---|---|"]
+    for label, path, unit, target in TABLE:
+        value = get(results, path)
+        shown = "not measured" if value is None else f"{value}{(' ' + unit) if unit else ''}"
+        rows.append(f"| {label} | {shown} | {target} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip", nargs="*", default=[], choices=sorted(SCRIPTS))
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name, command in SCRIPTS.items():
+        if name in args.skip:
+            continue
+        print(f"bench: {name} ...", flush=True)
+        started = time.time()
+        done = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"bench: {name} failed:\n{done.stderr[-3000:]}")
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else results
+        results[name] = last_json(done.stdout)
+        results[name]["wall_s"] = round(time.time() - started, 1)
+        RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    readme = HERE / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    marker = "<!-- table -->"
+    head = text.split(marker)[0] if marker in text else text
+    readme.write_text(head + marker + "\n" + render(results) + "\n")
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
