@@ -275,15 +275,14 @@ def client(timeout: int = 120):
     an engine."""
     import docker
     from docker.errors import DockerException
+    from requests.exceptions import RequestException
 
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
         engine = docker.from_env(timeout=timeout)
         engine.ping()
-    except DockerException as exc:
-        raise EnvironmentProblem(f"no Docker engine answers at {where} ({_short(exc)}). "
-                                 f"{ENGINE_DOWN_HINT}") from None
-    except Exception as exc:  # requests' connection errors, bad DOCKER_HOST values
+    except (DockerException, RequestException, OSError, ValueError) as exc:
+        # requests' connection errors and malformed DOCKER_HOST values included
         raise EnvironmentProblem(f"no Docker engine answers at {where} ({_short(exc)}). "
                                  f"{ENGINE_DOWN_HINT}") from None
     return engine

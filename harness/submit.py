@@ -67,7 +67,7 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
     script = run_dirs[0] / sbatch.SCRIPT_NAME
     try:
         job_id = slurm_backend.submit_script(script)
-    except Exception:
+    except BaseException:  # whatever stopped the submission: no run may claim to be queued
         for run_dir in run_dirs:
             rundir.write_status(run_dir, "failed", backend=backend, reason="submission failed")
         raise
