@@ -10,23 +10,12 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from harness import config, data, launch, rundir, sbatch
+from harness import config, data, launch, rundir, sbatch, sweep
 from harness.backends import slurm as slurm_backend
 from harness.determinism import pinned_environment
 from harness.errors import ConfigError, RunFailed
 
 BACKENDS = ("slurm",)
-
-
-def sweep(overrides: List[str]) -> List[List[str]]:
-    """Hydra's sweep grammar (`seed=0,1,2`, `range(3)`, `choice(a,b)`): the cartesian
-    product as lists of plain overrides, in Hydra's BasicSweeper order."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [list(combo) for batch in batches for combo in batch]
 
 
 def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bool = False,
@@ -36,7 +25,7 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
         raise ConfigError(f"harness submit: unknown backend '{backend}'; valid: "
                           f"{', '.join(BACKENDS)} (for local or docker runs use harness train)")
     slurm_backend.tool("sbatch")  # fail before preparing anything when Slurm is missing
-    combos = sweep(overrides) if multirun else [list(overrides)]
+    combos = sweep.expand(overrides) if multirun else [list(overrides)]
     cfgs = [config.compose(name, [f"backend={backend}", *combo], config_dir) for combo in combos]
     first = cfgs[0]
     for cfg in cfgs[1:]:
@@ -83,6 +72,13 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
         label = f"{job_id}_{index}" if array else job_id
         print(f"harness: run {run_dir.name} = Slurm {label}: {' '.join(combos[index])}",
               flush=True)
+    if array:
+        record = {"sweep_id": rundir.new_run_id(f"{name}-sweep"), "config": name,
+                  "overrides": overrides, "slurm_job_id": job_id,
+                  "runs": [{"overrides": combo, "run_id": d.name, "state": "queued"}
+                           for combo, d in zip(combos, run_dirs)]}
+        path = sweep.save(runs_dir.resolve(), record)
+        print(f"sweep id:   {record['sweep_id']}\nsweep file: {path}", flush=True)
     if wait:
         statuses = slurm_backend.wait(run_dirs, float(slurm_cfg.get("poll_s") or 2.0))
         failed = [(d, s) for d, s in zip(run_dirs, statuses) if s["state"] != "succeeded"]

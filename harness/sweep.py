@@ -46,8 +46,6 @@ def run(name: str, overrides: List[str], config_dir: Optional[Path],
     # Compose them all first: a typo in the last combination should not surface an hour in.
     configs = [config.compose(name, combo, config_dir) for combo in combos]
     sweep_id = rundir.new_run_id(f"{name}-sweep")
-    path = sweep_path(runs_dir, sweep_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record: Dict[str, Any] = {"sweep_id": sweep_id, "config": name, "overrides": overrides,
                               "runs": []}
     print(f"harness: sweep {sweep_id}: {len(combos)} runs", flush=True)
@@ -61,11 +59,19 @@ def run(name: str, overrides: List[str], config_dir: Optional[Path],
             entry["error"] = str(exc)
             print(f"harness: {exc}", flush=True)
         record["runs"].append(entry)
-        rundir.write_json(path, record)
+        path = save(runs_dir, record)
     failed = [r for r in record["runs"] if r["state"] != "succeeded"]
     print(f"sweep id:   {sweep_id}\nsweep file: {path}", flush=True)
     if failed:
         raise RunFailed(f"{len(failed)} of {len(combos)} sweep runs failed; see {path}")
+    return path
+
+
+def save(runs_dir: Path, record: Dict[str, Any]) -> Path:
+    """Write the sweep record `runs/sweeps/<sweep-id>.json` (atomically)."""
+    path = sweep_path(runs_dir, record["sweep_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(path, record)
     return path
 
 
@@ -96,14 +102,18 @@ def collect(record: Dict[str, Any], runs_dir: Path) -> Dict[str, Dict[str, List[
 
     groups: Dict[str, Dict[str, List[float]]] = {}
     for entry in record["runs"]:
-        if entry["state"] != "succeeded":
+        # A run counts once it has its lockfile (a batch job finishes after the record
+        # was written at submit time).
+        lock_path = runs_dir / str(entry.get("run_id")) / rundir.LOCK
+        if not entry.get("run_id") or not lock_path.exists():
             continue
-        lock = lockfile.read(runs_dir / entry["run_id"] / rundir.LOCK)
+        lock = lockfile.read(lock_path)
         group = groups.setdefault(configuration_key(entry["overrides"]), {m: [] for m, _ in METRICS})
         for metric, _ in METRICS:
             group[metric].append(lock["results"][metric])
     if not groups:
-        raise HarnessError("no run of this sweep succeeded; nothing to summarise.")
+        raise HarnessError("no run of this sweep has finished (none has a lockfile); nothing "
+                           "to summarise yet. `harness runs` shows their states.")
     return groups
 
 

@@ -188,6 +188,15 @@ def test_sweep_is_one_job_array_of_normal_runs(cluster):
         assert check.returncode == 0, check.stderr
         assert "harness-job:" in (run_dir / "slurm.out").read_text()
         assert len(loss_bits(run_dir)) == 8
+    # The array is a seed study: `harness summary` reports it like a local sweep.
+    sweep_id = next(line.split(":", 1)[1].strip() for line in done.stdout.splitlines()
+                    if line.startswith("sweep id:"))
+    summary = subprocess.run([sys.executable, "-m", "harness", "summary", sweep_id, "--json",
+                              "--runs-dir", str(run_dirs[0].parent)],
+                             capture_output=True, text=True, env=cluster["env"])
+    assert summary.returncode == 0, summary.stderr
+    (metrics,) = json.loads(summary.stdout)["configurations"].values()
+    assert metrics["test_accuracy"]["n"] == 3
 
 
 @pytest.mark.slow
