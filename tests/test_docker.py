@@ -156,7 +156,10 @@ def test_ctrl_c_stops_and_removes_the_container(tiny_conf, tmp_path, cache_home,
     process = subprocess.Popen(
         [sys.executable, "-m", "harness", "train", "tiny", "--config-dir", str(tiny_conf),
          "backend=docker", "trainer.epochs=1000", "trainer.log_every=1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # As from a terminal: a runner started in the background (`cmd &` in a script) passes
+        # SIGINT down as ignored, and Python then never turns it into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in process.stdout:
         lines.append(line)
