@@ -87,7 +87,7 @@ def resume_cost(tmp: Path) -> dict:
     """Interrupt a real run with SIGTERM, then time the resume to its first new step."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
     runs = tmp / "runs"
-    args = ["fashion_mnist", "trainer.max_steps=40", "trainer.checkpoint_every=5",
+    args = ["fashion_mnist", "backend=local", "trainer.max_steps=40", "trainer.checkpoint_every=5",
             "trainer.eval_limit=200", "--runs-dir", str(runs)]
     process = subprocess.Popen([sys.executable, "-m", "harness", "train", *args], env=env,
                                cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -26,7 +26,8 @@ RESULTS = HERE / "results.json"
 def harness_train(runs: Path, *overrides: str) -> tuple[dict, float]:
     """Run `harness train fashion_mnist`; return its lockfile and the launch wall time."""
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "harness", "train", "fashion_mnist", *overrides,
+    done = subprocess.run([sys.executable, "-m", "harness", "train", "fashion_mnist",
+                           "backend=local", *overrides,
                            "--runs-dir", str(runs)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"harness train failed:\n{done.stdout}\n{done.stderr}")

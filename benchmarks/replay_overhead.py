@@ -76,7 +76,7 @@ def main() -> int:
         raise SystemExit(f"needs Debian's Fashion-MNIST in {FASHION}")
     work = args.keep or Path(tempfile.mkdtemp(prefix="harness-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    common = ["fashion_mnist", f"trainer.max_steps={args.steps}", "trainer.eval_limit=2000",
+    common = ["fashion_mnist", "backend=local", f"trainer.max_steps={args.steps}", "trainer.eval_limit=2000",
               "--runs-dir", str(work / "runs")]
 
     original, train_wall = harness("train", *common, cwd=work)

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import __version__, backends, config, data, lockfile, progress, rundir, tracking
+from harness import (__version__, audit, backends, config, data, lockfile, progress, rundir,
+                     tracking)
 from harness.determinism import pinned_environment
 from harness.checkpoint import REQUEUE_EXIT, CheckpointRefused
 from harness.errors import ConfigError, HarnessError, RunFailed
@@ -33,7 +34,7 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     """Launch a resolved config as a new run and wait for it. Returns the run directory;
     raises RunFailed (with the log path) when training did not succeed."""
     launched = time.time()
-    backend = backends.get(cfg["backend"]["name"])
+    backend = backends.get(cfg["backend"]["name"], cfg)
     # Data is located and verified before anything is written: a run that cannot start
     # leaves no run directory behind.
     data_root, data_files = data.prepare(cfg["data"])
@@ -97,6 +98,8 @@ def _resume_backend(name: str) -> str:
 def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
          extra_args: List[str]) -> Path:
     env = pinned_environment(cfg["determinism"])
+    if os.environ.get(audit.ENV_SWITCH):  # `harness verify`'s module audit, on any backend
+        env[audit.ENV_SWITCH] = os.environ[audit.ENV_SWITCH]
     interval = progress.live_interval()
     if interval:  # a terminal: ask the training for frequent lines to draw a live bar
         env[progress.INTERVAL_ENV] = interval

@@ -37,6 +37,8 @@ def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, A
         print(f"harness: config fields added since the run, at their defaults: "
               f"{', '.join(d.key for d in diffs[:6])}{' ...' if len(diffs) > 6 else ''}",
               flush=True)
+    # backend=auto chose at launch; the replay runs where the original actually ran.
+    cfg["backend"]["name"] = lock["backend"]["name"]
     return run_dir, lock, cfg
 
 

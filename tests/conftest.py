@@ -19,8 +19,9 @@ TESTS = Path(__file__).resolve().parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 IN_CI = os.environ.get("CI") == "true"
 
-# Short real-data runs: enough steps for weights to depend on everything pinned.
-FAST = ["trainer.max_steps=24", "trainer.eval_limit=500", "trainer.log_every=8",
+# Short real-data runs: enough steps for weights to depend on everything pinned. The
+# bundled configs default to backend=auto; these tests are about the local process.
+FAST = ["backend=local", "trainer.max_steps=24", "trainer.eval_limit=500", "trainer.log_every=8",
         "trainer.fingerprint_every=8"]
 
 

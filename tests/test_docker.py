@@ -102,6 +102,18 @@ def test_local_and_docker_train_bit_identical(cli, tiny_conf, engine, built):
     assert a["results"]["weights_sha256"] == b["results"]["weights_sha256"]
 
 
+@pytest.mark.docker
+def test_replay_of_a_docker_run_is_identical_in_the_same_image(cli, tiny_conf, engine, built):
+    original = run_dir_of(docker_train(cli, tiny_conf))
+    done = cli("replay", str(original), check_rc=0)
+    assert "IDENTICAL" in done.stdout
+    replayed = run_dir_of(done)
+    lock, again = read_lock(original), read_lock(replayed)
+    assert again["backend"]["name"] == "docker"
+    assert again["image"]["id"] == lock["image"]["id"]
+    assert again["replay_of"]["run_id"] == original.name
+
+
 PROBE_CONF = """
 defaults:
   - optim: sgd

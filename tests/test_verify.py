@@ -69,7 +69,7 @@ def test_bad_verify_input(cli, tmp_path):
 
 @pytest.mark.slow
 def test_fashion_mnist_is_deterministic_here(cli, tmp_path, fashion):
-    done = cli("verify", "fashion_mnist", "trainer.eval_limit=500", "--steps", "6",
+    done = cli("verify", "fashion_mnist", "backend=local", "trainer.eval_limit=500", "--steps", "6",
                "--runs-dir", str(tmp_path / "runs"), check_rc=0)
     assert "DETERMINISTIC: fashion_mnist" in done.stdout
     assert "IDENTICAL: 6 steps of loss bits, 6 parameter fingerprints" in done.stdout

@@ -7,7 +7,8 @@ from harness.errors import ConfigError
 NAMES = ("local", "docker", "auto", "slurm")
 
 
-def get(name: str) -> Backend:
+def get(name: str, cfg=None) -> Backend:
+    """The backend called `name`; `auto` also looks at the run's config (`cfg`), if given."""
     if name == "local":
         from harness.backends.local import LocalBackend
 
@@ -17,7 +18,7 @@ def get(name: str) -> Backend:
 
         return DockerBackend()
     if name == "auto":
-        return _auto()
+        return _auto(cfg)
     if name == "slurm":
         from harness.backends.slurm import SlurmBackend
 
@@ -25,13 +26,20 @@ def get(name: str) -> Backend:
     raise ConfigError(f"unknown backend '{name}'; valid backends: {', '.join(NAMES)}")
 
 
-def _auto() -> Backend:
-    """docker when an engine answers, else local; says which and why."""
+def _auto(cfg=None) -> Backend:
+    """docker when an engine answers and the image has a pinned base, else local; says
+    which and why."""
     import sys
 
     from harness import image
     from harness.errors import EnvironmentProblem
 
+    profile = (cfg or {}).get("image") or {}
+    if cfg is not None and not profile.get("base"):
+        print(f"harness: backend=auto chose local: the '{profile.get('profile')}' image has no "
+              f"base pinned on this machine (run `make docker-env` for containers)",
+              file=sys.stderr, flush=True)
+        return get("local")
     try:
         engine = image.client(timeout=5)
     except EnvironmentProblem as exc:
