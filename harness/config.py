@@ -224,7 +224,7 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
             f"unknown config '{name}'. Valid configs: {', '.join(valid) or '(none)'} "
             f"(from {config_dir}); add conf/{name}.yaml or pick one of these."
         )
-    _check_override_syntax(overrides)
+    check_override_syntax(overrides)
     primary = config_dir / f"{name}.yaml"
     hydra_overrides = _with_image_profile(
         primary if primary.is_file() else BUILTIN_CONFIG_DIR / f"{name}.yaml", list(overrides))
@@ -242,7 +242,7 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
     return validate(composed)
 
 
-def _check_override_syntax(overrides: List[str]) -> None:
+def check_override_syntax(overrides: List[str]) -> None:
     """Name the override that does not parse (Hydra's own message does not say which)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import (__version__, audit, backends, config, data, lockfile, progress, rundir,
-                     tracking)
+from harness import (__version__, audit, backends, config, data, gate, lockfile, progress,
+                     rundir, tracking)
 from harness.determinism import pinned_environment
 from harness.checkpoint import REQUEUE_EXIT, CheckpointRefused
 from harness.errors import ConfigError, HarnessError, RunFailed
@@ -71,10 +71,8 @@ def resume(ref: str, name: Optional[str], overrides: List[str],
             overrides = [*overrides, f"seed={cfg['seed']}"]
         asked = config.compose(name, overrides, config_dir)
         if config.config_sha256(asked) != recorded_sha:
-            flat_run, flat_asked = lockfile.flatten(cfg), lockfile.flatten(asked)
-            diffs = [f"{k}: run {flat_run.get(k)!r}, given {flat_asked.get(k)!r}"
-                     for k in sorted(set(flat_run) | set(flat_asked))
-                     if flat_run.get(k) != flat_asked.get(k)]
+            diffs = [f"{d.key}: run {d.a!r}, given {d.b!r}"
+                     for d in gate.differences(cfg, asked, ignore=())]
             raise CheckpointRefused(
                 f"cannot resume run {run_dir.name} with config '{name}' "
                 f"{' '.join(overrides)}: it differs from the run's config ({'; '.join(diffs)}). "

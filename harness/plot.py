@@ -5,19 +5,10 @@ with the first step at which a run's loss bits leave the first run's marked.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import rundir
-
-
-def read_metrics(run_dir: Path) -> Dict[str, Any]:
-    train, evals = [], []
-    for line in (run_dir / rundir.METRICS).read_text().splitlines():
-        record = json.loads(line)
-        (train if record["kind"] == "train" else evals).append(record)
-    return {"train": train, "eval": evals}
+from harness.compare import read_metrics
 
 
 def first_divergence(reference: List[Dict], other: List[Dict]) -> Optional[int]:
@@ -35,19 +26,20 @@ def curves(run_dirs: List[Path]) -> Dict[str, Any]:
     runs = []
     reference = None
     for run_dir in run_dirs:
-        metrics = read_metrics(run_dir)
+        train, evaluation = read_metrics(run_dir)
+        evals = [evaluation] if evaluation else []
         entry = {
             "run_id": run_dir.name,
-            "steps": [r["step"] for r in metrics["train"]],
-            "loss": [r["loss"] for r in metrics["train"]],
-            "eval_steps": [r["step"] for r in metrics["eval"]],
-            "accuracy": [r["accuracy"] for r in metrics["eval"]],
+            "steps": [r["step"] for r in train],
+            "loss": [r["loss"] for r in train],
+            "eval_steps": [r["step"] for r in evals],
+            "accuracy": [r["accuracy"] for r in evals],
             "diverges_at": None,
         }
         if reference is None:
-            reference = metrics["train"]
+            reference = train
         else:
-            entry["diverges_at"] = first_divergence(reference, metrics["train"])
+            entry["diverges_at"] = first_divergence(reference, train)
         runs.append(entry)
     return {"runs": runs, "reference": runs[0]["run_id"] if runs else None}
 

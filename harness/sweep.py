@@ -22,7 +22,7 @@ def expand(overrides: List[str]) -> List[List[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    config._check_override_syntax(overrides)
+    config.check_override_syntax(overrides)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)

@@ -8,10 +8,10 @@ values are the recorded ones, bit for bit."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from harness import rundir
+from harness.compare import read_metrics
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -24,13 +24,12 @@ def export(run_dir: Path, cfg: dict) -> None:
     out = run_dir / TENSORBOARD_DIR
     writer = SummaryWriter(log_dir=str(out))
     try:
-        for line in (run_dir / rundir.METRICS).read_text().splitlines():
-            record = json.loads(line)
-            if record["kind"] == "train":
-                writer.add_scalar("train/loss", record["loss"], record["step"])
-            else:
-                writer.add_scalar("eval/accuracy", record["accuracy"], record["step"])
-                writer.add_scalar("eval/loss", record["loss"], record["step"])
+        train, evaluation = read_metrics(run_dir)
+        for record in train:
+            writer.add_scalar("train/loss", record["loss"], record["step"])
+        if evaluation:
+            writer.add_scalar("eval/accuracy", evaluation["accuracy"], evaluation["step"])
+            writer.add_scalar("eval/loss", evaluation["loss"], evaluation["step"])
         writer.add_text("run_id", run_dir.name)
         writer.add_text("config", "```\n" + (run_dir / rundir.CONFIG).read_text() + "\n```")
         lock_path = run_dir / rundir.LOCK
