@@ -77,9 +77,11 @@ def resume(ref: str, name: Optional[str], overrides: List[str],
                 f"cannot resume run {run_dir.name} with config '{name}' "
                 f"{' '.join(overrides)}: it differs from the run's config ({'; '.join(diffs)}). "
                 f"Resume with the run's own config: `harness train --resume {run_dir.name}`.")
-    backend = backends.get(_resume_backend(cfg["backend"]["name"]))
-    data_root, _ = data.prepare(cfg["data"])
     previous = rundir.read_status(run_dir)
+    # The backend the run started on (status.json), not a new choice by backend=auto: the
+    # checkpoint's environment must match.
+    backend = backends.get(_resume_backend(previous.get("backend") or cfg["backend"]["name"]))
+    data_root, _ = data.prepare(cfg["data"])
     print(f"harness: resuming run {run_dir.name} ({backend.name} backend) -> {run_dir}",
           flush=True)
     rundir.write_status(run_dir, "running", backend=backend.name, host_pid=os.getpid(),

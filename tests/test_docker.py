@@ -114,6 +114,27 @@ def test_replay_of_a_docker_run_is_identical_in_the_same_image(cli, tiny_conf, e
     assert again["replay_of"]["run_id"] == original.name
 
 
+@pytest.mark.docker
+def test_preempted_docker_run_resumes_in_docker(cli, tiny_conf, tmp_path, cache_home, engine,
+                                                built):
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(TESTS / "fixtures")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", "train", "tiny", "--config-dir", str(tiny_conf),
+         "backend=docker", "trainer.epochs=40", "trainer.log_every=1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("step "):
+            break
+    process.send_signal(signal.SIGTERM)  # forwarded into the container
+    process.communicate(timeout=120)
+    assert process.returncode == 75
+    run_dir = next((tmp_path / "runs").iterdir())
+    done = cli("train", "--resume", run_dir.name, check_rc=0)
+    assert f"resuming run {run_dir.name} (docker backend)" in done.stdout
+    assert read_lock(run_dir)["backend"]["name"] == "docker"
+    assert read_lock(run_dir)["results"]["steps"] == 320
+
+
 PROBE_CONF = """
 defaults:
   - optim: sgd
