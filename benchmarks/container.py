@@ -3,16 +3,18 @@
   * steady-state training steps/s inside the sandboxed training container (no network,
     read-only root, non-root, no capabilities) vs the same steps run bare in the same image
     (its file system exported and entered with chroot: same interpreter, same wheels, no
-    namespaces or cgroups). Target: ratio >= 0.97.
+    namespaces or cgroups), in interleaved pairs: the median of the pair ratios, with their
+    spread. Target: ratio >= 0.97.
   * container start to first training step: from the backend's create+start to the first
     optimizer step of `harness.train` (lockfile first_step_unix). Target: < 4 s.
   * cached build: `harness build` on an unchanged tree (the image is found by its content
     hash). Target: < 2 s.
 
-    .venv/bin/python benchmarks/container.py [--steps 60] [--warmup 10] [--repeats 3]
+    .venv/bin/python benchmarks/container.py [--steps 60] [--warmup 10] [--repeats 5]
+    .venv/bin/python benchmarks/container.py --quick    # smoke test, nothing saved
 
 Needs root (chroot) and a Docker engine with the pinned base (make docker-env). Prints JSON
-and merges it into benchmarks/results.json under "container".
+and merges it into benchmarks/results.json under "container" (not with --quick).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spread import interleave, paired_ratios, summary
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -140,8 +144,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved pairs (and samples)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 5 steps, 2 pairs; results.json untouched")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 5, 2, 2
 
     from harness import data, image
     from harness.backends.docker import DockerBackend
@@ -172,16 +180,18 @@ def main() -> None:
         run_dir = tmp / "bench-run"
         run_dir.mkdir()
         os.chown(run_dir, 10001, 10001)
-        boxed, plain = [], []
-        for _ in range(args.repeats):  # alternate, so that load changes hit both alike
-            boxed.append(in_container(engine, built["id"], cfg, data_root, run_dir, env, args))
-            plain.append(bare(rootfs, cfg, data_root, env, args))
+        boxed, plain = interleave(
+            lambda: in_container(engine, built["id"], cfg, data_root, run_dir, env, args),
+            lambda: bare(rootfs, cfg, data_root, env, args), args.repeats)
         boxed_rate = statistics.median(r["steps_per_s"] for r in boxed)
         plain_rate = statistics.median(r["steps_per_s"] for r in plain)
+        ratio = summary(paired_ratios([r["steps_per_s"] for r in boxed],
+                                      [r["steps_per_s"] for r in plain]), 3)
         result.update({
             "container_steps_per_s": round(boxed_rate, 3),
             "bare_same_image_steps_per_s": round(plain_rate, 3),
-            "container_vs_bare_ratio": round(boxed_rate / plain_rate, 3),
+            "container_vs_bare_ratio": ratio["median"],
+            "container_vs_bare_ratio_spread": ratio,
             "container_steps_per_s_all": [round(r["steps_per_s"], 3) for r in boxed],
             "bare_steps_per_s_all": [round(r["steps_per_s"], 3) for r in plain],
             "threads": boxed[0]["threads"],
@@ -208,9 +218,10 @@ def main() -> None:
                          "container_start_to_first_step_s": "< 4",
                          "cached_build_s": "< 2"}
 
-    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    merged["container"] = result
-    RESULTS.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    if not args.quick:
+        merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        merged["container"] = result
+        RESULTS.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
 
 

@@ -2,9 +2,15 @@
 loop over the same batches, strict vs off determinism throughput, lockfile capture time,
 and (with --accuracy) the default fashion_mnist accuracy.
 
-    .venv/bin/python benchmarks/core.py [--accuracy] [--steps 300] [--repeats 3]
+    .venv/bin/python benchmarks/core.py [--accuracy] [--steps 200] [--pairs 7] [--repeats 3]
+    .venv/bin/python benchmarks/core.py --quick     # a smoke test: tiny runs, nothing saved
 
-Prints JSON and merges it into benchmarks/results.json under "core".
+Comparisons (harness vs bare loop, strict vs off) are made in interleaved pairs: one ratio
+per pair, reported as the median of the pair ratios with their spread. The harness's own
+account of its bookkeeping in the loop (lockfile timing.harness_s) is reported per step
+and as a fraction of the loop time: measured inside the process, load hardly moves it.
+
+Prints JSON and merges it into benchmarks/results.json under "core" (not with --quick).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spread import interleave, paired_ratios, summary
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -80,29 +88,45 @@ def time_to_first_step(runs: Path, repeats: int) -> dict:
             "samples_s": [round(s, 3) for s in samples], "target_s": 5.0}
 
 
-def overhead(runs: Path, steps: int, repeats: int) -> dict:
-    """Interleave harness and bare runs; compare the fastest of each (least disturbed)."""
+def bookkeeping(locks: list) -> dict:
+    """The harness's own time in the loop (metrics records, fingerprints, checkpoint saves,
+    progress lines: lockfile timing.harness_s), per step and as a fraction of the loop.
+    None where the training process does not record it."""
+    spent = [lock["timing"].get("harness_s") for lock in locks]
+    if None in spent:
+        return {"per_step_ms": None, "fraction_of_loop": None,
+                "note": "lockfile has no timing.harness_s"}
+    per_step = summary([1000 * t / lock["results"]["steps"] for t, lock in zip(spent, locks)])
+    fraction = summary([t / lock["timing"]["train_loop_s"] for t, lock in zip(spent, locks)], 6)
+    return {"harness_s": spent, "per_step_ms": per_step["median"], "per_step_ms_spread": per_step,
+            "fraction_of_loop": fraction["median"], "fraction_of_loop_spread": fraction}
+
+
+def overhead(runs: Path, steps: int, pairs: int) -> dict:
+    """Harness loop vs bare loop over the same batches, in interleaved pairs."""
     common = [f"trainer.max_steps={steps}"]
-    harness_s, bare_s = [], []
-    for _ in range(repeats):
-        lock, _ = harness_train(runs, *common, "trainer.eval_limit=100")
-        harness_s.append(lock["timing"]["train_loop_s"])
-        bare_s.append(bare_loop(steps, *common))
-    ratio = min(harness_s) / min(bare_s)
-    return {"steps": steps, "harness_loop_s": harness_s, "bare_loop_s": [round(b, 3) for b in bare_s],
-            "overhead_pct": round((ratio - 1) * 100, 2), "target_pct": 3.0}
+    locks, bare_s = interleave(lambda: harness_train(runs, *common, "trainer.eval_limit=100")[0],
+                               lambda: bare_loop(steps, *common), pairs)
+    harness_s = [lock["timing"]["train_loop_s"] for lock in locks]
+    pct = summary([(r - 1) * 100 for r in paired_ratios(harness_s, bare_s)], 2)
+    return {"steps": steps, "pairs": pairs, "harness_loop_s": harness_s,
+            "bare_loop_s": [round(b, 3) for b in bare_s],
+            "overhead_pct": pct["median"], "overhead_pct_spread": pct,
+            "bookkeeping": bookkeeping(locks), "target_pct": 3.0}
 
 
-def determinism_cost(runs: Path, steps: int, repeats: int) -> dict:
-    """Training-loop time in strict mode vs determinism=off, interleaved, fastest of each."""
-    strict_s, off_s = [], []
-    for _ in range(repeats):
-        for mode, into in (("strict", strict_s), ("off", off_s)):
-            lock, _ = harness_train(runs, f"trainer.max_steps={steps}", "trainer.eval_limit=100",
-                                    f"determinism={mode}")
-            into.append(lock["timing"]["train_loop_s"])
-    return {"steps": steps, "strict_loop_s": strict_s, "off_loop_s": off_s,
-            "strict_over_off_throughput": round(min(off_s) / min(strict_s), 3)}
+def determinism_cost(runs: Path, steps: int, pairs: int) -> dict:
+    """Training-loop time in strict mode vs determinism=off, in interleaved pairs."""
+    def loop_s(mode: str) -> float:
+        lock, _ = harness_train(runs, f"trainer.max_steps={steps}", "trainer.eval_limit=100",
+                                f"determinism={mode}")
+        return lock["timing"]["train_loop_s"]
+
+    strict_s, off_s = interleave(lambda: loop_s("strict"), lambda: loop_s("off"), pairs)
+    throughput = summary(paired_ratios(off_s, strict_s), 3)
+    return {"steps": steps, "pairs": pairs, "strict_loop_s": strict_s, "off_loop_s": off_s,
+            "strict_over_off_throughput": throughput["median"],
+            "strict_over_off_throughput_spread": throughput}
 
 
 CAPTURE = r"""
@@ -133,24 +157,38 @@ def accuracy(runs: Path) -> dict:
             "wall_s": round(time.time() - t0, 1), "target": 0.915}
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accuracy", action="store_true", help="also train the full default config")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=200, help="training steps per compared run")
+    parser.add_argument("--pairs", type=int, default=7, help="interleaved pairs per comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="samples of the single figures")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 10 steps, 2 pairs, 1 repeat; results.json untouched")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.pairs, args.repeats = 10, 2, 1
+    return args
+
+
+def main() -> None:
+    args = arguments()
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / "runs"
         result = {"time_to_first_step": time_to_first_step(runs, args.repeats),
-                  "overhead": overhead(runs, args.steps, args.repeats),
-                  "determinism": determinism_cost(runs, args.steps, args.repeats),
+                  "overhead": overhead(runs, args.steps, args.pairs),
+                  "determinism": determinism_cost(runs, args.steps, args.pairs),
                   "lockfile_capture": lockfile_capture(args.repeats)}
         if args.accuracy:
             result["accuracy"] = accuracy(runs)
-    result["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
-    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    merged["core"] = result
-    RESULTS.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    result["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                         "load_avg_1m_start": round(load_start, 2),
+                         "load_avg_1m_end": round(os.getloadavg()[0], 2)}
+    if not args.quick:
+        merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        merged["core"] = result
+        RESULTS.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2))
 
 
