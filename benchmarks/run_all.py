@@ -37,11 +37,16 @@ def get(data: dict, path: str):
     return data
 
 
-# (figure, results.json path, unit, target)
+# (figure, results.json path, unit, target). A figure that is the median of several
+# samples (pair ratios, per-run values) has their spread (spread.summary) at its path +
+# "_spread", shown after the value.
 TABLE = [
     ("default fashion_mnist test accuracy (3 epochs)", "core.accuracy.test_accuracy", "", ">= 0.915"),
     ("time to first step, local backend", "core.time_to_first_step.median_s", "s", "< 5"),
     ("harness overhead vs bare loop", "core.overhead.overhead_pct", "%", "< 3"),
+    ("harness bookkeeping per step (in-process)", "core.overhead.bookkeeping.per_step_ms", "ms", ""),
+    ("harness bookkeeping, fraction of loop time (in-process)",
+     "core.overhead.bookkeeping.fraction_of_loop", "", ""),
     ("throughput strict / determinism off", "core.determinism.strict_over_off_throughput", "x", ""),
     ("lockfile capture (software+hardware)", "core.lockfile_capture.capture_s", "s", ""),
     ("container vs bare steps/s", "container.container_vs_bare_ratio", "x", ">= 0.97"),
@@ -50,9 +55,17 @@ TABLE = [
     ("checkpoint write", "checkpoint.checkpoint_write_s", "s", "< 0.2"),
     ("checkpointing cost at default interval (fraction)", "checkpoint.overhead_fraction", "", "< 0.02"),
     ("resume to first step", "checkpoint.resume_to_first_step_s", "s", "< 5"),
-    ("replay overhead vs original training (fraction)", "replay.replay.gate_plus_compare_vs_original_train", "", "< 0.05"),
-    ("fingerprint cost per step at default interval", "replay.fingerprint.per_step_cost_default_from_call_ms", "ms", ""),
+    ("replay fixed cost: gate + comparison (in-process)", "replay.replay.fixed_cost_s", "s", ""),
+    ("replay overhead vs original training, 300-step run (fraction)",
+     "replay.replay.overhead_vs_original_paired", "", "< 0.05"),
+    ("fingerprint cost per step at default interval", "replay.fingerprint.per_step_ms_default_interval", "ms", ""),
 ]
+
+
+def spread_text(spread) -> str:
+    if not isinstance(spread, dict):
+        return ""
+    return f" (range {spread['min']} to {spread['max']}, n={spread['n']})"
 
 
 def render(results: dict) -> str:
@@ -60,6 +73,8 @@ def render(results: dict) -> str:
     for label, path, unit, target in TABLE:
         value = get(results, path)
         shown = "not measured" if value is None else f"{value}{(' ' + unit) if unit else ''}"
+        if value is not None:
+            shown += spread_text(get(results, path + "_spread"))
         rows.append(f"| {label} | {shown} | {target} |")
     return "\n".join(rows)
 
