@@ -4,14 +4,20 @@ One script serves one run or a job array: RUN_DIRS lists the prepared run direct
 SLURM_ARRAY_TASK_ID picks one. The script forwards USR1/TERM to the training and requeues
 on checkpoint.REQUEUE_EXIT. The training runs through a container runtime on the node:
 `none` (the harness venv on a shared filesystem), `docker`, `apptainer` or `pyxis`.
+
+The job gets none of the submitting environment (`--export=NONE`): Slurm would otherwise
+copy all of it, tokens and keys included, into its stored job record and the training.
+The script exports what the run needs itself: the pinned variables and the few allow-listed
+ones of JOB_ENV (`job_environment`).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from harness import __version__
 from harness.checkpoint import REQUEUE_EXIT
@@ -27,6 +33,18 @@ DATA_MOUNT = "/data"
 # Slurm variables the training reads (SLURM_RESTART_COUNT: resume) and records.
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
               "SLURM_RESTART_COUNT")
+# The only variables of the submitting environment the job script exports (if set there),
+# beside the pinned ones. Never credentials: anything not named here stays behind.
+# Slurm sets SLURM_* and CUDA_VISIBLE_DEVICES on the node itself.
+JOB_ENV = (
+    "PATH",  # the script runs date, hostname, scontrol and the container runtime's client
+    "HOME",  # ~/.cache, the container runtime's per-user configuration
+    "PYTHONPATH",  # components plugged in by import path (model._target_=mypkg.Net)
+    "XDG_CACHE_HOME",  # caches of the harness and torch
+    "DOCKER_HOST",  # runtime docker: which engine
+    # Settings that change the math: recorded in the lockfile, gated on replay.
+    "NCCL_ALGO", "NCCL_PROTO", "TORCH_CUDNN_V8_API_DISABLED", "CUDA_LAUNCH_BLOCKING",
+)
 
 
 @dataclass
@@ -40,6 +58,12 @@ class JobSpec:
     python: str = "python3"  # runtime none: interpreter on the node
     log_dir: Optional[Path] = None  # arrays: where Slurm writes before the script redirects
     extra_train_args: List[str] = field(default_factory=list)
+    job_env: Dict[str, str] = field(default_factory=dict)  # job_environment(): JOB_ENV values
+
+
+def job_environment(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
+    """The JOB_ENV variables of `environ` (the submitting environment) that are set."""
+    return {name: environ[name] for name in JOB_ENV if name in environ}
 
 
 def q(value) -> str:
@@ -81,6 +105,7 @@ def sbatch_options(spec: JobSpec) -> List[str]:
     options.append(f"--signal=B:USR1@{slurm['signal_before_s']}")
     options.append("--requeue" if slurm.get("requeue", True) else "--no-requeue")
     options.append("--open-mode=append")
+    options.append("--export=NONE")  # the script exports what the job needs (JOB_ENV)
     if len(spec.run_dirs) == 1:
         options.append(f"--output={spec.run_dirs[0] / LOG_NAME}")
     else:
@@ -150,6 +175,17 @@ def train_command(spec: JobSpec) -> str:
     return " \\\n    ".join(lines)
 
 
+def exports(spec: JobSpec) -> str:
+    """The script's `export` lines: the pinned variables, then those of JOB_ENV."""
+    lines = [f"export {k}={q(v)}" for k, v in spec.env.items()]
+    job_env = {k: v for k, v in spec.job_env.items() if k not in spec.env}
+    if job_env:
+        lines.append("# Allow-listed from the submitting environment (sbatch.JOB_ENV); "
+                     "--export=NONE: nothing else.")
+        lines += [f"export {k}={q(v)}" for k, v in job_env.items()]
+    return "\n".join(lines)
+
+
 def render(spec: JobSpec) -> str:
     if not spec.run_dirs or len(spec.run_dirs) != len(spec.data_roots):
         raise ValueError("one data root per run directory")
@@ -164,7 +200,7 @@ def render(spec: JobSpec) -> str:
         "DATA_ROOTS": "\n".join(f"    {q(d) if d else q('')}" for d in spec.data_roots),
         "REDIRECT": (f'exec >>"$RUN_DIR/{LOG_NAME}" 2>&1  # each array task logs into its '
                      f'own run directory') if array else f"# log: $RUN_DIR/{LOG_NAME}",
-        "EXPORTS": "\n".join(f"export {k}={q(v)}" for k, v in spec.env.items()),
+        "EXPORTS": exports(spec),
         "COMMAND": train_command(spec),
     }
     for key, value in values.items():

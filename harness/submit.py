@@ -47,7 +47,7 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
         data_roots=[root for root, _ in prepared], env=pinned_environment(first["determinism"]),
         slurm=slurm_cfg, device=first["trainer"]["device"],
         python=slurm_cfg.get("python") or sys.executable,
-        log_dir=runs_dir.resolve() / ".slurm")
+        log_dir=runs_dir.resolve() / ".slurm", job_env=sbatch.job_environment())
     text = sbatch.render(spec)
     if len(run_dirs) > 1:
         spec.log_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """`harness submit --backend slurm` against the real single-node Slurm (make slurm-env):
 a job's results equal a local run's bit for bit, a preempted job is requeued and resumes
-to the same weights, a sweep is one job array, and the rendered scripts are golden-tested.
+to the same weights, a sweep is one job array, a secret in the submitting environment stays
+out of the job, and the rendered scripts are golden-tested.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def golden_spec(runtime: str, **slurm):
         env={"PYTHONHASHSEED": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
              "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"},
         slurm=conf, device="cuda" if slurm.get("gpus") else "cpu",
-        python="/shared/venv/bin/python")
+        python="/shared/venv/bin/python",
+        job_env={"PATH": "/shared/venv/bin:/usr/bin:/bin", "HOME": "/home/alice",
+                 "PYTHONPATH": "/shared/code"})
 
 
 CASES = {
@@ -88,15 +91,35 @@ def test_gpu_without_gpu_type_is_refused_and_tags_are_refused():
         sbatch.render(golden_spec("docker", image="harness/train:latest"))
 
 
+def test_job_environment_is_the_allow_list_only():
+    from harness import sbatch
+
+    submitting = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/code", "NCCL_ALGO": "Ring",
+                  "AWS_SECRET_ACCESS_KEY": "planted-secret", "GITHUB_TOKEN": "planted-token",
+                  "CUDA_VISIBLE_DEVICES": "3", "SLURM_JOB_ID": "17"}
+    assert sbatch.job_environment(submitting) == {
+        "PATH": "/usr/bin:/bin", "PYTHONPATH": "/code", "NCCL_ALGO": "Ring"}
+    spec = golden_spec("none")
+    spec.job_env = sbatch.job_environment(submitting)
+    text = sbatch.render(spec)
+    assert "#SBATCH --export=NONE" in text and "export NCCL_ALGO=Ring" in text
+    assert "planted" not in text and "CUDA_VISIBLE_DEVICES" not in text
+
+
 # ---------------------------------------------------------------- the real cluster
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def context(tmp_path_factory):
     require(slurm_up(), "Slurm is not running here (make slurm-env)")
-    ctx = make_context(tmp_path_factory.mktemp("slurm"))
-    ctx["reference"] = run_dir_of(harness(ctx, "train", "tiny", *OVERRIDES, check_rc=0))
-    return ctx
+    return make_context(tmp_path_factory.mktemp("slurm"))
+
+
+@pytest.fixture(scope="module")
+def cluster(context):
+    """The context and the local reference run that jobs must match bit for bit."""
+    context["reference"] = run_dir_of(harness(context, "train", "tiny", *OVERRIDES, check_rc=0))
+    return context
 
 
 def same_results(run_dir: Path, reference: Path) -> None:
@@ -216,6 +239,57 @@ def test_failed_job_gives_log_path_and_exit_1(cluster):
                    "--wait", check_rc=1)
     assert "Slurm job(s) failed" in done.stderr and "slurm.out" in done.stderr
     assert "FAILED" in done.stderr
+
+
+SECRET_NAME = "AWS_SECRET_ACCESS_KEY"
+
+
+def stored_job_environment(job_id: str) -> bytes:
+    """The environment slurmctld stored for the job (StateSaveLocation/hash.N/job.ID/
+    environment, kept until MinJobAge after the job ended); readable by SlurmUser only."""
+    done = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                          check=True)
+    state = next(line.split("=", 1)[1].strip() for line in done.stdout.splitlines()
+                 if line.startswith("StateSaveLocation"))
+    path = Path(state) / f"hash.{int(job_id) % 10}" / f"job.{job_id}" / "environment"
+    require(os.access(path, os.R_OK), f"cannot read the job's stored environment {path} "
+                                      f"(run the test as SlurmUser)")
+    return path.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_submitting_environment_does_not_reach_the_job(context):
+    """A secret in the environment of `harness submit` must not be copied into the job:
+    not into Slurm's stored job environment, not into the training process, not into any
+    file of the run directory. The allow-listed variables still arrive."""
+    secret = f"planted-secret-{os.getpid()}-{time.time_ns()}"
+    ctx = {**context, "env": {**context["env"], SECRET_NAME: secret}}
+    small = [o for o in OVERRIDES if not o.startswith("trainer.epochs")] + [
+        "trainer.epochs=1", "data.dataset._target_=harness_testkit.env_probe_idx"]
+    done = harness(ctx, "submit", "tiny", *small, "--wait", check_rc=0)
+    run_dir = run_dir_of(done)
+    assert status_of(run_dir)["state"] == "succeeded"
+
+    # (Booleans first: a failing assertion must not print the environments it searched.)
+    stored = stored_job_environment(status_of(run_dir)["slurm_job_id"])
+    stored_leak = secret.encode() in stored or SECRET_NAME.encode() in stored
+    assert not stored_leak, "the secret is in the environment Slurm stored for the job"
+
+    seen = json.loads((run_dir / "env-probe.json").read_text())
+    process_leak = SECRET_NAME in seen
+    assert not process_leak, "the secret reached the training process"
+    # What the run needs arrives: the pinned variables, the import path of the testkit
+    # (else the job would have failed), the cache directory.
+    assert seen["PYTHONHASHSEED"] == "0" and seen["OMP_NUM_THREADS"]
+    assert seen["PYTHONPATH"] == ctx["env"]["PYTHONPATH"]
+    assert seen["XDG_CACHE_HOME"] == ctx["env"]["XDG_CACHE_HOME"]
+    assert seen["SLURM_JOB_ID"] == status_of(run_dir)["slurm_job_id"]
+
+    leaked = [path for path in run_dir.rglob("*")
+              if path.is_file() and secret.encode() in path.read_bytes()]
+    assert leaked == []
+    assert "#SBATCH --export=NONE" in (run_dir / "job.sbatch").read_text()
 
 
 def test_missing_sbatch_is_an_environment_problem(cli, tiny_conf):

@@ -14,6 +14,7 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
+#SBATCH --export=NONE
 #SBATCH --output=/shared/runs/RUN-A/slurm.out
 set -uo pipefail
 
@@ -33,6 +34,10 @@ export PYTHONHASHSEED=0
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
 export OMP_NUM_THREADS=2
 export MKL_NUM_THREADS=2
+# Allow-listed from the submitting environment (sbatch.JOB_ENV); --export=NONE: nothing else.
+export PATH=/shared/venv/bin:/usr/bin:/bin
+export HOME=/home/alice
+export PYTHONPATH=/shared/code
 
 say() { echo "harness-job: $(date -u +%Y-%m-%dT%H:%M:%SZ) $*"; }
 say "job ${SLURM_JOB_ID:-?} task ${SLURM_ARRAY_TASK_ID:-none} restart ${SLURM_RESTART_COUNT:-0} on $(hostname): $RUN_DIR"
