@@ -12,7 +12,12 @@ from it continues bit for bit as if it had never stopped:
     config_sha256           the run's resolved config (launch.json)
     environment_sha256      hash of the environment facts that change the math
     environment             those facts, so that a refusal can name what differs
-    model_sha256            weights hash, checked on load (detects a damaged file)
+    resumes                 the resumes that led to this state (from_step, checkpoint)
+    state_sha256            hash over everything above (digest.state_sha256), checked on
+                            load: a damaged file is skipped like a torn one
+
+A sample's randomness is a pure function of (seed, epoch, sample index)
+(determinism.SeededSamples), so DataLoader workers hold no state a resume must restore.
 
 Written atomically (temp file, fsync, rename); the newest `keep` (2) are kept. Loading
 skips a damaged newest checkpoint and falls back to the older one; a checkpoint from
@@ -34,7 +39,8 @@ from harness import rundir
 from harness.config import canonical_json
 from harness.errors import HarnessError
 
-FORMAT = "harness.checkpoint/1"
+PREFIX = "harness.checkpoint/"
+FORMAT = PREFIX + "2"
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
 # Exit code of a training process that stopped on SIGTERM/SIGUSR1 after writing a
@@ -44,7 +50,8 @@ PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 REQUEUE_EXIT = 75
 
 REQUIRED = ("format", "step", "epoch", "position", "config_sha256", "environment_sha256",
-            "environment", "model", "model_sha256", "optimizer", "scheduler", "rng")
+            "environment", "model", "optimizer", "scheduler", "rng", "resumes",
+            "state_sha256")
 
 
 class CheckpointRefused(HarnessError):
@@ -159,12 +166,11 @@ def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
     """Write `state` atomically as step-<step>.pt, then drop all but the newest `keep`."""
     import torch
 
-    from harness.train import weights_sha256
-
-    missing = [k for k in REQUIRED if k not in state and k not in ("format", "model_sha256")]
+    missing = [k for k in REQUIRED if k not in state and k not in ("format", "state_sha256")]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
-    state = {**state, "format": FORMAT, "model_sha256": weights_sha256(state["model"])}
+    state = {**state, "format": FORMAT}
+    state["state_sha256"] = state_sha256(state)
     folder = directory(run_dir)
     folder.mkdir(exist_ok=True)
     path = path_for(run_dir, state["step"])
@@ -182,6 +188,16 @@ def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
     for old in listed(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def remove_partial_writes(run_dir: Path) -> List[str]:
+    """Delete the temp files of checkpoint writes that were killed before their rename.
+    Only while holding the run directory (rundir.WriterLock): no write is in progress."""
+    removed = []
+    for tmp in directory(run_dir).glob(".step-*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return sorted(removed)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -205,20 +221,31 @@ def load(path: Path) -> Dict[str, Any]:
     """Read one checkpoint and check it is complete and intact; raises Damaged."""
     import torch
 
-    from harness.train import weights_sha256
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, garbage, unpickling error: all "damaged"
         raise Damaged(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise Damaged(f"is not a {FORMAT} checkpoint")
+    if not isinstance(state, dict) or not str(state.get("format")).startswith(PREFIX):
+        raise Damaged("is not a harness checkpoint")
+    if state["format"] != FORMAT:
+        raise CheckpointRefused(
+            f"checkpoint {path} has format {state['format']} (this harness writes {FORMAT}): "
+            f"it lacks state an exact resume needs, so resuming from it could not reproduce the "
+            f"uninterrupted run. Resume with the harness version that wrote it, or start a new "
+            f"run.")
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise Damaged(f"lacks {', '.join(missing)}")
-    if weights_sha256(state["model"]) != state["model_sha256"]:
-        raise Damaged("fails its weights hash check (the file was damaged after writing)")
+    if state_sha256(state) != state["state_sha256"]:
+        raise Damaged("fails its integrity check (state_sha256): it was damaged after writing")
     return state
+
+
+def state_sha256(state: Dict[str, Any]) -> str:
+    """The checkpoint's integrity hash: over every entry but itself."""
+    from harness.digest import state_sha256 as digest
+
+    return digest({k: v for k, v in state.items() if k != "state_sha256"})
 
 
 def validate(state: Dict[str, Any], path: Path, config_sha256: str,
@@ -246,7 +273,8 @@ def newest_valid(run_dir: Path, config_sha256: str, facts: Dict[str, Any]
     """The newest intact checkpoint of `run_dir` (validated against the run's config and
     this environment), its path, and notes on damaged ones skipped on the way. Returns
     (None, None, notes) when there is no intact checkpoint."""
-    notes = []
+    notes = [f"removed {name}, left by a checkpoint write that was interrupted"
+             for name in remove_partial_writes(run_dir)]
     for path in listed(run_dir):
         try:
             state = load(path)

@@ -8,6 +8,7 @@ actually in effect, so the lockfile records facts rather than intentions.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from typing import Any, Dict
@@ -148,3 +149,85 @@ def epoch_generator(seed: int, epoch: int):
     generator = torch.Generator()
     generator.manual_seed((seed * 1_000_003 + epoch) % 2**63)
     return generator
+
+
+# ---------------------------------------------------------------- per-sample randomness
+
+# Streams keep the training and evaluation samples' randomness apart.
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+def sample_seed(seed: int, stream: int, epoch: int, index: int) -> int:
+    """A 64-bit seed that is a pure function of (seed, stream, epoch, sample index)."""
+    key = f"{seed}/{stream}/{epoch}/{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+class SeededSamples:
+    """`dataset[i]` with python `random`, numpy's global generator and torch's CPU generator
+    seeded from (seed, stream, epoch, i) right before the sample is built.
+
+    Why: a dataset that augments (random crops, flips, noise) draws from whatever generator
+    state the process it runs in has. In DataLoader workers that state depends on which
+    worker fetched the sample and on how many batches it fetched before, so results changed
+    with `num_workers` and a resumed run (whose workers restart) drew other numbers than the
+    uninterrupted one. Seeding per sample makes each sample's randomness independent of the
+    worker, of `num_workers` and of where a resume started; it costs one seeding per sample
+    (see `make bench`).
+
+    In the training process itself (num_workers=0) the generators' states are saved before a
+    batch and restored after it, so the main process's stream (dropout, say) is the same as
+    when workers build the batches.
+    """
+
+    def __init__(self, dataset, seed: int, epoch: int, stream: int = TRAIN_STREAM):
+        self.dataset, self.seed, self.epoch, self.stream = dataset, seed, epoch, stream
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices):
+        """The DataLoader's batched fetch: one save/restore per batch, one seeding per
+        sample."""
+        import torch
+
+        in_main_process = torch.utils.data.get_worker_info() is None
+        saved = _generator_states() if in_main_process else None
+        try:
+            samples = []
+            for index in indices:
+                _seed_generators(sample_seed(self.seed, self.stream, self.epoch, int(index)))
+                samples.append(self.dataset[index])
+            return samples
+        finally:
+            if saved is not None:
+                _restore_generator_states(saved)
+
+
+def _seed_generators(seed64: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed64)
+    np.random.seed(seed64 & 0xFFFFFFFF)  # the legacy generator takes 32-bit seeds
+    torch.default_generator.manual_seed(seed64)  # CPU only: GPU streams stay untouched
+
+
+def _generator_states():
+    import numpy as np
+    import torch
+
+    return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+
+
+def _restore_generator_states(states) -> None:
+    import numpy as np
+    import torch
+
+    python, numpy, cpu = states
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.default_generator.set_state(cpu)

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -258,4 +257,4 @@ def required_fields() -> List[str]:
     """Top-level fields every lockfile has (docs/lockfile.md documents each)."""
     return ["schema", "run_id", "created_utc", "harness", "config", "config_sha256", "seed",
             "overrides", "backend", "determinism", "software", "hardware", "environment",
-            "source", "data", "results", "lock_sha256"]
+            "source", "data", "results", "resumes", "lock_sha256"]

@@ -23,32 +23,9 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
 from harness import audit, checkpoint, determinism, lockfile, progress, rundir
+from harness.digest import tensor_digests, weights_sha256
 from harness.config import load_yaml
 from harness.errors import HarnessError
-
-# ---------------------------------------------------------------- fingerprints
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def tensor_digests(state: Dict[str, torch.Tensor]) -> Dict[str, str]:
-    """sha256 (first 16 hex digits) of each tensor's bytes: names the tensors that differ."""
-    return {name: hashlib.sha256(tensor_bytes(t)).hexdigest()[:16]
-            for name, t in sorted(state.items())}
-
-
-def weights_sha256(state: Dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors in name order (name, dtype, shape, raw bytes), independent of
-    pickle framing, so equal weights give equal hashes whatever wrote them."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode()
-        digest.update(header)
-        digest.update(tensor_bytes(tensor))
-    return digest.hexdigest()
-
 
 # ---------------------------------------------------------------- data order
 
@@ -81,11 +58,13 @@ def worker_init(worker_id: int) -> None:
 def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataLoader:
     trainer = cfg["trainer"]
     return DataLoader(
-        dataset,
+        determinism.SeededSamples(dataset, cfg["seed"], epoch),
         batch_size=trainer["batch_size"],
         sampler=EpochOrder(len(dataset), cfg["seed"], epoch, start_sample),
         num_workers=trainer["num_workers"],
         worker_init_fn=worker_init,
+        # Seeds the workers' base seed; a stream of its own (seed + 1), apart from the
+        # epoch order's generator (seed), so the two never draw the same numbers.
         generator=determinism.epoch_generator(cfg["seed"] + 1, epoch),
     )
 
@@ -113,7 +92,8 @@ class Metrics:
 
 def evaluate(model, dataset, cfg: Dict, device) -> Dict[str, Any]:
     model.eval()
-    loader = DataLoader(dataset, batch_size=cfg["trainer"]["eval_batch_size"], shuffle=False)
+    samples = determinism.SeededSamples(dataset, cfg["seed"], 0, determinism.EVAL_STREAM)
+    loader = DataLoader(samples, batch_size=cfg["trainer"]["eval_batch_size"], shuffle=False)
     correct, total, loss_sum = 0, 0, 0.0
     with torch.no_grad():
         for images, labels in loader:
@@ -126,6 +106,20 @@ def evaluate(model, dataset, cfg: Dict, device) -> Dict[str, Any]:
     loss = loss_sum / max(total, 1)
     return {"accuracy": correct / max(total, 1), "loss": loss, "loss_hex": loss.hex(),
             "samples": total}
+
+
+class Stopwatch:
+    """Adds up the time spent inside `with stopwatch:` blocks."""
+
+    def __init__(self):
+        self.total, self._started = 0.0, 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.total += time.perf_counter() - self._started
 
 
 class StopRequest:
@@ -213,7 +207,7 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str,
     resume = resume or restarts > 0
     facts = checkpoint.environment_facts(in_effect, cfg["trainer"]["device"])
     step, start_epoch, start_position = 0, 0, 0
-    restored = None
+    restored, resumes = None, []
     if resume:
         restored, path, notes = checkpoint.newest_valid(run_dir, launch["config_sha256"], facts)
         for note in notes:
@@ -228,6 +222,8 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str,
                 scheduler.load_state_dict(restored["scheduler"])
             step, start_epoch = restored["step"], restored["epoch"]
             start_position = restored["position"]
+            resumes = [*restored["resumes"], {"from_step": step, "checkpoint": path.name,
+                                              "state_sha256": restored["state_sha256"]}]
             print(f"harness: resuming from {path.name}: step {step}, epoch {start_epoch + 1}, "
                   f"{start_position} samples of the epoch done", flush=True)
         truncate_metrics(run_dir / rundir.METRICS, step)
@@ -242,9 +238,10 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str,
             "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler else None,
-            "rng": checkpoint.rng_state()})
+            "rng": checkpoint.rng_state(), "resumes": resumes})
 
     metrics = Metrics(run_dir / rundir.METRICS)
+    bookkeeping = Stopwatch()
     loss_value, first_step_at = float("nan"), None
     tick, tick_step = time.time(), step
     live_every = float(os.environ.get(progress.INTERVAL_ENV) or 0)
@@ -267,27 +264,28 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str,
             step += 1
             position += len(labels)
             loss_value = loss.item()
-            record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_value,
-                      "loss_hex": loss_value.hex()}
-            if step % trainer["fingerprint_every"] == 0 or step == total_steps:
-                record["params"] = tensor_digests(model.state_dict())
-            metrics.write(record)
-            if first_step_at is None:
-                first_step_at = time.time()
-            logged = step % trainer["log_every"] == 0 or step == total_steps
-            if logged or (live_every and time.time() - last_report >= live_every):
-                # `step` lines go to the log; `progress` lines only feed a terminal's live bar.
-                rate = (step - tick_step) / max(time.time() - tick, 1e-9)
-                eta = (total_steps - step) / max(rate, 1e-9)
-                print(f"{'step' if logged else 'progress'} {step}/{total_steps} epoch "
-                      f"{epoch + 1}/{trainer['epochs']} loss {loss_value:.4f} {rate:.1f} "
-                      f"steps/s ETA {eta:.0f}s", flush=True)
-                last_report = time.time()
-                if logged:
-                    tick, tick_step = last_report, step
-            stopping = stop.signum is not None and step < total_steps
-            if stopping or (step % trainer["checkpoint_every"] == 0 and step < total_steps):
-                saved = save(epoch, position)
+            with bookkeeping:  # the harness's own work per step: timing.harness_s
+                record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss_value,
+                          "loss_hex": loss_value.hex()}
+                if step % trainer["fingerprint_every"] == 0 or step == total_steps:
+                    record["params"] = tensor_digests(model.state_dict())
+                metrics.write(record)
+                if first_step_at is None:
+                    first_step_at = time.time()
+                logged = step % trainer["log_every"] == 0 or step == total_steps
+                if logged or (live_every and time.time() - last_report >= live_every):
+                    # `step` lines go to the log; `progress` lines only feed a terminal's live bar.
+                    rate = (step - tick_step) / max(time.time() - tick, 1e-9)
+                    eta = (total_steps - step) / max(rate, 1e-9)
+                    print(f"{'step' if logged else 'progress'} {step}/{total_steps} epoch "
+                          f"{epoch + 1}/{trainer['epochs']} loss {loss_value:.4f} {rate:.1f} "
+                          f"steps/s ETA {eta:.0f}s", flush=True)
+                    last_report = time.time()
+                    if logged:
+                        tick, tick_step = last_report, step
+                stopping = stop.signum is not None and step < total_steps
+                if stopping or (step % trainer["checkpoint_every"] == 0 and step < total_steps):
+                    saved = save(epoch, position)
             if stopping:
                 metrics.close()
                 print(f"harness: {stop.name} received: checkpoint {saved.name} written at step "
@@ -324,10 +322,12 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str,
         "hardware": lockfile.capture_hardware(),
         "environment": lockfile.capture_environment(),
         "results": results,
+        "resumes": resumes,
         "timing": {
             "time_to_first_step_s": round((first_step_at or finished) - launch["launched_unix"], 3),
             "first_step_unix": first_step_at,
             "train_loop_s": round(loop_end - loop_start, 3),
+            "harness_s": round(bookkeeping.total, 4),
             "train_process_s": round(finished - started, 3),
         },
     }

@@ -7,8 +7,10 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,69 @@ def tiny_conf(tmp_path) -> Path:
         "name: tiny\nseed: 0\ntrainer:\n  epochs: 1\n  batch_size: 32\n  log_every: 4\n"
         "  fingerprint_every: 4\n  checkpoint_every: 2\n")
     return conf
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+def make_context(base: Path, dataset: str = "harness.data.IdxClassification") -> dict:
+    """A config dir with `tiny` (generated IDX data read by the `dataset` class) under
+    `base`, and the env to run in."""
+    files = make_tiny_idx(base / "tinydata")
+    conf = base / "conf"
+    (conf / "data").mkdir(parents=True)
+    (conf / "data" / "tiny.yaml").write_text(json.dumps({
+        "name": "tiny", "root": str(base / "tinydata"), "mirrors": [], "files": files,
+        "dataset": {"_target_": dataset, "mean": 0.1, "std": 0.3}}))
+    (conf / "tiny.yaml").write_text(
+        "defaults:\n  - model: cnn\n  - data: tiny\n  - optim: adam\n  - trainer: default\n"
+        "  - determinism: strict\n  - backend: local\n  - _self_\n"
+        "name: tiny\nseed: 0\ntrainer:\n  epochs: 1\n  batch_size: 32\n  log_every: 4\n"
+        "  fingerprint_every: 4\n  checkpoint_every: 2\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(base / "cache"),
+           "PYTHONPATH": str(TESTS / "fixtures")}
+    return {"base": base, "conf": conf, "env": env, "runs": base / "runs"}
+
+
+def harness(ctx, *args, check_rc=None):
+    full = [*args, "--config-dir", str(ctx["conf"]), "--runs-dir", str(ctx["runs"])]
+    done = subprocess.run([sys.executable, "-m", "harness", *full], cwd=ctx["base"],
+                          env=ctx["env"], capture_output=True, text=True, timeout=600)
+    if check_rc is not None and done.returncode != check_rc:
+        raise AssertionError(f"harness {' '.join(full)} exited {done.returncode}, expected "
+                             f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+    return done
+
+
+def start_and_interrupt(ctx, args: list, sig: int, at_step: int):
+    """Start `harness train` in its own process group, wait until metrics.jsonl has
+    `at_step` steps, send `sig` to the whole group (launcher, training, DataLoader
+    workers). `args` are harness's arguments (`train CONFIG overrides...`).
+    Returns (run_dir, exit code, output)."""
+    before = set(ctx["runs"].iterdir()) if ctx["runs"].exists() else set()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", *args, "--config-dir",
+         str(ctx["conf"]), "--runs-dir", str(ctx["runs"])], cwd=ctx["base"], env=ctx["env"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    run_dir = None
+    try:
+        while time.time() < deadline:
+            assert process.poll() is None, "training ended before it could be interrupted:\n" \
+                + process.stdout.read()
+            new = [p for p in ctx["runs"].iterdir() if p not in before] \
+                if ctx["runs"].exists() else []
+            if new:
+                run_dir = new[0]
+                metrics = run_dir / "metrics.jsonl"
+                if metrics.exists() and metrics.read_text().count("\n") >= at_step:
+                    os.killpg(process.pid, sig)
+                    break
+            time.sleep(0.005)
+        else:
+            raise AssertionError("training did not reach the step in time")
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return run_dir, process.returncode, output
