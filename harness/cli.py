@@ -73,7 +73,7 @@ def cmd_slurm_status(args: argparse.Namespace) -> int:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from harness import config, data
+    from harness import data
 
     data_cfg = _data_config(args.name, args.config_dir)
     dest = Path(args.dest) if args.dest else data.user_cache_dir() / (

@@ -3,6 +3,7 @@
 import gzip
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -70,6 +71,51 @@ def test_dataset_found_through_harness_data(cli, tiny_conf, tmp_path):
                check_rc=0)
     lock = json.loads((run_dir_of(done) / "harness.lock").read_text())
     assert lock["data"]["root"] == str(tmp_path / "store" / "tiny")
+
+
+def test_edited_data_with_its_mtime_restored_is_refused_by_replay(cli, tiny_conf, tmp_path):
+    """A one-byte edit of a raw IDX file, with size, inode and mtime kept: the data check
+    hashes the bytes, so the replay refuses the data (exit 3) instead of training on it."""
+    data_dir = tmp_path / "tinydata"
+    for packed in data_dir.glob("*.gz"):  # raw IDX files, as a user may keep them
+        (data_dir / packed.name[:-3]).write_bytes(gzip.decompress(packed.read_bytes()))
+        packed.unlink()
+    runs = str(tmp_path / "runs")
+    original = run_dir_of(cli("train", "tiny", "trainer.max_steps=2", "--config-dir",
+                              str(tiny_conf), "--runs-dir", runs, check_rc=0))
+    images = data_dir / "train-images-idx3-ubyte"
+    before = images.stat()
+    with open(images, "r+b") as handle:
+        handle.seek(1000)
+        byte = handle.read(1)[0]
+        handle.seek(1000)
+        handle.write(bytes([byte ^ 0x01]))
+    os.utime(images, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert images.stat().st_mtime_ns == before.st_mtime_ns
+    done = cli("replay", original.name, "--runs-dir", runs)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "train-images-idx3-ubyte" in done.stderr and "content sha256" in done.stderr
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # no replay run was started
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+def test_corrupt_gzip_data_is_a_clear_data_error(cli, tiny_conf, tmp_path, damage):
+    """Four bytes overwritten inside a .gz, or its last 100 bytes cut off: exit 3 with a
+    message naming the file and what to do, no traceback, no run directory."""
+    labels = tmp_path / "tinydata" / "t10k-labels-idx1-ubyte.gz"
+    packed = bytearray(labels.read_bytes())
+    if damage == "overwrite":
+        packed[20:24] = b"\xff\x00\xff\x00"
+    else:
+        packed = packed[:-100] if len(packed) > 120 else packed[: len(packed) // 2]
+    labels.write_bytes(bytes(packed))
+    done = cli("train", "tiny", "--config-dir", str(tiny_conf), "--runs-dir",
+               str(tmp_path / "runs"))
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert str(labels) in done.stderr and "corrupt or truncated" in done.stderr
+    assert "harness data fetch tiny" in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 class _Server:
