@@ -113,6 +113,21 @@ def group(key: str) -> Tuple[str, str]:
 MISSING = "(absent)"
 
 
+def list_change(a: Any, b: Any) -> Optional[Tuple[List[Any], List[Any]]]:
+    """(added, removed): the items of list b that list a lacks, and those of a that b lacks,
+    repeats counted; None unless both are lists. A table cell cuts a long list (the ISA
+    flags): this names what differs."""
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return None
+    added, removed = list(b), []
+    for item in a:
+        if item in added:
+            added.remove(item)
+        else:
+            removed.append(item)
+    return added, removed
+
+
 @dataclass
 class Difference:
     key: str
@@ -125,8 +140,16 @@ class Difference:
     def blocking(self) -> bool:
         return self.group == BLOCKING
 
+    @property
+    def change(self) -> Optional[Tuple[List[Any], List[Any]]]:
+        return list_change(self.a, self.b)
+
     def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The fields; for two list values also `added` and `removed` (see list_change)."""
+        data = asdict(self)
+        if self.change is not None:
+            data["added"], data["removed"] = self.change
+        return data
 
 
 def differences(a: Dict[str, Any], b: Dict[str, Any],
@@ -181,11 +204,30 @@ def table(rows: List[List[str]], header: List[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _word(item: Any) -> str:
+    text = item if isinstance(item, str) else repr(item)
+    return text if text and not any(c.isspace() for c in text) else repr(item)
+
+
+def render_change(added: List[Any], removed: List[Any]) -> str:
+    """`+new -gone` (items of the second list, of the first), as for ISA flags."""
+    words = [f"+{_word(x)}" for x in added] + [f"-{_word(x)}" for x in removed]
+    return " ".join(words) or "same items, in another order"
+
+
 def render(diffs: List[Difference], label_a: str = "locked", label_b: str = "current",
            with_why: bool = True) -> str:
+    """The differences as a table; under a row of two lists, a line with the items that
+    differ (`  current vs locked: +avx512f -sse4a`), which the cut cells may not show."""
     rows = [[d.key, short(d.a), short(d.b)] + ([d.why] if with_why else []) for d in diffs]
     header = ["field", label_a, label_b] + (["why it matters"] if with_why else [])
-    return table(rows, header)
+    lines = table(rows, header).split("\n")
+    out = lines[:2]
+    for diff, line in zip(diffs, lines[2:]):
+        out.append(line)
+        if diff.change is not None:
+            out.append(f"  {label_b} vs {label_a}: {render_change(*diff.change)}")
+    return "\n".join(out)
 
 
 GROUP_ORDER = (BLOCKING, INFO, RESULTS, CONFIG)

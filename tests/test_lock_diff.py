@@ -2,11 +2,12 @@
 command end to end)."""
 
 import json
+import shutil
 
 import pytest
 
-from conftest import TESTS, run_dir_of
-from harness import gate
+from conftest import TESTS, read_lock, run_dir_of
+from harness import gate, lockfile
 
 CONF = str(TESTS / "conf")
 
@@ -78,6 +79,53 @@ def test_render_grouped():
     assert "hardware.hostname" in sections[1] and "(absent)" in sections[1]
     assert sections[2] == "== results: none"
     assert sections[3].startswith("== config (1)") and "config.optim.lr" in sections[3]
+
+
+ISA_A = ["avx", "avx2", "avx512bw", "avx512dq", "avx512vl", "f16c", "fma", "sse4_1", "sse4_2",
+         "sse4a"]
+ISA_B = ["avx", "avx2", "avx512bw", "avx512dq", "avx512f", "avx512vl", "f16c", "fma", "sse4_1",
+         "sse4_2"]
+
+
+def test_list_values_show_added_and_removed_items():
+    """A long list value is cut in the table; the items that differ are named under it."""
+    a = {"hardware": {"cpu": {"isa_flags": ISA_A}}, "config": {"model": {"channels": [8, 16]}}}
+    b = {"hardware": {"cpu": {"isa_flags": ISA_B}}, "config": {"model": {"channels": [16, 8]}}}
+    diffs = gate.differences(a, b)
+    text = gate.render(diffs)
+    assert "current vs locked: +avx512f -sse4a\n" in text + "\n"
+    assert "current vs locked: same items, in another order" in text
+    grouped = gate.render_grouped(diffs, "a", "b")
+    assert "b vs a: +avx512f -sse4a" in grouped
+    flags = gate.find(diffs, "hardware.cpu.isa_flags").to_json()
+    assert flags["added"] == ["avx512f"] and flags["removed"] == ["sse4a"]
+    # Repeats count; scalars get no added/removed.
+    repeated = gate.differences({"x": [1, 1, 2]}, {"x": [1, 2], "y": "v"})
+    assert repeated[0].to_json()["removed"] == [1] and repeated[0].to_json()["added"] == []
+    assert "added" not in repeated[1].to_json()
+
+
+def test_lock_diff_names_the_isa_flags_that_differ(cli, tmp_path):
+    a = run_dir_of(cli("train", "hashy", "trainer.epochs=1", "--config-dir", CONF,
+                       "--runs-dir", str(tmp_path / "runs"), check_rc=0))
+    b = tmp_path / "other-machine"
+    shutil.copytree(a, b)
+    lock = read_lock(a)
+    flags = lock["hardware"]["cpu"]["isa_flags"]
+    dropped = flags[:1]  # a flag this machine has (none on a machine without math flags)
+    lock["hardware"]["cpu"]["isa_flags"] = flags[1:] + ["sse4a"]
+    lockfile.write(b / "harness.lock", lock)  # re-sealed: the integrity check passes
+    change = " ".join(["+sse4a"] + [f"-{flag}" for flag in dropped])
+
+    done = cli("lock", "diff", str(a), str(b), check_rc=0)
+    blocking = done.stdout.split("== blocking for bitwise replay (1)\n")[1].split("\n\n")[0]
+    assert "hardware.cpu.isa_flags" in blocking
+    assert blocking.endswith(f"b vs a: {change}"), blocking
+
+    done = cli("lock", "diff", str(a), str(b), "--json", check_rc=0)
+    (difference,) = json.loads(done.stdout)["differences"]
+    assert difference["key"] == "hardware.cpu.isa_flags"
+    assert difference["added"] == ["sse4a"] and difference["removed"] == dropped
 
 
 def test_lock_diff_of_two_runs(cli, tmp_path):

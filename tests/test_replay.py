@@ -146,6 +146,23 @@ def test_blocking_difference_is_refused_then_allowed(harness, hashy_run, tmp_pat
     assert record["verdict"] == "IDENTICAL"  # the math really ran on the same machine
 
 
+def test_refusal_names_the_isa_flags_that_differ(harness, hashy_run, tmp_path):
+    """The table cuts a long list; the line under it says which items differ."""
+    run = copy_run(hashy_run, tmp_path)
+    flags = read_lock(run)["hardware"]["cpu"]["isa_flags"]
+    gained = flags[-1:]  # a flag this machine has (none on a machine without math flags)
+
+    def other_cpu(lock):
+        lock["hardware"]["cpu"]["isa_flags"] = ["sse4a"] + flags[:-1]
+
+    edit_lock(run, other_cpu)
+    done = harness("replay", str(run))
+    assert done.returncode == 6, done.stdout + done.stderr
+    change = " ".join([f"+{flag}" for flag in gained] + ["-sse4a"])
+    assert "hardware.cpu.isa_flags" in done.stderr
+    assert f"\n  current vs locked: {change}\n" in done.stderr, done.stderr
+
+
 def test_informational_difference_does_not_block(harness, hashy_run, tmp_path):
     run = copy_run(hashy_run, tmp_path)
 
