@@ -43,5 +43,11 @@ class ReplayRefused(HarnessError):
     exit_code = 6
 
 
+class RunBusy(HarnessError):
+    """Another process is writing the run directory (one writer at a time)."""
+
+    exit_code = 6
+
+
 class Diverged(HarnessError):
     exit_code = 7

@@ -43,11 +43,13 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     if hasattr(backend, "lock_facts"):
         lock_extra = {**backend.lock_facts(cfg), **(lock_extra or {})}
     run_dir = rundir.create(runs_dir or rundir.default_runs_dir(), cfg["name"])
-    prepare(run_dir, cfg, overrides, backend.name, data_root, data_files, launched, lock_extra)
-    print(f"harness: run {run_dir.name} ({backend.name} backend) -> {run_dir}", flush=True)
-    rundir.write_status(run_dir, "running", backend=backend.name, started_utc=rundir.now_utc(),
-                        host_pid=os.getpid())
-    return _run(run_dir, cfg, backend, data_root, [])
+    with rundir.WriterLock(run_dir).acquire("harness train") as lock:
+        prepare(run_dir, cfg, overrides, backend.name, data_root, data_files, launched,
+                lock_extra)
+        print(f"harness: run {run_dir.name} ({backend.name} backend) -> {run_dir}", flush=True)
+        rundir.write_status(run_dir, "running", backend=backend.name,
+                            started_utc=rundir.now_utc(), host_pid=os.getpid())
+        return _run(run_dir, cfg, backend, data_root, [], lock)
 
 
 def resume(ref: str, name: Optional[str], overrides: List[str],
@@ -56,6 +58,12 @@ def resume(ref: str, name: Optional[str], overrides: List[str],
     training process picks and validates it). With a config name (and overrides), refuse
     when they do not compose to the run's recorded config."""
     run_dir = rundir.resolve(ref, runs_dir)
+    with rundir.WriterLock(run_dir).acquire("harness train --resume") as lock:
+        return _resume_locked(run_dir, name, overrides, config_dir, lock)
+
+
+def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
+                   config_dir: Optional[Path], lock: rundir.WriterLock) -> Path:
     if (run_dir / rundir.LOCK).exists():
         raise ConfigError(f"run {run_dir.name} already finished (it has a lockfile); there is "
                           f"nothing to resume. Start a new run instead.")
@@ -77,16 +85,21 @@ def resume(ref: str, name: Optional[str], overrides: List[str],
                 f"cannot resume run {run_dir.name} with config '{name}' "
                 f"{' '.join(overrides)}: it differs from the run's config ({'; '.join(diffs)}). "
                 f"Resume with the run's own config: `harness train --resume {run_dir.name}`.")
-    previous = rundir.read_status(run_dir)
+    previous = rundir.read_json(run_dir / rundir.STATUS)
     # The backend the run started on (status.json), not a new choice by backend=auto: the
     # checkpoint's environment must match.
     backend = backends.get(_resume_backend(previous.get("backend") or cfg["backend"]["name"]))
     data_root, _ = data.prepare(cfg["data"])
+    for line in backend.clean_up(run_dir):
+        print(f"harness: {line}", flush=True)
+    if previous.get("state") == "running":  # we hold the lock: its writer is gone
+        print(f"harness: run {run_dir.name} was left 'running' by a launcher that is gone",
+              flush=True)
     print(f"harness: resuming run {run_dir.name} ({backend.name} backend) -> {run_dir}",
           flush=True)
     rundir.write_status(run_dir, "running", backend=backend.name, host_pid=os.getpid(),
                         resumed_utc=rundir.now_utc(), resumes=previous.get("resumes", 0) + 1)
-    return _run(run_dir, cfg, backend, data_root, ["--resume"])
+    return _run(run_dir, cfg, backend, data_root, ["--resume"], lock)
 
 
 def _resume_backend(name: str) -> str:
@@ -96,7 +109,7 @@ def _resume_backend(name: str) -> str:
 
 
 def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
-         extra_args: List[str]) -> Path:
+         extra_args: List[str], lock: rundir.WriterLock) -> Path:
     env = pinned_environment(cfg["determinism"])
     if os.environ.get(audit.ENV_SWITCH):  # `harness verify`'s module audit, on any backend
         env[audit.ENV_SWITCH] = os.environ[audit.ENV_SWITCH]
@@ -104,7 +117,8 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
     if interval:  # a terminal: ask the training for frequent lines to draw a live bar
         env[progress.INTERVAL_ENV] = interval
     handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, env=env, data_root=data_root, extra_args=extra_args))
+        run_dir=run_dir, env=env, data_root=data_root, extra_args=extra_args,
+        lock_fd=lock.fd))
     process = getattr(handle, "process", None)
 
     def forward(signum, frame):

@@ -163,8 +163,14 @@ def _text(value) -> str:
 
 
 def capture_hardware() -> Dict[str, Any]:
+    """CPU, GPUs and the host's name. Inside a container, `platform.node()` is the
+    container's id: the launcher passes the host's name in HARNESS_HOST_NAME, and the
+    container's own name is kept apart in `container_hostname`."""
     gpu = capture_gpus()
-    return {"cpu": capture_cpu(), "hostname": platform.node(), **gpu}
+    host = os.environ.get("HARNESS_HOST_NAME")
+    names = {"hostname": host, "container_hostname": platform.node()} if host else \
+        {"hostname": platform.node()}
+    return {"cpu": capture_cpu(), **names, **gpu}
 
 
 def capture_source(directory: Path) -> Dict[str, Any]:

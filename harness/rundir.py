@@ -9,14 +9,17 @@
     checkpoints/     training state at intervals (the newest two)
     model.pt         final weights
     harness.lock     the lockfile, written last, only by a run that finished
+    .writer.lock     held (flock) by the one process writing the run, see WriterLock
 
 Every file is written atomically (temp file + rename), so a reader never sees half of one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
 import secrets
 import tempfile
 import time
@@ -24,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, RunBusy
 
 CONFIG = "config.yaml"
 OVERRIDES = "overrides.txt"
@@ -35,6 +38,7 @@ LOG = "train.log"
 WEIGHTS = "model.pt"
 LOCK = "harness.lock"
 CHECKPOINTS = "checkpoints"
+WRITER_LOCK = ".writer.lock"
 
 
 def default_runs_dir() -> Path:
@@ -97,16 +101,81 @@ def write_status(run_dir: Path, state: str, **fields: Any) -> Dict[str, Any]:
 
 
 def read_status(run_dir: Path) -> Dict[str, Any]:
-    """The run's status; a run marked running whose launcher process is gone is reported
-    as failed (it was killed before it could say so)."""
+    """The run's status. A run marked running whose writer is gone (its launcher was
+    killed before it could say so) is recorded as failed, with the reason, when it is
+    next looked at."""
     try:
         status = read_json(run_dir / STATUS)
     except (OSError, ValueError):
         return {"state": "unknown"}
-    if status.get("state") == "running" and status.get("host_pid"):
+    if status.get("state") != "running" or not status.get("host_pid") \
+            or status.get("backend") == "slurm":
+        return status  # a batch job's state is the scheduler's to tell
+    try:
+        with WriterLock(run_dir).acquire("status check"):
+            status = read_json(run_dir / STATUS)  # as it is now that nobody writes
+            if status.get("state") == "running":
+                status = write_status(
+                    run_dir, "failed", reason="the launcher and its training process are gone "
+                    "(killed?); continue it with `harness train --resume`",
+                    finished_utc=now_utc())
+    except RunBusy:
+        pass  # its writer is alive: running is true
+    except OSError:  # not ours to lock (read-only, another user): guess from the pid
         if not _pid_alive(int(status["host_pid"])):
             status = {**status, "state": "failed", "reason": "launcher process gone"}
     return status
+
+
+class WriterLock:
+    """One writer per run directory: an exclusive flock on `.writer.lock`.
+
+    The launcher takes it before it writes anything and a local training process inherits
+    it, so it is held as long as either lives; the kernel drops it when the last of them
+    exits, so a killed holder cannot keep it. The holder's pid, host and purpose are written
+    into the file for the refusal message of whoever comes second."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / WRITER_LOCK
+        self.fd: Optional[int] = None
+
+    def acquire(self, purpose: str) -> "WriterLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            raise RunBusy(self._busy_message(holder)) from None
+        holder = {"pid": os.getpid(), "host": platform.node(), "purpose": purpose,
+                  "since_utc": now_utc()}
+        os.ftruncate(fd, 0)  # written in place: the lock belongs to this inode
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+        return self
+
+    def _busy_message(self, text: str) -> str:
+        run = self.path.parent.name
+        try:
+            holder = json.loads(text)
+            who = (f"pid {holder['pid']} on {holder['host']} ({holder['purpose']}, since "
+                   f"{holder['since_utc']})")
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        return (f"run {run} is being written by {who}, or by the training process it "
+                f"started. One process writes a run at a time: wait until it ends, or stop "
+                f"it (SIGTERM writes a checkpoint) and then `harness train --resume {run}`.")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
@@ -24,8 +25,11 @@ from torch.utils.data import DataLoader, Subset
 
 from harness import audit, checkpoint, determinism, lockfile, progress, rundir
 from harness.digest import tensor_digests, weights_sha256
+from harness.backends.local import LAUNCHER_PID_ENV
 from harness.config import load_yaml
 from harness.errors import HarnessError
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # ---------------------------------------------------------------- data order
 
@@ -142,6 +146,34 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+def stop_when_launcher_dies(watch_stdin: bool) -> None:
+    """A training process must not outlive its launcher unnoticed (a resume would start a
+    second writer on the run). When the launcher dies, even by SIGKILL, send ourselves
+    SIGTERM: StopRequest then checkpoints at the next step boundary and exits 75.
+    A local child learns it from the kernel (PR_SET_PDEATHSIG); in a container, where the
+    launcher is no parent, from the end of the stdin the launcher holds open."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # not Linux: the broken stdout pipe ends the process at its next line
+        if os.getppid() != int(launcher):  # it died before the line above took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    if watch_stdin:
+        threading.Thread(target=_stop_at_end_of_stdin, daemon=True).start()
+
+
+def _stop_at_end_of_stdin() -> None:
+    # The raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader
+    # would hold its lock when the interpreter shuts down (a fatal error).
+    while os.read(0, 1 << 16):
+        pass  # nothing is sent; only the end matters
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -342,7 +374,10 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest intact checkpoint in RUN_DIR")
+    parser.add_argument("--watch-stdin", action="store_true",
+                        help="checkpoint and stop when stdin ends (the launcher is gone)")
     args = parser.parse_args(argv)
+    stop_when_launcher_dies(args.watch_stdin)
     try:
         results = run(args.run_dir, args.data_root, resume=args.resume)
     except HarnessError as exc:

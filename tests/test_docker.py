@@ -100,6 +100,9 @@ def test_local_and_docker_train_bit_identical(cli, tiny_conf, engine, built):
         b["determinism"]["in_effect"]["torch_num_threads"]
     assert loss_bits(local) == loss_bits(boxed)
     assert a["results"]["weights_sha256"] == b["results"]["weights_sha256"]
+    # The host's name, not the container's id (which is recorded apart).
+    assert b["hardware"]["hostname"] == a["hardware"]["hostname"]
+    assert b["hardware"]["container_hostname"] != b["hardware"]["hostname"]
 
 
 @pytest.mark.docker
@@ -112,6 +115,7 @@ def test_replay_of_a_docker_run_is_identical_in_the_same_image(cli, tiny_conf, e
     assert again["backend"]["name"] == "docker"
     assert again["image"]["id"] == lock["image"]["id"]
     assert again["replay_of"]["run_id"] == original.name
+    assert "hardware.hostname" not in [m["key"] for m in again["replay_mismatches"]]
 
 
 @pytest.mark.docker
@@ -133,6 +137,38 @@ def test_preempted_docker_run_resumes_in_docker(cli, tiny_conf, tmp_path, cache_
     assert f"resuming run {run_dir.name} (docker backend)" in done.stdout
     assert read_lock(run_dir)["backend"]["name"] == "docker"
     assert read_lock(run_dir)["results"]["steps"] == 320
+
+
+@pytest.mark.docker
+def test_container_stops_when_its_launcher_is_killed_and_resume_cleans_up(
+        cli, tiny_conf, tmp_path, cache_home, engine, built):
+    """SIGKILL of the harness process group: the container sees its launcher gone (its
+    stdin ends), checkpoints and exits 75 instead of writing on unseen; the resume removes
+    it before starting a new container and finishes the run."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(TESTS / "fixtures")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", "train", "tiny", "--config-dir", str(tiny_conf),
+         "backend=docker", "trainer.epochs=40", "trainer.log_every=1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("step "):
+            break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    run_dir = next((tmp_path / "runs").iterdir())
+    label = {"label": f"{LABEL}={run_dir.name}"}
+    deadline = time.monotonic() + 60
+    while engine.containers.list(filters=label):  # running ones
+        assert time.monotonic() < deadline, "the container outlived its launcher"
+        time.sleep(0.5)
+    (container,) = engine.containers.list(all=True, filters=label)
+    assert container.attrs["State"]["ExitCode"] == 75
+    assert "SIGTERM received: checkpoint" in container.logs().decode()
+    done = cli("train", "--resume", run_dir.name, check_rc=0)
+    assert f"removed container {container.short_id}" in done.stdout
+    assert read_lock(run_dir)["results"]["steps"] == 320
+    assert engine.containers.list(all=True, filters=label) == []
 
 
 PROBE_CONF = """

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,54 @@ def test_checkpoint_of_an_older_format_is_refused_not_resumed_inexactly(setup):
     done = harness(setup, "train", "--resume", run_dir.name, check_rc=6)
     assert "harness.checkpoint/1" in done.stderr and "exact resume" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def wait_until_unlocked(run_dir: Path, timeout: float = 60.0) -> float:
+    """Seconds until no process holds the run's writer lock (its writers are gone)."""
+    from harness import rundir
+    from harness.errors import RunBusy
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            rundir.WriterLock(run_dir).acquire("test").release()
+            return time.monotonic() - started
+        except RunBusy:
+            time.sleep(0.1)
+    raise AssertionError(f"{run_dir} still locked after {timeout} s")
+
+
+def test_a_killed_launcher_takes_its_training_down_and_the_status_says_so(setup):
+    """SIGKILL of the launcher alone: the training process does not live on as a second,
+    unseen writer; it checkpoints and stops. The run is then recorded as failed (not left
+    'running') when it is next looked at, and resumes bit for bit."""
+    run_dir, code, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=6,
+                                           group=False)
+    assert code == -signal.SIGKILL
+    assert wait_until_unlocked(run_dir) < 30
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
+    listed = subprocess.run([sys.executable, "-m", "harness", "runs", "--runs-dir",
+                             str(setup["runs"])], env=setup["env"], capture_output=True,
+                            text=True, check=True)
+    line = next(line for line in listed.stdout.splitlines() if run_dir.name[:20] in line)
+    assert "failed" in line
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "launcher" in status["reason"]
+    harness(setup, "train", "--resume", run_dir.name, check_rc=0)
+    assert_same_as_reference(setup, run_dir)
+
+
+def test_two_resumes_at_once_one_writes_the_other_is_refused(setup):
+    run_dir, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=6)
+    command = [sys.executable, "-m", "harness", "train", "--resume", run_dir.name,
+               "--config-dir", str(setup["conf"]), "--runs-dir", str(setup["runs"])]
+    both = [subprocess.Popen(command, cwd=setup["base"], env=setup["env"], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in both]
+    codes = [process.returncode for process in both]
+    assert sorted(codes) == [0, 6], outputs
+    refused = outputs[codes.index(6)][1]
+    assert f"run {run_dir.name} is being written by pid" in refused
+    assert "Traceback" not in refused
+    assert_same_as_reference(setup, run_dir)
+    assert json.loads((run_dir / "status.json").read_text())["resumes"] == 1

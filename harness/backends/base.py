@@ -1,10 +1,11 @@
-"""The backend interface: launch a prepared run directory, wait for it, stop it."""
+"""The backend interface: launch a prepared run directory, wait for it, stop it, and clean
+up what a killed launcher left running."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Protocol
+from typing import Dict, List, Optional, Protocol
 
 
 @dataclass
@@ -13,6 +14,9 @@ class LaunchSpec:
     env: Dict[str, str]  # the pinned environment the training process must start with
     data_root: Optional[Path] = None  # verified dataset directory (read-only for training)
     extra_args: list = field(default_factory=list)  # appended to `python -m harness.train`
+    # The run directory's WriterLock descriptor: a training process that can inherit it
+    # (a local child) keeps the run locked while it lives, even if the launcher is killed.
+    lock_fd: Optional[int] = None
 
 
 class Handle(Protocol):
@@ -28,3 +32,7 @@ class Backend(Protocol):
 
     def launch(self, spec: LaunchSpec) -> Handle:
         ...
+
+    def clean_up(self, run_dir: Path) -> List[str]:
+        """Before a resume, with the run's WriterLock held: stop what a killed launcher left
+        running for this run; return what was done, one line each."""

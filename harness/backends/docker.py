@@ -4,13 +4,20 @@ The container has no network, a read-only root with a tmpfs /tmp, a non-root use
 capabilities and no privilege escalation; the dataset is mounted read-only and the run
 directory read-write. GPUs are requested only for trainer.device=cuda. Output streams to
 the terminal and train.log; the exit code is the container's.
+
+The container must not outlive its launcher unnoticed: the launcher holds the container's
+stdin open (attached, StdinOnce), and the training watches it (`--watch-stdin`). When the
+launcher dies, even by SIGKILL, the engine closes that stdin and the training writes a
+checkpoint and stops as on SIGTERM. A resume also stops and removes any container of the
+run still there (`clean_up`) before it starts a new one.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from harness.progress import Console
 from harness import image, rundir
@@ -21,6 +28,7 @@ from harness.errors import EnvironmentProblem
 RUN_MOUNT = "/harness/run"
 DATA_MOUNT = "/harness/data"
 CODE_MOUNT = "/harness/code"
+HOST_NAME_ENV = "HARNESS_HOST_NAME"
 LABEL = "org.harness.run"  # every training container carries it: `docker ps -a --filter label=...`
 GPU_HINT = ("The NVIDIA container runtime is missing: install the NVIDIA driver and the "
             "NVIDIA Container Toolkit (nvidia-ctk runtime configure --runtime=docker, then "
@@ -57,8 +65,9 @@ class ContainerProcess:
 
 
 class DockerHandle:
-    def __init__(self, container, log_path: Path, stop_timeout_s: int):
+    def __init__(self, container, log_path: Path, stop_timeout_s: int, stdin):
         self.container = container
+        self.stdin = stdin  # held open while we live: the training's lifeline
         self.process = ContainerProcess(container)
         self.log_path = log_path
         self.stop_timeout_s = stop_timeout_s
@@ -98,6 +107,7 @@ class DockerHandle:
             self.container.remove(force=True)
         except (NotFound, APIError):
             pass
+        self.stdin.close()
 
 
 def gpu_requested(cfg: Dict[str, Any]) -> bool:
@@ -118,12 +128,14 @@ def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Pa
         target = f"{CODE_MOUNT}/{i}"
         volumes[str(Path(directory).resolve())] = {"bind": target, "mode": "ro"}
         pythonpath.append(target)
-    command = ["python", "-u", "-m", "harness.train", RUN_MOUNT]
+    command = ["python", "-u", "-m", "harness.train", RUN_MOUNT, "--watch-stdin"]
     if data_root:
         command += ["--data-root", DATA_MOUNT]
     kwargs: Dict[str, Any] = dict(
         command=command,
-        environment={**env, "PYTHONPATH": ":".join(pythonpath), "HOME": "/tmp"},
+        # HOST_NAME_ENV: the lockfile records the host's name, not the container id.
+        environment={**env, "PYTHONPATH": ":".join(pythonpath), "HOME": "/tmp",
+                     HOST_NAME_ENV: platform.node()},
         user=_user(opts["user"]),
         working_dir=RUN_MOUNT,
         volumes=volumes,
@@ -134,7 +146,9 @@ def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Pa
         security_opt=["no-new-privileges"],
         shm_size=opts["shm_size"],
         labels={LABEL: run_dir.name, **(opts.get("labels") or {})},
-        detach=True,
+        # stdin open and attachable once: its end tells the training its launcher is gone.
+        stdin_open=True,
+        detach=False,
     )
     if gpu_requested(cfg):
         count = -1 if str(opts["gpus"]) == "all" else int(opts["gpus"])
@@ -227,11 +241,34 @@ class DockerBackend:
             options["command"] = options["command"] + list(spec.extra_args)
         _hand_over(run_dir, options["user"])
         container = self.engine.containers.create(reference, **options)
+        stdin = self.engine.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
         try:
             start_or_explain(container, cfg)
         except EnvironmentProblem as exc:
+            stdin.close()
             rundir.write_status(run_dir, "failed", exit_code=exc.exit_code, reason=str(exc),
                                 finished_utc=rundir.now_utc())
             raise
         return DockerHandle(container, run_dir / rundir.LOG,
-                            int(cfg["backend"]["docker"]["stop_timeout_s"]))
+                            int(cfg["backend"]["docker"]["stop_timeout_s"]), stdin)
+
+    def clean_up(self, run_dir: Path) -> List[str]:
+        """Stop (SIGTERM: the training checkpoints first) and remove every container of
+        this run that a killed launcher left behind."""
+        from docker.errors import APIError, NotFound
+
+        cfg = load_yaml(run_dir / rundir.CONFIG)
+        timeout = int(cfg["backend"]["docker"]["stop_timeout_s"])
+        done = []
+        for container in self.engine.containers.list(
+                all=True, filters={"label": f"{LABEL}={run_dir.name}"}):
+            state = container.status
+            try:
+                if state == "running":
+                    container.stop(timeout=timeout)
+                container.remove(force=True)
+            except (NotFound, APIError):
+                continue
+            done.append(f"{'stopped and removed' if state == 'running' else 'removed'} "
+                        f"container {container.short_id} left {state} by an earlier launch")
+        return done

@@ -6,10 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+from typing import List
 
 from harness import rundir
 from harness.backends.base import LaunchSpec
 from harness.progress import Console
+
+LAUNCHER_PID_ENV = "HARNESS_LAUNCHER_PID"
 
 
 class LocalHandle:
@@ -45,8 +48,14 @@ class LocalBackend:
             command += ["--data-root", str(spec.data_root)]
         command += list(spec.extra_args)
         # The pinned variables must be in the environment before the interpreter starts
-        # (PYTHONHASHSEED is read only at interpreter start-up).
-        env = {**os.environ, **spec.env}
+        # (PYTHONHASHSEED is read only at interpreter start-up). LAUNCHER_PID_ENV: the
+        # training stops (checkpoint, exit 75) when this launcher dies.
+        env = {**os.environ, **spec.env, LAUNCHER_PID_ENV: str(os.getpid())}
+        keep = (spec.lock_fd,) if spec.lock_fd is not None else ()
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                   pass_fds=keep)
         return LocalHandle(process, spec.run_dir / rundir.LOG)
+
+    def clean_up(self, run_dir) -> List[str]:
+        return []  # a local training process holds the run's WriterLock while it lives

@@ -217,3 +217,6 @@ class SlurmBackend:
         print(f"harness: submitted Slurm job {job_id}; log {spec.run_dir / sbatch.LOG_NAME}",
               flush=True)
         return SlurmHandle(spec.run_dir, float(slurm.get("poll_s") or 2.0))
+
+    def clean_up(self, run_dir: Path) -> List[str]:
+        return []  # the scheduler owns the job; a resume by hand runs locally
