@@ -239,7 +239,21 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
     composed = OmegaConf.to_container(composed, resolve=False)
     composed.pop("hydra", None)
     composed.setdefault("name", name)
-    return validate(composed)
+    resolved = validate(composed)
+    check_targets(resolved, ConfigError, "Install the package, put its directory on "
+                  "PYTHONPATH (and in backend.docker.pythonpath for container runs), or fix "
+                  "the name.")
+    return resolved
+
+
+def check_targets(cfg: Dict[str, Any], error: type, fix: str) -> None:
+    """Raise `error` naming every `_target_` the training process could not import."""
+    from harness import targets
+
+    missing = targets.problems(cfg)
+    if missing:
+        raise error("cannot find what the config names to build:\n  " + "\n  ".join(missing)
+                    + f"\n{fix}")
 
 
 def check_override_syntax(overrides: List[str]) -> None:
@@ -268,6 +282,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"invalid config: {_first_line(exc)}. Fix the value in the config "
                           f"file or the override.") from None
     _check_ranges(resolved)
+    _check_interpolated_numbers(raw, resolved)
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(SEED_LIMIT)
     return resolved
@@ -304,6 +319,35 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"invalid config: seed={cfg['seed']}; it must be below {SEED_LIMIT}.")
     if (cfg["determinism"]["pythonhashseed"] or 0) > 4294967295:
         raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
+
+
+def _check_interpolated_numbers(raw: Any, resolved: Any, key: str = "",
+                                in_target: bool = False) -> None:
+    """A `_target_` component's argument that an interpolation turned into a numeric-looking
+    string (`optim.lr='${oc.env:MYLR}'` gives '0.05': environment variables are strings)
+    would fail inside the training; say so now, with the fix."""
+    if isinstance(raw, dict) and isinstance(resolved, dict):
+        in_target = in_target or "_target_" in resolved
+        for name, value in raw.items():
+            if name in resolved:
+                _check_interpolated_numbers(value, resolved[name],
+                                            f"{key}.{name}" if key else str(name), in_target)
+    elif in_target and isinstance(raw, str) and "${" in raw and isinstance(resolved, str) \
+            and _looks_numeric(resolved):
+        inner = raw.strip()[2:-1] if raw.strip().startswith("${") else None
+        hint = (f"${{oc.decode:${{{inner}}}}}" if inner else "${oc.decode:...} around it")
+        raise ConfigError(
+            f"invalid config: {key}={resolved!r} is a string (from {raw!r}), but it looks like "
+            f"a number: interpolated environment variables are strings. Write {hint} to get "
+            f"the number (quoted as an override: {key}='{hint}').")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def canonical_json(data: Any) -> str:

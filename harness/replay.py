@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness import __version__, capture, compare, config, gate, lockfile, rundir
-from harness.errors import Diverged, ReplayRefused
+from harness.errors import Diverged, EnvironmentProblem, ReplayRefused
 
 REPLAY_FILE = "replay.json"
 
@@ -39,6 +39,9 @@ def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, A
               flush=True)
     # backend=auto chose at launch; the replay runs where the original actually ran.
     cfg["backend"]["name"] = lock["backend"]["name"]
+    config.check_targets(cfg, EnvironmentProblem, f"The run used code that is not importable "
+                         f"here: make it so (install the package or put its directory on "
+                         f"PYTHONPATH) and replay {run_dir.name} again.")
     return run_dir, lock, cfg
 
 

@@ -30,6 +30,28 @@ def test_bad_train_input(cli, tmp_path, args, phrases):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize("override, phrases", [
+    ("model._target_=nosuchpkg.Net", ["model._target_=nosuchpkg.Net",
+                                      "no module named 'nosuchpkg'", "PYTHONPATH"]),
+    ("model._target_=harness.models.NoSuchNet", ["model._target_=harness.models.NoSuchNet",
+                                                 "defines no 'NoSuchNet'"]),
+    ("data.dataset._target_=harness.nosuchmodule.Data", ["data.dataset._target_",
+                                                         "has no module or name 'nosuchmodule'"]),
+])
+def test_target_that_cannot_be_imported_is_refused_before_launch(cli, tmp_path, override,
+                                                                 phrases):
+    done = cli("train", "fashion_mnist", override, "--runs-dir", str(tmp_path / "runs"))
+    assert_rejected(done, *phrases)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_number_from_an_environment_variable_needs_decoding(cli, tmp_path):
+    done = cli("train", "fashion_mnist", "optim.lr=${oc.env:MYLR}", "--runs-dir",
+               str(tmp_path / "runs"), env={"MYLR": "0.05"})
+    assert_rejected(done, "optim.lr='0.05' is a string", "${oc.decode:${oc.env:MYLR}}")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_backend_lists_valid_ones(cli, tmp_path):
     done = cli("train", "hashy", "backend.name=moon", "--config-dir", str(TESTS / "conf"),
                "--runs-dir", str(tmp_path / "runs"))

@@ -210,3 +210,17 @@ def test_injected_output_noise_diverges_at_its_step(harness):
     assert record["first_diverging_step"] == 9
     assert record["first_loss_difference"]["step"] == 9
     assert "jitter.weight" in record["first_differing_tensors"]
+
+
+def test_replay_where_the_runs_code_is_not_importable_says_what_is_missing(harness,
+                                                                           hashy_run):
+    """The run's dataset and model come from tests/fixtures (harness_testkit) on
+    PYTHONPATH; replayed without it, the replay stops before training (exit 4) and names
+    what is missing."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-m", "harness", "replay", str(hashy_run)],
+                          cwd=harness.base, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "no module named 'harness_testkit'" in done.stderr
+    assert "PYTHONPATH" in done.stderr and "Traceback" not in done.stderr
