@@ -1,9 +1,9 @@
-# make train CONF=mnist [ARGS="seed=3 optim.lr=0.02"]   train a config (creates the venv first)
+# make train [CONF=fashion_mnist] [ARGS="seed=3 optim.lr=0.02"]   train a config (creates the venv first)
 # make test                                            run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CONF ?= mnist
+CONF ?= fashion_mnist
 ARGS ?=
 PYTEST_ARGS ?=
 

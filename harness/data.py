@@ -13,6 +13,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -197,18 +199,51 @@ def prepare(data_cfg: Dict, fetch_missing: bool = True) -> Tuple[Optional[Path],
         root = data_cfg.get("root")
         return (Path(root) if root else None), {}
     located = locate(data_cfg)
+    fetch_failed = None
     if located is None and fetch_missing and data_cfg.get("mirrors") and not data_cfg.get("root"):
         print(f"harness: dataset '{data_cfg['name']}' not found locally; fetching it",
               file=sys.stderr)
         try:
             fetch(data_cfg, user_cache_dir() / (data_cfg.get("dirname") or data_cfg["name"]))
         except DataError as exc:
-            raise DataError(f"{missing_message(data_cfg)}\nFetching failed too: {exc}") from None
+            fetch_failed = exc
+        located = locate(data_cfg)
+    if located is None and fetch_missing and can_install_debian_package(data_cfg):
+        install_debian_package(data_cfg["debian_package"])
         located = locate(data_cfg)
     if located is None:
-        raise DataError(missing_message(data_cfg))
+        raise DataError(missing_message(data_cfg) +
+                        (f"\nFetching failed too: {fetch_failed}" if fetch_failed else ""))
     directory, paths = located
     return directory, verify(data_cfg, paths)
+
+
+def can_install_debian_package(data_cfg: Dict) -> bool:
+    """A dataset Debian packages, on a Debian machine where we are root, with no explicit
+    data.root: the package's directory is one of the standard locations."""
+    return bool(data_cfg.get("debian_package")) and not data_cfg.get("root") \
+        and os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def install_debian_package(package: str) -> None:
+    """apt-get install PACKAGE, refreshing the package lists once if that fails."""
+    print(f"harness: installing Debian package {package} (apt-get, as root): it provides "
+          f"this dataset", file=sys.stderr, flush=True)
+
+    def apt(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "-q", *args],
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                              capture_output=True, text=True)
+
+    install = ("install", "-y", "--no-install-recommends", package)
+    done = apt(*install)
+    if done.returncode != 0:  # the package lists may be missing or stale
+        apt("update")
+        done = apt(*install)
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout or "no output").strip().splitlines()[-1]
+        raise DataError(f"apt-get install {package} failed ({last}); install it by hand "
+                        f"(`make data` for Fashion-MNIST) and try again.")
 
 
 def missing_message(data_cfg: Dict) -> str:

@@ -4,13 +4,14 @@ import gzip
 import http.server
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_tiny_idx, run_dir_of, write_idx
+from conftest import FAST, IN_CI, ROOT, make_tiny_idx, require, run_dir_of, write_idx
 from harness import data
 from harness.errors import DataError
 
@@ -199,3 +200,24 @@ def test_train_fetches_missing_data_before_launch(cli, mirror, tmp_path):
     assert "fetching" in done.stderr
     lock = json.loads((run_dir_of(done) / "harness.lock").read_text())
     assert lock["data"]["root"].endswith("harness/data/tiny")
+
+
+@pytest.mark.slow
+def test_train_installs_the_debian_dataset_package_when_it_is_missing(cli, tmp_path):
+    """A fresh machine that reaches only Debian's archive and PyPI: the mirrors fail, the
+    config names a Debian package, and as root `harness train` installs it, says so, and
+    trains. Removes and reinstalls a system package, so it runs in CI (or when asked)."""
+    require(os.geteuid() == 0, "removing and installing a Debian package needs root")
+    if not (IN_CI or os.environ.get("HARNESS_TEST_APT") == "1"):
+        pytest.skip("changes system packages: runs in CI, or with HARNESS_TEST_APT=1")
+    subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "remove", "-y", "-q",
+                    "dataset-fashion-mnist"], check=True, capture_output=True)
+    try:
+        done = cli("train", "fashion_mnist", *FAST, "data.mirrors=[http://127.0.0.1:9/]",
+                   "--runs-dir", str(tmp_path / "runs"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "installing Debian package dataset-fashion-mnist" in done.stderr
+        lock = json.loads((run_dir_of(done) / "harness.lock").read_text())
+        assert lock["data"]["root"] == "/usr/share/datasets/fashion-mnist"
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "debian-data.sh")], check=True)
