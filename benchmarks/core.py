@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from spread import interleave, paired_ratios, summary
+from spread import interleave, paired_ratios, summary, timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -150,6 +150,40 @@ def lockfile_capture(repeats: int) -> dict:
             "torch_import_s": round(statistics.median(s["torch_import_s"] for s in samples), 3)}
 
 
+def sample_seeding(pairs: int, batch: int = 64) -> dict:
+    """What seeding python, numpy and torch per sample (determinism.SeededSamples) costs:
+    a batch fetched through it vs the same batch fetched directly, in interleaved pairs,
+    in the main process (so the once-per-batch save/restore of the generators counts)."""
+    import torch
+
+    from harness.determinism import SeededSamples
+
+    image = torch.zeros(1, 28, 28)
+
+    class Plain:
+        def __len__(self):
+            return 60000
+
+        def __getitem__(self, index):
+            return image, index
+
+    plain, seeded = Plain(), SeededSamples(Plain(), seed=0, epoch=0)
+    indices = list(range(batch))
+
+    def fetch_plain() -> float:
+        return timed(lambda: [plain[i] for i in indices], repeat=20)[-1]
+
+    def fetch_seeded() -> float:
+        return timed(lambda: seeded.__getitems__(indices), repeat=20)[-1]
+
+    seeded_s, plain_s = interleave(fetch_seeded, fetch_plain, pairs * 20)
+    extra_us = [(s - p) / batch * 1e6 for s, p in zip(seeded_s, plain_s)]
+    per_sample = summary(extra_us, digits=2)
+    return {"batch_size": batch, "per_sample_us": per_sample["median"],
+            "per_sample_us_spread": per_sample,
+            "per_batch_ms": round(per_sample["median"] * batch / 1000, 3)}
+
+
 def accuracy(runs: Path) -> dict:
     lock, t0 = harness_train(runs)
     return {"config": "fashion_mnist (defaults: 3 epochs)", "test_accuracy": lock["results"]["test_accuracy"],
@@ -179,7 +213,8 @@ def main() -> None:
         result = {"time_to_first_step": time_to_first_step(runs, args.repeats),
                   "overhead": overhead(runs, args.steps, args.pairs),
                   "determinism": determinism_cost(runs, args.steps, args.pairs),
-                  "lockfile_capture": lockfile_capture(args.repeats)}
+                  "lockfile_capture": lockfile_capture(args.repeats),
+                  "sample_seeding": sample_seeding(args.pairs)}
         if args.accuracy:
             result["accuracy"] = accuracy(runs)
     result["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0],

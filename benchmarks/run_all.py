@@ -49,6 +49,8 @@ TABLE = [
      "core.overhead.bookkeeping.fraction_of_loop", "", ""),
     ("throughput strict / determinism off", "core.determinism.strict_over_off_throughput", "x", ""),
     ("lockfile capture (software+hardware)", "core.lockfile_capture.capture_s", "s", ""),
+    ("per-sample seeding of augmentation randomness, per sample (in-process)",
+     "core.sample_seeding.per_sample_us", "us", ""),
     ("container vs bare steps/s", "container.container_vs_bare_ratio", "x", ">= 0.97"),
     ("container start to first step", "container.container_start_to_first_step_s", "s", "< 4"),
     ("cached image build", "container.cached_build_s", "s", "< 2"),
