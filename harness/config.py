@@ -68,7 +68,7 @@ class TrainerConf:
     log_every: int = 100  # progress line every N steps (metrics are logged every step)
     fingerprint_every: int = 100  # parameter digest every N steps, for divergence reports
     checkpoint_every: int = 1000
-    device: str = "cpu"
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto: cuda where NVML sees a GPU, else cpu
 
 
 @dataclass
@@ -173,9 +173,10 @@ OmegaConf.register_new_resolver("harness_state_ref", state_ref, replace=True)
 
 
 def default_image_profile() -> str:
-    """`cuda` on a machine with an NVIDIA GPU (driver loaded), else `cpu`."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return "cuda" if gpus.is_dir() and any(gpus.iterdir()) else "cpu"
+    """`cuda` on a machine where NVML sees an NVIDIA GPU, else `cpu`."""
+    from harness import gpu
+
+    return gpu.choose_device()
 
 
 def _with_image_profile(config_file: Path, overrides: List[str]) -> List[str]:
@@ -283,6 +284,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
                           f"file or the override.") from None
     _check_ranges(resolved)
     _check_interpolated_numbers(raw, resolved)
+    _choose_device(resolved["trainer"])
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(SEED_LIMIT)
     return resolved
@@ -319,6 +321,23 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"invalid config: seed={cfg['seed']}; it must be below {SEED_LIMIT}.")
     if (cfg["determinism"]["pythonhashseed"] or 0) > 4294967295:
         raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
+
+
+def _choose_device(trainer: Dict[str, Any]) -> None:
+    """Check trainer.device; decide `auto` once, here, so config.yaml records the device."""
+    import re
+    import sys
+
+    from harness import gpu
+
+    device = str(trainer["device"])
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"invalid config: trainer.device={device}; use cpu, cuda, cuda:N or "
+                          f"auto (cuda where an NVIDIA GPU is present, else cpu).")
+    if device == "auto":
+        trainer["device"] = gpu.choose_device()
+        print(f"harness: trainer.device=auto chose {trainer['device']} "
+              f"({gpu.describe_host()})", file=sys.stderr, flush=True)
 
 
 def _check_interpolated_numbers(raw: Any, resolved: Any, key: str = "",

@@ -27,7 +27,6 @@ from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 
 TEMPLATE = "docker/Dockerfile.template"
 LABEL_PREFIX = "org.harness."
-PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 ENGINE_DOWN_HINT = ("Start one with `make docker-env` (installs and starts dockerd and the "
                     "local registry), or train without containers: backend=local.")
 
@@ -102,18 +101,13 @@ def check_base(image: Dict[str, Any]) -> str:
         raise EnvironmentProblem(
             f"image profile '{image['profile']}' has no base image: its digest-pinned "
             f"reference is written by `make docker-env` (to "
-            f"${{HARNESS_STATE_DIR:-~/.local/state/harness}}/base-{image['profile']}.ref); run "
+            f"${{HARNESS_STATE_DIR:-~/.local/state/harness}}/base-cpu.ref, the Debian base "
+            f"both profiles build on); run "
             f"it, or set image.base=REGISTRY/REPO@sha256:... (HARNESS_CPU_BASE for the cpu "
-            f"profile).")
+            f"profile, HARNESS_CUDA_BASE for cuda).")
     if "@sha256:" not in base:
         raise ConfigError(f"image.base={base} is not pinned by digest; use "
                           f"REPO@sha256:<digest> so that every build starts from the same bytes.")
-    if base.endswith(PLACEHOLDER_DIGEST):
-        raise ConfigError(
-            f"image.base={base} still has the placeholder digest of conf/image/"
-            f"{image['profile']}.yaml: re-pin it to the digest your registry serves "
-            f"(docker inspect --format '{{{{index .RepoDigests 0}}}}' IMAGE) or set "
-            f"HARNESS_{image['profile'].upper()}_BASE / image.base.")
     return base
 
 

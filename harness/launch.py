@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import (__version__, audit, backends, config, data, gate, lockfile, progress,
-                     rundir, tracking)
+from harness import (__version__, audit, backends, config, data, gate, gpu, lockfile,
+                     progress, rundir, tracking)
 from harness.determinism import pinned_environment
 from harness.checkpoint import REQUEUE_EXIT, CheckpointRefused
 from harness.errors import ConfigError, HarnessError, RunFailed
@@ -35,6 +35,8 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     raises RunFailed (with the log path) when training did not succeed."""
     launched = time.time()
     backend = backends.get(cfg["backend"]["name"], cfg)
+    if str(cfg["trainer"]["device"]).startswith("cuda"):
+        gpu.require_gpus(backend.name)  # before any data, image or run directory
     # Data is located and verified before anything is written: a run that cannot start
     # leaves no run directory behind.
     data_root, data_files = data.prepare(cfg["data"])

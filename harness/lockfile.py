@@ -51,13 +51,6 @@ def capture_software() -> Dict[str, Any]:
     import torch
 
     cuda_available = torch.cuda.is_available()
-    nccl = None
-    if cuda_available and hasattr(torch.cuda, "nccl"):
-        try:
-            version = torch.cuda.nccl.version()
-            nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-        except (RuntimeError, AttributeError):
-            nccl = None
     packages = {}
     for dist in metadata.distributions():
         name = dist.metadata.get("Name")
@@ -72,10 +65,29 @@ def capture_software() -> Dict[str, Any]:
         "torch_cpu_capability": _cpu_capability(torch),
         "cuda_runtime": torch.version.cuda,
         "cuda_available": cuda_available,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "nccl": nccl,
+        # The library versions of a CUDA build, read even where no GPU is present (a CUDA
+        # image trained on the CPU still records what it holds).
+        "cudnn": _cudnn_version(torch),
+        "nccl": _nccl_version(torch),
         "packages": dict(sorted(packages.items())),
     }
+
+
+def _cudnn_version(torch) -> Optional[int]:
+    try:
+        return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except RuntimeError:
+        return None
+
+
+def _nccl_version(torch) -> Optional[str]:
+    if not torch.version.cuda:
+        return None
+    try:
+        version = torch.cuda.nccl.version()
+    except (RuntimeError, AttributeError, ImportError):
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def _cpu_capability(torch) -> Optional[str]:
@@ -105,9 +117,11 @@ def capture_cpu() -> Dict[str, Any]:
     }
 
 
-def capture_gpus() -> Dict[str, Any]:
+def capture_gpus(sm_from_torch: bool = True) -> Dict[str, Any]:
     """GPUs and driver through NVML (nvidia-ml-py). No NVML: an explicit empty list and the
-    reason, so that "no GPU" is recorded as a fact rather than as a missing field."""
+    reason, so that "no GPU" is recorded as a fact rather than as a missing field. The SM
+    count comes from torch (NVML does not report it); the launcher, which does not load
+    torch, passes sm_from_torch=False."""
     try:
         import pynvml
     except ImportError:
@@ -117,7 +131,7 @@ def capture_gpus() -> Dict[str, Any]:
     except pynvml.NVMLError as exc:
         return {"gpus": [], "driver": None, "nvml": None, "nvml_error": str(exc)}
     try:
-        gpus = [_gpu_record(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i), i)
+        gpus = [_gpu_record(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i), i, sm_from_torch)
                 for i in range(pynvml.nvmlDeviceGetCount())]
         return {"gpus": gpus, "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
                 "nvml": _text(pynvml.nvmlSystemGetNVMLVersion()), "nvml_error": None}
@@ -125,7 +139,7 @@ def capture_gpus() -> Dict[str, Any]:
         pynvml.nvmlShutdown()
 
 
-def _gpu_record(pynvml, handle, index: int) -> Dict[str, Any]:
+def _gpu_record(pynvml, handle, index: int, sm_from_torch: bool) -> Dict[str, Any]:
     major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
     try:
         mig_current, _ = pynvml.nvmlDeviceGetMigMode(handle)
@@ -136,24 +150,26 @@ def _gpu_record(pynvml, handle, index: int) -> Dict[str, Any]:
         sm_count = pynvml.nvmlDeviceGetNumGpuCores(handle)  # CUDA cores, not SMs
     except (pynvml.NVMLError, AttributeError):
         sm_count = None
+    uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
     return {
         "index": index,
         "name": _text(pynvml.nvmlDeviceGetName(handle)),
-        "uuid": _text(pynvml.nvmlDeviceGetUUID(handle)),
+        "uuid": uuid,
         "compute_capability": f"{major}.{minor}",
         "memory_total": pynvml.nvmlDeviceGetMemoryInfo(handle).total,
         "mig_mode": mig,
         "cuda_cores": sm_count,
-        "sm_count": _torch_sm_count(index),
+        "sm_count": _torch_sm_count(uuid) if sm_from_torch else None,
     }
 
 
-def _torch_sm_count(index: int) -> Optional[int]:
-    """Streaming multiprocessors, which NVML does not report; torch does."""
+def _torch_sm_count(uuid: str) -> Optional[int]:
+    """Streaming multiprocessors, which NVML does not report; torch does. Matched by UUID:
+    torch numbers the devices CUDA_VISIBLE_DEVICES shows, NVML all of them."""
     try:
-        import torch
+        from harness.gpu import torch_devices
 
-        return torch.cuda.get_device_properties(index).multi_processor_count
+        return next((d["sm_count"] for d in torch_devices() if d["uuid"] == uuid), None)
     except (ImportError, RuntimeError, AssertionError):
         return None
 

@@ -23,11 +23,11 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import audit, checkpoint, determinism, lockfile, progress, rundir
+from harness import audit, checkpoint, determinism, gpu, lockfile, progress, rundir
 from harness.digest import tensor_digests, weights_sha256
 from harness.backends.local import LAUNCHER_PID_ENV
 from harness.config import load_yaml
-from harness.errors import HarnessError
+from harness.errors import EnvironmentProblem, HarnessError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -148,6 +148,25 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
+def confirm_gpus() -> None:
+    """The GPUs torch sees here must be the ones NVML reports for the host (the lockfile
+    records NVML's): the same UUID, name, compute capability and SM count, or stop."""
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem("trainer.device=cuda but torch sees no CUDA device here; "
+                                 "use trainer.device=cpu or run on a machine with an NVIDIA "
+                                 "GPU (in a container: through the NVIDIA Container Toolkit).")
+    nvml = lockfile.capture_gpus()
+    if nvml["nvml_error"]:
+        print(f"harness: NVML does not answer here ({nvml['nvml_error']}); the GPUs torch "
+              f"sees are recorded without NVML's confirmation", flush=True)
+        return
+    problems = gpu.disagreements(nvml["gpus"], gpu.torch_devices())
+    if problems:
+        raise EnvironmentProblem("the GPUs torch sees disagree with what NVML reports: "
+                                 + "; ".join(problems) + ". Check CUDA_VISIBLE_DEVICES and "
+                                 "that the driver and the container runtime agree.")
+
+
 def stop_when_launcher_dies(watch_stdin: bool) -> None:
     """A training process must not outlive its launcher unnoticed (a resume would start a
     second writer on the run). When the launcher dies, even by SIGKILL, send ourselves
@@ -209,9 +228,8 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str,
     determinism.check(det, in_effect)
 
     device = torch.device(cfg["trainer"]["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarnessError("trainer.device=cuda but torch sees no CUDA device here; use "
-                           "trainer.device=cpu or run on a machine with an NVIDIA GPU.")
+    if device.type == "cuda":
+        confirm_gpus()
 
     data_kwargs = {"root": data_root} if data_root else {}
     train_set = limited(instantiate(cfg["data"]["dataset"], split="train", **data_kwargs),

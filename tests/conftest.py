@@ -27,6 +27,18 @@ FAST = ["backend=local", "trainer.max_steps=24", "trainer.eval_limit=500", "trai
         "trainer.fingerprint_every=8"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The CUDA image (a ~6 GB build, minutes) is built in CI and when asked for, not in a
+    developer's quick loop."""
+    if IN_CI or os.environ.get("HARNESS_TEST_CUDA_IMAGE") == "1":
+        return
+    skip = pytest.mark.skip(reason="builds the ~6 GB CUDA image: runs in CI, or with "
+                                   "HARNESS_TEST_CUDA_IMAGE=1")
+    for item in items:
+        if "cuda_image" in item.keywords:
+            item.add_marker(skip)
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip on a developer machine without the part; fail in CI, where it must exist."""
     if not condition:

@@ -207,15 +207,40 @@ def test_container_sandbox_seen_from_inside(cli, tmp_path, engine, built):
     assert leftover_containers(engine) == []
 
 
+@pytest.mark.parametrize("backend", ["local", "docker"])
+def test_cuda_without_a_gpu_stops_before_building_or_launching(cli, tiny_conf, tmp_path,
+                                                              backend):
+    """trainer.device=cuda where NVML finds no driver or GPU: exit 4 naming what is missing
+    and the CPU alternative; nothing built, no container, no run directory."""
+    from harness import gpu
+
+    if gpu.nvml_gpus()["gpus"]:
+        pytest.skip("this host has an NVIDIA GPU")
+    before = set(_engine().containers.list(all=True)) if _engine() else set()
+    done = cli("train", "tiny", "--config-dir", str(tiny_conf), f"backend={backend}",
+               "trainer.device=cuda", check_rc=4)
+    assert "no NVIDIA driver answers" in done.stderr and "trainer.device=cpu" in done.stderr
+    assert "building" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+    if _engine():
+        assert set(_engine().containers.list(all=True)) == before
+
+
 @pytest.mark.docker
-def test_gpu_request_without_nvidia_runtime_fails_clearly(cli, tiny_conf, tmp_path, engine,
-                                                          built):
+def test_gpu_probe_on_an_engine_without_the_nvidia_runtime_says_what_is_missing(engine):
+    """The GPU host without the NVIDIA Container Toolkit: the probe (a container of the
+    pinned base asking for GPUs, run before any build) fails with the toolkit's name and
+    leaves no container behind."""
+    from harness import config
+    from harness.backends.docker import DockerBackend
+    from harness.errors import EnvironmentProblem
+
     if "nvidia" in engine.info().get("Runtimes", {}):
         pytest.skip("this engine has the NVIDIA runtime")
-    done = docker_train(cli, tiny_conf, "trainer.device=cuda", check_rc=4)
-    assert "NVIDIA Container Toolkit" in done.stderr and "trainer.device=cpu" in done.stderr
-    assert leftover_containers(engine) == []  # the Created container was removed
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    cfg = config.compose("fashion_mnist", ["backend=docker", "trainer.device=cuda"])
+    with pytest.raises(EnvironmentProblem, match="NVIDIA Container Toolkit"):
+        DockerBackend(engine)._probe_gpu(cfg, cfg["image"]["base"])
+    assert engine.containers.list(all=True, filters={"label": f"{LABEL}=gpu-probe"}) == []
 
 
 @pytest.mark.docker

@@ -23,11 +23,34 @@ def test_cuda_dockerfile_matches_golden():
         "UPDATE_GOLDEN=1 pytest tests/test_image.py and review the diff")
 
 
-def test_cpu_dockerfile_takes_the_base_as_build_arg_and_installs_offline():
-    text = image.render_dockerfile(image.profile_config("cpu"))
-    assert "ARG BASE\nFROM ${BASE}\n" in text
+@pytest.mark.parametrize("profile", ["cpu", "cuda"])
+def test_dockerfile_installs_offline_and_keeps_no_wheelhouse(profile):
+    """Two stages from the pinned base: the venv is built beside the wheelhouse, and only
+    the venv is copied into the image, so no wheelhouse layer stays in it."""
+    text = image.render_dockerfile(image.profile_config(profile))
+    assert "ARG BASE\nFROM ${BASE} AS venv\n" in text
     assert "--no-index" in text and "--require-hashes" in text
-    assert "USER 10001:10001" in text and "@@" not in text
+    build, final = text.split("\nFROM ${BASE}\n")
+    assert "COPY wheelhouse" in build and "wheelhouse" not in final
+    assert "COPY --from=venv /opt/venv /opt/venv" in final
+    assert "USER 10001:10001" in final and "@@" not in text
+
+
+def test_cuda_profile_builds_on_the_pinned_debian_base(tmp_path, monkeypatch):
+    """No vendor registry: the CUDA image starts from the same digest-pinned Debian base as
+    the cpu one, and its lock holds the CUDA build of torch and NVIDIA's library wheels."""
+    monkeypatch.setenv("HARNESS_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("HARNESS_CUDA_BASE", raising=False)
+    (tmp_path / "base-cpu.ref").write_text(PINNED + "\n")
+    cuda = image.profile_config("cuda")
+    assert cuda["base"] == PINNED and cuda["torch_index"] is None
+    assert cuda["build_network"] == "none"
+    locked = dict((req.split("==")[0], req.split("==")[1])
+                  for req, _ in image.parse_lock(ROOT / cuda["lock"]))
+    assert locked["torch"] == "2.14.1"
+    for library in ("nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cublas",
+                    "nvidia-cuda-runtime"):
+        assert library in locked, library
 
 
 def test_cpu_profile_reads_the_pinned_base(tmp_path, monkeypatch):
@@ -46,8 +69,6 @@ def test_base_must_be_pinned_by_digest():
     cfg = {**image.profile_config("cpu"), "base": "debian:bookworm"}
     with pytest.raises(ConfigError, match="not pinned by digest"):
         image.check_base(cfg)
-    with pytest.raises(ConfigError, match="placeholder"):
-        image.check_base(image.profile_config("cuda"))
 
 
 def test_every_run_config_has_an_image_section():

@@ -212,9 +212,9 @@ class DockerBackend:
         needed), a GPU request can be met. Returns the lockfile's `image` and
         `container_runtime` sections."""
         engine = self.engine
+        if gpu_requested(cfg):  # with the pinned base, before building anything
+            self._probe_gpu(cfg, image.check_base(cfg["image"]))
         facts = image.build(cfg["image"], engine=engine)
-        if gpu_requested(cfg):
-            self._probe_gpu(cfg, facts["reference"])
         return {"image": facts, "container_runtime": image.engine_facts(engine)}
 
     def _probe_gpu(self, cfg: Dict[str, Any], reference: str) -> None:

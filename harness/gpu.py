@@ -1,0 +1,107 @@
+"""What this host can offer a `trainer.device=cuda` run, decided before anything is built
+or launched, and the check that what the training process sees is what the host has.
+
+Torch is not imported here (the launcher stays light); NVML (nvidia-ml-py) answers for the
+driver and the GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import re
+from typing import Any, Dict, List, Optional
+
+from harness.errors import EnvironmentProblem
+
+CPU_HINT = "or train on the CPU: trainer.device=cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def nvml_gpus() -> Dict[str, Any]:
+    """The host's driver and GPUs through NVML ({"gpus": [], "nvml_error": why} without).
+    Asked once per process: the answer does not change during a launch."""
+    from harness.lockfile import capture_gpus
+
+    return capture_gpus(sm_from_torch=False)
+
+
+def choose_device() -> str:
+    """`trainer.device=auto` (and the default image profile): cuda where NVML sees a GPU,
+    else cpu."""
+    return "cuda" if nvml_gpus()["gpus"] else "cpu"
+
+
+def describe_host() -> str:
+    found = nvml_gpus()
+    if found["gpus"]:
+        names = sorted({gpu["name"] for gpu in found["gpus"]})
+        return f"NVML sees {len(found['gpus'])} GPU(s): {', '.join(names)}"
+    return f"no NVIDIA GPU: {found['nvml_error'] or 'NVML lists none'}"
+
+
+def require_gpus(backend: str, torch_cuda: Optional[str] = "host") -> None:
+    """Stop (exit 4) unless this host can run a CUDA training on `backend`: a driver that
+    NVML reaches, at least one GPU, and for a local run a CUDA build of torch in this
+    environment. A Slurm job's GPUs are on its node: nothing to check here."""
+    if backend == "slurm":
+        return
+    found = nvml_gpus()
+    if found["nvml_error"]:
+        raise EnvironmentProblem(
+            f"trainer.device=cuda, but no NVIDIA driver answers on this host (NVML: "
+            f"{found['nvml_error']}). Install the NVIDIA driver (nvidia-smi must work), "
+            f"{CPU_HINT}.")
+    if not found["gpus"]:
+        raise EnvironmentProblem(f"trainer.device=cuda, but NVML lists no GPU on this host; "
+                                 f"{CPU_HINT}.")
+    if backend == "local":
+        cuda = torch_cuda_version() if torch_cuda == "host" else torch_cuda
+        if not cuda:
+            raise EnvironmentProblem(
+                f"trainer.device=cuda with backend=local, but the torch installed here is a "
+                f"CPU build. Train in the CUDA image (backend=docker image=cuda), install a "
+                f"CUDA build of torch in this environment, {CPU_HINT}.")
+
+
+def torch_cuda_version() -> Optional[str]:
+    """The CUDA version the installed torch was built with, read from torch/version.py
+    without importing torch (None: a CPU build, or no torch)."""
+    try:
+        text = importlib.metadata.distribution("torch").locate_file("torch/version.py")
+        source = open(text).read()
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        return None
+    match = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", source, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def disagreements(nvml: List[Dict[str, Any]], seen: List[Dict[str, Any]]) -> List[str]:
+    """Where the GPUs torch sees in the training process (`seen`: name, uuid,
+    compute_capability, sm_count) differ from the host's NVML records of the same UUIDs."""
+    by_uuid = {gpu["uuid"]: gpu for gpu in nvml}
+    problems = []
+    for gpu in seen:
+        host = by_uuid.get(gpu["uuid"])
+        if host is None:
+            problems.append(f"torch sees {gpu['uuid']} ({gpu['name']}), NVML does not")
+            continue
+        for key in ("name", "compute_capability", "sm_count"):
+            if host.get(key) is not None and host[key] != gpu[key]:
+                problems.append(f"{gpu['uuid']} {key}: NVML {host[key]!r}, torch {gpu[key]!r}")
+    return problems
+
+
+def torch_devices() -> List[Dict[str, Any]]:
+    """The GPUs torch sees, as NVML names them (imports torch: the training process)."""
+    import torch
+
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        uuid = str(getattr(props, "uuid", ""))
+        devices.append({"index": index, "name": props.name,
+                        "uuid": uuid if uuid.startswith("GPU-") else f"GPU-{uuid}",
+                        "compute_capability": f"{props.major}.{props.minor}",
+                        "sm_count": props.multi_processor_count})
+    return devices

@@ -1,0 +1,67 @@
+"""The GPU suite: on a machine with an NVIDIA GPU and a CUDA build of torch, what the
+harness promises on CUDA. Skipped, with the reason, anywhere else. On a GPU machine, in an
+environment whose torch is a CUDA build: `python -m pytest -m gpu tests/test_gpu.py`
+(docs/replay.md, "On a GPU")."""
+
+import pytest
+
+from conftest import TESTS, read_lock, run_dir_of
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+CONF = str(TESTS / "conf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def a_gpu():
+    from harness import gpu
+
+    found = gpu.nvml_gpus()
+    if not found["gpus"]:
+        pytest.skip(f"no NVIDIA GPU here ({found['nvml_error'] or 'NVML lists none'})")
+    if not gpu.torch_cuda_version():
+        pytest.skip("the torch installed here is a CPU build")
+
+
+def train(cli, tmp_path, *overrides, check_rc=0):
+    return cli("train", "hashy", "trainer.device=cuda", *overrides, "--config-dir", CONF,
+               "--runs-dir", str(tmp_path / "runs"), check_rc=check_rc)
+
+
+def test_two_strict_runs_on_cuda_are_identical_and_replay(cli, tmp_path):
+    first = run_dir_of(train(cli, tmp_path))
+    second = run_dir_of(train(cli, tmp_path))
+    a, b = read_lock(first), read_lock(second)
+    assert a["results"]["weights_sha256"] == b["results"]["weights_sha256"]
+    assert a["software"]["cuda_available"] is True
+    done = cli("replay", str(first), "--runs-dir", str(tmp_path / "runs"), check_rc=0)
+    assert "IDENTICAL" in done.stdout
+
+
+def test_lockfile_records_the_gpus_from_nvml(cli, tmp_path):
+    lock = read_lock(run_dir_of(train(cli, tmp_path, "trainer.max_steps=2")))
+    hardware = lock["hardware"]
+    assert hardware["driver"] and hardware["nvml"] and hardware["nvml_error"] is None
+    for record in hardware["gpus"]:
+        assert record["name"] and record["uuid"].startswith(("GPU-", "MIG-"))
+        assert record["compute_capability"] and record["memory_total"] > 0
+        assert record["mig_mode"] in (True, False, None)
+    assert any(record["sm_count"] for record in hardware["gpus"])
+
+
+def test_atomic_accumulation_differs_with_determinism_off_and_verify_names_it(cli, tmp_path):
+    done = cli("verify", "scatter", "determinism=off", "--steps", "8", "--config-dir", CONF,
+               "--runs-dir", str(tmp_path / "runs"))
+    assert done.returncode == 7, done.stdout + done.stderr
+    assert "first differing module: scatter" in done.stdout
+
+
+def test_atomic_accumulation_in_strict_mode_is_identical_or_names_the_op(cli, tmp_path):
+    done = cli("verify", "scatter", "--steps", "8", "--config-dir", CONF,
+               "--runs-dir", str(tmp_path / "runs"))
+    if done.returncode == 0:
+        assert "DETERMINISTIC: scatter" in done.stdout
+        return
+    runs = sorted((tmp_path / "runs").iterdir())
+    log = "".join((run / "train.log").read_text() for run in runs if (run / "train.log").exists())
+    assert "index_add" in log or "index_add" in done.stderr, done.stdout + done.stderr + log
+    assert done.returncode != 7, "strict mode ran and diverged instead of refusing the op"
