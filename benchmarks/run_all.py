@@ -20,6 +20,7 @@ SCRIPTS = {
     "container": ["container.py"],
     "checkpoint": ["checkpoint_cost.py"],
     "replay": ["replay_overhead.py"],
+    "images": ["images.py"],
 }
 
 
@@ -54,6 +55,13 @@ TABLE = [
     ("container vs bare steps/s", "container.container_vs_bare_ratio", "x", ">= 0.97"),
     ("container start to first step", "container.container_start_to_first_step_s", "s", "< 4"),
     ("cached image build", "container.cached_build_s", "s", "< 2"),
+    ("cpu image: cold build (no cache)", "images.cpu.cold_build_s", "s", ""),
+    ("cpu image: size", "images.cpu.image_size_gb", "GB", ""),
+    ("cuda image: cold build (no cache)", "images.cuda.cold_build_s", "s", "<= 240"),
+    ("cuda image: size", "images.cuda.image_size_gb", "GB", "<= 6"),
+    ("cuda image: cached build", "images.cuda.cached_build_s", "s", "<= 2"),
+    ("cuda image: container start to first step (CPU run)",
+     "images.cuda.container_start_to_first_step_s", "s", "<= 5"),
     ("checkpoint write", "checkpoint.checkpoint_write_s", "s", "< 0.2"),
     ("checkpointing cost at default interval (fraction)", "checkpoint.overhead_fraction", "", "< 0.02"),
     ("resume to first step", "checkpoint.resume_to_first_step_s", "s", "< 5"),

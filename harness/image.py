@@ -329,7 +329,7 @@ def build(image: Dict[str, Any], engine=None, push: bool = False, out=sys.stderr
     return facts(found, ident, image)
 
 
-def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out):
+def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out, nocache: bool = False):
     from docker.errors import APIError, DockerException
 
     started = time.time()
@@ -360,7 +360,7 @@ def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out):
         try:
             stream = engine.api.build(
                 path=str(context), tag=ident["reference"], buildargs={"BASE": image["base"]},
-                labels=labels, rm=True, forcerm=True, pull=False, decode=True,
+                labels=labels, rm=True, forcerm=True, pull=False, decode=True, nocache=nocache,
                 network_mode=image.get("build_network") or "default")
             console = progress.BuildConsole(out)
             for chunk in stream:
