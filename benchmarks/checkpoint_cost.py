@@ -64,7 +64,7 @@ def write_cost(tmp: Path) -> dict:
             "step": i + 1, "epoch": 0, "position": (i + 1) * batch, "config_sha256": "0" * 64,
             "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state()})
+            "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "resumes": []})
         writes.append(time.perf_counter() - started)
     started = time.perf_counter()
     checkpoint.load(path)
