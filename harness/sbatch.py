@@ -133,7 +133,9 @@ def train_command(spec: JobSpec) -> str:
             f"backend.slurm.runtime={runtime} needs backend.slurm.image pinned by digest "
             f"(REPO@sha256:...), got {image!r}: a tag can move between the submit and the "
             f"job, and replays need the exact image. `docker inspect --format "
-            f"'{{{{index .RepoDigests 0}}}}' IMAGE` prints it.")
+            f"'{{{{index .RepoDigests 0}}}}' IMAGE` prints it; or leave it null, and "
+            f"`harness submit` builds the config's image profile, pushes it and uses its "
+            f"digest.")
     python = q(spec.slurm.get("container_python") or "python")
     data = f" --data-root {DATA_MOUNT}" if has_data else ""
     inner = f"{python} -u -m harness.train {RUN_MOUNT}{data}{extra}"

@@ -29,19 +29,21 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
     cfgs = [config.compose(name, [f"backend={backend}", *combo], config_dir) for combo in combos]
     first = cfgs[0]
     for cfg in cfgs[1:]:
-        for key in ("backend", "determinism"):
+        for key in ("backend", "determinism", "image"):
             if cfg[key] != first[key]:
                 raise ConfigError(f"a job array shares one batch script: the sweep must not "
                                   f"change '{key}' (submit those separately)")
     launched = time.time()
     prepared = [data.prepare(cfg["data"]) for cfg in cfgs]
+    image_facts = slurm_backend.job_image_facts(first)  # one image for the whole array
     runs_dir = runs_dir or rundir.default_runs_dir()
     run_dirs = []
     for cfg, combo, (data_root, data_files) in zip(cfgs, combos, prepared):
         run_dir = rundir.create(runs_dir, cfg["name"])
-        launch.prepare(run_dir, cfg, combo, backend, data_root, data_files, launched, None)
+        launch.prepare(run_dir, cfg, combo, backend, data_root, data_files, launched,
+                       image_facts)
         run_dirs.append(run_dir)
-    slurm_cfg = first["backend"]["slurm"]
+    slurm_cfg = slurm_backend.job_image(first["backend"]["slurm"], image_facts)
     spec = sbatch.JobSpec(
         job_name=f"harness-{first['name']}", run_dirs=run_dirs,
         data_roots=[root for root, _ in prepared], env=pinned_environment(first["determinism"]),

@@ -52,12 +52,14 @@ def golden_spec(runtime: str, **slurm):
                  "PYTHONPATH": "/shared/code"})
 
 
+# GPU jobs run the CUDA image, by digest.
+CUDA_IMAGE = "127.0.0.1:5000/harness/train-cuda@sha256:" + "cd" * 32
 CASES = {
     "none": dict(),
     "none-array": dict(),
-    "docker-gpu": dict(gpus=1, gpu_type="h100"),
-    "apptainer-gpu": dict(gpus=1, gpu_type="h100"),
-    "pyxis-gpu": dict(gpus=2, gpu_type="h200", constraint="ib"),
+    "docker-gpu": dict(gpus=1, gpu_type="h100", image=CUDA_IMAGE),
+    "apptainer-gpu": dict(gpus=1, gpu_type="h100", image=CUDA_IMAGE),
+    "pyxis-gpu": dict(gpus=2, gpu_type="h200", constraint="ib", image=CUDA_IMAGE),
 }
 
 
@@ -309,3 +311,27 @@ def test_train_with_backend_slurm_runs_one_job_and_waits(cluster):
     assert status["state"] == "succeeded" and status["slurm_state"] == "COMPLETED"
     assert read_lock(run_dir)["backend"]["name"] == "slurm"
     assert len(loss_bits(run_dir)) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.docker
+def test_containerized_job_runs_the_configs_image_pulled_by_digest(cluster):
+    """runtime=docker with no backend.slurm.image: submit builds (or finds) the config's
+    image, pushes it, and the job runs `docker run` of that repo digest; the results match
+    the local run bit for bit, and the lock names the image."""
+    from test_docker import _engine
+
+    engine = _engine()
+    require(engine is not None, "no Docker engine answers (run `make docker-env`)")
+    done = harness(cluster, "submit", "tiny", *OVERRIDES, "backend.slurm.runtime=docker",
+                   "--wait", check_rc=0)
+    run_dir = run_dir_of(done)
+    lock = read_lock(run_dir)
+    digest = lock["image"]["repo_digest"]
+    assert digest.startswith("127.0.0.1:5000/harness/train-cpu@sha256:")
+    assert digest in engine.api.inspect_image(lock["image"]["id"])["RepoDigests"]
+    script = (run_dir / "job.sbatch").read_text()
+    assert "docker run" in script and digest in script
+    assert "pytest" not in lock["software"]["packages"]  # captured inside the container
+    same_results(run_dir, cluster["reference"])

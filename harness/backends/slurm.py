@@ -193,16 +193,46 @@ class SlurmHandle:
         cancel(rundir.read_json(self.run_dir / rundir.STATUS))
 
 
+def job_image_facts(cfg: Dict) -> Dict:
+    """The lockfile's `image` section for a containerized job (runtime docker, apptainer or
+    pyxis), {} otherwise. With backend.slurm.image unset, the config's own image profile
+    (cuda for GPU runs on a GPU host, else cpu) is built or found, and pushed to
+    image.registry: the job pulls it by that repo digest, never by a tag."""
+    from harness import image
+
+    slurm = cfg["backend"]["slurm"]
+    if str(slurm.get("runtime") or "none") == "none" or slurm.get("image"):
+        return {}
+    facts = image.build(cfg["image"], push=True)
+    if not facts["repo_digest"]:
+        raise EnvironmentProblem(
+            f"the {cfg['image']['profile']} image was pushed but the engine reports no repo "
+            f"digest for {cfg['image']['registry']}; set backend.slurm.image=REPO@sha256:... "
+            f"to an image the nodes can pull.")
+    return {"image": facts}
+
+
+def job_image(slurm: Dict, lock: Dict) -> Dict:
+    """backend.slurm.* with `image` set to what the job runs: the configured image, else
+    the repo digest job_image_facts recorded in the run's lock."""
+    pushed = (lock.get("image") or {}).get("repo_digest")
+    return {**slurm, "image": slurm.get("image") or pushed}
+
+
 class SlurmBackend:
     """`harness train CONFIG backend=slurm`: one batch job, waited for."""
 
     name = "slurm"
 
+    def lock_facts(self, cfg: Dict) -> Dict:
+        return job_image_facts(cfg)
+
     def launch(self, spec: LaunchSpec) -> SlurmHandle:
         from harness import config
 
         cfg = config.load_yaml(spec.run_dir / rundir.CONFIG)
-        slurm = cfg["backend"]["slurm"]
+        lock = rundir.read_json(spec.run_dir / rundir.LAUNCH).get("lock", {})
+        slurm = job_image(cfg["backend"]["slurm"], lock)
         job = sbatch.JobSpec(
             job_name=f"harness-{cfg['name']}", run_dirs=[spec.run_dir],
             data_roots=[spec.data_root], env=spec.env, slurm=slurm,

@@ -61,7 +61,7 @@ docker run --rm --init --name "harness-${SLURM_JOB_ID}" \
     --gpus "\"device=${CUDA_VISIBLE_DEVICES}\"" \
     -e PYTHONHASHSEED -e CUBLAS_WORKSPACE_CONFIG -e OMP_NUM_THREADS -e MKL_NUM_THREADS -e SLURM_JOB_ID -e SLURM_ARRAY_JOB_ID -e SLURM_ARRAY_TASK_ID -e SLURM_RESTART_COUNT \
     -v "$DATA_ROOT":/data:ro -v "$RUN_DIR":/harness/run:rw \
-    -w /harness/run 127.0.0.1:5000/harness/train@sha256:abababababababababababababababababababababababababababababababab \
+    -w /harness/run 127.0.0.1:5000/harness/train-cuda@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd \
     python -u -m harness.train /harness/run --data-root /data &
 child=$!
 while kill -0 "$child" 2>/dev/null; do

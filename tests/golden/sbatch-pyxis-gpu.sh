@@ -55,7 +55,7 @@ trap 'forward USR1' USR1
 trap 'got_term=1; forward TERM' TERM
 
 srun --ntasks=1 --export=ALL \
-    --container-image=127.0.0.1:5000/harness/train@sha256:abababababababababababababababababababababababababababababababab \
+    --container-image=127.0.0.1:5000/harness/train-cuda@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd \
     --container-mounts="$DATA_ROOT":/data:ro,"$RUN_DIR":/harness/run:rw \
     --container-workdir=/harness/run --no-container-mount-home \
     python -u -m harness.train /harness/run --data-root /data &
