@@ -29,10 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
 from spread import interleave, paired_ratios, summary
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results.json"
 
 # The same steps in both places: the harness's own data order, seeding and model, timed
 # after a warm-up. argv: data root, warm-up steps, timed steps.
@@ -219,9 +218,7 @@ def main() -> None:
                          "cached_build_s": "< 2"}
 
     if not args.quick:
-        merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        merged["container"] = result
-        RESULTS.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+        record.save("container", result)
     print(json.dumps(result, indent=2, sort_keys=True))
 
 

@@ -25,10 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
 from spread import interleave, paired_ratios, summary, timed
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results.json"
 
 
 def harness_train(runs: Path, *overrides: str) -> tuple[dict, float]:
@@ -221,9 +220,7 @@ def main() -> None:
                          "load_avg_1m_start": round(load_start, 2),
                          "load_avg_1m_end": round(os.getloadavg()[0], 2)}
     if not args.quick:
-        merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        merged["core"] = result
-        RESULTS.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+        record.save("core", result)
     print(json.dumps(result, indent=2))
 
 

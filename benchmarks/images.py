@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
 from container import compose, start_to_first_step
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results.json"
 
 
 def cold_build(engine, profile_cfg: dict) -> dict:
@@ -96,9 +95,7 @@ def main() -> None:
         result[profile] = figures
         print(f"{profile}: {figures}", file=sys.stderr, flush=True)
     result["load_average_end"] = os.getloadavg()[0]
-    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    merged["images"] = result
-    RESULTS.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    record.save("images", result)
     print(json.dumps(result, indent=2))
 
 

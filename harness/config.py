@@ -173,10 +173,11 @@ OmegaConf.register_new_resolver("harness_state_ref", state_ref, replace=True)
 
 
 def default_image_profile() -> str:
-    """`cuda` on a machine where NVML sees an NVIDIA GPU, else `cpu`."""
+    """`cuda` on a machine where a run can use an NVIDIA GPU (trainer.device=auto would
+    choose it), else `cpu`."""
     from harness import gpu
 
-    return gpu.choose_device()
+    return gpu.choose_device()[0]
 
 
 def _with_image_profile(config_file: Path, overrides: List[str]) -> List[str]:
@@ -284,7 +285,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
                           f"file or the override.") from None
     _check_ranges(resolved)
     _check_interpolated_numbers(raw, resolved)
-    _choose_device(resolved["trainer"])
+    _choose_device(resolved)
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(SEED_LIMIT)
     return resolved
@@ -323,21 +324,22 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
 
 
-def _choose_device(trainer: Dict[str, Any]) -> None:
+def _choose_device(cfg: Dict[str, Any]) -> None:
     """Check trainer.device; decide `auto` once, here, so config.yaml records the device."""
     import re
     import sys
 
     from harness import gpu
 
+    trainer = cfg["trainer"]
     device = str(trainer["device"])
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(f"invalid config: trainer.device={device}; use cpu, cuda, cuda:N or "
                           f"auto (cuda where an NVIDIA GPU is present, else cpu).")
     if device == "auto":
-        trainer["device"] = gpu.choose_device()
-        print(f"harness: trainer.device=auto chose {trainer['device']} "
-              f"({gpu.describe_host()})", file=sys.stderr, flush=True)
+        trainer["device"], why = gpu.choose_device(cfg)
+        print(f"harness: trainer.device=auto chose {trainer['device']} ({why})",
+              file=sys.stderr, flush=True)
 
 
 def _check_interpolated_numbers(raw: Any, resolved: Any, key: str = "",

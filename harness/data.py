@@ -241,7 +241,7 @@ def install_debian_package(package: str) -> None:
         apt("update")
         done = apt(*install)
     if done.returncode != 0:
-        last = (done.stderr or done.stdout or "no output").strip().splitlines()[-1]
+        last = ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]
         raise DataError(f"apt-get install {package} failed ({last}); install it by hand "
                         f"(`make data` for Fashion-MNIST) and try again.")
 
@@ -270,12 +270,22 @@ def fetch(data_cfg: Dict, dest: Path, retries: int = 3, backoff: float = 0.5,
     result = {}
     for key, spec in sorted(data_cfg["files"].items()):
         existing = find_file(dest, spec["file"])
-        if existing and content_sha256(existing) == spec["sha256"]:
+        if existing and _intact(existing, spec["sha256"]):
             print(f"  {spec['file']}: already present and verified", file=sys.stderr)
             result[key] = existing
             continue
         result[key] = _fetch_one(spec, mirrors, dest, retries, backoff, timeout)
     return result
+
+
+def _intact(path: Path, pinned: str) -> bool:
+    """Whether a file already there has the pinned content; a corrupt one is fetched
+    again (and replaced), not refused."""
+    try:
+        return content_sha256(path) == pinned
+    except DataError:
+        print(f"  {path.name}: corrupt; downloading it again", file=sys.stderr)
+        return False
 
 
 def _fetch_one(spec: Dict, mirrors: List[str], dest: Path, retries: int, backoff: float,

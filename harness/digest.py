@@ -42,6 +42,7 @@ def state_sha256(value: Any) -> str:
 
 
 def _feed(digest, value: Any) -> None:
+    import numpy as np
     import torch
 
     if isinstance(value, dict):
@@ -58,5 +59,9 @@ def _feed(digest, value: Any) -> None:
         digest.update(tensor_bytes(value))
     elif value is None or isinstance(value, (bool, int, float, str)):
         digest.update(f"{type(value).__name__}|{value!r}|".encode())
+    elif isinstance(value, (np.ndarray, np.generic)):  # a user optimizer's or scheduler's
+        array = np.ascontiguousarray(value)
+        digest.update(f"ndarray|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
     else:
         raise TypeError(f"cannot hash a {type(value).__name__} in a training state")

@@ -186,7 +186,19 @@ def gate(lock: Dict[str, Any], current: Dict[str, Any],
     if "image" in locked and "image" not in here:
         here["image"] = {}
     locked.get("determinism", {}).pop("seed", None)
+    _unknown_sm_counts_are_not_differences(locked, here)
     return differences(locked, here, grouper=classify, ignore=())
+
+
+def _unknown_sm_counts_are_not_differences(locked: Dict[str, Any], here: Dict[str, Any]) -> None:
+    """NVML does not report SM counts; torch does. A host whose own torch is a CPU build
+    (the CUDA torch of a docker run is in the image) reads none: unknown is not different.
+    Name, compute capability and MIG mode, which NVML reports, still decide; the replayed
+    run records the SM count it ran on, and `harness lock diff` shows it."""
+    locked_gpus = (locked.get("hardware") or {}).get("gpus") or []
+    for mine, theirs in zip((here.get("hardware") or {}).get("gpus") or [], locked_gpus):
+        if mine.get("sm_count") is None and "sm_count" in theirs:
+            mine["sm_count"] = theirs["sm_count"]
 
 
 # ---------------------------------------------------------------- rendering

@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import re
-from typing import Any, Dict, List, Optional
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
 
-from harness.errors import EnvironmentProblem
+from harness.errors import EnvironmentProblem, HarnessError
 
 CPU_HINT = "or train on the CPU: trainer.device=cpu"
 
@@ -26,18 +27,39 @@ def nvml_gpus() -> Dict[str, Any]:
     return capture_gpus(sm_from_torch=False)
 
 
-def choose_device() -> str:
-    """`trainer.device=auto` (and the default image profile): cuda where NVML sees a GPU,
-    else cpu."""
-    return "cuda" if nvml_gpus()["gpus"] else "cpu"
-
-
-def describe_host() -> str:
+def choose_device(cfg: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+    """`trainer.device=auto`: (device, why). cuda only where the run can use a GPU: a Slurm
+    job that asks its nodes for GPUs (backend.slurm.gpus > 0); elsewhere a GPU that NVML
+    sees, and a way to reach it from the backend: a CUDA build of torch here (local), or an
+    engine that passes GPUs into containers (docker). Else cpu, saying why."""
+    backend = ((cfg or {}).get("backend") or {}).get("name", "auto")
+    if backend == "slurm":
+        wanted = int(cfg["backend"]["slurm"].get("gpus") or 0)
+        return ("cuda", f"backend.slurm.gpus={wanted}") if wanted else \
+            ("cpu", "backend.slurm.gpus=0: the job asks its node for no GPU")
     found = nvml_gpus()
-    if found["gpus"]:
-        names = sorted({gpu["name"] for gpu in found["gpus"]})
-        return f"NVML sees {len(found['gpus'])} GPU(s): {', '.join(names)}"
-    return f"no NVIDIA GPU: {found['nvml_error'] or 'NVML lists none'}"
+    if not found["gpus"]:
+        return "cpu", f"no NVIDIA GPU: {found['nvml_error'] or 'NVML lists none'}"
+    seen = f"NVML sees {len(found['gpus'])} GPU(s)"
+    if backend in ("local", "auto") and torch_cuda_version():
+        return "cuda", f"{seen} and torch here is a CUDA build"
+    if backend in ("docker", "auto") and docker_passes_gpus():
+        return "cuda", f"{seen} and the Docker engine passes GPUs to containers"
+    return "cpu", (f"{seen}, but this backend cannot reach them: install a CUDA build of "
+                   f"torch (local) or the NVIDIA Container Toolkit (docker) to train on them")
+
+
+def docker_passes_gpus() -> bool:
+    """An engine with the NVIDIA runtime registered, or the toolkit's hook installed (which
+    docker's GPU requests use)."""
+    if shutil.which("nvidia-container-runtime-hook"):
+        return True
+    try:
+        from harness import image
+
+        return "nvidia" in (image.client(timeout=5).info().get("Runtimes") or {})
+    except HarnessError:
+        return False
 
 
 def require_gpus(backend: str, torch_cuda: Optional[str] = "host") -> None:

@@ -14,7 +14,12 @@ from harness import (__version__, audit, backends, config, data, gate, gpu, lock
                      progress, rundir, tracking)
 from harness.determinism import pinned_environment
 from harness.checkpoint import REQUEUE_EXIT, CheckpointRefused
-from harness.errors import ConfigError, HarnessError, RunFailed
+from harness.errors import (ConfigError, DataError, EnvironmentProblem, HarnessError, RunBusy,
+                            RunFailed)
+
+
+# Exit codes of the training process that are a user-facing error, passed on as such.
+PASSED_ON = {2: ConfigError, 3: DataError, 4: EnvironmentProblem, 6: CheckpointRefused}
 
 
 class Preempted(HarnessError):
@@ -60,7 +65,7 @@ def resume(ref: str, name: Optional[str], overrides: List[str],
     training process picks and validates it). With a config name (and overrides), refuse
     when they do not compose to the run's recorded config."""
     run_dir = rundir.resolve(ref, runs_dir)
-    with rundir.WriterLock(run_dir).acquire("harness train --resume") as lock:
+    with rundir.WriterLock(run_dir).acquire("harness train --resume", wait_s=3) as lock:
         return _resume_locked(run_dir, name, overrides, config_dir, lock)
 
 
@@ -87,10 +92,13 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
                 f"cannot resume run {run_dir.name} with config '{name}' "
                 f"{' '.join(overrides)}: it differs from the run's config ({'; '.join(diffs)}). "
                 f"Resume with the run's own config: `harness train --resume {run_dir.name}`.")
-    previous = rundir.read_json(run_dir / rundir.STATUS)
+    previous = rundir.read_status(run_dir, check_writer=False)
+    _refuse_while_slurm_owns(run_dir, previous)
     # The backend the run started on (status.json), not a new choice by backend=auto: the
     # checkpoint's environment must match.
     backend = backends.get(_resume_backend(previous.get("backend") or cfg["backend"]["name"]))
+    if str(cfg["trainer"]["device"]).startswith("cuda"):
+        gpu.require_gpus(backend.name)
     data_root, _ = data.prepare(cfg["data"])
     for line in backend.clean_up(run_dir):
         print(f"harness: {line}", flush=True)
@@ -102,6 +110,24 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
     rundir.write_status(run_dir, "running", backend=backend.name, host_pid=os.getpid(),
                         resumed_utc=rundir.now_utc(), resumes=previous.get("resumes", 0) + 1)
     return _run(run_dir, cfg, backend, data_root, ["--resume"], lock)
+
+
+def _refuse_while_slurm_owns(run_dir: Path, status: Dict[str, Any]) -> None:
+    """A batch job the scheduler still holds (pending, running or requeued) resumes by
+    itself; a resume by hand now would be a second writer on the run."""
+    if status.get("backend") != "slurm" or not status.get("slurm_job_id") \
+            or status.get("state") in ("succeeded", "failed"):
+        return
+    from harness.backends import slurm
+
+    now = slurm.update(run_dir)
+    if now.get("slurm_state") == "PENDING" or now.get("slurm_state") in slurm.RUNNING \
+            | slurm.REQUEUED:
+        raise RunBusy(
+            f"run {run_dir.name} is Slurm job {slurm.job_ref(now)}, still "
+            f"{now['slurm_state']}: the scheduler runs it and resumes it after a preemption. "
+            f"Wait for it (`harness slurm status {run_dir.name} --wait`) or cancel it "
+            f"(scancel {now['slurm_job_id']}) before resuming it here.")
 
 
 def _resume_backend(name: str) -> str:
@@ -189,10 +215,10 @@ def finish(run_dir: Path, code: int) -> Path:
     rundir.write_status(run_dir, "failed", exit_code=code or 1, reason=reason,
                         finished_utc=rundir.now_utc())
     said = _training_error(run_dir)
-    if code == CheckpointRefused.exit_code and said:
-        # The training refused to resume (checkpoint from another config or environment):
-        # its own words, with its exit code, rather than a generic failure.
-        raise CheckpointRefused(said)
+    if said and code in PASSED_ON:
+        # The training stopped on a user-facing error (data, environment, a refused
+        # checkpoint): its own words and exit code, rather than a generic failure.
+        raise PASSED_ON[code](f"{said} (run {run_dir.name}, marked failed)")
     raise RunFailed(f"run {run_dir.name} failed ({reason}); see {run_dir / rundir.LOG}")
 
 

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.errors import ConfigError, RunBusy
+from harness.errors import ConfigError, EnvironmentProblem, RunBusy
 
 CONFIG = "config.yaml"
 OVERRIDES = "overrides.txt"
@@ -100,15 +100,15 @@ def write_status(run_dir: Path, state: str, **fields: Any) -> Dict[str, Any]:
     return status
 
 
-def read_status(run_dir: Path) -> Dict[str, Any]:
+def read_status(run_dir: Path, check_writer: bool = True) -> Dict[str, Any]:
     """The run's status. A run marked running whose writer is gone (its launcher was
     killed before it could say so) is recorded as failed, with the reason, when it is
-    next looked at."""
+    next looked at (check_writer=False: as written, for a caller that holds the lock)."""
     try:
         status = read_json(run_dir / STATUS)
     except (OSError, ValueError):
         return {"state": "unknown"}
-    if status.get("state") != "running" or not status.get("host_pid") \
+    if not check_writer or status.get("state") != "running" or not status.get("host_pid") \
             or status.get("backend") == "slurm":
         return status  # a batch job's state is the scheduler's to tell
     try:
@@ -121,7 +121,7 @@ def read_status(run_dir: Path) -> Dict[str, Any]:
                     finished_utc=now_utc())
     except RunBusy:
         pass  # its writer is alive: running is true
-    except OSError:  # not ours to lock (read-only, another user): guess from the pid
+    except EnvironmentProblem:  # not ours to lock (read-only, another user): ask the pid
         if not _pid_alive(int(status["host_pid"])):
             status = {**status, "state": "failed", "reason": "launcher process gone"}
     return status
@@ -139,14 +139,27 @@ class WriterLock:
         self.path = Path(run_dir) / WRITER_LOCK
         self.fd: Optional[int] = None
 
-    def acquire(self, purpose: str) -> "WriterLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def acquire(self, purpose: str, wait_s: float = 0.0) -> "WriterLock":
+        """Take the lock, waiting up to `wait_s` for a holder to let go (a `harness runs`
+        looking at the run holds it for a moment); RunBusy naming the holder if not."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            os.close(fd)
-            raise RunBusy(self._busy_message(holder)) from None
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"cannot open {self.path} to lock the run ({exc.strerror}); run the harness "
+                f"as the user who owns {self.path.parent}.") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                os.close(fd)
+                raise RunBusy(self._busy_message(holder)) from None
         holder = {"pid": os.getpid(), "host": platform.node(), "purpose": purpose,
                   "since_utc": now_utc()}
         os.ftruncate(fd, 0)  # written in place: the lock belongs to this inode

@@ -132,8 +132,9 @@ class StopRequest:
     checkpoint.REQUEUE_EXIT. The handler only sets a flag (printing here could re-enter
     a write in progress)."""
 
-    def __init__(self):
+    def __init__(self, log_path: Path):
         self.signum = None
+        self.log_path = log_path
 
     def install(self) -> "StopRequest":
         for signum in (signal.SIGTERM, signal.SIGUSR1):
@@ -142,23 +143,41 @@ class StopRequest:
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
+        if launcher_gone():
+            # Our stdout is a pipe nobody reads any more: a line written to it would fail
+            # (BrokenPipeError) before the checkpoint is written. Write to the log instead.
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(fd, sys.stdout.fileno())
+            os.dup2(fd, sys.stderr.fileno())
+            os.close(fd)
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
-def confirm_gpus() -> None:
+def launcher_gone() -> bool:
+    """A local training process whose launcher (its parent) has died."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    return bool(launcher) and os.getppid() != int(launcher)
+
+
+def confirm_gpus(device: torch.device) -> None:
     """The GPUs torch sees here must be the ones NVML reports for the host (the lockfile
-    records NVML's): the same UUID, name, compute capability and SM count, or stop."""
+    records NVML's): the same UUID, name and compute capability, or stop."""
     if not torch.cuda.is_available():
         raise EnvironmentProblem("trainer.device=cuda but torch sees no CUDA device here; "
                                  "use trainer.device=cpu or run on a machine with an NVIDIA "
                                  "GPU (in a container: through the NVIDIA Container Toolkit).")
-    nvml = lockfile.capture_gpus()
-    if nvml["nvml_error"]:
-        print(f"harness: NVML does not answer here ({nvml['nvml_error']}); the GPUs torch "
-              f"sees are recorded without NVML's confirmation", flush=True)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise EnvironmentProblem(f"trainer.device={device} but torch sees "
+                                 f"{torch.cuda.device_count()} CUDA device(s) here "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    nvml = lockfile.capture_gpus(sm_from_torch=False)
+    if nvml["nvml_error"] or any(g["mig_mode"] for g in nvml["gpus"]):
+        why = nvml["nvml_error"] or "MIG slices have UUIDs of their own"
+        print(f"harness: the GPUs torch sees are recorded without NVML's confirmation "
+              f"({why})", flush=True)
         return
     problems = gpu.disagreements(nvml["gpus"], gpu.torch_devices())
     if problems:
@@ -173,15 +192,14 @@ def stop_when_launcher_dies(watch_stdin: bool) -> None:
     SIGTERM: StopRequest then checkpoints at the next step boundary and exits 75.
     A local child learns it from the kernel (PR_SET_PDEATHSIG); in a container, where the
     launcher is no parent, from the end of the stdin the launcher holds open."""
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if launcher:
+    if os.environ.get(LAUNCHER_PID_ENV):
         try:
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except (OSError, AttributeError):
             pass  # not Linux: the broken stdout pipe ends the process at its next line
-        if os.getppid() != int(launcher):  # it died before the line above took effect
+        if launcher_gone():  # it died before the line above took effect
             os.kill(os.getpid(), signal.SIGTERM)
     if watch_stdin:
         threading.Thread(target=_stop_at_end_of_stdin, daemon=True).start()
@@ -212,11 +230,15 @@ def truncate_metrics(path: Path, step: int) -> None:
     rundir.atomic_write_text(path, "".join(kept))
 
 
-def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str, Any] | None:
+def run(run_dir: Path, data_root: str | None, resume: bool = False,
+        watch_stdin: bool = False) -> Dict[str, Any] | None:
     """Train the run; returns its results, or None when a stop signal made it checkpoint
     and stop early (the caller exits with checkpoint.REQUEUE_EXIT)."""
     started = time.time()
-    stop = StopRequest().install()
+    # Before anything else: a stop signal must find its handler, even one sent because the
+    # launcher died while this process was starting.
+    stop = StopRequest(run_dir / rundir.LOG).install()
+    stop_when_launcher_dies(watch_stdin)
     cfg = load_yaml(run_dir / rundir.CONFIG)
     launch = rundir.read_json(run_dir / rundir.LAUNCH)
     det = cfg["determinism"]
@@ -229,7 +251,7 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False) -> Dict[str,
 
     device = torch.device(cfg["trainer"]["device"])
     if device.type == "cuda":
-        confirm_gpus()
+        confirm_gpus(device)
 
     data_kwargs = {"root": data_root} if data_root else {}
     train_set = limited(instantiate(cfg["data"]["dataset"], split="train", **data_kwargs),
@@ -395,9 +417,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--watch-stdin", action="store_true",
                         help="checkpoint and stop when stdin ends (the launcher is gone)")
     args = parser.parse_args(argv)
-    stop_when_launcher_dies(args.watch_stdin)
     try:
-        results = run(args.run_dir, args.data_root, resume=args.resume)
+        results = run(args.run_dir, args.data_root, resume=args.resume,
+                      watch_stdin=args.watch_stdin)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -99,22 +99,26 @@ def test_edited_data_with_its_mtime_restored_is_refused_by_replay(cli, tiny_conf
     assert len(list((tmp_path / "runs").iterdir())) == 1  # no replay run was started
 
 
-@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+@pytest.mark.parametrize("damage", ["overwrite", "checksum", "truncate"])
 def test_corrupt_gzip_data_is_a_clear_data_error(cli, tiny_conf, tmp_path, damage):
-    """Four bytes overwritten inside a .gz, or its last 100 bytes cut off: exit 3 with a
-    message naming the file and what to do, no traceback, no run directory."""
-    labels = tmp_path / "tinydata" / "t10k-labels-idx1-ubyte.gz"
-    packed = bytearray(labels.read_bytes())
+    """Four bytes overwritten in the middle of a .gz's compressed data, or in its trailer
+    (CRC-32), or its last 100 bytes cut off: exit 3 with a message naming the file and
+    what to do, no traceback, no run directory."""
+    images = tmp_path / "tinydata" / "t10k-images-idx3-ubyte.gz"
+    packed = bytearray(images.read_bytes())
+    middle = len(packed) // 2
     if damage == "overwrite":
-        packed[20:24] = b"\xff\x00\xff\x00"
+        packed[middle:middle + 4] = bytes(b ^ 0xFF for b in packed[middle:middle + 4])
+    elif damage == "checksum":
+        packed[-8:-4] = bytes(b ^ 0xFF for b in packed[-8:-4])
     else:
-        packed = packed[:-100] if len(packed) > 120 else packed[: len(packed) // 2]
-    labels.write_bytes(bytes(packed))
+        packed = packed[:-100]
+    images.write_bytes(bytes(packed))
     done = cli("train", "tiny", "--config-dir", str(tiny_conf), "--runs-dir",
                str(tmp_path / "runs"))
     assert done.returncode == 3, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
-    assert str(labels) in done.stderr and "corrupt or truncated" in done.stderr
+    assert str(images) in done.stderr and "corrupt or truncated" in done.stderr
     assert "harness data fetch tiny" in done.stderr
     assert not (tmp_path / "runs").exists()
 

@@ -55,13 +55,10 @@ def test_atomic_accumulation_differs_with_determinism_off_and_verify_names_it(cl
     assert "first differing module: scatter" in done.stdout
 
 
-def test_atomic_accumulation_in_strict_mode_is_identical_or_names_the_op(cli, tmp_path):
+def test_atomic_accumulation_in_strict_mode_is_identical(cli, tmp_path):
+    """Strict mode: torch runs index_add and its backward with deterministic algorithms on
+    CUDA, so the same model reproduces bit for bit."""
     done = cli("verify", "scatter", "--steps", "8", "--config-dir", CONF,
                "--runs-dir", str(tmp_path / "runs"))
-    if done.returncode == 0:
-        assert "DETERMINISTIC: scatter" in done.stdout
-        return
-    runs = sorted((tmp_path / "runs").iterdir())
-    log = "".join((run / "train.log").read_text() for run in runs if (run / "train.log").exists())
-    assert "index_add" in log or "index_add" in done.stderr, done.stdout + done.stderr + log
-    assert done.returncode != 7, "strict mode ran and diverged instead of refusing the op"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "DETERMINISTIC: scatter" in done.stdout

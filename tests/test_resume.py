@@ -213,6 +213,10 @@ def test_a_killed_launcher_takes_its_training_down_and_the_status_says_so(setup)
                                            group=False)
     assert code == -signal.SIGKILL
     assert wait_until_unlocked(run_dir) < 30
+    # It stopped as on a preemption: a checkpoint at the step boundary after the kill, and
+    # its last words in the log (its stdout pipe had no reader any more).
+    assert checkpoint_steps(run_dir)[-1] >= 6
+    assert "SIGTERM received: checkpoint" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
     listed = subprocess.run([sys.executable, "-m", "harness", "runs", "--runs-dir",
                              str(setup["runs"])], env=setup["env"], capture_output=True,

@@ -114,11 +114,35 @@ def gpu_requested(cfg: Dict[str, Any]) -> bool:
     return str(cfg["trainer"]["device"]).startswith("cuda")
 
 
-def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Path],
-                      env: Dict[str, str]) -> Dict[str, Any]:
-    """Keyword arguments for containers.create: the sandbox every training container gets."""
+def gpu_request(gpus: str, engine_info: Dict[str, Any]):
+    """How a container asks for its GPUs: through CDI (`nvidia.com/gpu=all`) where the
+    engine has CDI enabled (Docker 25 and newer report `CDISpecDirs`) and an NVIDIA CDI
+    spec is installed there (`nvidia-ctk cdi generate`); else the NVIDIA runtime's GPU
+    request (`--gpus`)."""
     from docker.types import DeviceRequest
 
+    if _nvidia_cdi_spec(engine_info.get("CDISpecDirs") or []):
+        ids = ["nvidia.com/gpu=all"] if gpus == "all" else \
+            [f"nvidia.com/gpu={i}" for i in range(int(gpus))]
+        return DeviceRequest(driver="cdi", device_ids=ids)
+    return DeviceRequest(count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]])
+
+
+def _nvidia_cdi_spec(directories: List[str]) -> bool:
+    for directory in map(Path, directories):
+        for spec in sorted(directory.glob("*")) if directory.is_dir() else []:
+            try:
+                if "nvidia.com/gpu" in spec.read_text(errors="replace"):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Path],
+                      env: Dict[str, str], engine_info: Optional[Dict[str, Any]] = None
+                      ) -> Dict[str, Any]:
+    """Keyword arguments for containers.create: the sandbox every training container gets."""
     opts = cfg["backend"]["docker"]
     volumes = {str(run_dir.resolve()): {"bind": RUN_MOUNT, "mode": "rw"}}
     if data_root:
@@ -146,13 +170,15 @@ def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Pa
         security_opt=["no-new-privileges"],
         shm_size=opts["shm_size"],
         labels={LABEL: run_dir.name, **(opts.get("labels") or {})},
+        # docker-init as PID 1: it forwards signals to the training and reaps its DataLoader
+        # workers (PID 1 itself would ignore any signal it has no handler for).
+        init=True,
         # stdin open and attachable once: its end tells the training its launcher is gone.
         stdin_open=True,
         detach=False,
     )
     if gpu_requested(cfg):
-        count = -1 if str(opts["gpus"]) == "all" else int(opts["gpus"])
-        kwargs["device_requests"] = [DeviceRequest(count=count, capabilities=[["gpu"]])]
+        kwargs["device_requests"] = [gpu_request(str(opts["gpus"]), engine_info or {})]
     return kwargs
 
 
@@ -218,17 +244,29 @@ class DockerBackend:
         return {"image": facts, "container_runtime": image.engine_facts(engine)}
 
     def _probe_gpu(self, cfg: Dict[str, Any], reference: str) -> None:
-        from docker.types import DeviceRequest
+        from docker.errors import APIError, ImageNotFound
 
-        opts = cfg["backend"]["docker"]
-        count = -1 if str(opts["gpus"]) == "all" else int(opts["gpus"])
-        probe = self.engine.containers.create(
-            reference, command=["true"], network_mode="none",
-            labels={LABEL: "gpu-probe"},
-            device_requests=[DeviceRequest(count=count, capabilities=[["gpu"]])])
-        start_or_explain(probe, cfg)
-        probe.wait()
-        probe.remove(force=True)
+        request = gpu_request(str(cfg["backend"]["docker"]["gpus"]), self.engine.info())
+        try:
+            probe = self.engine.containers.create(
+                reference, command=["true"], network_mode="none",
+                labels={LABEL: "gpu-probe"}, device_requests=[request])
+        except ImageNotFound:
+            raise EnvironmentProblem(
+                f"the base image {reference} is not in the Docker engine, so the GPU probe "
+                f"cannot run: `docker pull {reference}` (or `make docker-env` for the local "
+                f"base) and try again.") from None
+        except APIError as exc:
+            raise EnvironmentProblem(f"the GPU probe container could not be created: "
+                                     f"{_first(str(exc))}") from None
+        try:
+            start_or_explain(probe, cfg)
+            probe.wait()
+        finally:
+            try:
+                probe.remove(force=True)
+            except APIError:
+                pass  # start_or_explain removed it already
 
     def launch(self, spec: LaunchSpec) -> DockerHandle:
         run_dir = spec.run_dir
@@ -236,7 +274,8 @@ class DockerBackend:
         lock = rundir.read_json(run_dir / rundir.LAUNCH).get("lock", {})
         reference = (lock.get("image") or {}).get("id") or \
             image.build(cfg["image"], engine=self.engine)["id"]
-        options = container_options(cfg, run_dir, spec.data_root, spec.env)
+        info = self.engine.info() if gpu_requested(cfg) else {}
+        options = container_options(cfg, run_dir, spec.data_root, spec.env, info)
         if spec.extra_args:
             options["command"] = options["command"] + list(spec.extra_args)
         _hand_over(run_dir, options["user"])
