@@ -10,6 +10,8 @@ into the build context and installed with `pip install --no-index --require-hash
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import config, progress
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
@@ -322,11 +324,32 @@ def build(image: Dict[str, Any], engine=None, push: bool = False, out=sys.stderr
     engine = engine or client()
     found = find(engine, ident["reference"])
     if found is None:
-        found = _build(engine, image, ident, out)
+        with build_lock(ident["content_hash"], out):
+            found = find(engine, ident["reference"]) or _build(engine, image, ident, out)
     if push:
         _push(engine, image, ident, out)
         found.reload()
     return facts(found, ident, image)
+
+
+@contextlib.contextmanager
+def build_lock(content_hash: str, out) -> Iterator[None]:
+    """One build of a given content at a time on this machine. Two builds of the same
+    content at once each made an image and the second re-tagged the content-hash tag with
+    its own id, taking the first run's registry digest away; now the second waits and then
+    finds the first's image."""
+    path = Path(tempfile.gettempdir()) / f"harness-build-{content_hash[:24]}.lock"
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("harness: another build of this image is running here; waiting for it",
+                  file=out, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out, nocache: bool = False):

@@ -287,3 +287,26 @@ def test_engine_down_fails_with_how_to_start_one(cli, tiny_conf, tmp_path):
                check_rc=0)
     assert "backend=auto chose local" in done.stderr
     assert read_lock(run_dir_of(done))["backend"]["name"] == "local"
+
+
+@pytest.mark.docker
+def test_two_builds_of_the_same_content_at_once_end_with_one_image(engine, built, tmp_path):
+    """Two `harness build --push` of new, identical content started together: one builds,
+    the other waits and finds that image; both report the same id and registry digest,
+    and the digest stays on the image."""
+    import uuid
+
+    marker = f"+image.env.HARNESS_TEST_RACE={uuid.uuid4().hex[:12]}"
+    command = [sys.executable, "-m", "harness", "build", "fashion_mnist", marker, "--push"]
+    both = [subprocess.Popen(command, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [process.communicate(timeout=1200) for process in both]
+    assert [process.returncode for process in both] == [0, 0], outputs
+    facts = [json.loads(out) for out, _ in outputs]
+    try:
+        assert facts[0]["id"] == facts[1]["id"]
+        assert facts[0]["repo_digest"] and facts[0]["repo_digest"] == facts[1]["repo_digest"]
+        assert facts[0]["repo_digest"] in engine.api.inspect_image(facts[0]["id"])["RepoDigests"]
+        assert sum("harness: building" in err for _, err in outputs) == 1, outputs
+    finally:
+        engine.images.remove(facts[0]["id"], force=True)
