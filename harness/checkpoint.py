@@ -43,12 +43,6 @@ PREFIX = "harness.checkpoint/"
 FORMAT = PREFIX + "2"
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
-# Exit code of a training process that stopped on SIGTERM/SIGUSR1 after writing a
-# checkpoint: "preempted, requeue me". 75 is EX_TEMPFAIL (sysexits.h): a temporary
-# failure, the invoker is invited to retry. The Slurm job script requeues on it; the
-# launcher marks the run `preempted`.
-REQUEUE_EXIT = 75
-
 REQUIRED = ("format", "step", "epoch", "position", "config_sha256", "environment_sha256",
             "environment", "model", "optimizer", "scheduler", "rng", "resumes",
             "state_sha256")

@@ -13,7 +13,7 @@ import os
 import random
 from typing import Any, Dict
 
-from harness.errors import HarnessError
+from harness.errors import EnvironmentProblem
 
 
 def pinned_environment(det: Dict[str, Any]) -> Dict[str, str]:
@@ -124,7 +124,7 @@ def check(det: Dict[str, Any], actual: Dict[str, Any]) -> None:
         elif have != want:
             wrong.append(f"{key}={have!r}, expected {want!r}")
     if wrong:
-        raise HarnessError(
+        raise EnvironmentProblem(
             "determinism settings are not in effect: " + "; ".join(wrong) +
             ". Launch training through `harness train` (it sets these before the interpreter "
             "starts) rather than running the training module directly.")

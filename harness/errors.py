@@ -1,7 +1,7 @@
 """User-facing errors. Each carries a message that says how to fix the problem and the
 exit code the CLI returns for it; the CLI catches them once and prints the message.
 
-Exit codes (also in docs/cli.md):
+Exit codes (also in README.md and `harness --help`):
   1  the training run itself failed (see its train.log)
   2  invalid input: unknown config, bad override, wrong type, bad argument
   3  data missing or corrupt
@@ -13,6 +13,13 @@ Exit codes (also in docs/cli.md):
  75  training stopped on SIGTERM/SIGUSR1 after writing a checkpoint: requeue or resume it
      (EX_TEMPFAIL; the Slurm job script requeues on it)
 """
+
+
+# Exit code of a training process that stopped on SIGTERM/SIGUSR1 after writing a
+# checkpoint: "preempted, requeue me". 75 is EX_TEMPFAIL (sysexits.h): a temporary failure,
+# the invoker is invited to retry. The Slurm job script requeues on it; the launcher marks
+# the run `preempted`.
+REQUEUE_EXIT = 75
 
 
 class HarnessError(Exception):

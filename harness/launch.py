@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional
 from harness import (__version__, audit, backends, config, data, gate, gpu, lockfile,
                      progress, rundir, tracking)
 from harness.determinism import pinned_environment
-from harness.checkpoint import REQUEUE_EXIT, CheckpointRefused
-from harness.errors import (ConfigError, DataError, EnvironmentProblem, HarnessError, RunBusy,
-                            RunFailed)
+from harness.checkpoint import CheckpointRefused
+from harness.errors import (REQUEUE_EXIT, ConfigError, DataError, EnvironmentProblem,
+                            HarnessError, RunBusy, RunFailed)
 
 
 # Exit codes of the training process that are a user-facing error, passed on as such.

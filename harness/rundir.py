@@ -80,15 +80,23 @@ def new_run_id(config_name: str) -> str:
 
 
 def create(runs_dir: Path, config_name: str) -> Path:
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    for _ in range(10):
-        path = runs_dir.resolve() / new_run_id(config_name)
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"could not create a unique run directory in {runs_dir}")
+    """A new, empty run directory with a unique id (created exclusively; a clash of ids,
+    possible only under concurrency, is retried)."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            path = runs_dir.resolve() / new_run_id(config_name)
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot create a run directory in {runs_dir}: "
+                                 f"{exc.strerror}. Pass --runs-dir DIR (or set HARNESS_RUNS) "
+                                 f"to a writable directory.") from None
+    raise EnvironmentProblem(f"could not create a unique run directory in {runs_dir} after 10 "
+                             f"tries; retry the command.")
 
 
 def write_status(run_dir: Path, state: str, **fields: Any) -> Dict[str, Any]:

@@ -2,7 +2,7 @@
 
 One script serves one run or a job array: RUN_DIRS lists the prepared run directories and
 SLURM_ARRAY_TASK_ID picks one. The script forwards USR1/TERM to the training and requeues
-on checkpoint.REQUEUE_EXIT. The training runs through a container runtime on the node:
+on errors.REQUEUE_EXIT. The training runs through a container runtime on the node:
 `none` (the harness venv on a shared filesystem), `docker`, `apptainer` or `pyxis`.
 
 The job gets none of the submitting environment (`--export=NONE`): Slurm would otherwise
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 from harness import __version__
-from harness.checkpoint import REQUEUE_EXIT
-from harness.errors import ConfigError
+
+from harness.errors import REQUEUE_EXIT, ConfigError
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
 RUNTIMES = ("none", "docker", "apptainer", "pyxis")

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
@@ -23,13 +22,10 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import audit, checkpoint, determinism, gpu, lockfile, progress, rundir
+from harness import audit, checkpoint, determinism, progress, rundir
 from harness.digest import tensor_digests, weights_sha256
-from harness.backends.local import LAUNCHER_PID_ENV
-from harness.config import load_yaml
-from harness.errors import EnvironmentProblem, HarnessError
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+from harness.errors import REQUEUE_EXIT, HarnessError
+from harness.runtime import Runtime
 
 # ---------------------------------------------------------------- data order
 
@@ -126,93 +122,6 @@ class Stopwatch:
         self.total += time.perf_counter() - self._started
 
 
-class StopRequest:
-    """SIGTERM / SIGUSR1 (a scheduler preempting us, or a time limit coming): remember it;
-    the loop writes a checkpoint at the next step boundary and exits with
-    checkpoint.REQUEUE_EXIT. The handler only sets a flag (printing here could re-enter
-    a write in progress)."""
-
-    def __init__(self, log_path: Path):
-        self.signum = None
-        self.log_path = log_path
-
-    def install(self) -> "StopRequest":
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._handler)
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        self.signum = signum
-        if launcher_gone():
-            # Our stdout is a pipe nobody reads any more: a line written to it would fail
-            # (BrokenPipeError) before the checkpoint is written. Write to the log instead.
-            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.dup2(fd, sys.stdout.fileno())
-            os.dup2(fd, sys.stderr.fileno())
-            os.close(fd)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
-
-
-def launcher_gone() -> bool:
-    """A local training process whose launcher (its parent) has died."""
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    return bool(launcher) and os.getppid() != int(launcher)
-
-
-def confirm_gpus(device: torch.device) -> None:
-    """The GPUs torch sees here must be the ones NVML reports for the host (the lockfile
-    records NVML's): the same UUID, name and compute capability, or stop."""
-    if not torch.cuda.is_available():
-        raise EnvironmentProblem("trainer.device=cuda but torch sees no CUDA device here; "
-                                 "use trainer.device=cpu or run on a machine with an NVIDIA "
-                                 "GPU (in a container: through the NVIDIA Container Toolkit).")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise EnvironmentProblem(f"trainer.device={device} but torch sees "
-                                 f"{torch.cuda.device_count()} CUDA device(s) here "
-                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
-    nvml = lockfile.capture_gpus(sm_from_torch=False)
-    if nvml["nvml_error"] or any(g["mig_mode"] for g in nvml["gpus"]):
-        why = nvml["nvml_error"] or "MIG slices have UUIDs of their own"
-        print(f"harness: the GPUs torch sees are recorded without NVML's confirmation "
-              f"({why})", flush=True)
-        return
-    problems = gpu.disagreements(nvml["gpus"], gpu.torch_devices())
-    if problems:
-        raise EnvironmentProblem("the GPUs torch sees disagree with what NVML reports: "
-                                 + "; ".join(problems) + ". Check CUDA_VISIBLE_DEVICES and "
-                                 "that the driver and the container runtime agree.")
-
-
-def stop_when_launcher_dies(watch_stdin: bool) -> None:
-    """A training process must not outlive its launcher unnoticed (a resume would start a
-    second writer on the run). When the launcher dies, even by SIGKILL, send ourselves
-    SIGTERM: StopRequest then checkpoints at the next step boundary and exits 75.
-    A local child learns it from the kernel (PR_SET_PDEATHSIG); in a container, where the
-    launcher is no parent, from the end of the stdin the launcher holds open."""
-    if os.environ.get(LAUNCHER_PID_ENV):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # not Linux: the broken stdout pipe ends the process at its next line
-        if launcher_gone():  # it died before the line above took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-    if watch_stdin:
-        threading.Thread(target=_stop_at_end_of_stdin, daemon=True).start()
-
-
-def _stop_at_end_of_stdin() -> None:
-    # The raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader
-    # would hold its lock when the interpreter shuts down (a fatal error).
-    while os.read(0, 1 << 16):
-        pass  # nothing is sent; only the end matters
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the train records up to `step` (a resumed run re-writes the rest, bit for bit);
     a torn last line from a killed process goes too."""
@@ -233,25 +142,9 @@ def truncate_metrics(path: Path, step: int) -> None:
 def run(run_dir: Path, data_root: str | None, resume: bool = False,
         watch_stdin: bool = False) -> Dict[str, Any] | None:
     """Train the run; returns its results, or None when a stop signal made it checkpoint
-    and stop early (the caller exits with checkpoint.REQUEUE_EXIT)."""
-    started = time.time()
-    # Before anything else: a stop signal must find its handler, even one sent because the
-    # launcher died while this process was starting.
-    stop = StopRequest(run_dir / rundir.LOG).install()
-    stop_when_launcher_dies(watch_stdin)
-    cfg = load_yaml(run_dir / rundir.CONFIG)
-    launch = rundir.read_json(run_dir / rundir.LAUNCH)
-    det = cfg["determinism"]
-
-    # Determinism first: nothing may draw a random number before the seeds are set.
-    determinism.apply(det)
-    determinism.seed_everything(cfg["seed"])
-    in_effect = determinism.audit()
-    determinism.check(det, in_effect)
-
-    device = torch.device(cfg["trainer"]["device"])
-    if device.type == "cuda":
-        confirm_gpus(device)
+    and stop early (the caller exits with REQUEUE_EXIT)."""
+    rt = Runtime.start(run_dir, watch_stdin)  # signals, determinism, seeds, device
+    cfg, launch, device, det = rt.cfg, rt.launch, rt.device, rt.cfg["determinism"]
 
     data_kwargs = {"root": data_root} if data_root else {}
     train_set = limited(instantiate(cfg["data"]["dataset"], split="train", **data_kwargs),
@@ -277,7 +170,7 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
     # A restarted Slurm job (requeued after preemption) resumes by itself.
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     resume = resume or restarts > 0
-    facts = checkpoint.environment_facts(in_effect, cfg["trainer"]["device"])
+    facts = rt.checkpoint_facts()
     step, start_epoch, start_position = 0, 0, 0
     restored, resumes = None, []
     if resume:
@@ -355,13 +248,13 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
                     last_report = time.time()
                     if logged:
                         tick, tick_step = last_report, step
-                stopping = stop.signum is not None and step < total_steps
+                stopping = rt.stop_requested is not None and step < total_steps
                 if stopping or (step % trainer["checkpoint_every"] == 0 and step < total_steps):
                     saved = save(epoch, position)
             if stopping:
                 metrics.close()
-                print(f"harness: {stop.name} received: checkpoint {saved.name} written at step "
-                      f"{step}; exiting with code {checkpoint.REQUEUE_EXIT} (preempted, resume "
+                print(f"harness: {rt.stop_requested} received: checkpoint {saved.name} written "
+                      f"at step {step}; exiting with code {REQUEUE_EXIT} (preempted, resume "
                       f"with --resume)", flush=True)
                 return None
             if step >= total_steps:
@@ -386,24 +279,11 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
         "weights_sha256": weights_sha256(state),
         "metrics_sha256": hashlib.sha256((run_dir / rundir.METRICS).read_bytes()).hexdigest(),
     }
-    finished = time.time()
-    lock = {
-        **launch["lock"],
-        "determinism": {"mode": det["mode"], "seed": cfg["seed"], "in_effect": in_effect},
-        "software": lockfile.capture_software(),
-        "hardware": lockfile.capture_hardware(),
-        "environment": lockfile.capture_environment(),
-        "results": results,
-        "resumes": resumes,
-        "timing": {
-            "time_to_first_step_s": round((first_step_at or finished) - launch["launched_unix"], 3),
-            "first_step_unix": first_step_at,
-            "train_loop_s": round(loop_end - loop_start, 3),
-            "harness_s": round(bookkeeping.total, 4),
-            "train_process_s": round(finished - started, 3),
-        },
-    }
-    lockfile.write(run_dir / rundir.LOCK, lock)
+    rt.write_lock(results, resumes, timing={
+        "first_step_unix": first_step_at,
+        "train_loop_s": round(loop_end - loop_start, 3),
+        "harness_s": round(bookkeeping.total, 4),
+    })
     return results
 
 
@@ -424,7 +304,7 @@ def main(argv: List[str] | None = None) -> int:
         print(f"harness: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     if results is None:
-        return checkpoint.REQUEUE_EXIT
+        return REQUEUE_EXIT
     print(f"weights sha256 {results['weights_sha256']}", flush=True)
     return 0
 

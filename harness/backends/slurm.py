@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 
 from harness import rundir, sbatch
 from harness.backends.base import LaunchSpec
-from harness.checkpoint import REQUEUE_EXIT
-from harness.errors import EnvironmentProblem, RunFailed
+
+from harness.errors import REQUEUE_EXIT, EnvironmentProblem, RunFailed
 
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STAGE_OUT", "SIGNALING",
            "RESIZING"}

@@ -1,0 +1,178 @@
+"""The runtime every training process runs inside: the built-in loop today (train.py),
+a user's own script and each data-parallel rank tomorrow.
+
+    rt = Runtime.start(run_dir)        # before anything else in the process
+    ...                                # the training: rt.cfg, rt.device, rt.stop_requested
+    rt.write_lock(results, resumes, timing)
+
+`start` owns, in this order: the stop signals (SIGTERM/SIGUSR1 -> checkpoint, exit 75) and
+the watch on the launcher (a training process must not outlive it unnoticed); the run's
+config and launch facts; the determinism settings, applied, seeded and read back (a run
+whose settings did not take effect stops); the device, checked against what the host has.
+`write_lock` captures what the process saw (software, hardware, environment, determinism in
+effect) and writes the lockfile, last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from harness import checkpoint, determinism, gpu, lockfile, rundir
+from harness.backends.local import LAUNCHER_PID_ENV
+from harness.config import load_yaml
+from harness.errors import EnvironmentProblem
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class Runtime:
+    def __init__(self, run_dir: Path, watch_stdin: bool = False):
+        self.started = time.time()
+        self.run_dir = Path(run_dir)
+        # Before anything else: a stop signal must find its handler, even one sent because
+        # the launcher died while this process was starting.
+        self.stop = StopRequest(self.run_dir / rundir.LOG).install()
+        stop_when_launcher_dies(watch_stdin)
+        self.cfg: Dict[str, Any] = load_yaml(self.run_dir / rundir.CONFIG)
+        self.launch: Dict[str, Any] = rundir.read_json(self.run_dir / rundir.LAUNCH)
+        self.in_effect: Dict[str, Any] = {}
+        self.device = torch.device(self.cfg["trainer"]["device"])
+
+    @classmethod
+    def start(cls, run_dir: Path, watch_stdin: bool = False) -> "Runtime":
+        runtime = cls(run_dir, watch_stdin)
+        det = runtime.cfg["determinism"]
+        # Determinism first: nothing may draw a random number before the seeds are set.
+        determinism.apply(det)
+        determinism.seed_everything(runtime.cfg["seed"])
+        runtime.in_effect = determinism.audit()
+        determinism.check(det, runtime.in_effect)
+        if runtime.device.type == "cuda":
+            confirm_gpus(runtime.device)
+        return runtime
+
+    @property
+    def stop_requested(self) -> Optional[str]:
+        """The stop signal's name once one arrived (checkpoint and exit REQUEUE_EXIT)."""
+        return self.stop.name or None
+
+    def checkpoint_facts(self) -> Dict[str, Any]:
+        """What a checkpoint must share with the process that resumes it."""
+        return checkpoint.environment_facts(self.in_effect, self.cfg["trainer"]["device"])
+
+    def write_lock(self, results: Dict[str, Any], resumes: List[Dict[str, Any]],
+                   timing: Dict[str, Any]) -> None:
+        """The lockfile: the launcher's facts (launch.json) and what this process saw."""
+        finished = time.time()
+        det = self.cfg["determinism"]
+        first_step = timing.get("first_step_unix") or finished
+        lockfile.write(self.run_dir / rundir.LOCK, {
+            **self.launch["lock"],
+            "determinism": {"mode": det["mode"], "seed": self.cfg["seed"],
+                            "in_effect": self.in_effect},
+            "software": lockfile.capture_software(),
+            "hardware": lockfile.capture_hardware(),
+            "environment": lockfile.capture_environment(),
+            "results": results,
+            "resumes": resumes,
+            "timing": {
+                "time_to_first_step_s": round(first_step - self.launch["launched_unix"], 3),
+                **timing,
+                "train_process_s": round(finished - self.started, 3),
+            },
+        })
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (a scheduler preempting us, or a time limit coming): remember it;
+    the loop writes a checkpoint at the next step boundary and exits with
+    REQUEUE_EXIT. The handler only sets a flag (printing here could re-enter
+    a write in progress)."""
+
+    def __init__(self, log_path: Path):
+        self.signum = None
+        self.log_path = log_path
+
+    def install(self) -> "StopRequest":
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+        if launcher_gone():
+            # Our stdout is a pipe nobody reads any more: a line written to it would fail
+            # (BrokenPipeError) before the checkpoint is written. Write to the log instead.
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(fd, sys.stdout.fileno())
+            os.dup2(fd, sys.stderr.fileno())
+            os.close(fd)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+def launcher_gone() -> bool:
+    """A local training process whose launcher (its parent) has died."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    return bool(launcher) and os.getppid() != int(launcher)
+
+
+def confirm_gpus(device: torch.device) -> None:
+    """The GPUs torch sees here must be the ones NVML reports for the host (the lockfile
+    records NVML's): the same UUID, name and compute capability, or stop."""
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem("trainer.device=cuda but torch sees no CUDA device here; "
+                                 "use trainer.device=cpu or run on a machine with an NVIDIA "
+                                 "GPU (in a container: through the NVIDIA Container Toolkit).")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise EnvironmentProblem(f"trainer.device={device} but torch sees "
+                                 f"{torch.cuda.device_count()} CUDA device(s) here "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    nvml = lockfile.capture_gpus(sm_from_torch=False)
+    if nvml["nvml_error"] or any(g["mig_mode"] for g in nvml["gpus"]):
+        why = nvml["nvml_error"] or "MIG slices have UUIDs of their own"
+        print(f"harness: the GPUs torch sees are recorded without NVML's confirmation "
+              f"({why})", flush=True)
+        return
+    problems = gpu.disagreements(nvml["gpus"], gpu.torch_devices())
+    if problems:
+        raise EnvironmentProblem("the GPUs torch sees disagree with what NVML reports: "
+                                 + "; ".join(problems) + ". Check CUDA_VISIBLE_DEVICES and "
+                                 "that the driver and the container runtime agree.")
+
+
+def stop_when_launcher_dies(watch_stdin: bool) -> None:
+    """A training process must not outlive its launcher unnoticed (a resume would start a
+    second writer on the run). When the launcher dies, even by SIGKILL, send ourselves
+    SIGTERM: StopRequest then checkpoints at the next step boundary and exits 75.
+    A local child learns it from the kernel (PR_SET_PDEATHSIG); in a container, where the
+    launcher is no parent, from the end of the stdin the launcher holds open."""
+    if os.environ.get(LAUNCHER_PID_ENV):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # not Linux: the broken stdout pipe ends the process at its next line
+        if launcher_gone():  # it died before the line above took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    if watch_stdin:
+        threading.Thread(target=_stop_at_end_of_stdin, daemon=True).start()
+
+
+def _stop_at_end_of_stdin() -> None:
+    # The raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader
+    # would hold its lock when the interpreter shuts down (a fatal error).
+    while os.read(0, 1 << 16):
+        pass  # nothing is sent; only the end matters
+    os.kill(os.getpid(), signal.SIGTERM)
