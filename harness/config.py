@@ -37,6 +37,9 @@ class DeterminismConf:
     threads: int = 2  # torch intra-op threads and OMP/MKL_NUM_THREADS
     pythonhashseed: Optional[int] = 0  # None: not pinned (PYTHONHASHSEED=random)
     cublas_workspace_config: str = ":4096:8"
+    # CPU kernels: native (what torch picks for this CPU), or a pin (default, avx2, avx512)
+    # that makes results independent of a newer ISA the machine may have.
+    cpu_isa: str = "native"
 
 
 @dataclass
@@ -320,6 +323,11 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
             raise ConfigError(f"invalid config: {key}={value}; it must be >= {minimum}.")
     if cfg["seed"] is not None and cfg["seed"] >= SEED_LIMIT:
         raise ConfigError(f"invalid config: seed={cfg['seed']}; it must be below {SEED_LIMIT}.")
+    from harness.determinism import CPU_ISA
+
+    if cfg["determinism"]["cpu_isa"] not in ("native", *CPU_ISA):
+        raise ConfigError(f"invalid config: determinism.cpu_isa={cfg['determinism']['cpu_isa']}; "
+                          f"use native or one of {', '.join(CPU_ISA)}.")
     if (cfg["determinism"]["pythonhashseed"] or 0) > 4294967295:
         raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
 

@@ -16,10 +16,30 @@ from typing import Any, Dict
 from harness.errors import EnvironmentProblem
 
 
+# determinism.cpu_isa: which CPU kernels torch, oneDNN and MKL may use. PyTorch picks its
+# vector kernels by the CPU's ISA, and AVX-512 and AVX2 kernels round differently; pinning
+# the ISA (as FastSurfer does) lets a run made on an AVX-512 machine replay bit for bit on
+# any machine that has the pinned ISA. Each pin: the variables set before the interpreter
+# starts, the capability torch must then report, and the CPU flags it needs.
+CPU_ISA: Dict[str, Dict[str, Any]] = {
+    "default": {"env": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                        "MKL_CBWR": "COMPATIBLE"},
+                "capability": "DEFAULT", "needs": []},
+    "avx2": {"env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                     "MKL_CBWR": "AVX2"},
+             "capability": "AVX2", "needs": ["avx2", "fma"]},
+    "avx512": {"env": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+                       "MKL_CBWR": "AVX512"},
+               "capability": "AVX512", "needs": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]},
+}
+CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
 def pinned_environment(det: Dict[str, Any]) -> Dict[str, str]:
     """Variables the training process must start with."""
     threads = str(det["threads"])
-    return {
+    isa = CPU_ISA.get(det.get("cpu_isa") or "native", {}).get("env", {})
+    return {**isa,
         # Python's str/bytes hashing is salted per process unless this is fixed: set and
         # dict iteration orders (and anything built from them) would change between runs.
         # determinism.pythonhashseed=null leaves it unpinned on purpose ("random").
@@ -87,9 +107,11 @@ def audit() -> Dict[str, Any]:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "env": {name: os.environ.get(name) for name in
-                ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
-                 "MKL_NUM_THREADS")},
+        "env": {**{name: os.environ.get(name) for name in
+                   ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
+                    "MKL_NUM_THREADS")},
+                # The CPU ISA pins only where set: a native run records what it always did.
+                **{name: os.environ[name] for name in CPU_ISA_VARIABLES if name in os.environ}},
     }
 
 
@@ -123,6 +145,15 @@ def check(det: Dict[str, Any], actual: Dict[str, Any]) -> None:
                       for name, value in want.items() if have.get(name) != value]
         elif have != want:
             wrong.append(f"{key}={have!r}, expected {want!r}")
+    pin = det.get("cpu_isa") or "native"
+    if pin != "native":
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability != CPU_ISA[pin]["capability"]:
+            wrong.append(f"torch CPU capability {capability}, expected "
+                         f"{CPU_ISA[pin]['capability']} (determinism.cpu_isa={pin}: this CPU "
+                         f"needs {', '.join(CPU_ISA[pin]['needs'])})")
     if wrong:
         raise EnvironmentProblem(
             "determinism settings are not in effect: " + "; ".join(wrong) +

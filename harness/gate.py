@@ -42,6 +42,7 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
     ("hardware.nvml_error", INFO, "why NVML gave nothing"),
     # CPU: the ISA decides which vector kernels (and so which rounding) run.
     ("hardware.cpu.isa_flags", BLOCKING, "CPU math kernels are selected by ISA"),
+    ("hardware.cpu.supports_pinned_isa", BLOCKING, "this CPU cannot run the pinned kernels"),
     ("hardware.cpu.architecture", BLOCKING, "another CPU architecture runs other kernels"),
     ("hardware.cpu.*", INFO, "threads are pinned; the ISA flags decide the kernels"),
     ("hardware.hostname", INFO, "another machine of the same kind"),
@@ -187,7 +188,25 @@ def gate(lock: Dict[str, Any], current: Dict[str, Any],
         here["image"] = {}
     locked.get("determinism", {}).pop("seed", None)
     _unknown_sm_counts_are_not_differences(locked, here)
+    _pinned_isa_decides(lock, locked, here)
     return differences(locked, here, grouper=classify, ignore=())
+
+
+def _pinned_isa_decides(lock: Dict[str, Any], locked: Dict[str, Any],
+                        here: Dict[str, Any]) -> None:
+    """A run pinned to a CPU ISA (determinism.cpu_isa) ran the pinned kernels whatever else
+    its CPU had: what decides is whether this CPU has the pinned ISA, not its flag list.
+    (The capability torch reports stays compared under software.torch_cpu_capability.)"""
+    from harness.determinism import CPU_ISA
+
+    pin = (((lock.get("config") or {}).get("determinism") or {}).get("cpu_isa")) or "native"
+    cpus = [(side.get("hardware") or {}).get("cpu") for side in (locked, here)]
+    if pin not in CPU_ISA or not all(isinstance(cpu, dict) for cpu in cpus):
+        return
+    flags = cpus[1].pop("isa_flags", None) or []
+    cpus[0].pop("isa_flags", None)
+    cpus[0]["supports_pinned_isa"] = True
+    cpus[1]["supports_pinned_isa"] = all(f in flags for f in CPU_ISA[pin]["needs"])
 
 
 def _unknown_sm_counts_are_not_differences(locked: Dict[str, Any], here: Dict[str, Any]) -> None:

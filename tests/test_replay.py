@@ -224,3 +224,64 @@ def test_replay_where_the_runs_code_is_not_importable_says_what_is_missing(harne
     assert done.returncode == 4, done.stdout + done.stderr
     assert "no module named 'harness_testkit'" in done.stderr
     assert "PYTHONPATH" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- CPU ISA pinning
+
+
+@pytest.fixture(scope="module")
+def avx2_run(harness):
+    from harness.lockfile import capture_cpu
+
+    if not {"avx2", "fma"} <= set(capture_cpu()["isa_flags"]):
+        pytest.skip("this CPU has no AVX2")
+    return run_dir_of(harness("train", "hashy", "determinism.cpu_isa=avx2", "--config-dir",
+                              CONF, "--runs-dir", "runs", check_rc=0))
+
+
+def test_runs_pinned_to_avx2_repeat_and_record_the_pin(harness, avx2_run):
+    again = run_dir_of(harness("train", "hashy", "determinism.cpu_isa=avx2", "--config-dir",
+                               CONF, "--runs-dir", "runs", check_rc=0))
+    lock = read_lock(avx2_run)
+    assert lock["results"]["weights_sha256"] == read_lock(again)["results"]["weights_sha256"]
+    assert lock["config"]["determinism"]["cpu_isa"] == "avx2"
+    assert lock["software"]["torch_cpu_capability"] == "AVX2"
+    env = lock["determinism"]["in_effect"]["env"]
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert env["MKL_CBWR"] == "AVX2"
+
+
+def test_a_pinned_run_replays_on_a_cpu_with_other_flags(harness, avx2_run, hashy_run,
+                                                        tmp_path):
+    """Recorded on a CPU with a different flag list (AVX-512 gone, another flag there): a
+    run pinned to avx2 replays, since this CPU has AVX2; a native run is refused."""
+    def other_cpu(lock):
+        flags = lock["hardware"]["cpu"]["isa_flags"]
+        lock["hardware"]["cpu"]["isa_flags"] = ["sse4a"] + [f for f in flags
+                                                            if not f.startswith("avx512")]
+
+    pinned = copy_run(avx2_run, tmp_path)
+    edit_lock(pinned, other_cpu)
+    done = harness("replay", str(pinned), check_rc=0)
+    assert "IDENTICAL" in done.stdout
+    native = copy_run(hashy_run, tmp_path)
+    edit_lock(native, other_cpu)
+    assert harness("replay", str(native)).returncode == 6
+
+
+def test_a_pin_this_cpu_cannot_run_blocks_the_replay():
+    from harness import gate
+
+    lock = {"config": {"determinism": {"cpu_isa": "avx512"}},
+            "hardware": {"cpu": {"isa_flags": ["avx2", "avx512f", "avx512bw", "avx512dq",
+                                               "avx512vl", "fma"]}}}
+    here = {"hardware": {"cpu": {"isa_flags": ["avx2", "fma"]}}}
+    blocking = [d.key for d in gate.gate(lock, here) if d.blocking]
+    assert blocking == ["hardware.cpu.supports_pinned_isa"]
+    here["hardware"]["cpu"]["isa_flags"] = lock["hardware"]["cpu"]["isa_flags"] + ["amx_tile"]
+    assert [d.key for d in gate.gate(lock, here) if d.blocking] == []
+
+
+def test_unknown_cpu_isa_is_refused(harness):
+    done = harness("train", "hashy", "determinism.cpu_isa=avx9", "--config-dir", CONF)
+    assert done.returncode == 2 and "determinism.cpu_isa=avx9" in done.stderr
