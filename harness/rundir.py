@@ -39,6 +39,7 @@ WEIGHTS = "model.pt"
 LOCK = "harness.lock"
 CHECKPOINTS = "checkpoints"
 WRITER_LOCK = ".writer.lock"
+STATUS_CHECK = "status check"  # the WriterLock purpose of a reader that only looks
 
 
 def default_runs_dir() -> Path:
@@ -120,7 +121,7 @@ def read_status(run_dir: Path, check_writer: bool = True) -> Dict[str, Any]:
             or status.get("backend") == "slurm":
         return status  # a batch job's state is the scheduler's to tell
     try:
-        with WriterLock(run_dir).acquire("status check"):
+        with WriterLock(run_dir).acquire(STATUS_CHECK):
             status = read_json(run_dir / STATUS)  # as it is now that nobody writes
             if status.get("state") == "running":
                 status = write_status(
@@ -148,8 +149,9 @@ class WriterLock:
         self.fd: Optional[int] = None
 
     def acquire(self, purpose: str, wait_s: float = 0.0) -> "WriterLock":
-        """Take the lock, waiting up to `wait_s` for a holder to let go (a `harness runs`
-        looking at the run holds it for a moment); RunBusy naming the holder if not."""
+        """Take the lock; RunBusy naming the holder if another process holds it. A holder
+        that is only looking (`harness runs` checking a status holds the lock for a
+        moment) is waited for, up to `wait_s`."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -162,10 +164,10 @@ class WriterLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() < deadline:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                if STATUS_CHECK in holder and time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue
-                holder = os.pread(fd, 4096, 0).decode(errors="replace")
                 os.close(fd)
                 raise RunBusy(self._busy_message(holder)) from None
         holder = {"pid": os.getpid(), "host": platform.node(), "purpose": purpose,
