@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from harness.digest import tensor_bytes
+
 AUDIT_FILE = "audit.jsonl"
 ENV_SWITCH = "HARNESS_AUDIT"
 ROOT = "(model)"
@@ -42,8 +44,7 @@ def _digest(value: Any) -> Optional[str]:
     if not tensors:
         return None
     for tensor in tensors:
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest.update(data.numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()[:16]
 
 

@@ -49,9 +49,11 @@ def choose_device(cfg: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
                    f"torch (local) or the NVIDIA Container Toolkit (docker) to train on them")
 
 
+@functools.lru_cache(maxsize=1)
 def docker_passes_gpus() -> bool:
     """An engine with the NVIDIA runtime registered, or the toolkit's hook installed (which
-    docker's GPU requests use)."""
+    docker's GPU requests use). Asked once per process: the image default and
+    trainer.device=auto both ask during one compose."""
     if shutil.which("nvidia-container-runtime-hook"):
         return True
     try:
