@@ -29,14 +29,13 @@ constants without loading torch.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness import rundir
-from harness.config import canonical_json
+from harness.digest import canonical_sha256
 from harness.errors import HarnessError
 
 PREFIX = "harness.checkpoint/"
@@ -92,7 +91,7 @@ def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
 
 
 def facts_sha256(facts: Dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(facts).encode()).hexdigest()
+    return canonical_sha256(facts)
 
 
 # ---------------------------------------------------------------- RNG states

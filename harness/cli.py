@@ -17,6 +17,9 @@ EPILOG = "Exit codes: 0 ok, 1 run failed, 2 invalid input, 3 data missing or cor
          "75 preempted (a checkpoint was written; continue with `harness train --resume RUN`)."
 
 
+COMMAND_TAKERS = ("run", "submit")  # subcommands that take `-- COMMAND...`
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from harness import launch
     from harness.errors import ConfigError
@@ -34,6 +37,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     launch.train(args.config, args.overrides, args.config_dir, args.runs_dir)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness import launch
+    from harness.errors import ConfigError
+
+    usage = "harness run [CONFIG] [overrides...] [--input PATH] [--output PATH] -- COMMAND..."
+    if args.command_argv is None:
+        raise ConfigError(f"harness run needs the command after `--`, so that its own options "
+                          f"stay its own: {usage} (e.g. harness run -- python train.py "
+                          f"--epochs 3).")
+    if not args.command_argv:
+        raise ConfigError(f"nothing to run after `--`: {usage}")
+    name, overrides = _config_and_overrides(args.config, args.overrides, default="run")
+    launch.run_command(name, overrides, args.command_argv, args.input, args.output,
+                       args.config_dir, args.runs_dir)
+    return 0
+
+
+def _config_and_overrides(first: Optional[str], rest: List[str], default: str):
+    """CONFIG is optional before the overrides: a first word with '=' is an override."""
+    if first is None or "=" in first:
+        return default, [first, *rest] if first else list(rest)
+    return first, list(rest)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -60,9 +87,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from harness import submit
+    from harness.errors import ConfigError
 
-    submit.submit(args.config, args.overrides, args.backend, args.multirun, args.wait,
-                  args.config_dir, args.runs_dir)
+    name, overrides = args.config, args.overrides
+    if args.command_argv is not None:
+        if not args.command_argv:
+            raise ConfigError("nothing to run after `--`: harness submit [CONFIG] [overrides] "
+                              "-- COMMAND...")
+        name, overrides = _config_and_overrides(args.config, args.overrides, default="run")
+    elif not name:
+        raise ConfigError("harness submit needs a config name (e.g. `harness submit mnist`), "
+                          "or a command after `--` (harness submit -- python train.py).")
+    submit.submit(name, overrides, args.backend, args.multirun, args.wait,
+                  args.config_dir, args.runs_dir, command=args.command_argv,
+                  inputs=args.input, outputs=args.output)
     return 0
 
 
@@ -227,6 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "(Hydra sweep syntax, e.g. -m seed=0,1,2) in sequence")
     train.set_defaults(handler=cmd_train)
 
+    run = sub.add_parser(
+        "run", parents=[common], epilog=EPILOG,
+        help="run your own training command reproducibly: harness run -- python train.py",
+        description="Run COMMAND (everything after `--`) as a run: on the configured backend, "
+                    "with the pinned environment, every Python process of it seeded and "
+                    "pinned before its first line (HARNESS_SEED holds the seed), the declared "
+                    "inputs hashed before and outputs hashed after, and a lockfile. `harness "
+                    "replay RUN` re-runs it and compares every output byte for byte. The "
+                    "command's exit code is the run's. See docs/your-script.md.")
+    run.add_argument("config", nargs="?", default=None,
+                     help="config name (default: run, the bundled config for commands)")
+    run.add_argument("overrides", nargs="*",
+                     help="Hydra overrides, e.g. seed=3 backend=docker determinism=warn")
+    run.add_argument("--input", action="append", default=[], metavar="PATH",
+                     help="a file or directory the command reads (repeatable): hashed into "
+                          "the lockfile before it starts; a replay refuses if it changed")
+    run.add_argument("--output", action="append", default=[], metavar="PATH_OR_GLOB",
+                     help="a file, directory or glob the command writes, relative to the "
+                          "working directory (repeatable): kept in RUN_DIR/outputs/ and "
+                          "hashed after it ends")
+    run.add_argument("--runs-dir", type=Path, default=None,
+                     help="where run directories go (default: $HARNESS_RUNS or ./runs)")
+    run.set_defaults(handler=cmd_run, command_argv=None)
+
     summary = sub.add_parser(
         "summary", help="seed statistics of a sweep",
         description="Group a sweep's runs by configuration (all overrides but the seed) and "
@@ -249,24 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser(
         "submit", parents=[common], epilog=EPILOG,
-        help="submit a config as a batch job (Slurm); -m sweeps submit one job array",
+        help="submit a config (or `-- COMMAND`) as a batch job (Slurm); -m sweeps submit "
+             "one job array",
         description="Prepare run directories here (config, launch facts, data verified), "
                     "render a batch script into each (job.sbatch) and submit it. The job "
                     "trains with the pinned environment, checkpoints on USR1/TERM and is "
                     "requeued; a restarted job resumes. Options: conf/backend/slurm.yaml "
                     "(backend.slurm.*).")
-    submit.add_argument("config", help="config name, e.g. mnist or fashion_mnist")
+    submit.add_argument("config", nargs="?", default=None,
+                        help="config name, e.g. mnist or fashion_mnist (with `-- COMMAND`: "
+                             "default run)")
     submit.add_argument("overrides", nargs="*",
                         help="Hydra overrides; with -m, sweeps such as seed=0,1,2")
     submit.add_argument("--backend", default="slurm", choices=["slurm"],
                         help="batch backend (default: slurm)")
     submit.add_argument("-m", "--multirun", action="store_true",
                         help="expand Hydra sweep overrides into one job array")
+    submit.add_argument("--input", action="append", default=[], metavar="PATH",
+                        help="with `-- COMMAND`: a file or directory it reads (as for run)")
+    submit.add_argument("--output", action="append", default=[], metavar="PATH_OR_GLOB",
+                        help="with `-- COMMAND`: what it writes (as for run)")
     submit.add_argument("--wait", action="store_true",
                         help="poll the scheduler until every job ended; exit 1 if one failed")
     submit.add_argument("--runs-dir", type=Path, default=None,
                         help="where run directories go (default: $HARNESS_RUNS or ./runs)")
-    submit.set_defaults(handler=cmd_submit)
+    submit.set_defaults(handler=cmd_submit, command_argv=None)
 
     slurm = sub.add_parser("slurm", help="Slurm jobs of runs: status")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="ACTION")
@@ -385,7 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if argv and argv[0] in COMMAND_TAKERS and "--" in argv:
+        # Everything after the first `--` is the user's command, untouched by our parser.
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
     args, extra = parser.parse_known_args(argv)
+    if command is not None:
+        args.command_argv = command
     # Overrides may come after options (`train mnist -m seed=0,1`); argparse only takes
     # positionals in one run, so leftovers that are not options join the overrides.
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):

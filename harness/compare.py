@@ -102,8 +102,24 @@ def compare_runs(a_dir: Path, b_dir: Path, lock_a: Dict[str, Any],
     return report
 
 
+def compare_outputs(a_dir: Path, b_dir: Path, lock_a: Dict[str, Any],
+                    lock_b: Dict[str, Any]) -> Dict[str, Any]:
+    """The comparison report of two runs of a command (`harness run`): their declared
+    outputs, byte for byte."""
+    from harness import outputs
+
+    found = outputs.compare(Path(a_dir), Path(b_dir), lock_a["results"]["outputs"],
+                            lock_b["results"]["outputs"])
+    return {"verdict": DIVERGED if found["differing"] else IDENTICAL, "kind": "outputs",
+            "a": Path(a_dir).name, "b": Path(b_dir).name, **found}
+
+
 def render(report: Dict[str, Any]) -> str:
     """The human verdict: one line for IDENTICAL; where and how far for DIVERGED."""
+    if report.get("kind") == "outputs":
+        from harness import outputs
+
+        return outputs.render(report)
     steps_a, steps_b = report["steps"]
     if report["verdict"] == IDENTICAL:
         return (f"IDENTICAL: {steps_a} steps of loss bits, {report['fingerprints_compared']} "

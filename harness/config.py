@@ -7,8 +7,6 @@ under subcommands; overrides keep Hydra's grammar (`key=value`, `+key=value`, `g
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.digest import canonical_json, canonical_sha256  # noqa: F401 (re-exported)
 from harness.errors import ConfigError
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -160,6 +159,41 @@ class RunConf:
     image: ImageConf = field(default_factory=ImageConf)
 
 
+@dataclass
+class CommandConf:
+    """The user's own command (`harness run -- CMD...`) and what it reads and writes."""
+    argv: List[str] = field(default_factory=list)  # the command, as given after `--`
+    inputs: List[str] = field(default_factory=list)  # --input: hashed before it starts
+    outputs: List[str] = field(default_factory=list)  # --output: hashed after it ends
+    # Seed and pin every Python process of the command (harness/inject/sitecustomize.py);
+    # false leaves the command's processes alone (the pinned environment stays).
+    inject: bool = True
+
+
+@dataclass
+class DeviceConf:
+    device: str = "auto"  # as trainer.device of the built-in loop
+
+
+@dataclass
+class ScriptRunConf:
+    """A run of the user's own command (`harness run`, conf/run.yaml): no model or data of
+    the harness's; the command's inputs and outputs are declared instead."""
+    name: str = MISSING
+    seed: Optional[int] = None
+    command: CommandConf = field(default_factory=CommandConf)
+    trainer: DeviceConf = field(default_factory=DeviceConf)
+    determinism: DeterminismConf = field(default_factory=DeterminismConf)
+    backend: BackendConf = field(default_factory=BackendConf)
+    tracker: TrackerConf = field(default_factory=TrackerConf)
+    image: ImageConf = field(default_factory=ImageConf)
+
+
+def is_script(cfg: Dict[str, Any]) -> bool:
+    """A run of the user's own command rather than of the built-in loop."""
+    return "command" in cfg
+
+
 def state_ref(name: str) -> Optional[str]:
     """`${harness_state_ref:NAME}`: the image reference `make docker-env` pinned on this
     machine ($HARNESS_STATE_DIR/NAME.ref), or null when it has not run (a docker build then
@@ -279,8 +313,9 @@ def check_override_syntax(overrides: List[str]) -> None:
 def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
     """Check `raw` against the typed schema, resolve interpolations once, check ranges,
     draw a seed if none is set. Returns plain data (what config.yaml holds)."""
+    schema = ScriptRunConf if is_script(raw) else RunConf
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(RunConf), raw)
+        typed = OmegaConf.merge(OmegaConf.structured(schema), raw)
         resolved = OmegaConf.to_container(typed, resolve=True, enum_to_str=True,
                                           throw_on_missing=True)
     except OmegaConfBaseException as exc:
@@ -302,18 +337,12 @@ def _first_line(exc: Exception) -> str:
 
 
 def _check_ranges(cfg: Dict[str, Any]) -> None:
-    trainer = cfg["trainer"]
-    rules = [
-        ("trainer.epochs", trainer["epochs"], 1),
-        ("trainer.max_steps", trainer["max_steps"], 1),
-        ("trainer.batch_size", trainer["batch_size"], 1),
-        ("trainer.eval_batch_size", trainer["eval_batch_size"], 1),
-        ("trainer.num_workers", trainer["num_workers"], 0),
-        ("trainer.train_limit", trainer["train_limit"], 1),
-        ("trainer.eval_limit", trainer["eval_limit"], 1),
-        ("trainer.log_every", trainer["log_every"], 1),
-        ("trainer.fingerprint_every", trainer["fingerprint_every"], 1),
-        ("trainer.checkpoint_every", trainer["checkpoint_every"], 1),
+    minimums = {"epochs": 1, "max_steps": 1, "batch_size": 1, "eval_batch_size": 1,
+                "num_workers": 0, "train_limit": 1, "eval_limit": 1, "log_every": 1,
+                "fingerprint_every": 1, "checkpoint_every": 1}
+    rules = [(f"trainer.{key}", value, minimums[key])
+             for key, value in cfg["trainer"].items() if key in minimums]
+    rules += [
         ("determinism.threads", cfg["determinism"]["threads"], 1),
         ("determinism.pythonhashseed", cfg["determinism"]["pythonhashseed"], 0),
         ("seed", cfg["seed"], 0),
@@ -379,13 +408,8 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
-def canonical_json(data: Any) -> str:
-    """The one JSON form that hashes are computed over: sorted keys, no spaces."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
 def config_sha256(cfg: Dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(cfg).encode()).hexdigest()
+    return canonical_sha256(cfg)
 
 
 def to_yaml(cfg: Dict[str, Any]) -> str:

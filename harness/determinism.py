@@ -161,12 +161,21 @@ def check(det: Dict[str, Any], actual: Dict[str, Any]) -> None:
             "starts) rather than running the training module directly.")
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """Seed python and numpy in each DataLoader worker from the worker's torch seed, which
-    the DataLoader derives from its seeded generator (base seed + worker id)."""
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker set-up: deaf to the preemption signals, and seeded.
+
+    The signals are for the training process, which checkpoints at the next step boundary
+    and then stops its workers itself; a worker killed by a scheduler's SIGTERM (sent to
+    every process of a job) would make the next batch fail instead. Python and numpy are
+    seeded from the worker's torch seed, which the DataLoader derives from its seeded
+    generator (base seed + worker id)."""
+    import signal
+
     import numpy as np
     import torch
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -1,4 +1,4 @@
-"""Hashes of tensors and of whole training states, independent of pickle framing: equal
+"""Hashes of plain data (canonical JSON), of tensors and of whole training states, independent of pickle framing: equal
 contents give equal hashes whatever wrote them. Shared by the training loop (weights and
 per-step fingerprints) and checkpoints (integrity of everything a resume restores).
 
@@ -8,7 +8,18 @@ Torch is imported inside the functions: importing this module stays cheap.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any, Dict
+
+
+def canonical_json(data: Any) -> str:
+    """The one JSON form that hashes are computed over: sorted keys, no spaces."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def canonical_sha256(data: Any) -> str:
+    """sha256 of `data`'s canonical JSON: configs, lockfiles, image content, facts."""
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 
 def tensor_bytes(tensor) -> bytes:

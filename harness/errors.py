@@ -2,7 +2,8 @@
 exit code the CLI returns for it; the CLI catches them once and prints the message.
 
 Exit codes (also in README.md and `harness --help`):
-  1  the training run itself failed (see its train.log)
+  1  the training run itself failed (see its train.log); a `harness run` exits with its
+     command's own exit code
   2  invalid input: unknown config, bad override, wrong type, bad argument
   3  data missing or corrupt
   4  an environment part is missing or down (Docker engine, Slurm, GPU runtime)
@@ -28,6 +29,10 @@ class HarnessError(Exception):
 
 class RunFailed(HarnessError):
     exit_code = 1
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code  # a `harness run` command's own exit code
 
 
 class ConfigError(HarnessError):

@@ -187,6 +187,12 @@ def gate(lock: Dict[str, Any], current: Dict[str, Any],
     if "image" in locked and "image" not in here:
         here["image"] = {}
     locked.get("determinism", {}).pop("seed", None)
+    if "command" in (lock.get("config") or {}) and not \
+            (locked.get("determinism") or {}).get("in_effect"):
+        # A command run that pinned nothing inside its processes (command.inject=false, or
+        # none imported torch) recorded nothing in effect there: nothing of it to compare.
+        for side in (locked, here):
+            (side.get("determinism") or {}).pop("in_effect", None)
     _unknown_sm_counts_are_not_differences(locked, here)
     _pinned_isa_decides(lock, locked, here)
     return differences(locked, here, grouper=classify, ignore=())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import config, progress
+from harness.digest import canonical_sha256
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 
 TEMPLATE = "docker/Dockerfile.template"
@@ -136,7 +137,7 @@ def identity(image: Dict[str, Any]) -> Dict[str, str]:
         "requirements_lock_sha256": sha256_file(lock_path),
         "harness_source_sha256": source.hexdigest(),
     }
-    content = hashlib.sha256(config.canonical_json(parts).encode()).hexdigest()
+    content = canonical_sha256(parts)
     return {**parts, "content_hash": content,
             "reference": f"{image['repository']}:{content[:24]}"}
 

@@ -34,6 +34,26 @@ def train(name: str, overrides: List[str], config_dir: Optional[Path] = None,
     return start(cfg, overrides, runs_dir)
 
 
+def run_command(name: str, overrides: List[str], argv: List[str], inputs: List[str],
+                outputs: List[str], config_dir: Optional[Path] = None,
+                runs_dir: Optional[Path] = None) -> Path:
+    """`harness run`: the user's command as a run of config `name` (default: run)."""
+    cfg = with_command(config.compose(name, overrides, config_dir), argv, inputs, outputs)
+    return start(cfg, overrides, runs_dir)
+
+
+def with_command(cfg: Dict[str, Any], argv: List[str], inputs: List[str],
+                 outputs: List[str]) -> Dict[str, Any]:
+    """A composed command config with the command line's command, inputs and outputs."""
+    if not config.is_script(cfg):
+        raise ConfigError(f"config '{cfg['name']}' trains the built-in loop (it has no "
+                          f"`command` section): train it without a command, or use a config "
+                          f"made for commands (the bundled `run`, or one that extends it).")
+    cfg["command"].update(argv=list(argv), inputs=[*cfg["command"]["inputs"], *inputs],
+                          outputs=[*cfg["command"]["outputs"], *outputs])
+    return config.validate(cfg)
+
+
 def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = None,
           lock_extra: Optional[Dict[str, Any]] = None) -> Path:
     """Launch a resolved config as a new run and wait for it. Returns the run directory;
@@ -42,9 +62,13 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     backend = backends.get(cfg["backend"]["name"], cfg)
     if str(cfg["trainer"]["device"]).startswith("cuda"):
         gpu.require_gpus(backend.name)  # before any data, image or run directory
-    # Data is located and verified before anything is written: a run that cannot start
-    # leaves no run directory behind.
-    data_root, data_files = data.prepare(cfg["data"])
+    # Data (or a command's inputs) is located and verified before anything is written: a
+    # run that cannot start leaves no run directory behind.
+    if config.is_script(cfg):
+        data_root, data_files = None, {}
+        lock_extra = {"script": script_facts(cfg, backend.name), **(lock_extra or {})}
+    else:
+        data_root, data_files = data.prepare(cfg["data"])
     # A backend may add lock facts (docker: image and engine) and check that it can run
     # at all (engine up, image built, GPUs available) before anything is written.
     if hasattr(backend, "lock_facts"):
@@ -99,7 +123,7 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
     backend = backends.get(_resume_backend(previous.get("backend") or cfg["backend"]["name"]))
     if str(cfg["trainer"]["device"]).startswith("cuda"):
         gpu.require_gpus(backend.name)
-    data_root, _ = data.prepare(cfg["data"])
+    data_root = None if config.is_script(cfg) else data.prepare(cfg["data"])[0]
     for line in backend.clean_up(run_dir):
         print(f"harness: {line}", flush=True)
     if previous.get("state") == "running":  # we hold the lock: its writer is gone
@@ -189,12 +213,51 @@ def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_na
         "overrides": list(overrides),
         "backend": {"name": backend_name},
         "source": lockfile.capture_source(Path.cwd()),
-        "data": {"name": cfg["data"].get("name"), "root": str(data_root) if data_root else None,
-                 "files": data_files},
+        "data": {"name": (cfg.get("data") or {}).get("name"),
+                 "root": str(data_root) if data_root else None, "files": data_files},
         **(lock_extra or {}),
     }
     rundir.write_json(run_dir / rundir.LAUNCH, {
         "launched_unix": launched, "config_sha256": config_sha, "lock": lock})
+
+
+def script_facts(cfg: Dict[str, Any], backend_name: str) -> Dict[str, Any]:
+    """A command run's launch facts: where it runs and what it reads (hashed now, before it
+    starts). Checks the command line first: nothing is written for one that cannot run."""
+    from harness import outputs
+
+    argv = cfg["command"]["argv"]
+    if not argv:
+        raise ConfigError("no command to run: give it after `--`, e.g. "
+                          "`harness run -- python train.py --epochs 3`.")
+    if backend_name == "slurm" and str(cfg["backend"]["slurm"]["runtime"]) != "none":
+        raise ConfigError(f"a command runs in a Slurm job with backend.slurm.runtime=none "
+                          f"(the job runs it in this directory, on a shared filesystem); "
+                          f"runtime={cfg['backend']['slurm']['runtime']} is not available "
+                          f"for commands yet.")
+    workdir = Path.cwd()
+    if backend_name in ("local", "slurm") and not _findable(argv[0], workdir):
+        raise ConfigError(f"command not found: {argv[0]!r} is neither on PATH nor a file in "
+                          f"{workdir}. Install it, or give its path.")
+    outputs.check_output_patterns(cfg["command"]["outputs"])
+    if backend_name == "docker" and "" in outputs.output_dirs(cfg["command"]["outputs"]):
+        raise ConfigError("in a container the working directory is read-only and only the "
+                          "directories outputs go to are writable: declare outputs inside a "
+                          "directory (e.g. --output out/model.pt, not --output model.pt).")
+    files = outputs.command_files(argv, workdir)
+    return {"argv": list(argv), "workdir": str(workdir),
+            "inputs": outputs.hash_inputs([*cfg["command"]["inputs"], *files], workdir),
+            "command_files": files}
+
+
+def _findable(program: str, workdir: Path) -> bool:
+    import shutil
+    import sys
+
+    if "/" in program:
+        return (workdir / program).is_file()
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return shutil.which(program, path=search) is not None
 
 
 def finish(run_dir: Path, code: int) -> Path:
@@ -215,12 +278,15 @@ def finish(run_dir: Path, code: int) -> Path:
     rundir.write_status(run_dir, "failed", exit_code=code or 1, reason=reason,
                         finished_utc=rundir.now_utc())
     said = _training_error(run_dir)
+    if config.is_script(config.load_yaml(run_dir / rundir.CONFIG)):
+        # The user's command: its exit code is the run's, whatever it means to the command.
+        raise RunFailed(f"run {run_dir.name} failed: {said or reason}; see "
+                        f"{run_dir / rundir.LOG}", exit_code=code or 1)
     if said and code in PASSED_ON:
         # The training stopped on a user-facing error (data, environment, a refused
         # checkpoint): its own words and exit code, rather than a generic failure.
         raise PASSED_ON[code](f"{said} (run {run_dir.name}, marked failed)")
     raise RunFailed(f"run {run_dir.name} failed ({reason}); see {run_dir / rundir.LOG}")
-
 
 
 def _training_error(run_dir: Path) -> Optional[str]:

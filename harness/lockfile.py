@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.config import canonical_json
+from harness.digest import canonical_sha256
 from harness.errors import LockfileError
 from harness.rundir import atomic_write_text
 
@@ -230,7 +230,7 @@ def harness_source_sha256() -> str:
 def seal(lock: Dict[str, Any]) -> Dict[str, Any]:
     """Return `lock` with `lock_sha256` computed over the canonical rest."""
     body = {k: v for k, v in lock.items() if k != "lock_sha256"}
-    return {**body, "lock_sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
+    return {**body, "lock_sha256": canonical_sha256(body)}
 
 
 def write(path: Path, lock: Dict[str, Any]) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import __version__, capture, compare, config, gate, lockfile, rundir
+from harness import __version__, capture, compare, config, gate, lockfile, outputs, rundir
 from harness.errors import Diverged, EnvironmentProblem, ReplayRefused
 
 REPLAY_FILE = "replay.json"
@@ -91,6 +91,10 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         print(f"harness: {len(informational)} informational difference(s) (no effect "
               f"expected): {', '.join(d.key for d in informational[:6])}"
               f"{' ...' if len(informational) > 6 else ''}", flush=True)
+    if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
+        outputs.check_changed(lock["script"]["inputs"], Path.cwd(), orig_dir.name)
+        for warning in lock["script"]["warnings"]:
+            print(f"harness: the original run warned: {warning}", flush=True)
     gate_s = time.perf_counter() - started
 
     link = {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"]}
@@ -102,7 +106,10 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
 
     compare_started = time.perf_counter()
     new_lock = lockfile.read(new_dir / rundir.LOCK)
-    report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
+    if config.is_script(cfg):
+        report = compare.compare_outputs(orig_dir, new_dir, lock, new_lock)
+    else:
+        report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
     compare_s = time.perf_counter() - compare_started
     record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),
               "blocking_differences": [d.to_json() for d in blocking],
@@ -110,6 +117,13 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
                          "compare_s": round(compare_s, 3)}}
     rundir.write_json(new_dir / REPLAY_FILE, record)
     print(compare.render(report), flush=True)
+    if report["verdict"] != compare.IDENTICAL and config.is_script(cfg):
+        raise Diverged(
+            f"replay {new_dir.name} of {orig_dir.name} DIVERGED: "
+            f"{', '.join(d['file'] for d in report['differing'])} differ (report in "
+            f"{new_dir / REPLAY_FILE}). The command is not deterministic here: look for "
+            f"randomness it seeds itself (from the clock, say) or settings it changes "
+            f"(`harness runs` lists the warnings).")
     if report["verdict"] != compare.IDENTICAL:
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED at step "

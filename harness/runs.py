@@ -44,6 +44,11 @@ def summary(run_dir: Path) -> Dict[str, Any]:
                weights=(results.get("weights_sha256") or "")[:12] or None,
                replay_of=(lock.get("replay_of") or {}).get("run_id"))
     row["backend"] = row["backend"] or (lock.get("backend") or {}).get("name")
+    script = lock.get("script") or _read_optional(run_dir / rundir.LAUNCH).get(
+        "lock", {}).get("script")
+    row["warnings"] = (script or {}).get("warnings", [])
+    if script:  # a `harness run` command: its outputs stand where the weights do
+        row.update(steps=None, weights=(results.get("outputs_sha256") or "")[:12] or None)
     replay = _read_optional(run_dir / "replay.json")
     row["replay_verdict"] = replay.get("verdict")
     verify = _read_optional(run_dir / "verify.json")
@@ -80,6 +85,9 @@ def _replay_cell(row: Dict[str, Any]) -> str:
         parts.append("replayed: " + ", ".join(f"{v} x{n}" for v, n in counts.items()))
     if row["verify"]:
         parts.append(f"verify: {row['verify']}")
+    if row["warnings"]:
+        more = f" (+{len(row['warnings']) - 1} more)" if len(row["warnings"]) > 1 else ""
+        parts.append(f"warning: {row['warnings'][0]}{more}")
     return "; ".join(parts) or "-"
 
 

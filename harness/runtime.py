@@ -11,6 +11,10 @@ config and launch facts; the determinism settings, applied, seeded and read back
 whose settings did not take effect stops); the device, checked against what the host has.
 `write_lock` captures what the process saw (software, hardware, environment, determinism in
 effect) and writes the lockfile, last.
+
+For a user's own script run by `harness run`, this module is also the public API: `seed()`,
+`generator(stream)`, `worker_init_fn` and `record_output(path)` (README, "Your own
+script"). The script needs none of them to reproduce; they are for explicit control.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -31,6 +35,49 @@ from harness.config import load_yaml
 from harness.errors import EnvironmentProblem
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+# ---------------------------------------------------------------- public API for scripts
+
+
+def seed() -> int:
+    """The run's seed (`HARNESS_SEED`); outside `harness run`, 0."""
+    from harness.injection import SEED_ENV
+
+    return int(os.environ.get(SEED_ENV, "0"))
+
+
+def generator(stream: str = "default", device: str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from (the run's seed, `stream`): one stream per purpose
+    (data order, augmentation, ...) keeps each independent of how much the others draw."""
+    from harness.injection import stream_seed
+
+    made = torch.Generator(device=device)
+    made.manual_seed(stream_seed(seed(), "user", stream))
+    return made
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """The DataLoader worker set-up `harness run` gives a loader that has none: python and
+    numpy seeded from the worker's torch seed; SIGTERM/SIGUSR1 left to the main process."""
+    determinism.worker_init(worker_id)
+
+
+def record_output(path) -> None:
+    """Declare an output from inside the script (as `--output PATH` would): it is kept in
+    the run directory, hashed into the lockfile and compared by `harness replay`."""
+    from harness.injection import EXTRA_OUTPUTS, REPORTS, RUN_DIR_ENV
+
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        return  # not under `harness run`: nothing to record into
+    directory = Path(run_dir) / REPORTS
+    directory.mkdir(exist_ok=True)
+    with open(directory / EXTRA_OUTPUTS, "a") as handle:
+        handle.write(f"{os.path.abspath(path)}\n")
+
+
+# ---------------------------------------------------------------- the runtime
 
 
 class Runtime:
@@ -69,7 +116,7 @@ class Runtime:
         return checkpoint.environment_facts(self.in_effect, self.cfg["trainer"]["device"])
 
     def write_lock(self, results: Dict[str, Any], resumes: List[Dict[str, Any]],
-                   timing: Dict[str, Any]) -> None:
+                   timing: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> None:
         """The lockfile: the launcher's facts (launch.json) and what this process saw."""
         finished = time.time()
         det = self.cfg["determinism"]
@@ -88,6 +135,7 @@ class Runtime:
                 **timing,
                 "train_process_s": round(finished - self.started, 3),
             },
+            **(extra or {}),
         })
 
 
@@ -100,6 +148,8 @@ class StopRequest:
     def __init__(self, log_path: Path):
         self.signum = None
         self.log_path = log_path
+        # A process that trains in a child (a user's command) passes the signal on to it.
+        self.forward: Optional[Callable[[int], None]] = None
 
     def install(self) -> "StopRequest":
         for signum in (signal.SIGTERM, signal.SIGUSR1):
@@ -115,6 +165,8 @@ class StopRequest:
             os.dup2(fd, sys.stdout.fileno())
             os.dup2(fd, sys.stderr.fileno())
             os.close(fd)
+        if self.forward is not None:
+            self.forward(signum)
 
     @property
     def name(self) -> str:

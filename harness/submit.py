@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from harness import config, data, launch, rundir, sbatch, sweep
 from harness.backends import slurm as slurm_backend
@@ -20,13 +20,21 @@ BACKENDS = ("slurm",)
 
 def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bool = False,
            wait: bool = False, config_dir: Optional[Path] = None,
-           runs_dir: Optional[Path] = None) -> List[Path]:
+           runs_dir: Optional[Path] = None, command: Optional[List[str]] = None,
+           inputs: Sequence[str] = (), outputs: Sequence[str] = ()) -> List[Path]:
+    """Submit runs of config `name`; with `command`, runs of the user's command (as
+    `harness run` does, in a batch job)."""
     if backend not in BACKENDS:
         raise ConfigError(f"harness submit: unknown backend '{backend}'; valid: "
                           f"{', '.join(BACKENDS)} (for local or docker runs use harness train)")
     slurm_backend.tool("sbatch")  # fail before preparing anything when Slurm is missing
     combos = sweep.expand(overrides) if multirun else [list(overrides)]
     cfgs = [config.compose(name, [f"backend={backend}", *combo], config_dir) for combo in combos]
+    if command is not None:
+        cfgs = [launch.with_command(cfg, command, list(inputs), list(outputs)) for cfg in cfgs]
+    elif config.is_script(cfgs[0]):
+        raise ConfigError(f"config '{name}' runs a command: give it after `--` "
+                          f"(harness submit {name} -- python train.py).")
     first = cfgs[0]
     for cfg in cfgs[1:]:
         for key in ("backend", "determinism", "image"):
@@ -34,14 +42,17 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
                 raise ConfigError(f"a job array shares one batch script: the sweep must not "
                                   f"change '{key}' (submit those separately)")
     launched = time.time()
-    prepared = [data.prepare(cfg["data"]) for cfg in cfgs]
+    prepared = [(None, {}) if config.is_script(cfg) else data.prepare(cfg["data"])
+                for cfg in cfgs]
+    scripts = [{"script": launch.script_facts(cfg, backend)} if config.is_script(cfg) else {}
+               for cfg in cfgs]
     image_facts = slurm_backend.job_image_facts(first)  # one image for the whole array
     runs_dir = runs_dir or rundir.default_runs_dir()
     run_dirs = []
-    for cfg, combo, (data_root, data_files) in zip(cfgs, combos, prepared):
+    for cfg, combo, (data_root, data_files), script in zip(cfgs, combos, prepared, scripts):
         run_dir = rundir.create(runs_dir, cfg["name"])
         launch.prepare(run_dir, cfg, combo, backend, data_root, data_files, launched,
-                       image_facts)
+                       {**image_facts, **script})
         run_dirs.append(run_dir)
     slurm_cfg = slurm_backend.job_image(first["backend"]["slurm"], image_facts)
     spec = sbatch.JobSpec(

@@ -1,5 +1,8 @@
 """The training process: `python -m harness.train RUN_DIR [--data-root DIR]`.
 
+A run of the user's own command (`harness run`) is handed to harness.script here; the
+rest of this module is the built-in loop.
+
 Started by a backend (a child process, a container, a batch job) with the pinned
 environment already in place. It applies and checks the determinism settings before
 anything else, trains, and writes metrics, weights and finally the lockfile into RUN_DIR.
@@ -12,7 +15,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
 from harness import audit, checkpoint, determinism, progress, rundir
+from harness.config import is_script, load_yaml
 from harness.digest import tensor_digests, weights_sha256
 from harness.errors import REQUEUE_EXIT, HarnessError
 from harness.runtime import Runtime
@@ -45,16 +48,6 @@ class EpochOrder(torch.utils.data.Sampler):
         return len(self.order)
 
 
-def worker_init(worker_id: int) -> None:
-    """DataLoader worker set-up: the determinism seeding, and deaf to the preemption
-    signals. Those are for the training process, which checkpoints at the next step boundary
-    and then stops its workers itself; a worker killed by a scheduler's SIGTERM (sent to
-    every process of a job) would make the next batch fail instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    determinism.worker_init_fn(worker_id)
-
-
 def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataLoader:
     trainer = cfg["trainer"]
     return DataLoader(
@@ -62,7 +55,7 @@ def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataL
         batch_size=trainer["batch_size"],
         sampler=EpochOrder(len(dataset), cfg["seed"], epoch, start_sample),
         num_workers=trainer["num_workers"],
-        worker_init_fn=worker_init,
+        worker_init_fn=determinism.worker_init,
         # Seeds the workers' base seed; a stream of its own (seed + 1), apart from the
         # epoch order's generator (seed), so the two never draw the same numbers.
         generator=determinism.epoch_generator(cfg["seed"] + 1, epoch),
@@ -298,6 +291,10 @@ def main(argv: List[str] | None = None) -> int:
                         help="checkpoint and stop when stdin ends (the launcher is gone)")
     args = parser.parse_args(argv)
     try:
+        if is_script(load_yaml(args.run_dir / rundir.CONFIG)):
+            from harness import script  # the user's own command (`harness run`)
+
+            return script.run(args.run_dir, resume=args.resume, watch_stdin=args.watch_stdin)
         results = run(args.run_dir, args.data_root, resume=args.resume,
                       watch_stdin=args.watch_stdin)
     except HarnessError as exc:

@@ -62,3 +62,24 @@ def test_atomic_accumulation_in_strict_mode_is_identical(cli, tmp_path):
                "--runs-dir", str(tmp_path / "runs"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "DETERMINISTIC: scatter" in done.stdout
+
+
+def test_users_script_on_cuda_repeats_and_replays(cli, tmp_path):
+    """`harness run` of an unmodified script that trains on the GPU (dropout and Adam on
+    CUDA, a DataLoader with two workers): two runs and a replay, identical."""
+    from test_script import RUN, make_project
+
+    project = make_project(tmp_path / "project")
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    first, second = (run_dir_of(cli("run", "trainer.device=cuda", "backend=local", *runs,
+                                    *RUN, "--device", "cuda", cwd=project, check_rc=0))
+                     for _ in range(2))
+    assert read_lock(first)["results"]["outputs"] == read_lock(second)["results"]["outputs"]
+    assert read_lock(first)["software"]["cuda_available"] is True
+    assert read_lock(first)["hardware"]["gpus"]
+    done = cli("replay", first.name, *runs, cwd=project, check_rc=0)
+    assert "IDENTICAL" in done.stdout
+    flagged = cli("run", "trainer.device=cuda", "backend=local", *runs, *RUN, "--device",
+                  "cuda", "--fast-flags", cwd=project, check_rc=0)
+    warnings = read_lock(run_dir_of(flagged))["script"]["warnings"]
+    assert any("TF32 for CUDA matmuls" in w for w in warnings), warnings

@@ -20,15 +20,20 @@ def tiny_run(cli, tiny_conf):
 
 
 DOCKER_ONLY = "(docker runs only)"
+COMMAND_ONLY = "(command runs only)"
 
 
-def documented_fields(docker_run: bool = False):
+def documented_fields(docker_run: bool = False, command_run: bool = False):
     """Field paths listed in docs/lockfile.md as `| `path` | ...` table rows; rows whose
-    meaning starts with "(docker runs only)" only when `docker_run`."""
+    meaning starts with "(docker runs only)" only when `docker_run`; with `command_run`,
+    only the rows marked "(command runs only)"."""
     text = (ROOT / "docs" / "lockfile.md").read_text()
     rows = re.findall(r"^\| `([a-z0-9_.\[\]]+)` \| *(.*)$", text, flags=re.M)
+    if command_run:
+        return [field for field, meaning in rows if meaning.startswith(COMMAND_ONLY)]
     return [field for field, meaning in rows
-            if docker_run or not meaning.startswith(DOCKER_ONLY)]
+            if (docker_run or not meaning.startswith(DOCKER_ONLY))
+            and not meaning.startswith(COMMAND_ONLY)]
 
 
 def lookup(lock, dotted):

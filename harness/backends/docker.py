@@ -139,12 +139,37 @@ def _nvidia_cdi_spec(directories: List[str]) -> bool:
     return False
 
 
+def command_mounts(cfg: Dict[str, Any], run_dir: Path, script: Dict[str, Any]
+                   ) -> Dict[str, Dict[str, str]]:
+    """A `harness run` command's view of the host, at the same paths as on the host: the
+    working directory (the user's project) and inputs outside it read-only; each top-level
+    directory the outputs go to writable, backed by RUN_DIR/outputs/ (so the project is
+    never written)."""
+    from harness.outputs import OUTPUTS_DIR, output_dirs
+
+    workdir = Path(script["workdir"])
+    volumes = {str(workdir): {"bind": str(workdir), "mode": "ro"}}
+    for name in script["inputs"]:
+        path = (workdir / name).resolve()
+        if not path.is_relative_to(workdir):
+            volumes[str(path)] = {"bind": str(path), "mode": "ro"}
+    for top in output_dirs(cfg["command"]["outputs"]):
+        (workdir / top).mkdir(exist_ok=True)  # the mount point, inside the read-only project
+        kept = run_dir.resolve() / OUTPUTS_DIR / top
+        kept.mkdir(parents=True, exist_ok=True)
+        volumes[str(kept)] = {"bind": str(workdir / top), "mode": "rw"}
+    return volumes
+
+
 def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Path],
-                      env: Dict[str, str], engine_info: Optional[Dict[str, Any]] = None
-                      ) -> Dict[str, Any]:
-    """Keyword arguments for containers.create: the sandbox every training container gets."""
+                      env: Dict[str, str], engine_info: Optional[Dict[str, Any]] = None,
+                      script: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Keyword arguments for containers.create: the sandbox every training container gets
+    (`script`: a `harness run` command's launch facts)."""
     opts = cfg["backend"]["docker"]
     volumes = {str(run_dir.resolve()): {"bind": RUN_MOUNT, "mode": "rw"}}
+    if script:
+        volumes.update(command_mounts(cfg, run_dir, script))
     if data_root:
         volumes[str(Path(data_root).resolve())] = {"bind": DATA_MOUNT, "mode": "ro"}
     pythonpath = ["/opt/harness/src"]
@@ -161,7 +186,7 @@ def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Pa
         environment={**env, "PYTHONPATH": ":".join(pythonpath), "HOME": "/tmp",
                      HOST_NAME_ENV: platform.node()},
         user=_user(opts["user"]),
-        working_dir=RUN_MOUNT,
+        working_dir=script["workdir"] if script else RUN_MOUNT,
         volumes=volumes,
         network_mode=opts["network"],
         read_only=True,
@@ -275,7 +300,8 @@ class DockerBackend:
         reference = (lock.get("image") or {}).get("id") or \
             image.build(cfg["image"], engine=self.engine)["id"]
         info = self.engine.info() if gpu_requested(cfg) else {}
-        options = container_options(cfg, run_dir, spec.data_root, spec.env, info)
+        options = container_options(cfg, run_dir, spec.data_root, spec.env, info,
+                                    script=lock.get("script"))
         if spec.extra_args:
             options["command"] = options["command"] + list(spec.extra_args)
         _hand_over(run_dir, options["user"])

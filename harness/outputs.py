@@ -1,0 +1,235 @@
+"""The declared inputs and outputs of a `harness run`: hashed, collected into the run
+directory, and compared byte for byte (tensor by tensor for a state dict or safetensors
+file) when a replay asks whether a re-run produced the same files.
+
+Inputs are hashed by the launcher before the command starts (a directory: every file in
+it, by relative path); outputs by the runner after it ended, from copies kept in
+RUN_DIR/outputs/ (the command may overwrite its own files later, or run again in a replay).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness.errors import ConfigError, DataError, RunFailed
+
+OUTPUTS_DIR = "outputs"
+TENSOR_FILES = (".pt", ".pth", ".safetensors")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_input(path: Path) -> Dict[str, Any]:
+    """sha256 and size of a file; of a directory, over its files' relative paths and hashes."""
+    if path.is_file():
+        return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    digest, total, count = hashlib.sha256(), 0, 0
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}\0{file_sha256(file)}\n".encode())
+        total, count = total + file.stat().st_size, count + 1
+    return {"sha256": digest.hexdigest(), "bytes": total, "files": count}
+
+
+def hash_inputs(paths: List[str], workdir: Path) -> Dict[str, Dict[str, Any]]:
+    """Each declared input (relative to `workdir`) hashed; a missing one is a DataError."""
+    hashed = {}
+    for name in paths:
+        path = workdir / name
+        if not path.exists():
+            raise DataError(f"--input {name}: no such file or directory (looked in {workdir}). "
+                            f"Create it or fix the path.")
+        hashed[name] = hash_input(path)
+    return hashed
+
+
+def command_files(argv: List[str], workdir: Path) -> List[str]:
+    """The command's own files (train.py in `python train.py`, a job.sh, a config file it
+    is given): arguments that name an existing file. They are hashed like inputs, so an
+    edited script is seen before a replay runs it."""
+    found = []
+    for index, arg in enumerate(argv):
+        if index == 0 and "/" not in arg:
+            continue  # an executable found on PATH, not a file of the project
+        path = Path(arg) if os.path.isabs(arg) else workdir / arg
+        if path.is_file() and arg not in found:
+            found.append(arg)
+    return found
+
+
+def check_changed(recorded: Dict[str, Dict[str, Any]], workdir: Path, run_id: str) -> None:
+    """Refuse (DataError) when an input of the run differs from what it was."""
+    for name, was in recorded.items():
+        path = workdir / name
+        if not path.exists():
+            raise DataError(f"input {name} of run {run_id} is missing here (looked in "
+                            f"{workdir}); restore it, or replay from the directory the run "
+                            f"was started in.")
+        now = hash_input(path)
+        if now["sha256"] != was["sha256"]:
+            raise DataError(f"input {name} changed since run {run_id}: sha256 "
+                            f"{was['sha256']} then, {now['sha256']} now. Restore the file "
+                            f"the run used (replay proves only the same inputs).")
+
+
+def check_output_patterns(patterns: List[str]) -> None:
+    for pattern in patterns:
+        parts = Path(pattern).parts
+        if os.path.isabs(pattern) or ".." in parts or not parts:
+            raise ConfigError(f"--output {pattern}: outputs are paths (or globs) inside the "
+                              f"working directory, e.g. out/model.pt or 'out/*.json'.")
+
+
+def output_dirs(patterns: List[str]) -> List[str]:
+    """The top-level directories the outputs are written under (a container gets these
+    writable, the rest of the project read-only); '' for a file at the top level."""
+    return sorted({Path(p).parts[0] if len(Path(p).parts) > 1 else "" for p in patterns})
+
+
+def snapshot(patterns: List[str], workdir: Path) -> Dict[str, Tuple[int, int]]:
+    """(mtime_ns, size) of what the patterns match before the command runs."""
+    return {name: _stamp(workdir / name) for name in _matches(patterns, workdir)}
+
+
+def _stamp(path: Path) -> Tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _matches(patterns: List[str], workdir: Path) -> List[str]:
+    names = set()
+    for pattern in patterns:
+        names |= set(_match(pattern, workdir))
+    return sorted(names)
+
+
+def _match(pattern: str, workdir: Path) -> List[str]:
+    found = []
+    for name in glob.glob(pattern, root_dir=workdir, recursive=True):
+        path = workdir / name
+        if path.is_dir():
+            found += [str(p.relative_to(workdir)) for p in path.rglob("*") if p.is_file()]
+        elif path.is_file():
+            found.append(os.path.normpath(name))
+    return found
+
+
+def collect(patterns: List[str], workdir: Path, run_dir: Path,
+            before: Dict[str, Tuple[int, int]]) -> Tuple[Dict[str, Dict[str, Any]], List[str]]:
+    """Copy what the patterns match into RUN_DIR/outputs/ and hash it. Returns (files,
+    warnings); a pattern that matches nothing fails the run."""
+    empty = [p for p in patterns if not _match(p, workdir)]
+    if empty:
+        raise RunFailed(f"declared output(s) {', '.join(empty)} matched no file in {workdir} "
+                        f"after the command ended: check the path, or that the command wrote "
+                        f"it.")
+    files, warnings = {}, []
+    for name in _matches(patterns, workdir):
+        source, kept = workdir / name, run_dir / OUTPUTS_DIR / name
+        if before.get(name) == _stamp(source):
+            warnings.append(f"output {name} was not written by this run (unchanged since "
+                            f"before the command started)")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        if not (kept.exists() and os.path.samefile(source, kept)):
+            shutil.copy2(source, kept)
+        files[name] = {"sha256": file_sha256(kept), "bytes": kept.stat().st_size}
+    return files, warnings
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def compare(a_dir: Path, b_dir: Path, a_files: Dict[str, Dict[str, Any]],
+            b_files: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Every declared output of two runs, byte for byte; for differing tensor files the
+    first differing tensor and its largest absolute difference."""
+    differing: List[Dict[str, Any]] = []
+    for name in sorted(set(a_files) | set(b_files)):
+        a, b = a_files.get(name), b_files.get(name)
+        if a is None or b is None:
+            differing.append({"file": name, "missing_in": "a" if a is None else "b"})
+        elif a["sha256"] != b["sha256"]:
+            entry: Dict[str, Any] = {"file": name, "sha256": [a["sha256"], b["sha256"]]}
+            if name.endswith(TENSOR_FILES):
+                entry["tensor"] = first_tensor_difference(
+                    a_dir / OUTPUTS_DIR / name, b_dir / OUTPUTS_DIR / name)
+            differing.append(entry)
+    return {"outputs_compared": len(set(a_files) | set(b_files)), "differing": differing}
+
+
+def first_tensor_difference(a_path: Path, b_path: Path) -> Optional[Dict[str, Any]]:
+    """The first tensor (in key order) that differs between two state dicts, with its max
+    abs difference; None when the files hold no comparable tensors."""
+    a, b = _tensors(a_path), _tensors(b_path)
+    if a is None or b is None:
+        return None
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            return {"name": key, "missing_in": "a" if key not in a else "b"}
+        x, y = a[key], b[key]
+        if x.shape != y.shape:
+            return {"name": key, "shapes": [list(x.shape), list(y.shape)]}
+        if not x.equal(y):
+            diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() \
+                else None
+            return {"name": key, "max_abs_diff": diff}
+    return None
+
+
+def _tensors(path: Path) -> Optional[Dict[str, Any]]:
+    """A flat name -> tensor mapping of a torch file or safetensors file, else None."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file: compared by bytes alone
+        return None
+    flat: Dict[str, Any] = {}
+    _flatten(data, "", flat, torch)
+    return flat or None
+
+
+def _flatten(data: Any, prefix: str, flat: Dict[str, Any], torch) -> None:
+    if isinstance(data, torch.Tensor):
+        flat[prefix or "(tensor)"] = data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), flat, torch)
+    elif isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            _flatten(value, f"{prefix}.{index}" if prefix else str(index), flat, torch)
+
+
+def render(report: Dict[str, Any]) -> str:
+    if not report["differing"]:
+        return (f"IDENTICAL: all {report['outputs_compared']} declared output file(s) match "
+                f"byte for byte.")
+    lines = [f"DIVERGED: {len(report['differing'])} of {report['outputs_compared']} declared "
+             f"output file(s) differ:"]
+    for entry in report["differing"]:
+        if "missing_in" in entry:
+            lines.append(f"  {entry['file']}: missing in run {entry['missing_in']}")
+            continue
+        line = f"  {entry['file']}: sha256 {entry['sha256'][0][:16]}... vs {entry['sha256'][1][:16]}..."
+        tensor = entry.get("tensor")
+        if tensor and tensor.get("max_abs_diff") is not None:
+            line += f"; first differing tensor {tensor['name']}, max abs difference " \
+                    f"{tensor['max_abs_diff']:.3e}"
+        elif tensor:
+            line += f"; first differing tensor {tensor['name']}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""`harness run -- COMMAND`: a user's own training script (tests/fixtures/user_train.py,
+written without the harness in mind) run through the real CLI on the local, docker and
+Slurm backends, replayed, and refused or failed with the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TESTS, read_lock, require, run_dir_of
+
+SCRIPT = TESTS / "fixtures" / "user_train.py"
+RUN = ["--input", "data.npz", "--output", "out/*", "--", "python", "train.py", "--data",
+       "data.npz"]
+
+
+def make_project(directory: Path) -> Path:
+    """The user's script and its data in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    shutil.copy(SCRIPT, directory / "train.py")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(160, 16)).astype("float32")
+    np.savez(directory / "data.npz", x=x, y=(x[:, 0] > 0).astype("int64") + (x[:, 1] > 0.5))
+    return directory
+
+
+@pytest.fixture
+def project(cache_home):
+    """A user's project directory: the script and its data. Readable by every user (the
+    container runs as a non-root user and sees the project at the same path)."""
+    directory = make_project(Path(tempfile.mkdtemp(prefix="harness-project-")))
+    environment = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    environment.pop("PYTHONPATH", None)
+
+    def harness(*args, check_rc=None, timeout=600):
+        done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=directory,
+                              env=environment, capture_output=True, text=True, timeout=timeout)
+        if check_rc is not None and done.returncode != check_rc:
+            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
+                                 f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+        return done
+
+    yield directory, harness
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def outputs_of(run_dir: Path) -> dict:
+    return read_lock(run_dir)["results"]["outputs"]
+
+
+def runs_in(directory: Path) -> list:
+    runs = directory / "runs"
+    return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+
+def test_unmodified_script_repeats_and_replays_identical(project):
+    directory, harness = project
+    first = run_dir_of(harness("run", "backend=local", *RUN, check_rc=0))
+    second = run_dir_of(harness("run", "backend=local", *RUN, check_rc=0))
+    assert set(outputs_of(first)) == {"out/model.pt", "out/metrics.json"}
+    assert outputs_of(first) == outputs_of(second)
+    assert (first / "outputs/out/model.pt").read_bytes() == \
+        (directory / "out/model.pt").read_bytes()
+    lock = read_lock(first)
+    from test_lockfile import documented_fields, lookup
+
+    for field in documented_fields(command_run=True):
+        lookup(lock, field)
+    assert lock["script"]["argv"] == ["python", "train.py", "--data", "data.npz"]
+    assert set(lock["script"]["inputs"]) == {"data.npz", "train.py"}
+    assert lock["determinism"]["in_effect"]["deterministic_algorithms"] is True
+    assert lock["script"]["warnings"] == []
+    assert lock["script"]["processes"][0]["dataloaders"] == 1
+
+    replayed = harness("replay", first.name, check_rc=0)
+    assert "IDENTICAL: all 2 declared output file(s) match byte for byte" in replayed.stdout
+    listed = harness("runs", check_rc=0).stdout
+    assert f"replay of {first.name}: IDENTICAL" in listed
+
+
+def test_without_the_injection_the_same_script_does_not_repeat(project):
+    """The control: what the harness adds is what makes the script repeat."""
+    _, harness = project
+    runs = [run_dir_of(harness("run", "backend=local", "command.inject=false", *RUN,
+                               check_rc=0)) for _ in range(2)]
+    assert outputs_of(runs[0])["out/model.pt"] != outputs_of(runs[1])["out/model.pt"]
+
+
+def test_script_seeding_from_the_clock_diverges_naming_the_file(project):
+    _, harness = project
+    run_dir = run_dir_of(harness("run", "backend=local", *RUN, "--seed-from-clock", check_rc=0))
+    done = harness("replay", run_dir.name, check_rc=7)
+    assert "DIVERGED" in done.stdout
+    assert "out/model.pt: sha256" in done.stdout
+    assert "first differing tensor 0." in done.stdout and "max abs difference" in done.stdout
+    assert "out/model.pt" in done.stderr
+
+
+def test_edited_input_is_refused_with_exit_3_naming_both_hashes(project):
+    directory, harness = project
+    run_dir = run_dir_of(harness("run", "backend=local", *RUN, check_rc=0))
+    before = read_lock(run_dir)["script"]["inputs"]["data.npz"]["sha256"]
+    data = np.load(directory / "data.npz")
+    np.savez(directory / "data.npz", x=data["x"] * 1.0001, y=data["y"])
+    count = len(runs_in(directory))
+    done = harness("replay", run_dir.name, check_rc=3)
+    assert "input data.npz changed" in done.stderr and before in done.stderr
+    assert len(runs_in(directory)) == count  # nothing ran, nothing was written
+
+
+def test_settings_changed_behind_the_harness_back_are_flagged(project):
+    _, harness = project
+    done = harness("run", "backend=local", *RUN, "--fast-flags", check_rc=0)
+    warnings = read_lock(run_dir_of(done))["script"]["warnings"]
+    assert any("cuDNN benchmark" in w and "False -> True" in w for w in warnings), warnings
+    assert any("TF32 for CUDA matmuls" in w for w in warnings), warnings
+    assert "harness: warning:" in done.stdout
+    assert "warning: pid" in harness("runs", check_rc=0).stdout
+
+
+def test_bad_command_lines_fail_clearly_and_write_nothing(project):
+    directory, harness = project
+    no_dash = harness("run", "backend=local", "python", "train.py", check_rc=2)
+    assert "after `--`" in no_dash.stderr
+    assert "nothing to run" in harness("run", "backend=local", "--", check_rc=2).stderr
+    missing = harness("run", "backend=local", "--", "pyhton", "train.py", check_rc=2)
+    assert "command not found: 'pyhton'" in missing.stderr
+    no_input = harness("run", "backend=local", "--input", "nope.npz", "--", "python",
+                       "train.py", check_rc=3)
+    assert "--input nope.npz: no such file" in no_input.stderr
+    builtin = harness("run", "mnist", "backend=local", "--", "python", "train.py", check_rc=2)
+    assert "built-in loop" in builtin.stderr
+    outside = harness("run", "backend=local", "--output", "../x", "--", "python", "train.py",
+                      check_rc=2)
+    assert "inside the working directory" in outside.stderr
+    assert runs_in(directory) == []
+
+
+def test_failing_command_is_the_runs_exit_code_and_leaves_its_log(project):
+    directory, harness = project
+    done = harness("run", "backend=local", *RUN, "--fail", check_rc=1)
+    assert "the command exited with code 1" in done.stderr
+    [name] = runs_in(directory)
+    status = json.loads((directory / "runs" / name / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 1
+    assert "something went wrong" in (directory / "runs" / name / "train.log").read_text()
+    assert not (directory / "runs" / name / "harness.lock").exists()
+
+
+def test_output_that_matches_nothing_fails_the_run(project):
+    _, harness = project
+    done = harness("run", "backend=local", "--output", "out/none.pt", "--", "python",
+                   "train.py", "--data", "data.npz", check_rc=1)
+    assert "out/none.pt matched no file" in done.stderr
+
+
+def test_sigterm_reaches_the_script_and_75_resumes(project, cache_home):
+    """Preemption: the launcher passes SIGTERM to the command, whose exit code 75 marks the
+    run preempted; `harness train --resume` runs it again with HARNESS_RESUME=1."""
+    directory, _ = project
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", "run", "backend=local", *RUN, "--wait-for-signal"],
+        cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "waiting for a signal" in line:
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output = process.stdout.read()
+    assert process.wait(timeout=60) == 75, output
+    [name] = runs_in(directory)
+    assert json.loads((directory / "runs" / name / "status.json").read_text())["state"] == \
+        "preempted"
+    resumed = subprocess.run([sys.executable, "-m", "harness", "train", "--resume", name],
+                             cwd=directory, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from {'stopped': True}" in resumed.stdout
+    assert "out/model.pt" in outputs_of(directory / "runs" / name)
+
+
+# ---------------------------------------------------------------- docker and Slurm
+
+
+@pytest.mark.docker
+def test_docker_run_matches_local_and_replays_identical(project):
+    import docker
+
+    try:
+        docker.from_env(timeout=30).ping()
+        engine_up = True
+    except Exception:  # noqa: BLE001 - no engine: require() skips or (CI) fails
+        engine_up = False
+    require(engine_up, "no Docker engine answers (run `make docker-env`)")
+    directory, harness = project
+    local = run_dir_of(harness("run", "backend=local", *RUN, check_rc=0))
+    shutil.rmtree(directory / "out")
+    in_docker = run_dir_of(harness("run", "backend=docker", *RUN, check_rc=0))
+    assert outputs_of(in_docker) == outputs_of(local)
+    assert not any((directory / "out").iterdir())  # the project itself was not written
+    assert "IDENTICAL" in harness("replay", in_docker.name, check_rc=0).stdout
+    refused = harness("run", "backend=docker", "--output", "model.pt", "--", "python",
+                      "train.py", check_rc=2)
+    assert "declare outputs inside a directory" in refused.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_job_of_the_script_matches_local_and_replays(project):
+    from test_slurm import slurm_up
+
+    require(slurm_up(), "Slurm is not running here (make slurm-env)")
+    directory, harness = project
+    local = run_dir_of(harness("run", "backend=local", *RUN, check_rc=0))
+    submitted = harness("submit", "--wait", *RUN, check_rc=0)
+    job = run_dir_of(submitted)
+    assert (job / "job.sbatch").exists()
+    assert outputs_of(job) == outputs_of(local)
+    assert "IDENTICAL" in harness("replay", job.name, check_rc=0).stdout
+
