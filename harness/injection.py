@@ -4,8 +4,8 @@ user's first line runs (loaded by harness/inject/sitecustomize.py).
 - python's `random` is seeded at once; numpy's global generator and torch (its generators,
   the determinism mode, thread counts) the moment the script imports them, so a process
   that never imports torch does not pay for it.
-- A DataLoader created without a `generator` gets one seeded from (seed, how many loaders
-  came before), so its shuffling does not depend on how many numbers the model's
+- A DataLoader created without a `generator` gets one seeded from (torch's seed, how many
+  loaders came before), so its shuffling does not depend on how many numbers the model's
   initialisation drew; one without a `worker_init_fn` gets the harness's (seeded, deaf to
   the preemption signals that are meant for the main process).
 - What is in effect after the pinning, and again at exit, is written to
@@ -73,31 +73,41 @@ def after_import(name: str, hook: Callable[[Any], None]) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds `name` through the other finders and runs the hook after the module's code."""
+    """Finds `name` through the other finders and runs the hook after the module's code.
+
+    It stays installed until the module has really been executed: libraries probe with
+    `importlib.util.find_spec("torch")` before importing it (transformers, accelerate,
+    Lightning do), and a probe must not use up the hook."""
 
     def __init__(self, name: str, hook: Callable[[Any], None]):
-        self.name, self.hook = name, hook
+        self.name, self.hook, self.searching = name, hook, False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        if fullname != self.name or self.searching:
             return None
-        sys.meta_path.remove(self)  # once, and not while looking for the real spec
-        for finder in sys.meta_path:
-            spec = getattr(finder, "find_spec", lambda *a: None)(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        self.searching = True  # the other finders may call back into find_spec
+        try:
+            spec = next((found for finder in sys.meta_path if finder is not self
+                         for found in [getattr(finder, "find_spec", _no_spec)(
+                             fullname, path, target)] if found is not None), None)
+        finally:
+            self.searching = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        exec_module, hook = spec.loader.exec_module, self.hook
+        exec_module, finder = spec.loader.exec_module, self
 
         def exec_then_hook(module):
             exec_module(module)
-            hook(module)
+            if finder in sys.meta_path:  # once: the module ran
+                sys.meta_path.remove(finder)
+                finder.hook(module)
 
         spec.loader = _Loader(spec.loader, exec_then_hook)
         return spec
+
+
+def _no_spec(*args):
+    return None
 
 
 class _Loader(importlib.abc.Loader):
@@ -130,7 +140,7 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
               f"{'; '.join(wrong)}", file=sys.stderr, flush=True)
         os._exit(4)
     _state["applied"] = applied
-    _patch_dataloader(torch, seed)
+    _patch_dataloader(torch)
     _watch_compile(torch)
     _report(at_exit=False)
 
@@ -141,7 +151,7 @@ def stream_seed(seed: int, *stream: Any) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def _patch_dataloader(torch, seed: int) -> None:
+def _patch_dataloader(torch) -> None:
     import inspect
 
     from harness import determinism
@@ -155,8 +165,11 @@ def _patch_dataloader(torch, seed: int) -> None:
     def __init__(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         if bound.arguments.get("generator") is None:
+            # From torch's seed when the loader is made: the run's seed, or the script's own
+            # torch.manual_seed(...) if it sets one (a sweep over the script's --seed).
             generator = torch.Generator()
-            generator.manual_seed(stream_seed(seed, "dataloader", next(counter)))
+            generator.manual_seed(stream_seed(torch.initial_seed(), "dataloader",
+                                              next(counter)))
             bound.arguments["generator"] = generator
         if bound.arguments.get("worker_init_fn") is None:
             bound.arguments["worker_init_fn"] = determinism.worker_init
@@ -181,6 +194,10 @@ def _report(at_exit: bool) -> None:
     run_dir = os.environ.get(RUN_DIR_ENV)
     if not run_dir or _state["applied"] is None:
         return  # torch was never imported: nothing of it to report
+    import torch
+
+    if torch.utils.data.get_worker_info() is not None:
+        return  # a spawned DataLoader worker: torch itself set its threads to 1
     from harness import determinism
 
     record = {"pid": os.getpid(), "argv": sys.argv, "python": sys.executable,

@@ -240,11 +240,10 @@ def script_facts(cfg: Dict[str, Any], backend_name: str) -> Dict[str, Any]:
         raise ConfigError(f"command not found: {argv[0]!r} is neither on PATH nor a file in "
                           f"{workdir}. Install it, or give its path.")
     outputs.check_output_patterns(cfg["command"]["outputs"])
-    if backend_name == "docker" and "" in outputs.output_dirs(cfg["command"]["outputs"]):
-        raise ConfigError("in a container the working directory is read-only and only the "
-                          "directories outputs go to are writable: declare outputs inside a "
-                          "directory (e.g. --output out/model.pt, not --output model.pt).")
-    files = outputs.command_files(argv, workdir)
+    files = outputs.command_files(argv, workdir, cfg["command"]["outputs"])
+    if backend_name == "docker":
+        outputs.check_container_outputs(cfg["command"]["outputs"],
+                                        [*cfg["command"]["inputs"], *files], workdir)
     return {"argv": list(argv), "workdir": str(workdir),
             "inputs": outputs.hash_inputs([*cfg["command"]["inputs"], *files], workdir),
             "command_files": files}

@@ -9,6 +9,7 @@ RUN_DIR/outputs/ (the command may overwrite its own files later, or run again in
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import os
@@ -53,16 +54,23 @@ def hash_inputs(paths: List[str], workdir: Path) -> Dict[str, Dict[str, Any]]:
     return hashed
 
 
-def command_files(argv: List[str], workdir: Path) -> List[str]:
-    """The command's own files (train.py in `python train.py`, a job.sh, a config file it
-    is given): arguments that name an existing file. They are hashed like inputs, so an
-    edited script is seen before a replay runs it."""
+def command_files(argv: List[str], workdir: Path, output_patterns: List[str]) -> List[str]:
+    """The command's own files in the working directory (train.py in `python train.py`, a
+    ./job.sh, a config file it is given): arguments that name an existing file there and are
+    not declared outputs. They are hashed like inputs, so an edited script is seen before a
+    replay runs it. An interpreter named by path (/usr/bin/python3) is not one of them."""
     found = []
     for index, arg in enumerate(argv):
         if index == 0 and "/" not in arg:
             continue  # an executable found on PATH, not a file of the project
-        path = Path(arg) if os.path.isabs(arg) else workdir / arg
-        if path.is_file() and arg not in found:
+        path = os.path.normpath(os.path.join(workdir, arg))
+        inside = os.path.relpath(path, workdir)
+        if inside.startswith(os.pardir) or not os.path.isfile(path):  # never raises
+            continue
+        if any(fnmatch.fnmatch(inside, p) or inside.startswith(p.rstrip("/") + "/")
+               for p in output_patterns):
+            continue  # written by the command, not read
+        if arg not in found:
             found.append(arg)
     return found
 
@@ -90,10 +98,38 @@ def check_output_patterns(patterns: List[str]) -> None:
                               f"working directory, e.g. out/model.pt or 'out/*.json'.")
 
 
-def output_dirs(patterns: List[str]) -> List[str]:
+def output_dirs(patterns: List[str], workdir: Path) -> List[str]:
     """The top-level directories the outputs are written under (a container gets these
-    writable, the rest of the project read-only); '' for a file at the top level."""
-    return sorted({Path(p).parts[0] if len(Path(p).parts) > 1 else "" for p in patterns})
+    writable, the rest of the project read-only); '' for a file at the top level. A
+    pattern that is a directory already (`--output out`) is its own top."""
+    tops = set()
+    for pattern in patterns:
+        parts = Path(pattern).parts
+        if len(parts) > 1 or (workdir / pattern).is_dir():
+            tops.add(parts[0])
+        else:
+            tops.add("")
+    return sorted(tops)
+
+
+def check_container_outputs(patterns: List[str], inputs: List[str], workdir: Path) -> None:
+    """What a container needs of outputs: each inside a directory named without a glob,
+    and no input inside one (that directory starts empty there, backed by the run)."""
+    tops = output_dirs(patterns, workdir)
+    if "" in tops:
+        raise ConfigError("in a container the working directory is read-only and only the "
+                          "directories outputs go to are writable: declare outputs inside a "
+                          "directory (e.g. --output out/model.pt, not --output model.pt).")
+    for top in tops:
+        if glob.has_magic(top):
+            raise ConfigError(f"--output: the top directory {top!r} is a glob; in a container "
+                              f"each output directory is mounted by name: name it "
+                              f"(out/*.pt, not */model.pt).")
+        for name in inputs:
+            if Path(name).parts and Path(name).parts[0] == top:
+                raise ConfigError(f"--input {name} is inside {top}/, where outputs go: in a "
+                                  f"container {top}/ starts empty (it is the run's output "
+                                  f"directory). Keep inputs outside the output directories.")
 
 
 def snapshot(patterns: List[str], workdir: Path) -> Dict[str, Tuple[int, int]]:

@@ -5,7 +5,7 @@ runtime (`python -m harness.train RUN_DIR` starts this when the run's config has
 In order: the runtime's stop signals and launcher watch (runtime.Runtime) and the GPU
 check; the command, started in the run's working directory with the pinned environment,
 `HARNESS_SEED` and the injection that seeds and pins each of its Python processes
-(harness/inject/sitecustomize.py); SIGTERM/SIGUSR1 passed on to its process group; at its
+(harness/inject/sitecustomize.py); SIGTERM/SIGUSR1 passed on to it; at its
 end the declared outputs copied into RUN_DIR/outputs/ and hashed, the reports of its
 Python processes read (what was in effect, what the script changed), and the lockfile.
 
@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from harness import injection, outputs
+from harness import injection, outputs, rundir
 from harness.backends.local import LAUNCHER_PID_ENV
-from harness.errors import REQUEUE_EXIT, EnvironmentProblem
-from harness.runtime import Runtime, confirm_gpus
+from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
+from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus
 
 INJECT_DIR = Path(__file__).resolve().parent / "inject"
 RESUME_ENV = "HARNESS_RESUME"  # "1" when the command runs again after a preemption
@@ -35,6 +35,10 @@ RESUME_ENV = "HARNESS_RESUME"  # "1" when the command runs again after a preempt
 
 def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     rt = Runtime(run_dir, watch_stdin)  # stop signals and the launcher watch first
+    # Ctrl-C and a closed terminal reach the launcher, which stops us with SIGTERM (passed
+    # on to the command); dying here at once would leave the command running unwatched.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if rt.device.type == "cuda":
         confirm_gpus(rt.device)
     cfg, facts = rt.cfg, rt.launch["lock"]["script"]
@@ -46,26 +50,17 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                                  f"({exc.strerror}): the command runs where `harness run` was "
                                  f"started; in a container its user (uid {os.getuid()}) must "
                                  f"be able to read it.") from None
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # a requeued batch job
+    resume = resume or restarts > 0
+    if resume:  # the run must go on with the inputs it started with
+        outputs.check_changed(facts["inputs"], workdir, run_dir.name)
     patterns = cfg["command"]["outputs"]
     before = outputs.snapshot(patterns, workdir)
-    shutil.rmtree(run_dir / injection.REPORTS, ignore_errors=True)  # this attempt's only
-    argv = cfg["command"]["argv"]
-    print(f"harness: running {' '.join(argv)} (seed={cfg['seed']}, "
-          f"determinism={cfg['determinism']['mode']}, in {workdir})", flush=True)
+    for report in (run_dir / injection.REPORTS).glob("*.json"):
+        report.unlink()  # this attempt's processes only (declared outputs stay)
     started = time.time()
-    try:
-        child = subprocess.Popen(argv, env=command_environment(cfg, run_dir, resume),
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    except (FileNotFoundError, PermissionError) as exc:
-        print(f"harness: error: cannot start the command {argv[0]!r}: {exc.strerror}. Check "
-              f"that it is installed{' in the image' if watch_stdin else ''} and on PATH, "
-              f"or give its path.", file=sys.stderr, flush=True)
-        return 127
-    rt.stop.forward = lambda signum: _signal_group(child.pid, signum)
-    code = child.wait()
+    code = run_command(rt, cfg, run_dir, resume, in_container=watch_stdin)
     ended = time.time()
-    if code < 0:
-        code = 128 - code  # killed by a signal: the shell's convention
     if code == REQUEUE_EXIT:
         print(f"harness: the command exited with code {REQUEUE_EXIT} (preempted, resumable): "
               f"continue it with `harness train --resume {run_dir.name}`", flush=True)
@@ -85,13 +80,95 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
         print(f"harness: warning: {warning}", flush=True)
     rt.in_effect = reports[0]["applied"] if reports else {}
     results = {"exit_code": code, "outputs": files, "outputs_sha256": _digest(files)}
-    rt.write_lock(results, resumes=[], timing={
-        "first_step_unix": started, "command_s": round(ended - started, 3)},
-        extra={"script": {**facts, "warnings": warnings,
-                          "processes": [_process_summary(r) for r in reports]}})
+    attempts = max(restarts, int(rundir.read_json(run_dir / rundir.STATUS).get("resumes", 0)))
+    rt.write_lock(results, resumes=[{"attempt": n + 1} for n in range(attempts)] if resume
+                  else [], timing={"first_step_unix": started,
+                                   "command_s": round(ended - started, 3)},
+                  extra={"script": {**facts, "warnings": warnings,
+                                    "processes": [_process_summary(r) for r in reports]}})
     print(f"harness: {len(files)} output file(s) recorded (outputs sha256 "
           f"{results['outputs_sha256'][:16]}...)", flush=True)
     return 0
+
+
+def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
+                in_container: bool) -> int:
+    """Start the command, pass stop signals to it, copy its output to ours; its exit code.
+
+    Its output goes through us rather than straight to the launcher's pipe: when the
+    launcher dies, our stop handler moves our output to train.log, and the command's last
+    lines (its checkpoint message) must follow instead of failing on a broken pipe. Stop
+    signals go to the command's main process only, as a scheduler's batch script does: it
+    decides how to stop its workers (a wrapper script should `exec` the training)."""
+    argv = cfg["command"]["argv"]
+    print(f"harness: running {' '.join(argv)} (seed={cfg['seed']}, "
+          f"determinism={cfg['determinism']['mode']}, in {Path.cwd()})", flush=True)
+    try:
+        child = subprocess.Popen(argv, env=command_environment(cfg, run_dir, resume),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
+    except (FileNotFoundError, PermissionError) as exc:
+        print(f"harness: error: cannot start the command {argv[0]!r}: {exc.strerror}. Check "
+              f"that it is installed{' in the image' if in_container else ''} and on PATH, "
+              f"or give its path.", file=sys.stderr, flush=True)
+        return 127
+    rt.stop.forward = lambda signum: _signal(child.pid, signum)
+    if rt.stop.signum:  # a stop that came while we were starting it
+        _signal(child.pid, rt.stop.signum)
+    _copy_output(child.stdout, run_dir / rundir.LOG)
+    code = child.wait()
+    _end_stragglers(child.pid)
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+
+
+def _copy_output(stream, log_path: Path) -> None:
+    for chunk in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
+        try:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The launcher died before its SIGTERM reached us: the log takes the rest.
+            log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(log, sys.stdout.fileno())
+            os.close(log)
+            os.write(sys.stdout.fileno(), chunk)
+    stream.close()
+
+
+def _die_with_parent() -> None:
+    """In the command's process, before it starts: SIGTERM when the runner dies, and the
+    default handling of the signals the runner ignores."""
+    import ctypes
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux
+
+
+def _end_stragglers(group: int, grace_s: float = 5.0) -> None:
+    """Processes of the command still alive after its main process ended (a background
+    job it started): they must not write on into the run. TERM, then KILL."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if not _signal(group, signum, whole_group=True):
+            return
+        deadline = time.time() + grace_s
+        while time.time() < deadline:
+            if not _signal(group, 0, whole_group=True):
+                return
+            time.sleep(0.1)
+
+
+def _signal(pid: int, signum: int, whole_group: bool = False) -> bool:
+    """Send `signum` to the process (or its group); False when it is gone."""
+    try:
+        (os.killpg if whole_group else os.kill)(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dict[str, str]:
@@ -120,16 +197,16 @@ def recorded_outputs(run_dir: Path, workdir: Path) -> List[str]:
     names = []
     for line in path.read_text().splitlines():
         name = os.path.relpath(line, workdir) if os.path.isabs(line) else line
-        if line and name not in names:
-            names.append(name)
+        if not line or name in names:
+            continue
+        try:
+            outputs.check_output_patterns([name])
+        except ConfigError:
+            print(f"harness: warning: record_output({line!r}) is outside the working "
+                  f"directory {workdir}: not recorded", flush=True)
+            continue
+        names.append(name)
     return names
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        pass  # it ended already
 
 
 def _digest(files: Dict[str, Any]) -> str:

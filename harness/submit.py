@@ -30,6 +30,10 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
     slurm_backend.tool("sbatch")  # fail before preparing anything when Slurm is missing
     combos = sweep.expand(overrides) if multirun else [list(overrides)]
     cfgs = [config.compose(name, [f"backend={backend}", *combo], config_dir) for combo in combos]
+    if command is not None and len(cfgs) > 1:
+        raise ConfigError("a sweep (-m) of a command would run its tasks at once in one "
+                          "working directory, writing the same output files: submit each "
+                          "setting on its own.")
     if command is not None:
         cfgs = [launch.with_command(cfg, command, list(inputs), list(outputs)) for cfg in cfgs]
     elif config.is_script(cfgs[0]):

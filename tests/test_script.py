@@ -129,6 +129,24 @@ def test_settings_changed_behind_the_harness_back_are_flagged(project):
     assert "warning: pid" in harness("runs", check_rc=0).stdout
 
 
+def test_a_library_probing_for_torch_does_not_escape_the_pinning(project):
+    """transformers, accelerate and Lightning ask `find_spec("torch")` before importing it;
+    an argument longer than a file name may be is not mistaken for one."""
+    directory, harness = project
+    (directory / "probe.py").write_text(
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('torch') is not None\n"
+        "import torch\n"
+        "print('pinned', torch.are_deterministic_algorithms_enabled(), torch.initial_seed())\n")
+    done = harness("run", "backend=local", "seed=5", "--", "python", "probe.py", "x" * 300,
+                   check_rc=0)
+    assert "pinned True 5" in done.stdout
+    lock = read_lock(run_dir_of(done))
+    assert lock["determinism"]["in_effect"]["deterministic_algorithms"] is True
+    assert lock["script"]["warnings"] == []
+    assert list(lock["script"]["inputs"]) == ["probe.py"]
+
+
 def test_bad_command_lines_fail_clearly_and_write_nothing(project):
     directory, harness = project
     no_dash = harness("run", "backend=local", "python", "train.py", check_rc=2)
@@ -213,6 +231,9 @@ def test_docker_run_matches_local_and_replays_identical(project):
     refused = harness("run", "backend=docker", "--output", "model.pt", "--", "python",
                       "train.py", check_rc=2)
     assert "declare outputs inside a directory" in refused.stderr
+    overlap = harness("run", "backend=docker", "--input", "out/old.pt", "--output", "out/x",
+                      "--", "python", "train.py", check_rc=2)
+    assert "--input out/old.pt is inside out/" in overlap.stderr
 
 
 @pytest.mark.slurm
@@ -227,4 +248,6 @@ def test_slurm_job_of_the_script_matches_local_and_replays(project):
     assert (job / "job.sbatch").exists()
     assert outputs_of(job) == outputs_of(local)
     assert "IDENTICAL" in harness("replay", job.name, check_rc=0).stdout
+    sweep = harness("submit", "-m", "seed=1,2", *RUN, check_rc=2)
+    assert "submit each setting on its own" in sweep.stderr
 

@@ -153,7 +153,7 @@ def command_mounts(cfg: Dict[str, Any], run_dir: Path, script: Dict[str, Any]
         path = (workdir / name).resolve()
         if not path.is_relative_to(workdir):
             volumes[str(path)] = {"bind": str(path), "mode": "ro"}
-    for top in output_dirs(cfg["command"]["outputs"]):
+    for top in output_dirs(cfg["command"]["outputs"], workdir):
         (workdir / top).mkdir(exist_ok=True)  # the mount point, inside the read-only project
         kept = run_dir.resolve() / OUTPUTS_DIR / top
         kept.mkdir(parents=True, exist_ok=True)
