@@ -1,5 +1,7 @@
-"""The `harness` command: one parser and one handler per subcommand, and one error
-boundary that turns a HarnessError into its message and exit code."""
+"""The `harness` command, laid out as pipx lays out its own: per subcommand an `add_<name>`
+that declares its parser and, beside it, the `cmd_<name>` handler it dispatches to;
+`build_parser` lists them; `main` is the one error boundary that turns a HarnessError into
+its message and exit code (the list: errors.EXIT_CODES)."""
 
 from __future__ import annotations
 
@@ -10,19 +12,63 @@ from pathlib import Path
 from typing import List, Optional
 
 from harness import __version__
-from harness.errors import DataError, HarnessError
+from harness.errors import ConfigError, DataError, HarnessError, exit_codes_text
 
-EPILOG = "Exit codes: 0 ok, 1 run failed, 2 invalid input, 3 data missing or corrupt, " \
-         "4 environment part missing, 5 damaged lockfile, 6 replay or resume refused, 7 diverged, " \
-         "75 preempted (a checkpoint was written; continue with `harness train --resume RUN`)."
-
-
+EPILOG = exit_codes_text()
 COMMAND_TAKERS = ("run", "submit")  # subcommands that take `-- COMMAND...`
+RUNS_DIR_HELP = "where run directories go (default: $HARNESS_RUNS or ./runs)"
+
+
+def add_config_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config-dir", type=Path, default=None,
+                        help="directory of configs (default: $HARNESS_CONFIG_DIR, ./conf, "
+                             "or the bundled configs)")
+
+
+def add_runs_dir(parser: argparse.ArgumentParser, help: str = RUNS_DIR_HELP) -> None:
+    parser.add_argument("--runs-dir", type=Path, default=None, help=help)
+
+
+def add_command_files(parser: argparse.ArgumentParser, context: str) -> None:
+    """--input / --output of a command run (`harness run`, `harness submit -- ...`)."""
+    parser.add_argument("--input", action="append", default=[], metavar="PATH",
+                        help=f"{context}a file or directory the command reads (repeatable): "
+                             f"hashed into the lockfile before it starts; a replay refuses if "
+                             f"it changed")
+    parser.add_argument("--output", action="append", default=[], metavar="PATH_OR_GLOB",
+                        help=f"{context}a file, directory or glob the command writes, relative "
+                             f"to the working directory (repeatable): kept in "
+                             f"RUN_DIR/outputs/ and hashed after it ends")
+
+
+# ---------------------------------------------------------------- train
+
+
+def add_train(sub) -> None:
+    train = sub.add_parser(
+        "train", epilog=EPILOG,
+        help="train a config and write a run directory with its lockfile",
+        description="Compose conf/CONFIG.yaml with Hydra overrides, train it with its "
+                    "backend, and write runs/<run-id>/ with config, metrics, weights and "
+                    "harness.lock.")
+    train.add_argument("config", nargs="?", default=None,
+                       help="config name, e.g. mnist or fashion_mnist (optional with --resume)")
+    train.add_argument("overrides", nargs="*",
+                       help="Hydra overrides, e.g. seed=3 optim.lr=0.02 trainer.max_steps=200")
+    add_config_dir(train)
+    add_runs_dir(train)
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue run RUN (id, unique prefix or directory) in its own "
+                            "directory from its newest intact checkpoint; a config and "
+                            "overrides given too must match the run's")
+    train.add_argument("-m", "--multirun", action="store_true",
+                       help="sweep: run every combination of comma-separated override values "
+                            "(Hydra sweep syntax, e.g. -m seed=0,1,2) in sequence")
+    train.set_defaults(handler=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from harness import launch
-    from harness.errors import ConfigError
 
     if args.resume:
         launch.resume(args.resume, args.config, args.overrides, args.config_dir, args.runs_dir)
@@ -39,9 +85,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- run
+
+
+def add_run(sub) -> None:
+    run = sub.add_parser(
+        "run", epilog=EPILOG,
+        help="run your own training command reproducibly: harness run -- python train.py",
+        description="Run COMMAND (everything after `--`) as a run: on the configured backend, "
+                    "with the pinned environment, every Python process of it seeded and "
+                    "pinned before its first line (HARNESS_SEED holds the seed), the declared "
+                    "inputs hashed before and outputs hashed after, and a lockfile. `harness "
+                    "replay RUN` re-runs it and compares every output byte for byte. The "
+                    "command's exit code is the run's. See docs/your-script.md.")
+    run.add_argument("config", nargs="?", default=None,
+                     help="config name (default: run, the bundled config for commands)")
+    run.add_argument("overrides", nargs="*",
+                     help="Hydra overrides, e.g. seed=3 backend=docker determinism=warn")
+    add_command_files(run, "")
+    add_config_dir(run)
+    add_runs_dir(run)
+    run.set_defaults(handler=cmd_run, command_argv=None)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import launch
-    from harness.errors import ConfigError
 
     usage = "harness run [CONFIG] [overrides...] [--input PATH] [--output PATH] -- COMMAND..."
     if args.command_argv is None:
@@ -63,12 +131,39 @@ def _config_and_overrides(first: Optional[str], rest: List[str], default: str):
     return first, list(rest)
 
 
+# ---------------------------------------------------------------- summary, compare
+
+
+def add_summary(sub) -> None:
+    summary = sub.add_parser(
+        "summary", help="seed statistics of a sweep",
+        description="Group a sweep's runs by configuration (all overrides but the seed) and "
+                    "report n, mean, standard deviation and 95% confidence interval of the "
+                    "final metrics; compare configurations with Welch's interval for the "
+                    "difference (is it larger than the seed noise?).")
+    summary.add_argument("sweep", help="sweep id (printed by `harness train -m`), prefix or file")
+    add_runs_dir(summary)
+    summary.add_argument("--json", action="store_true", help="machine-readable output")
+    summary.set_defaults(handler=cmd_summary)
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from harness import sweep
 
     report = sweep.summary(args.sweep, args.runs_dir)
     print(json.dumps(report, indent=2) if args.json else sweep.render(report))
     return 0
+
+
+def add_compare(sub) -> None:
+    compare = sub.add_parser(
+        "compare", help="plot runs' loss and accuracy curves into a PNG",
+        description="Overlay the loss and accuracy curves of RUNs in one PNG and mark the "
+                    "first step where a run's loss bits leave the first run's.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids, prefixes or directories")
+    compare.add_argument("-o", "--output", type=Path, default=None, help="PNG path to write")
+    add_runs_dir(compare)
+    compare.set_defaults(handler=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -85,9 +180,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- submit, slurm status
+
+
+def add_submit(sub) -> None:
+    submit = sub.add_parser(
+        "submit", epilog=EPILOG,
+        help="submit a config (or `-- COMMAND`) as a batch job (Slurm); -m sweeps submit "
+             "one job array",
+        description="Prepare run directories here (config, launch facts, data verified), "
+                    "render a batch script into each (job.sbatch) and submit it. The job "
+                    "trains with the pinned environment, checkpoints on USR1/TERM and is "
+                    "requeued; a restarted job resumes. Options: conf/backend/slurm.yaml "
+                    "(backend.slurm.*).")
+    submit.add_argument("config", nargs="?", default=None,
+                        help="config name, e.g. mnist or fashion_mnist (with `-- COMMAND`: "
+                             "default run)")
+    submit.add_argument("overrides", nargs="*",
+                        help="Hydra overrides; with -m, sweeps such as seed=0,1,2")
+    add_config_dir(submit)
+    add_runs_dir(submit)
+    submit.add_argument("--backend", default="slurm", choices=["slurm"],
+                        help="batch backend (default: slurm)")
+    submit.add_argument("-m", "--multirun", action="store_true",
+                        help="expand Hydra sweep overrides into one job array")
+    add_command_files(submit, "with `-- COMMAND`: ")
+    submit.add_argument("--wait", action="store_true",
+                        help="poll the scheduler until every job ended; exit 1 if one failed")
+    submit.set_defaults(handler=cmd_submit, command_argv=None)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from harness import submit
-    from harness.errors import ConfigError
 
     name, overrides = args.config, args.overrides
     if args.command_argv is not None:
@@ -104,10 +228,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_slurm(sub) -> None:
+    slurm = sub.add_parser("slurm", help="Slurm jobs of runs: status")
+    actions = slurm.add_subparsers(dest="slurm_command", required=True, metavar="ACTION")
+    status = actions.add_parser(
+        "status", help="ask Slurm about runs' jobs and update their status.json",
+        description="Query squeue/scontrol/sacct for each RUN's job, record slurm_state in "
+                    "status.json and print it. Exit 1 when a job failed.")
+    status.add_argument("runs", nargs="+", metavar="RUN")
+    add_config_dir(status)
+    status.add_argument("--wait", action="store_true", help="poll until the jobs ended")
+    add_runs_dir(status)
+    status.set_defaults(handler=cmd_slurm_status)
+
+
 def cmd_slurm_status(args: argparse.Namespace) -> int:
     from harness import submit
 
     return submit.status(args.runs, args.runs_dir, wait=args.wait)
+
+
+# ---------------------------------------------------------------- data
+
+
+def add_data(sub) -> None:
+    data = sub.add_parser("data", help="datasets: fetch, locate")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    fetch = actions.add_parser(
+        "fetch", help="download a dataset from its pinned mirrors",
+        description="Download each file of conf/data/NAME.yaml from its mirrors (with "
+                    "retries), check its content sha256 against the pin, and store it "
+                    "atomically in the user cache (or --dest).")
+    fetch.add_argument("name", help="dataset name, e.g. mnist or fashion_mnist")
+    add_config_dir(fetch)
+    fetch.add_argument("--dest", default=None, help="directory to store the files in")
+    fetch.add_argument("--retries", type=int, default=3, help="attempts per mirror (default 3)")
+    fetch.set_defaults(handler=cmd_data_fetch)
+    where = actions.add_parser("where", help="print the directory a dataset is found in")
+    where.add_argument("name")
+    add_config_dir(where)
+    where.set_defaults(handler=cmd_data_where)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -133,6 +293,45 @@ def cmd_data_where(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_config(name: str, config_dir: Optional[Path]):
+    """conf/data/<name>.yaml from the config directory, else the bundled one."""
+    from harness import config
+
+    dirs = [Path(config_dir) if config_dir else config.default_config_dir(),
+            config.BUILTIN_CONFIG_DIR]
+    for directory in dirs:
+        path = directory / "data" / f"{name}.yaml"
+        if path.is_file():
+            raw = config.load_yaml(path)
+            return {"root": None, "dirname": None, "mirrors": [], "files": {},
+                    "debian_package": None, **raw}
+    valid = sorted({p.stem for d in dirs for p in (d / "data").glob("*.yaml")})
+    raise ConfigError(f"unknown dataset '{name}'; valid datasets: {', '.join(valid)}")
+
+
+# ---------------------------------------------------------------- lock
+
+
+def add_lock(sub) -> None:
+    lock = sub.add_parser("lock", help="lockfiles: check integrity, diff two")
+    actions = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="verify a run's lockfile against its lock_sha256",
+        description="Exit 0 when RUN's harness.lock is intact, 5 when it was edited or damaged.")
+    check.add_argument("run", help="run id, unique prefix of one, or run directory")
+    add_runs_dir(check)
+    check.set_defaults(handler=cmd_lock_check)
+    diff = actions.add_parser(
+        "diff", help="what differs between two runs' lockfiles",
+        description="Compare two lockfiles field by field, grouped: blocking for bitwise "
+                    "replay, informational, results, config.")
+    diff.add_argument("run_a", help="run id, unique prefix of one, or run directory")
+    diff.add_argument("run_b", help="run id, unique prefix of one, or run directory")
+    add_runs_dir(diff)
+    diff.add_argument("--json", action="store_true", help="machine-readable output")
+    diff.set_defaults(handler=cmd_lock_diff)
+
+
 def cmd_lock_check(args: argparse.Namespace) -> int:
     from harness import lockfile, rundir
 
@@ -143,8 +342,6 @@ def cmd_lock_check(args: argparse.Namespace) -> int:
 
 
 def cmd_lock_diff(args: argparse.Namespace) -> int:
-    import json
-
     from harness import gate, lockfile, rundir
 
     dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
@@ -159,10 +356,50 @@ def cmd_lock_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- replay, verify, runs
+
+
+def add_replay(sub) -> None:
+    replay = sub.add_parser(
+        "replay", epilog=EPILOG, help="re-run a run and compare it bit for bit",
+        description="Check RUN's lockfile, refuse (exit 6) when this environment differs in "
+                    "a way that breaks bitwise equality, re-run the same resolved config as a "
+                    "new run linked to RUN, and compare loss bits, parameter fingerprints and "
+                    "final weights (a `harness run` command: every declared output file): "
+                    "IDENTICAL (exit 0) or DIVERGED (exit 7).")
+    replay.add_argument("run", help="run id, unique prefix of one, or run directory")
+    add_runs_dir(replay, help="where to find RUN and put the replay (default: $HARNESS_RUNS "
+                              "or ./runs; a RUN path puts the replay beside it)")
+    replay.add_argument("--allow-mismatch", action="store_true",
+                        help="replay despite blocking differences (they are recorded)")
+    replay.set_defaults(handler=cmd_replay)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from harness import replay
 
     return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch)
+
+
+def add_verify(sub) -> None:
+    verify = sub.add_parser(
+        "verify", epilog=EPILOG,
+        help="train a short prefix twice and show whether it is deterministic here",
+        description="Run the first --steps steps of CONFIG twice with the determinism audit "
+                    "on; exit 0 when bitwise identical, 7 with the first diverging step, "
+                    "tensors and module otherwise.")
+    verify.add_argument("config", help="config name, e.g. mnist or fashion_mnist")
+    verify.add_argument("overrides", nargs="*", help="Hydra overrides, as for train")
+    add_config_dir(verify)
+    verify.add_argument("--steps", type=_positive, default=20,
+                        help="steps per run (default 20)")
+    verify.add_argument("--fingerprint-every", type=_positive, default=1,
+                        help="parameter digest interval (default 1: every step)")
+    verify.add_argument("--jobs", type=_positive, default=None,
+                        help="2 runs the two in parallel, 1 one after the other (default: "
+                             "parallel when there are cores for both)")
+    add_runs_dir(verify)
+    verify.set_defaults(handler=cmd_verify)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -173,6 +410,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
                          jobs=args.jobs)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def add_runs(sub) -> None:
+    runs = sub.add_parser("runs", help="table of runs with results and replay verdicts")
+    add_runs_dir(runs, help="default: $HARNESS_RUNS or ./runs")
+    runs.add_argument("--json", action="store_true", help="machine-readable output")
+    runs.set_defaults(handler=cmd_runs)
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from harness import rundir, runs
 
@@ -181,9 +435,32 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    import json
+# ---------------------------------------------------------------- build, image lock
 
+
+def add_build(sub) -> None:
+    build = sub.add_parser(
+        "build", epilog=EPILOG,
+        help="build (or find) the pinned training image",
+        description="Build the image of CONFIG's image profile (or of --profile alone) "
+                    "through the Docker engine, offline, from the hash-locked wheelhouse. "
+                    "The tag is a content hash of the Dockerfile, the lock, the harness "
+                    "source and the base digest: an unchanged tree reuses its image. Prints "
+                    "the image facts a lockfile records.")
+    build.add_argument("config", nargs="?", default=None,
+                       help="config name (optional: default the image profile alone)")
+    build.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. image.base=...")
+    add_config_dir(build)
+    build.add_argument("--profile", default=None,
+                       help="image profile (conf/image/): cpu or cuda (default: cuda on a "
+                            "machine with an NVIDIA GPU, else cpu)")
+    build.add_argument("--push", action="store_true",
+                       help="push to image.registry (default 127.0.0.1:5000) and record "
+                            "the repo digest")
+    build.set_defaults(handler=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
     from harness import config, image
 
     if args.config:
@@ -197,6 +474,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_image(sub) -> None:
+    image = sub.add_parser("image", help="training image: lock its dependencies")
+    actions = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    lock = actions.add_parser(
+        "lock", help="regenerate docker/requirements-<profile>.lock with hashes",
+        description="Resolve image.requirements with pip for the image's Python, write "
+                    "image.lock pinning every distribution to one file by sha256, and "
+                    "download those files into the wheelhouse the build copies.")
+    add_config_dir(lock)
+    lock.add_argument("--profile", default=None, help="image profile (default: cpu "
+                      "or cuda, as for build)")
+    lock.set_defaults(handler=cmd_image_lock)
+
+
 def cmd_image_lock(args: argparse.Namespace) -> int:
     from harness import image
 
@@ -204,31 +495,11 @@ def cmd_image_lock(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_config(name: str, config_dir: Optional[Path]):
-    """conf/data/<name>.yaml from the config directory, else the bundled one."""
-    from harness import config
-    from harness.errors import ConfigError
-
-    dirs = [Path(config_dir) if config_dir else config.default_config_dir(),
-            config.BUILTIN_CONFIG_DIR]
-    for directory in dirs:
-        path = directory / "data" / f"{name}.yaml"
-        if path.is_file():
-            raw = config.load_yaml(path)
-            return {"root": None, "dirname": None, "mirrors": [], "files": {},
-                    "debian_package": None, **raw}
-    valid = sorted({p.stem for d in dirs for p in (d / "data").glob("*.yaml")})
-    raise ConfigError(f"unknown dataset '{name}'; valid datasets: {', '.join(valid)}")
+# ---------------------------------------------------------------- the command
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+SUBCOMMANDS = (add_train, add_run, add_summary, add_compare, add_submit, add_slurm, add_data,
+               add_lock, add_replay, add_verify, add_runs, add_build, add_image)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,217 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "replay.")
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config-dir", type=Path, default=None,
-                        help="directory of configs (default: $HARNESS_CONFIG_DIR, ./conf, "
-                             "or the bundled configs)")
-
-    train = sub.add_parser(
-        "train", parents=[common], epilog=EPILOG,
-        help="train a config and write a run directory with its lockfile",
-        description="Compose conf/CONFIG.yaml with Hydra overrides, train it with its "
-                    "backend, and write runs/<run-id>/ with config, metrics, weights and "
-                    "harness.lock.")
-    train.add_argument("config", nargs="?", default=None,
-                       help="config name, e.g. mnist or fashion_mnist (optional with --resume)")
-    train.add_argument("overrides", nargs="*",
-                       help="Hydra overrides, e.g. seed=3 optim.lr=0.02 trainer.max_steps=200")
-    train.add_argument("--runs-dir", type=Path, default=None,
-                       help="where run directories go (default: $HARNESS_RUNS or ./runs)")
-    train.add_argument("--resume", metavar="RUN", default=None,
-                       help="continue run RUN (id, unique prefix or directory) in its own "
-                            "directory from its newest intact checkpoint; a config and "
-                            "overrides given too must match the run's")
-    train.add_argument("-m", "--multirun", action="store_true",
-                       help="sweep: run every combination of comma-separated override values "
-                            "(Hydra sweep syntax, e.g. -m seed=0,1,2) in sequence")
-    train.set_defaults(handler=cmd_train)
-
-    run = sub.add_parser(
-        "run", parents=[common], epilog=EPILOG,
-        help="run your own training command reproducibly: harness run -- python train.py",
-        description="Run COMMAND (everything after `--`) as a run: on the configured backend, "
-                    "with the pinned environment, every Python process of it seeded and "
-                    "pinned before its first line (HARNESS_SEED holds the seed), the declared "
-                    "inputs hashed before and outputs hashed after, and a lockfile. `harness "
-                    "replay RUN` re-runs it and compares every output byte for byte. The "
-                    "command's exit code is the run's. See docs/your-script.md.")
-    run.add_argument("config", nargs="?", default=None,
-                     help="config name (default: run, the bundled config for commands)")
-    run.add_argument("overrides", nargs="*",
-                     help="Hydra overrides, e.g. seed=3 backend=docker determinism=warn")
-    run.add_argument("--input", action="append", default=[], metavar="PATH",
-                     help="a file or directory the command reads (repeatable): hashed into "
-                          "the lockfile before it starts; a replay refuses if it changed")
-    run.add_argument("--output", action="append", default=[], metavar="PATH_OR_GLOB",
-                     help="a file, directory or glob the command writes, relative to the "
-                          "working directory (repeatable): kept in RUN_DIR/outputs/ and "
-                          "hashed after it ends")
-    run.add_argument("--runs-dir", type=Path, default=None,
-                     help="where run directories go (default: $HARNESS_RUNS or ./runs)")
-    run.set_defaults(handler=cmd_run, command_argv=None)
-
-    summary = sub.add_parser(
-        "summary", help="seed statistics of a sweep",
-        description="Group a sweep's runs by configuration (all overrides but the seed) and "
-                    "report n, mean, standard deviation and 95% confidence interval of the "
-                    "final metrics; compare configurations with Welch's interval for the "
-                    "difference (is it larger than the seed noise?).")
-    summary.add_argument("sweep", help="sweep id (printed by `harness train -m`), prefix or file")
-    summary.add_argument("--runs-dir", type=Path, default=None)
-    summary.add_argument("--json", action="store_true", help="machine-readable output")
-    summary.set_defaults(handler=cmd_summary)
-
-    compare = sub.add_parser(
-        "compare", help="plot runs' loss and accuracy curves into a PNG",
-        description="Overlay the loss and accuracy curves of RUNs in one PNG and mark the "
-                    "first step where a run's loss bits leave the first run's.")
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids, prefixes or directories")
-    compare.add_argument("-o", "--output", type=Path, default=None, help="PNG path to write")
-    compare.add_argument("--runs-dir", type=Path, default=None)
-    compare.set_defaults(handler=cmd_compare)
-
-    submit = sub.add_parser(
-        "submit", parents=[common], epilog=EPILOG,
-        help="submit a config (or `-- COMMAND`) as a batch job (Slurm); -m sweeps submit "
-             "one job array",
-        description="Prepare run directories here (config, launch facts, data verified), "
-                    "render a batch script into each (job.sbatch) and submit it. The job "
-                    "trains with the pinned environment, checkpoints on USR1/TERM and is "
-                    "requeued; a restarted job resumes. Options: conf/backend/slurm.yaml "
-                    "(backend.slurm.*).")
-    submit.add_argument("config", nargs="?", default=None,
-                        help="config name, e.g. mnist or fashion_mnist (with `-- COMMAND`: "
-                             "default run)")
-    submit.add_argument("overrides", nargs="*",
-                        help="Hydra overrides; with -m, sweeps such as seed=0,1,2")
-    submit.add_argument("--backend", default="slurm", choices=["slurm"],
-                        help="batch backend (default: slurm)")
-    submit.add_argument("-m", "--multirun", action="store_true",
-                        help="expand Hydra sweep overrides into one job array")
-    submit.add_argument("--input", action="append", default=[], metavar="PATH",
-                        help="with `-- COMMAND`: a file or directory it reads (as for run)")
-    submit.add_argument("--output", action="append", default=[], metavar="PATH_OR_GLOB",
-                        help="with `-- COMMAND`: what it writes (as for run)")
-    submit.add_argument("--wait", action="store_true",
-                        help="poll the scheduler until every job ended; exit 1 if one failed")
-    submit.add_argument("--runs-dir", type=Path, default=None,
-                        help="where run directories go (default: $HARNESS_RUNS or ./runs)")
-    submit.set_defaults(handler=cmd_submit, command_argv=None)
-
-    slurm = sub.add_parser("slurm", help="Slurm jobs of runs: status")
-    slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="ACTION")
-    slurm_status = slurm_sub.add_parser(
-        "status", parents=[common], help="ask Slurm about runs' jobs and update their status.json",
-        description="Query squeue/scontrol/sacct for each RUN's job, record slurm_state in "
-                    "status.json and print it. Exit 1 when a job failed.")
-    slurm_status.add_argument("runs", nargs="+", metavar="RUN")
-    slurm_status.add_argument("--wait", action="store_true", help="poll until the jobs ended")
-    slurm_status.add_argument("--runs-dir", type=Path, default=None)
-    slurm_status.set_defaults(handler=cmd_slurm_status)
-
-    data = sub.add_parser("data", help="datasets: fetch, locate")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    fetch = data_sub.add_parser(
-        "fetch", parents=[common], help="download a dataset from its pinned mirrors",
-        description="Download each file of conf/data/NAME.yaml from its mirrors (with "
-                    "retries), check its content sha256 against the pin, and store it "
-                    "atomically in the user cache (or --dest).")
-    fetch.add_argument("name", help="dataset name, e.g. mnist or fashion_mnist")
-    fetch.add_argument("--dest", default=None, help="directory to store the files in")
-    fetch.add_argument("--retries", type=int, default=3, help="attempts per mirror (default 3)")
-    fetch.set_defaults(handler=cmd_data_fetch)
-    where = data_sub.add_parser("where", parents=[common],
-                                help="print the directory a dataset is found in")
-    where.add_argument("name")
-    where.set_defaults(handler=cmd_data_where)
-
-    lock = sub.add_parser("lock", help="lockfiles: check integrity, diff two")
-    lock_sub = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
-    check = lock_sub.add_parser(
-        "check", help="verify a run's lockfile against its lock_sha256",
-        description="Exit 0 when RUN's harness.lock is intact, 5 when it was edited or damaged.")
-    check.add_argument("run", help="run id, unique prefix of one, or run directory")
-    check.add_argument("--runs-dir", type=Path, default=None)
-    check.set_defaults(handler=cmd_lock_check)
-    diff = lock_sub.add_parser(
-        "diff", help="what differs between two runs' lockfiles",
-        description="Compare two lockfiles field by field, grouped: blocking for bitwise "
-                    "replay, informational, results, config.")
-    diff.add_argument("run_a", help="run id, unique prefix of one, or run directory")
-    diff.add_argument("run_b", help="run id, unique prefix of one, or run directory")
-    diff.add_argument("--runs-dir", type=Path, default=None)
-    diff.add_argument("--json", action="store_true", help="machine-readable output")
-    diff.set_defaults(handler=cmd_lock_diff)
-
-    replay = sub.add_parser(
-        "replay", epilog=EPILOG, help="re-run a run and compare it bit for bit",
-        description="Check RUN's lockfile, refuse (exit 6) when this environment differs in "
-                    "a way that breaks bitwise equality, re-run the same resolved config as a "
-                    "new run linked to RUN, and compare loss bits, parameter fingerprints and "
-                    "final weights: IDENTICAL (exit 0) or DIVERGED (exit 7).")
-    replay.add_argument("run", help="run id, unique prefix of one, or run directory")
-    replay.add_argument("--runs-dir", type=Path, default=None,
-                        help="where to find RUN and put the replay (default: $HARNESS_RUNS "
-                             "or ./runs; a RUN path puts the replay beside it)")
-    replay.add_argument("--allow-mismatch", action="store_true",
-                        help="replay despite blocking differences (they are recorded)")
-    replay.set_defaults(handler=cmd_replay)
-
-    verify = sub.add_parser(
-        "verify", parents=[common], epilog=EPILOG,
-        help="train a short prefix twice and show whether it is deterministic here",
-        description="Run the first --steps steps of CONFIG twice with the determinism audit "
-                    "on; exit 0 when bitwise identical, 7 with the first diverging step, "
-                    "tensors and module otherwise.")
-    verify.add_argument("config", help="config name, e.g. mnist or fashion_mnist")
-    verify.add_argument("overrides", nargs="*", help="Hydra overrides, as for train")
-    verify.add_argument("--steps", type=_positive, default=20,
-                        help="steps per run (default 20)")
-    verify.add_argument("--fingerprint-every", type=_positive, default=1,
-                        help="parameter digest interval (default 1: every step)")
-    verify.add_argument("--jobs", type=_positive, default=None,
-                        help="2 runs the two in parallel, 1 one after the other (default: "
-                             "parallel when there are cores for both)")
-    verify.add_argument("--runs-dir", type=Path, default=None)
-    verify.set_defaults(handler=cmd_verify)
-
-    runs = sub.add_parser("runs", help="table of runs with results and replay verdicts")
-    runs.add_argument("--runs-dir", type=Path, default=None,
-                      help="default: $HARNESS_RUNS or ./runs")
-    runs.add_argument("--json", action="store_true", help="machine-readable output")
-    runs.set_defaults(handler=cmd_runs)
-    build = sub.add_parser(
-        "build", parents=[common], epilog=EPILOG,
-        help="build (or find) the pinned training image",
-        description="Build the image of CONFIG's image profile (or of --profile alone) "
-                    "through the Docker engine, offline, from the hash-locked wheelhouse. "
-                    "The tag is a content hash of the Dockerfile, the lock, the harness "
-                    "source and the base digest: an unchanged tree reuses its image. Prints "
-                    "the image facts a lockfile records.")
-    build.add_argument("config", nargs="?", default=None,
-                       help="config name (optional: default the image profile alone)")
-    build.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. image.base=...")
-    build.add_argument("--profile", default=None,
-                       help="image profile (conf/image/): cpu or cuda (default: cuda on a "
-                            "machine with an NVIDIA GPU, else cpu)")
-    build.add_argument("--push", action="store_true",
-                       help="push to image.registry (default 127.0.0.1:5000) and record "
-                            "the repo digest")
-    build.set_defaults(handler=cmd_build)
-
-    image = sub.add_parser("image", help="training image: lock its dependencies")
-    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    image_lock = image_sub.add_parser(
-        "lock", parents=[common],
-        help="regenerate docker/requirements-<profile>.lock with hashes",
-        description="Resolve image.requirements with pip for the image's Python, write "
-                    "image.lock pinning every distribution to one file by sha256, and "
-                    "download those files into the wheelhouse the build copies.")
-    image_lock.add_argument("--profile", default=None, help="image profile (default: cpu "
-                            "or cuda, as for build)")
-    image_lock.set_defaults(handler=cmd_image_lock)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -1,19 +1,25 @@
 """User-facing errors. Each carries a message that says how to fix the problem and the
 exit code the CLI returns for it; the CLI catches them once and prints the message.
 
-Exit codes (also in README.md and `harness --help`):
-  1  the training run itself failed (see its train.log); a `harness run` exits with its
-     command's own exit code
-  2  invalid input: unknown config, bad override, wrong type, bad argument
-  3  data missing or corrupt
-  4  an environment part is missing or down (Docker engine, Slurm, GPU runtime)
-  5  a lockfile is damaged or was tampered with
-  6  replay or resume refused: the environment (or config) differs in a way that breaks
-     bitwise equality
-  7  replay or verify ran, and the results DIVERGED
- 75  training stopped on SIGTERM/SIGUSR1 after writing a checkpoint: requeue or resume it
-     (EX_TEMPFAIL; the Slurm job script requeues on it)
+EXIT_CODES is the one list of exit codes: `harness --help` renders it, and a test checks
+that README.md says the same (exit_codes_text).
 """
+
+EXIT_CODES = (
+    (0, "ok"),
+    (1, "run failed (`harness run`: the command's own exit code)"),
+    (2, "invalid input"),
+    (3, "data missing or corrupt"),
+    (4, "environment part missing"),
+    (5, "damaged lockfile"),
+    (6, "replay or resume refused"),
+    (7, "diverged"),
+    (75, "preempted (a checkpoint was written; continue with `harness train --resume RUN`)"),
+)
+
+
+def exit_codes_text() -> str:
+    return "Exit codes: " + ", ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES) + "."
 
 
 # Exit code of a training process that stopped on SIGTERM/SIGUSR1 after writing a

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import TESTS
+from conftest import ROOT, TESTS
 
 
 def assert_rejected(done, *phrases):
@@ -64,3 +64,17 @@ def test_help_lists_subcommands(cli):
         assert command in done.stdout
     done = cli("train", "--help", check_rc=0)
     assert "Hydra overrides" in done.stdout
+
+
+def test_exit_codes_are_one_list_shown_in_help_and_readme(cli):
+    """errors.EXIT_CODES is rendered into `--help`; README says the same words."""
+    import re
+
+    from harness.errors import exit_codes_text
+
+    def flat(text):
+        return re.sub(r"\s+", " ", text)
+
+    assert flat(exit_codes_text()) in flat((ROOT / "README.md").read_text())
+    for command in ([], ["train"], ["run"], ["replay"], ["submit"], ["verify"], ["build"]):
+        assert flat(exit_codes_text()) in flat(cli(*command, "--help", check_rc=0).stdout)
