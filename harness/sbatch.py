@@ -22,14 +22,12 @@ from typing import Dict, List, Mapping, Optional
 from harness import __version__
 
 from harness.errors import REQUEUE_EXIT, ConfigError
+from harness.sandbox import DATA_MOUNT, RUN_MOUNT, docker_cli_flags
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
 RUNTIMES = ("none", "docker", "apptainer", "pyxis")
 SCRIPT_NAME = "job.sbatch"
 LOG_NAME = "slurm.out"
-# Where a container sees the run directory and the data.
-RUN_MOUNT = "/harness/run"
-DATA_MOUNT = "/data"
 # Slurm variables the training reads (SLURM_RESTART_COUNT: resume) and records.
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
               "SLURM_RESTART_COUNT")
@@ -58,6 +56,8 @@ class JobSpec:
     python: str = "python3"  # runtime none: interpreter on the node
     log_dir: Optional[Path] = None  # arrays: where Slurm writes before the script redirects
     extra_train_args: List[str] = field(default_factory=list)
+    # backend.docker of the config: the container sandbox (harness/sandbox.py)
+    sandbox: Dict = field(default_factory=lambda: {"network": "none", "shm_size": "1g"})
     job_env: Dict[str, str] = field(default_factory=dict)  # job_environment(): JOB_ENV values
 
 
@@ -144,10 +144,9 @@ def train_command(spec: JobSpec) -> str:
     if runtime == "docker":
         user = spec.slurm.get("container_user") or "$(id -u):$(id -g)"
         user = f'"{user}"' if user.startswith("$(") else q(user)
-        lines = ['docker run --rm --init --name "harness-${SLURM_JOB_ID}"',
-                 "--network none --read-only --tmpfs /tmp",
-                 f"--user {user} --cap-drop ALL --security-opt no-new-privileges",
-                 "--shm-size 1g"]
+        flags = docker_cli_flags(spec.sandbox, user)
+        lines = ['docker run --rm --name "harness-${SLURM_JOB_ID}"',
+                 " ".join(flags[:4]), " ".join(flags[4:-1]), flags[-1]]
         if gpus:
             lines.append('--gpus "\\"device=${CUDA_VISIBLE_DEVICES}\\""')
         lines.append(" ".join(f"-e {name}" for name in names))

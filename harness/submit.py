@@ -62,7 +62,7 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
     spec = sbatch.JobSpec(
         job_name=f"harness-{first['name']}", run_dirs=run_dirs,
         data_roots=[root for root, _ in prepared], env=pinned_environment(first["determinism"]),
-        slurm=slurm_cfg, device=first["trainer"]["device"],
+        slurm=slurm_cfg, device=first["trainer"]["device"], sandbox=first["backend"]["docker"],
         python=slurm_cfg.get("python") or sys.executable,
         log_dir=runs_dir.resolve() / ".slurm", job_env=sbatch.job_environment())
     text = sbatch.render(spec)

@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness.progress import Console
-from harness import image, rundir
+from harness import image, rundir, sandbox
 from harness.backends.base import LaunchSpec
 from harness.config import load_yaml
 from harness.errors import EnvironmentProblem
+from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 
-RUN_MOUNT = "/harness/run"
-DATA_MOUNT = "/harness/data"
-CODE_MOUNT = "/harness/code"
 HOST_NAME_ENV = "HARNESS_HOST_NAME"
 LABEL = "org.harness.run"  # every training container carries it: `docker ps -a --filter label=...`
 GPU_HINT = ("The NVIDIA container runtime is missing: install the NVIDIA driver and the "
@@ -185,22 +183,13 @@ def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Pa
         # HOST_NAME_ENV: the lockfile records the host's name, not the container id.
         environment={**env, "PYTHONPATH": ":".join(pythonpath), "HOME": "/tmp",
                      HOST_NAME_ENV: platform.node()},
-        user=_user(opts["user"]),
         working_dir=script["workdir"] if script else RUN_MOUNT,
         volumes=volumes,
-        network_mode=opts["network"],
-        read_only=True,
-        tmpfs={"/tmp": "rw,nosuid,nodev,size=1g,mode=1777"},
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        shm_size=opts["shm_size"],
         labels={LABEL: run_dir.name, **(opts.get("labels") or {})},
-        # docker-init as PID 1: it forwards signals to the training and reaps its DataLoader
-        # workers (PID 1 itself would ignore any signal it has no handler for).
-        init=True,
         # stdin open and attachable once: its end tells the training its launcher is gone.
         stdin_open=True,
         detach=False,
+        **sandbox.docker_py_options(opts, _user(opts["user"])),
     )
     if gpu_requested(cfg):
         kwargs["device_requests"] = [gpu_request(str(opts["gpus"]), engine_info or {})]

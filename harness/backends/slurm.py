@@ -237,6 +237,7 @@ class SlurmBackend:
             job_name=f"harness-{cfg['name']}", run_dirs=[spec.run_dir],
             data_roots=[spec.data_root], env=spec.env, slurm=slurm,
             device=cfg["trainer"]["device"], python=slurm.get("python") or sys.executable,
+            sandbox=cfg["backend"]["docker"],
             extra_train_args=list(spec.extra_args), job_env=sbatch.job_environment())
         script = spec.run_dir / sbatch.SCRIPT_NAME
         rundir.atomic_write_text(script, sbatch.render(job))

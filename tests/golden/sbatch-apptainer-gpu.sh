@@ -57,9 +57,9 @@ trap 'got_term=1; forward TERM' TERM
 apptainer exec --containall --cleanenv --no-home --writable-tmpfs \
     --nv \
     --env "PYTHONHASHSEED=${PYTHONHASHSEED:-}" --env "CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-}" --env "OMP_NUM_THREADS=${OMP_NUM_THREADS:-}" --env "MKL_NUM_THREADS=${MKL_NUM_THREADS:-}" --env "SLURM_JOB_ID=${SLURM_JOB_ID:-}" --env "SLURM_ARRAY_JOB_ID=${SLURM_ARRAY_JOB_ID:-}" --env "SLURM_ARRAY_TASK_ID=${SLURM_ARRAY_TASK_ID:-}" --env "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-}" \
-    --bind "$DATA_ROOT":/data:ro --bind "$RUN_DIR":/harness/run:rw \
+    --bind "$DATA_ROOT":/harness/data:ro --bind "$RUN_DIR":/harness/run:rw \
     --pwd /harness/run docker://127.0.0.1:5000/harness/train-cuda@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd \
-    python -u -m harness.train /harness/run --data-root /data &
+    python -u -m harness.train /harness/run --data-root /harness/data &
 child=$!
 while kill -0 "$child" 2>/dev/null; do
     wait "$child"

@@ -54,15 +54,15 @@ forward() {  # a bash trap runs only while the script waits: hence `& wait` belo
 trap 'forward USR1' USR1
 trap 'got_term=1; forward TERM' TERM
 
-docker run --rm --init --name "harness-${SLURM_JOB_ID}" \
-    --network none --read-only --tmpfs /tmp \
+docker run --rm --name "harness-${SLURM_JOB_ID}" \
+    --init --network none --read-only --tmpfs /tmp:rw,nosuid,nodev,size=1g,mode=1777 \
     --user "$(id -u):$(id -g)" --cap-drop ALL --security-opt no-new-privileges \
     --shm-size 1g \
     --gpus "\"device=${CUDA_VISIBLE_DEVICES}\"" \
     -e PYTHONHASHSEED -e CUBLAS_WORKSPACE_CONFIG -e OMP_NUM_THREADS -e MKL_NUM_THREADS -e SLURM_JOB_ID -e SLURM_ARRAY_JOB_ID -e SLURM_ARRAY_TASK_ID -e SLURM_RESTART_COUNT \
-    -v "$DATA_ROOT":/data:ro -v "$RUN_DIR":/harness/run:rw \
+    -v "$DATA_ROOT":/harness/data:ro -v "$RUN_DIR":/harness/run:rw \
     -w /harness/run 127.0.0.1:5000/harness/train-cuda@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd \
-    python -u -m harness.train /harness/run --data-root /data &
+    python -u -m harness.train /harness/run --data-root /harness/data &
 child=$!
 while kill -0 "$child" 2>/dev/null; do
     wait "$child"

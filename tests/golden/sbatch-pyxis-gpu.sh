@@ -56,9 +56,9 @@ trap 'got_term=1; forward TERM' TERM
 
 srun --ntasks=1 --export=ALL \
     --container-image=127.0.0.1:5000/harness/train-cuda@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd \
-    --container-mounts="$DATA_ROOT":/data:ro,"$RUN_DIR":/harness/run:rw \
+    --container-mounts="$DATA_ROOT":/harness/data:ro,"$RUN_DIR":/harness/run:rw \
     --container-workdir=/harness/run --no-container-mount-home \
-    python -u -m harness.train /harness/run --data-root /data &
+    python -u -m harness.train /harness/run --data-root /harness/data &
 child=$!
 while kill -0 "$child" 2>/dev/null; do
     wait "$child"
