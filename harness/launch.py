@@ -71,8 +71,7 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
         data_root, data_files = data.prepare(cfg["data"])
     # A backend may add lock facts (docker: image and engine) and check that it can run
     # at all (engine up, image built, GPUs available) before anything is written.
-    if hasattr(backend, "lock_facts"):
-        lock_extra = {**backend.lock_facts(cfg), **(lock_extra or {})}
+    lock_extra = {**backend.lock_facts(cfg), **(lock_extra or {})}
     run_dir = rundir.create(runs_dir or rundir.default_runs_dir(), cfg["name"])
     with rundir.WriterLock(run_dir).acquire("harness train") as lock:
         prepare(run_dir, cfg, overrides, backend.name, data_root, data_files, launched,
@@ -169,15 +168,13 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
     if interval:  # a terminal: ask the training for frequent lines to draw a live bar
         env[progress.INTERVAL_ENV] = interval
     handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, env=env, data_root=data_root, extra_args=extra_args,
-        lock_fd=lock.fd))
-    process = getattr(handle, "process", None)
+        run_dir=run_dir, cfg=cfg, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+        env=env, data_root=data_root, extra_args=extra_args, lock_fd=lock.fd))
 
     def forward(signum, frame):
         # SIGTERM/SIGUSR1 to the launcher: the training checkpoints at its next step
         # boundary and exits with REQUEUE_EXIT; the launcher waits for that and records it.
-        if process is not None and process.poll() is None:
-            process.send_signal(signum)
+        handle.signal(signum)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signal() works only there

@@ -48,20 +48,18 @@ def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, A
 def current_environment(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     """(the environment a new training process would record, sections the gate must skip).
 
-    The capture child runs on this host. A backend that runs training in an image (it has
-    `lock_facts`, e.g. docker) contributes the image it would use; the software and
-    environment variables are then those of the image, pinned by its id and digests, so the
-    host's are not compared."""
+    The capture child runs on this host. A backend contributes its lock facts (docker: the
+    image it would use). One that trains elsewhere (in an image, on a batch node) recorded
+    the software and environment variables there, pinned by the image's id and digests, so
+    this host's are not compared."""
     from harness import backends
 
     env = capture.current(cfg["determinism"])
     env["harness"] = {"version": __version__,
                       "source_sha256": lockfile.harness_source_sha256()}
     backend = backends.get(cfg["backend"]["name"])
-    skip: List[str] = []
-    if hasattr(backend, "lock_facts"):
-        env.update(backend.lock_facts(cfg))
-        skip = ["software", "environment"]
+    env.update(backend.lock_facts(cfg))
+    skip: List[str] = ["software", "environment"] if backend.trains_elsewhere else []
     return env, skip
 
 

@@ -1,5 +1,5 @@
-"""Backends start the training process somewhere and hand back a handle to wait on or
-stop. They share one small interface (see base.py); `get` picks one by name."""
+"""Backends start the training process somewhere and hand back a handle to wait on,
+signal or stop. They share one small interface (base.Backend); `get` picks one by name."""
 
 from harness.backends.base import Backend, Handle, LaunchSpec
 from harness.errors import ConfigError
@@ -7,23 +7,21 @@ from harness.errors import ConfigError
 NAMES = ("local", "docker", "auto", "slurm")
 
 
+def _classes():
+    from harness.backends.docker import DockerBackend
+    from harness.backends.local import LocalBackend
+    from harness.backends.slurm import SlurmBackend
+
+    return {"local": LocalBackend, "docker": DockerBackend, "slurm": SlurmBackend}
+
+
 def get(name: str, cfg=None) -> Backend:
     """The backend called `name`; `auto` also looks at the run's config (`cfg`), if given."""
-    if name == "local":
-        from harness.backends.local import LocalBackend
-
-        return LocalBackend()
-    if name == "docker":
-        from harness.backends.docker import DockerBackend
-
-        return DockerBackend()
     if name == "auto":
         return _auto(cfg)
-    if name == "slurm":
-        from harness.backends.slurm import SlurmBackend
-
-        return SlurmBackend()
-    raise ConfigError(f"unknown backend '{name}'; valid backends: {', '.join(NAMES)}")
+    if name not in NAMES:
+        raise ConfigError(f"unknown backend '{name}'; valid backends: {', '.join(NAMES)}")
+    return _classes()[name]()
 
 
 def _auto(cfg=None) -> Backend:

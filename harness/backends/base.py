@@ -1,16 +1,23 @@
-"""The backend interface: launch a prepared run directory, wait for it, stop it, and clean
-up what a killed launcher left running."""
+"""The backend interface: check and describe where a run will train (`lock_facts`), launch
+a prepared run directory, and clean up what a killed launcher left running. A launch
+returns a handle to wait on, signal or stop. `harness.backends.BACKENDS` maps names to
+classes.
+
+The launcher hands a backend everything in a LaunchSpec (the resolved config and the
+launch facts included), so no backend reads the run directory's files back."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol
+from typing import Any, Dict, List, Optional, Protocol
 
 
 @dataclass
 class LaunchSpec:
     run_dir: Path  # prepared: config.yaml and launch.json are in it
+    cfg: Dict[str, Any]  # the resolved config (what config.yaml holds)
+    lock: Dict[str, Any]  # the launcher's lock facts (launch.json's `lock`)
     env: Dict[str, str]  # the pinned environment the training process must start with
     data_root: Optional[Path] = None  # verified dataset directory (read-only for training)
     extra_args: list = field(default_factory=list)  # appended to `python -m harness.train`
@@ -23,16 +30,28 @@ class Handle(Protocol):
     def wait(self) -> int:
         """Stream the training output until it ends; return its exit code."""
 
+    def signal(self, signum: int) -> None:
+        """Pass a stop signal (SIGTERM/SIGUSR1) on to the training, if it still runs."""
+
     def stop(self) -> None:
         """Stop the training (and clean up whatever the backend created)."""
 
 
-class Backend(Protocol):
-    name: str
+class Backend:
+    name = ""
+    # The training runs in an image or on another node: the software and environment a
+    # replay compares are those recorded there, not this host's.
+    trains_elsewhere = False
+
+    def lock_facts(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        """Before any run directory exists: check that the backend can run `cfg` (engine up,
+        image built, GPUs reachable) and return the lockfile sections it adds."""
+        return {}
 
     def launch(self, spec: LaunchSpec) -> Handle:
-        ...
+        raise NotImplementedError
 
     def clean_up(self, run_dir: Path) -> List[str]:
         """Before a resume, with the run's WriterLock held: stop what a killed launcher left
         running for this run; return what was done, one line each."""
+        return []

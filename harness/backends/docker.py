@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from harness.progress import Console
 from harness import image, rundir, sandbox
-from harness.backends.base import LaunchSpec
+from harness.backends.base import Backend, LaunchSpec
 from harness.config import load_yaml
 from harness.errors import EnvironmentProblem
 from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
@@ -87,6 +87,10 @@ class DockerHandle:
             console.close()
         self._remove()
         return code
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
 
     def stop(self) -> None:
         """Stop (SIGTERM, then SIGKILL after the grace period) and remove the container."""
@@ -235,8 +239,9 @@ def _first(text: str) -> str:
     return text.strip().splitlines()[0][:400] if text.strip() else "unknown error"
 
 
-class DockerBackend:
+class DockerBackend(Backend):
     name = "docker"
+    trains_elsewhere = True  # in the image
 
     def __init__(self, engine=None):
         self._engine = engine
@@ -283,9 +288,7 @@ class DockerBackend:
                 pass  # start_or_explain removed it already
 
     def launch(self, spec: LaunchSpec) -> DockerHandle:
-        run_dir = spec.run_dir
-        cfg = load_yaml(run_dir / rundir.CONFIG)
-        lock = rundir.read_json(run_dir / rundir.LAUNCH).get("lock", {})
+        run_dir, cfg, lock = spec.run_dir, spec.cfg, spec.lock
         reference = (lock.get("image") or {}).get("id") or \
             image.build(cfg["image"], engine=self.engine)["id"]
         info = self.engine.info() if gpu_requested(cfg) else {}

@@ -6,10 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-from typing import List
 
 from harness import rundir
-from harness.backends.base import LaunchSpec
+from harness.backends.base import Backend, LaunchSpec
 from harness.progress import Console
 
 LAUNCHER_PID_ENV = "HARNESS_LAUNCHER_PID"
@@ -28,6 +27,10 @@ class LocalHandle:
             console.close()
         return self.process.wait()
 
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
     def stop(self, grace_s: float = 10.0) -> None:
         if self.process.poll() is not None:
             return
@@ -39,7 +42,7 @@ class LocalHandle:
             self.process.wait()
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     name = "local"
 
     def launch(self, spec: LaunchSpec) -> LocalHandle:
@@ -56,6 +59,3 @@ class LocalBackend:
                                    stderr=subprocess.STDOUT, text=True, bufsize=1,
                                    pass_fds=keep)
         return LocalHandle(process, spec.run_dir / rundir.LOG)
-
-    def clean_up(self, run_dir) -> List[str]:
-        return []  # a local training process holds the run's WriterLock while it lives

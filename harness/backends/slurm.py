@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from harness import rundir, sbatch
-from harness.backends.base import LaunchSpec
+from harness.backends.base import Backend, LaunchSpec
 
 from harness.errors import REQUEUE_EXIT, EnvironmentProblem, RunFailed
 
@@ -189,6 +189,9 @@ class SlurmHandle:
         status = wait([self.run_dir], self.poll_s)[0]
         return 0 if status["state"] == "succeeded" else int(status.get("exit_code") or 1)
 
+    def signal(self, signum: int) -> None:
+        """Nothing: the scheduler signals the job itself (time limit, preemption)."""
+
     def stop(self) -> None:
         cancel(rundir.read_json(self.run_dir / rundir.STATUS))
 
@@ -219,20 +222,18 @@ def job_image(slurm: Dict, lock: Dict) -> Dict:
     return {**slurm, "image": slurm.get("image") or pushed}
 
 
-class SlurmBackend:
+class SlurmBackend(Backend):
     """`harness train CONFIG backend=slurm`: one batch job, waited for."""
 
     name = "slurm"
+    trains_elsewhere = True  # on a batch node (in its image, for a container runtime)
 
     def lock_facts(self, cfg: Dict) -> Dict:
         return job_image_facts(cfg)
 
     def launch(self, spec: LaunchSpec) -> SlurmHandle:
-        from harness import config
-
-        cfg = config.load_yaml(spec.run_dir / rundir.CONFIG)
-        lock = rundir.read_json(spec.run_dir / rundir.LAUNCH).get("lock", {})
-        slurm = job_image(cfg["backend"]["slurm"], lock)
+        cfg = spec.cfg
+        slurm = job_image(cfg["backend"]["slurm"], spec.lock)
         job = sbatch.JobSpec(
             job_name=f"harness-{cfg['name']}", run_dirs=[spec.run_dir],
             data_roots=[spec.data_root], env=spec.env, slurm=slurm,
@@ -248,6 +249,3 @@ class SlurmBackend:
         print(f"harness: submitted Slurm job {job_id}; log {spec.run_dir / sbatch.LOG_NAME}",
               flush=True)
         return SlurmHandle(spec.run_dir, float(slurm.get("poll_s") or 2.0))
-
-    def clean_up(self, run_dir: Path) -> List[str]:
-        return []  # the scheduler owns the job; a resume by hand runs locally
