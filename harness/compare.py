@@ -7,29 +7,13 @@ Only the weight distances need torch (to read model.pt); it is imported there al
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
-from harness import rundir
+from harness import metrics, rundir
 
 IDENTICAL = "IDENTICAL"
 DIVERGED = "DIVERGED"
-
-
-def read_metrics(run_dir: Path) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, Any]]]:
-    """(train records in step order, the eval record or None)."""
-    train, evaluation = [], None
-    path = Path(run_dir) / rundir.METRICS
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if record.get("kind") == "train":
-            train.append(record)
-        elif record.get("kind") == "eval":
-            evaluation = record
-    return train, evaluation
 
 
 def _first_differences(train_a, train_b) -> Dict[str, Any]:
@@ -69,8 +53,8 @@ def weight_distances(a_dir: Path, b_dir: Path) -> Dict[str, float]:
 def compare_runs(a_dir: Path, b_dir: Path, lock_a: Dict[str, Any],
                  lock_b: Dict[str, Any]) -> Dict[str, Any]:
     """The comparison report (plain data: it is written to replay.json / verify.json)."""
-    train_a, eval_a = read_metrics(a_dir)
-    train_b, eval_b = read_metrics(b_dir)
+    train_a, eval_a = metrics.read(a_dir)
+    train_b, eval_b = metrics.read(b_dir)
     found = _first_differences(train_a, train_b)
     candidates = []
     if found["first_loss"]:

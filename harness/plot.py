@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.compare import read_metrics
+from harness import metrics
 
 
 def first_divergence(reference: List[Dict], other: List[Dict]) -> Optional[int]:
@@ -26,7 +26,7 @@ def curves(run_dirs: List[Path]) -> Dict[str, Any]:
     runs = []
     reference = None
     for run_dir in run_dirs:
-        train, evaluation = read_metrics(run_dir)
+        train, evaluation = metrics.read(run_dir)
         evals = [evaluation] if evaluation else []
         entry = {
             "run_id": run_dir.name,

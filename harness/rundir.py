@@ -164,7 +164,7 @@ class WriterLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                holder = _holder_of(fd)
                 if STATUS_CHECK in holder and time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue
@@ -199,6 +199,21 @@ class WriterLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+def _holder_of(fd: int, settle_s: float = 1.0) -> str:
+    """The holder's record. A holder that has just taken the lock writes its record a
+    moment later: wait for a complete one, up to `settle_s`."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
+        try:
+            json.loads(text)
+            return text
+        except ValueError:
+            if time.monotonic() >= deadline:
+                return text
+            time.sleep(0.05)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-from harness import lockfile, rundir
+from harness import lockfile, metrics, rundir
 from harness.errors import LockfileError
 
 COLUMNS = ("run", "config", "status", "backend", "steps", "final_loss", "accuracy",
@@ -21,14 +21,6 @@ def _read_optional(path: Path) -> Dict[str, Any]:
         return {}
 
 
-def _train_steps(run_dir: Path) -> int:
-    try:
-        with open(run_dir / rundir.METRICS) as handle:
-            return sum(1 for line in handle if '"kind": "train"' in line)
-    except OSError:
-        return 0
-
-
 def summary(run_dir: Path) -> Dict[str, Any]:
     status = rundir.read_status(run_dir)
     row: Dict[str, Any] = {"run": run_dir.name, "status": status.get("state", "unknown"),
@@ -39,7 +31,7 @@ def summary(run_dir: Path) -> Dict[str, Any]:
         lock, row["status"] = {}, "lock damaged"
     results = lock.get("results", {})
     cfg_name = (lock.get("config") or {}).get("name") or _config_name(run_dir)
-    row.update(config=cfg_name, steps=results.get("steps", _train_steps(run_dir)),
+    row.update(config=cfg_name, steps=results.get("steps", metrics.train_steps(run_dir)),
                final_loss=results.get("final_loss"), accuracy=results.get("test_accuracy"),
                weights=(results.get("weights_sha256") or "")[:12] or None,
                replay_of=(lock.get("replay_of") or {}).get("run_id"))

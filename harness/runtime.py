@@ -91,6 +91,7 @@ class Runtime:
         self.cfg: Dict[str, Any] = load_yaml(self.run_dir / rundir.CONFIG)
         self.launch: Dict[str, Any] = rundir.read_json(self.run_dir / rundir.LAUNCH)
         self.in_effect: Dict[str, Any] = {}
+        self._checkpoint_facts: Optional[Dict[str, Any]] = None
         self.device = torch.device(self.cfg["trainer"]["device"])
 
     @classmethod
@@ -112,8 +113,11 @@ class Runtime:
         return self.stop.name or None
 
     def checkpoint_facts(self) -> Dict[str, Any]:
-        """What a checkpoint must share with the process that resumes it."""
-        return checkpoint.environment_facts(self.in_effect, self.cfg["trainer"]["device"])
+        """What a checkpoint must share with the process that resumes it (read once)."""
+        if self._checkpoint_facts is None:
+            self._checkpoint_facts = checkpoint.environment_facts(
+                self.in_effect, self.cfg["trainer"]["device"])
+        return self._checkpoint_facts
 
     def write_lock(self, results: Dict[str, Any], resumes: List[Dict[str, Any]],
                    timing: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> None:

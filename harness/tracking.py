@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import rundir
-from harness.compare import read_metrics
+from harness import metrics, rundir
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -24,7 +23,7 @@ def export(run_dir: Path, cfg: dict) -> None:
     out = run_dir / TENSORBOARD_DIR
     writer = SummaryWriter(log_dir=str(out))
     try:
-        train, evaluation = read_metrics(run_dir)
+        train, evaluation = metrics.read(run_dir)
         for record in train:
             writer.add_scalar("train/loss", record["loss"], record["step"])
         if evaluation:
