@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from harness import rundir
 from harness.digest import canonical_sha256
-from harness.errors import HarnessError
+from harness.errors import CheckpointRefused, HarnessError  # noqa: F401 (re-exported)
 
 PREFIX = "harness.checkpoint/"
 FORMAT = PREFIX + "2"
@@ -45,12 +45,6 @@ PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 REQUIRED = ("format", "step", "epoch", "position", "config_sha256", "environment_sha256",
             "environment", "model", "optimizer", "scheduler", "rng", "resumes",
             "state_sha256")
-
-
-class CheckpointRefused(HarnessError):
-    """A checkpoint (or a resume request) that does not belong to this run as it is now."""
-
-    exit_code = 6
 
 
 # ---------------------------------------------------------------- facts that must match
@@ -78,7 +72,7 @@ def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
         "python": platform.python_version(),
         "torch": str(torch.__version__),  # a str subclass torch.load(weights_only) refuses
         "torch_git_version": getattr(torch.version, "git_version", None),
-        "torch_cpu_capability": lockfile._cpu_capability(torch),
+        "torch_cpu_capability": lockfile.cpu_capability(torch),
         "cuda_runtime": str(torch.version.cuda) if torch.version.cuda else None,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_architecture": cpu["architecture"],

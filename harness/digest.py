@@ -1,6 +1,7 @@
-"""Hashes of plain data (canonical JSON), of tensors and of whole training states, independent of pickle framing: equal
-contents give equal hashes whatever wrote them. Shared by the training loop (weights and
-per-step fingerprints) and checkpoints (integrity of everything a resume restores).
+"""Hashes of plain data (canonical JSON), of tensors and of whole training states,
+independent of pickle framing: equal contents give equal hashes whatever wrote them.
+Shared by configs, lockfiles and image tags (canonical JSON), the training loop (weights
+and per-step fingerprints) and checkpoints (integrity of everything a resume restores).
 
 Torch is imported inside the functions: importing this module stays cheap.
 """

@@ -61,6 +61,12 @@ class ReplayRefused(HarnessError):
     exit_code = 6
 
 
+class CheckpointRefused(HarnessError):
+    """A checkpoint (or a resume request) that does not belong to this run as it is now."""
+
+    exit_code = 6
+
+
 class RunBusy(HarnessError):
     """Another process is writing the run directory (one writer at a time)."""
 

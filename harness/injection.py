@@ -31,12 +31,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+from harness.rundir import SCRIPT_REPORTS as REPORTS  # RUN_DIR/.script/<pid>.json
+
 RUN_DIR_ENV = "HARNESS_RUN_DIR"
 SEED_ENV = "HARNESS_SEED"
 DETERMINISM_ENV = "HARNESS_DETERMINISM"  # the run's determinism section, as JSON
 INJECT_ENV = "HARNESS_INJECT"
 SRC_ENV = "HARNESS_SRC"
-REPORTS = ".script"  # RUN_DIR/.script/<pid>.json, one per Python process
 EXTRA_OUTPUTS = "outputs.txt"  # RUN_DIR/.script/outputs.txt: harness.runtime.record_output
 
 # Settings a script can change after the harness applied them, and what a change means.

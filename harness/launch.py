@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import (__version__, audit, backends, config, data, gate, gpu, lockfile,
+from harness import (audit, backends, config, data, gate, gpu, lockfile,
                      progress, rundir, tracking)
 from harness.determinism import pinned_environment
-from harness.checkpoint import CheckpointRefused
-from harness.errors import (REQUEUE_EXIT, ConfigError, DataError, EnvironmentProblem,
-                            HarnessError, RunBusy, RunFailed)
+from harness.errors import (REQUEUE_EXIT, CheckpointRefused, ConfigError, DataError,
+                            EnvironmentProblem, HarnessError, RunBusy, RunFailed)
 
 
 # Exit codes of the training process that are a user-facing error, passed on as such.
@@ -198,24 +197,10 @@ def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_na
     """Write config.yaml, overrides.txt and launch.json: the host's facts for the lockfile."""
     rundir.atomic_write_text(run_dir / rundir.CONFIG, config.to_yaml(cfg))
     rundir.atomic_write_text(run_dir / rundir.OVERRIDES, "".join(f"{o}\n" for o in overrides))
-    config_sha = config.config_sha256(cfg)
-    lock = {
-        "schema": lockfile.SCHEMA,
-        "run_id": run_dir.name,
-        "created_utc": rundir.now_utc(),
-        "harness": {"version": __version__, "source_sha256": lockfile.harness_source_sha256()},
-        "config": cfg,
-        "config_sha256": config_sha,
-        "seed": cfg["seed"],
-        "overrides": list(overrides),
-        "backend": {"name": backend_name},
-        "source": lockfile.capture_source(Path.cwd()),
-        "data": {"name": (cfg.get("data") or {}).get("name"),
-                 "root": str(data_root) if data_root else None, "files": data_files},
-        **(lock_extra or {}),
-    }
+    lock = lockfile.host_facts(run_dir.name, cfg, overrides, backend_name, data_root,
+                               data_files, lock_extra)
     rundir.write_json(run_dir / rundir.LAUNCH, {
-        "launched_unix": launched, "config_sha256": config_sha, "lock": lock})
+        "launched_unix": launched, "config_sha256": lock["config_sha256"], "lock": lock})
 
 
 def script_facts(cfg: Dict[str, Any], backend_name: str) -> Dict[str, Any]:

@@ -13,11 +13,12 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from harness.digest import canonical_sha256
 from harness.errors import LockfileError
-from harness.rundir import atomic_write_text
+from harness import __version__
+from harness.rundir import atomic_write_text, now_utc
 
 SCHEMA = "harness.lock/1"
 
@@ -62,7 +63,7 @@ def capture_software() -> Dict[str, Any]:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_git_version": getattr(torch.version, "git_version", None),
-        "torch_cpu_capability": _cpu_capability(torch),
+        "torch_cpu_capability": cpu_capability(torch),
         "cuda_runtime": torch.version.cuda,
         "cuda_available": cuda_available,
         # The library versions of a CUDA build, read even where no GPU is present (a CUDA
@@ -90,7 +91,8 @@ def _nccl_version(torch) -> Optional[str]:
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
-def _cpu_capability(torch) -> Optional[str]:
+def cpu_capability(torch) -> Optional[str]:
+    """The CPU kernel family torch selected here (AVX2, AVX512, ...)."""
     try:
         return torch.backends.cpu.get_cpu_capability()
     except AttributeError:
@@ -275,8 +277,89 @@ def flatten(data: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix: data}
 
 
+# ---------------------------------------------------------------- the schema
+
+# Every top-level field of a lockfile: who hands it in, and whether every lockfile has it.
+# The launcher gathers the host's facts before the training starts (launch.json's `lock`:
+# `host_facts`, plus what a backend, replay or verify adds); the training process adds what
+# it saw and writes the lockfile (`complete`). docs/lockfile.md documents each field; a test
+# holds the two together.
+HOST, PROCESS, SEAL = "host", "training process", "seal"
+FIELDS: Dict[str, Tuple[str, bool]] = {
+    "schema": (HOST, True),
+    "run_id": (HOST, True),
+    "created_utc": (HOST, True),
+    "harness": (HOST, True),
+    "config": (HOST, True),
+    "config_sha256": (HOST, True),
+    "seed": (HOST, True),
+    "overrides": (HOST, True),
+    "backend": (HOST, True),
+    "source": (HOST, True),
+    "data": (HOST, True),
+    "image": (HOST, False),  # a run in a container image (docker, Slurm container runtimes)
+    "container_runtime": (HOST, False),  # the Docker engine of a docker run
+    "script": (HOST, False),  # a `harness run` command (the process adds what it saw)
+    "replay_of": (HOST, False),  # a replay: the run it replays
+    "replay_mismatches": (HOST, False),  # a replay: the gate's differences
+    "verify": (HOST, False),  # a `harness verify` run: which of the two
+    "determinism": (PROCESS, True),
+    "software": (PROCESS, True),
+    "hardware": (PROCESS, True),
+    "environment": (PROCESS, True),
+    "results": (PROCESS, True),
+    "resumes": (PROCESS, True),
+    "timing": (PROCESS, True),
+    "lock_sha256": (SEAL, True),
+}
+
+
 def required_fields() -> List[str]:
     """Top-level fields every lockfile has (docs/lockfile.md documents each)."""
-    return ["schema", "run_id", "created_utc", "harness", "config", "config_sha256", "seed",
-            "overrides", "backend", "determinism", "software", "hardware", "environment",
-            "source", "data", "results", "resumes", "lock_sha256"]
+    return [name for name, (_, required) in FIELDS.items() if required]
+
+
+def host_facts(run_id: str, cfg: Dict[str, Any], overrides: List[str], backend_name: str,
+               data_root: Optional[Path], data_files: Dict[str, Any],
+               extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The launcher's part of the lockfile, gathered on the host before the training starts
+    (`extra`: what a backend, a replay or verify hands in)."""
+    from harness.config import config_sha256
+
+    return _checked({
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "created_utc": now_utc(),
+        "harness": {"version": __version__, "source_sha256": harness_source_sha256()},
+        "config": cfg,
+        "config_sha256": config_sha256(cfg),
+        "seed": cfg["seed"],
+        "overrides": list(overrides),
+        "backend": {"name": backend_name},
+        "source": capture_source(Path.cwd()),
+        "data": {"name": (cfg.get("data") or {}).get("name"),
+                 "root": str(data_root) if data_root else None, "files": data_files},
+        **(extra or {}),
+    }, HOST)
+
+
+def complete(host: Dict[str, Any], process: Dict[str, Any]) -> Dict[str, Any]:
+    """The whole lockfile: the host's facts and the training process's (which may extend a
+    host section, as a command run's `script`), checked against FIELDS."""
+    _checked(process, PROCESS, also=("script",))
+    lock = {**host, **process}
+    missing = [name for name in required_fields() if name not in lock and name != "lock_sha256"]
+    if missing:
+        raise ValueError(f"lockfile lacks required field(s) {', '.join(missing)}")
+    return lock
+
+
+def _checked(facts: Dict[str, Any], side: str, also: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Refuse a field the schema does not know, or that the other side writes: a new field
+    is added to FIELDS (and docs/lockfile.md) first."""
+    wrong = [name for name in facts
+             if name not in also and FIELDS.get(name, ("unknown",))[0] != side]
+    if wrong:
+        raise ValueError(f"lockfile field(s) {', '.join(wrong)} are not {side} fields of "
+                         f"lockfile.FIELDS")
+    return facts

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from harness.errors import ConfigError, DataError, RunFailed
 
-OUTPUTS_DIR = "outputs"
+from harness.rundir import OUTPUTS as OUTPUTS_DIR
 TENSOR_FILES = (".pt", ".pth", ".safetensors")
 
 
@@ -260,7 +260,8 @@ def render(report: Dict[str, Any]) -> str:
         if "missing_in" in entry:
             lines.append(f"  {entry['file']}: missing in run {entry['missing_in']}")
             continue
-        line = f"  {entry['file']}: sha256 {entry['sha256'][0][:16]}... vs {entry['sha256'][1][:16]}..."
+        a, b = entry["sha256"]
+        line = f"  {entry['file']}: sha256 {a[:16]}... vs {b[:16]}..."
         tensor = entry.get("tensor")
         if tensor and tensor.get("max_abs_diff") is not None:
             line += f"; first differing tensor {tensor['name']}, max abs difference " \

@@ -14,8 +14,6 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness import __version__, capture, compare, config, gate, lockfile, outputs, rundir
 from harness.errors import Diverged, EnvironmentProblem, ReplayRefused
 
-REPLAY_FILE = "replay.json"
-
 
 def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, Any],
                                                                 Dict[str, Any]]:
@@ -113,19 +111,19 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
               "blocking_differences": [d.to_json() for d in blocking],
               "timing": {"gate_s": round(gate_s, 3), "train_s": round(train_s, 3),
                          "compare_s": round(compare_s, 3)}}
-    rundir.write_json(new_dir / REPLAY_FILE, record)
+    rundir.write_json(new_dir / rundir.REPLAY, record)
     print(compare.render(report), flush=True)
     if report["verdict"] != compare.IDENTICAL and config.is_script(cfg):
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED: "
             f"{', '.join(d['file'] for d in report['differing'])} differ (report in "
-            f"{new_dir / REPLAY_FILE}). The command is not deterministic here: look for "
+            f"{new_dir / rundir.REPLAY}). The command is not deterministic here: look for "
             f"randomness it seeds itself (from the clock, say) or settings it changes "
             f"(`harness runs` lists the warnings).")
     if report["verdict"] != compare.IDENTICAL:
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED at step "
-            f"{report['first_diverging_step']} (report in {new_dir / REPLAY_FILE}). "
+            f"{report['first_diverging_step']} (report in {new_dir / rundir.REPLAY}). "
             f"Run `harness verify {cfg['name']}` here to see whether the config is "
             f"deterministic and which module differs first.")
     return 0

@@ -10,6 +10,10 @@
     model.pt         final weights
     harness.lock     the lockfile, written last, only by a run that finished
     .writer.lock     held (flock) by the one process writing the run, see WriterLock
+    replay.json      a replay's comparison with the run it replays
+    verify.json      `harness verify`'s comparison of its two runs
+    outputs/         a `harness run` command's declared outputs, as it left them
+    .script/         reports of the command's Python processes (harness.injection)
 
 Every file is written atomically (temp file + rename), so a reader never sees half of one.
 """
@@ -39,6 +43,10 @@ WEIGHTS = "model.pt"
 LOCK = "harness.lock"
 CHECKPOINTS = "checkpoints"
 WRITER_LOCK = ".writer.lock"
+REPLAY = "replay.json"
+VERIFY = "verify.json"
+OUTPUTS = "outputs"
+SCRIPT_REPORTS = ".script"
 STATUS_CHECK = "status check"  # the WriterLock purpose of a reader that only looks
 
 

@@ -41,9 +41,9 @@ def summary(run_dir: Path) -> Dict[str, Any]:
     row["warnings"] = (script or {}).get("warnings", [])
     if script:  # a `harness run` command: its outputs stand where the weights do
         row.update(steps=None, weights=(results.get("outputs_sha256") or "")[:12] or None)
-    replay = _read_optional(run_dir / "replay.json")
+    replay = _read_optional(run_dir / rundir.REPLAY)
     row["replay_verdict"] = replay.get("verdict")
-    verify = _read_optional(run_dir / "verify.json")
+    verify = _read_optional(run_dir / rundir.VERIFY)
     row["verify"] = None if not verify else (
         "deterministic" if verify.get("deterministic") else "NOT deterministic")
     return row

@@ -125,8 +125,7 @@ class Runtime:
         finished = time.time()
         det = self.cfg["determinism"]
         first_step = timing.get("first_step_unix") or finished
-        lockfile.write(self.run_dir / rundir.LOCK, {
-            **self.launch["lock"],
+        process = {
             "determinism": {"mode": det["mode"], "seed": self.cfg["seed"],
                             "in_effect": self.in_effect},
             "software": lockfile.capture_software(),
@@ -140,7 +139,9 @@ class Runtime:
                 "train_process_s": round(finished - self.started, 3),
             },
             **(extra or {}),
-        })
+        }
+        lockfile.write(self.run_dir / rundir.LOCK,
+                       lockfile.complete(self.launch["lock"], process))
 
 
 class StopRequest:

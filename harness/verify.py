@@ -20,8 +20,6 @@ from typing import Any, Dict, List, Optional
 from harness import audit, compare, config, lockfile, rundir
 from harness.errors import Diverged, HarnessError, RunFailed
 
-VERIFY_FILE = "verify.json"
-
 
 def prefix_config(name: str, overrides: List[str], config_dir: Optional[Path], steps: int,
                   fingerprint_every: int) -> Dict[str, Any]:
@@ -121,7 +119,7 @@ def verify(name: str, overrides: List[str], config_dir: Optional[Path] = None,
     record = {**report, "deterministic": deterministic, "first_module": first_module,
               "runs": [a_dir.name, b_dir.name], "config": name, "overrides": overrides}
     for run_dir in (a_dir, b_dir):
-        rundir.write_json(run_dir / VERIFY_FILE, record)
+        rundir.write_json(run_dir / rundir.VERIFY, record)
     print(f"runs: {a_dir.name} {b_dir.name}")
     print(compare.render(report))
     print(audit.render(first_module), flush=True)

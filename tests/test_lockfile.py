@@ -19,21 +19,31 @@ def tiny_run(cli, tiny_conf):
     return run_dir_of(done), secrets
 
 
-DOCKER_ONLY = "(docker runs only)"
-COMMAND_ONLY = "(command runs only)"
+CONDITIONAL = re.compile(r"^\((\w+) runs only\)")  # "(docker runs only) ..."
 
 
 def documented_fields(docker_run: bool = False, command_run: bool = False):
-    """Field paths listed in docs/lockfile.md as `| `path` | ...` table rows; rows whose
-    meaning starts with "(docker runs only)" only when `docker_run`; with `command_run`,
-    only the rows marked "(command runs only)"."""
+    """Field paths listed in docs/lockfile.md as `| `path` | ...` table rows. Rows whose
+    meaning starts with "(KIND runs only)" are left out, except "(docker runs only)" ones
+    with `docker_run`; with `command_run`, only the "(command runs only)" rows."""
     text = (ROOT / "docs" / "lockfile.md").read_text()
     rows = re.findall(r"^\| `([a-z0-9_.\[\]]+)` \| *(.*)$", text, flags=re.M)
+    kinds = [(field, (CONDITIONAL.match(meaning) or [None, None])[1]) for field, meaning in rows]
     if command_run:
-        return [field for field, meaning in rows if meaning.startswith(COMMAND_ONLY)]
-    return [field for field, meaning in rows
-            if (docker_run or not meaning.startswith(DOCKER_ONLY))
-            and not meaning.startswith(COMMAND_ONLY)]
+        return [field for field, kind in kinds if kind == "command"]
+    return [field for field, kind in kinds if kind is None or (docker_run and kind == "docker")]
+
+
+def test_every_lockfile_field_is_declared_once_and_documented():
+    """lockfile.FIELDS is the schema: each top-level field documented, each documented one
+    declared, and the required ones are those every lockfile has."""
+    text = (ROOT / "docs" / "lockfile.md").read_text()
+    documented = {field.split(".")[0].split("[")[0]
+                  for field in re.findall(r"^\| `([a-z0-9_.\[\]]+)` \|", text, flags=re.M)}
+    assert documented == set(lockfile.FIELDS)
+    with pytest.raises(ValueError, match="not host fields"):
+        lockfile.host_facts("r", {"seed": 0, "name": "x"}, [], "local", None, {},
+                            {"surprise": 1})
 
 
 def lookup(lock, dotted):
