@@ -200,8 +200,8 @@ def add_submit(sub) -> None:
                         help="Hydra overrides; with -m, sweeps such as seed=0,1,2")
     add_config_dir(submit)
     add_runs_dir(submit)
-    submit.add_argument("--backend", default="slurm", choices=["slurm"],
-                        help="batch backend (default: slurm)")
+    submit.add_argument("--backend", default="slurm", help="batch backend (default: slurm, "
+                        "the one there is)")
     submit.add_argument("-m", "--multirun", action="store_true",
                         help="expand Hydra sweep overrides into one job array")
     add_command_files(submit, "with `-- COMMAND`: ")

@@ -232,20 +232,42 @@ class SlurmBackend(Backend):
         return job_image_facts(cfg)
 
     def launch(self, spec: LaunchSpec) -> SlurmHandle:
-        cfg = spec.cfg
-        slurm = job_image(cfg["backend"]["slurm"], spec.lock)
-        job = sbatch.JobSpec(
-            job_name=f"harness-{cfg['name']}", run_dirs=[spec.run_dir],
-            data_roots=[spec.data_root], env=spec.env, slurm=slurm,
-            device=cfg["trainer"]["device"], python=slurm.get("python") or sys.executable,
-            sandbox=cfg["backend"]["docker"],
-            extra_train_args=list(spec.extra_args), job_env=sbatch.job_environment())
-        script = spec.run_dir / sbatch.SCRIPT_NAME
-        rundir.atomic_write_text(script, sbatch.render(job))
-        job_id = submit_script(script)
-        rundir.write_status(spec.run_dir, "queued", backend="slurm", slurm_job_id=job_id,
-                            slurm_array_task_id=None, slurm_state="PENDING",
-                            slurm_script=str(script), slurm_log=str(spec.run_dir / sbatch.LOG_NAME))
+        job_id = self.submit([spec])
         print(f"harness: submitted Slurm job {job_id}; log {spec.run_dir / sbatch.LOG_NAME}",
               flush=True)
-        return SlurmHandle(spec.run_dir, float(slurm.get("poll_s") or 2.0))
+        poll_s = float(spec.cfg["backend"]["slurm"].get("poll_s") or 2.0)
+        return SlurmHandle(spec.run_dir, poll_s)
+
+    def submit(self, specs: List[LaunchSpec], log_dir: Optional[Path] = None) -> str:
+        """One batch script for prepared runs (several: a job array, sharing the first
+        run's backend, determinism and image), written into each run directory and
+        submitted; each run is marked queued. Returns the job id. A submission that fails
+        leaves every run marked failed, none claiming to be queued."""
+        first = specs[0]
+        slurm = job_image(first.cfg["backend"]["slurm"], first.lock)
+        job = sbatch.JobSpec(
+            job_name=f"harness-{first.cfg['name']}", run_dirs=[s.run_dir for s in specs],
+            data_roots=[s.data_root for s in specs], env=first.env, slurm=slurm,
+            device=first.cfg["trainer"]["device"],
+            python=slurm.get("python") or sys.executable, log_dir=log_dir,
+            sandbox=first.cfg["backend"]["docker"], extra_train_args=list(first.extra_args),
+            job_env=sbatch.job_environment())
+        text = sbatch.render(job)
+        if len(specs) > 1 and log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            rundir.atomic_write_text(spec.run_dir / sbatch.SCRIPT_NAME, text)
+        try:
+            job_id = submit_script(first.run_dir / sbatch.SCRIPT_NAME)
+        except BaseException:
+            for spec in specs:
+                rundir.write_status(spec.run_dir, "failed", backend=self.name,
+                                    reason="submission failed")
+            raise
+        for index, spec in enumerate(specs):
+            rundir.write_status(
+                spec.run_dir, "queued", backend=self.name, submitted_utc=rundir.now_utc(),
+                slurm_job_id=job_id, slurm_array_task_id=index if len(specs) > 1 else None,
+                slurm_state="PENDING", slurm_script=str(spec.run_dir / sbatch.SCRIPT_NAME),
+                slurm_log=str(spec.run_dir / sbatch.LOG_NAME))
+        return job_id
