@@ -130,7 +130,8 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
     print(f"harness: resuming run {run_dir.name} ({backend.name} backend) -> {run_dir}",
           flush=True)
     rundir.write_status(run_dir, "running", backend=backend.name, host_pid=os.getpid(),
-                        resumed_utc=rundir.now_utc(), resumes=previous.get("resumes", 0) + 1)
+                        resumed_utc=rundir.now_utc(), resumes=previous.get("resumes", 0) + 1,
+                        error=None)  # an earlier attempt's error is not this one's
     return _run(run_dir, cfg, backend, data_root, ["--resume"], lock)
 
 
@@ -271,10 +272,5 @@ def finish(run_dir: Path, code: int) -> Path:
 
 
 def _training_error(run_dir: Path) -> Optional[str]:
-    """The last `harness: error:` line the training process printed, without the prefix."""
-    try:
-        lines = (run_dir / rundir.LOG).read_text().splitlines()
-    except OSError:
-        return None
-    errors = [line for line in lines if line.startswith("harness: error: ")]
-    return errors[-1][len("harness: error: "):] if errors else None
+    """What the training process recorded as the reason it stopped (rundir.record_error)."""
+    return (rundir.read_json(run_dir / rundir.STATUS).get("error") or {}).get("message")

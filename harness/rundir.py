@@ -117,6 +117,17 @@ def write_status(run_dir: Path, state: str, **fields: Any) -> Dict[str, Any]:
     return status
 
 
+def record_error(run_dir: Path, message: str, exit_code: int) -> None:
+    """The training process's own account of why it stopped (its launcher, or `harness
+    runs`, reads it here rather than searching the log); the state stays the launcher's."""
+    try:
+        status = read_json(run_dir / STATUS) if (run_dir / STATUS).exists() else {}
+        status["error"] = {"message": message, "exit_code": exit_code, "utc": now_utc()}
+        write_json(run_dir / STATUS, status)
+    except (OSError, ValueError):
+        pass  # no run directory to write to: the message on stderr is all there is
+
+
 def read_status(run_dir: Path, check_writer: bool = True) -> Dict[str, Any]:
     """The run's status. A run marked running whose writer is gone (its launcher was
     killed before it could say so) is recorded as failed, with the reason, when it is

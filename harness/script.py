@@ -68,6 +68,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     if code != 0:
         print(f"harness: error: the command exited with code {code}", file=sys.stderr,
               flush=True)
+        rundir.record_error(run_dir, f"the command exited with code {code}", code)
         return code
     files, warnings = outputs.collect(patterns + recorded_outputs(run_dir, workdir), workdir,
                                       run_dir, before)
@@ -109,9 +110,11 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
                                  stderr=subprocess.STDOUT, start_new_session=True,
                                  preexec_fn=_die_with_parent)
     except (FileNotFoundError, PermissionError) as exc:
-        print(f"harness: error: cannot start the command {argv[0]!r}: {exc.strerror}. Check "
-              f"that it is installed{' in the image' if in_container else ''} and on PATH, "
-              f"or give its path.", file=sys.stderr, flush=True)
+        said = (f"cannot start the command {argv[0]!r}: {exc.strerror}. Check that it is "
+                f"installed{' in the image' if in_container else ''} and on PATH, or give "
+                f"its path.")
+        print(f"harness: error: {said}", file=sys.stderr, flush=True)
+        rundir.record_error(run_dir, said, 127)
         return 127
     rt.stop.forward = lambda signum: _signal(child.pid, signum)
     if rt.stop.signum:  # a stop that came while we were starting it

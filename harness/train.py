@@ -327,6 +327,7 @@ def main(argv: List[str] | None = None) -> int:
                       watch_stdin=args.watch_stdin)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr, flush=True)
+        rundir.record_error(args.run_dir, str(exc), exc.exit_code)
         return exc.exit_code
     if results is None:
         return REQUEUE_EXIT

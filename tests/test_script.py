@@ -172,6 +172,7 @@ def test_failing_command_is_the_runs_exit_code_and_leaves_its_log(project):
     [name] = runs_in(directory)
     status = json.loads((directory / "runs" / name / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == 1
+    assert status["error"]["message"] == "the command exited with code 1"
     assert "something went wrong" in (directory / "runs" / name / "train.log").read_text()
     assert not (directory / "runs" / name / "harness.lock").exists()
 
