@@ -30,11 +30,11 @@ def write_cost(tmp: Path) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from harness import checkpoint, config, determinism
+    from harness import checkpoint, config, determinism, seeding
 
     cfg = config.compose("fashion_mnist", [], config.BUILTIN_CONFIG_DIR)
     determinism.apply(cfg["determinism"])
-    determinism.seed_everything(0)
+    seeding.seed_everything(0)
     model = instantiate(cfg["model"])
     optimizer = instantiate(cfg["optim"], params=model.parameters())
     scheduler = instantiate(cfg["scheduler"], optimizer=optimizer, total_steps=10_000)
@@ -64,7 +64,7 @@ def write_cost(tmp: Path) -> dict:
             "step": i + 1, "epoch": 0, "position": (i + 1) * batch, "config_sha256": "0" * 64,
             "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "resumes": []})
+            "scheduler": scheduler.state_dict(), "rng": seeding.rng_state(), "resumes": []})
         writes.append(time.perf_counter() - started)
     started = time.perf_counter()
     checkpoint.load(path)

@@ -38,10 +38,10 @@ from spread import interleave, paired_ratios, summary
 STEPS = r"""
 import json, sys, time, torch
 from hydra.utils import instantiate
-from harness import config, determinism
+from harness import config, determinism, seeding
 from harness.train import epoch_loader
 cfg = config.validate(json.loads(sys.argv[4]))
-determinism.apply(cfg["determinism"]); determinism.seed_everything(cfg["seed"])
+determinism.apply(cfg["determinism"]); seeding.seed_everything(cfg["seed"])
 dataset = instantiate(cfg["data"]["dataset"], split="train", root=sys.argv[1])
 model = instantiate(cfg["model"])
 optimizer = instantiate(cfg["optim"], params=model.parameters())

@@ -46,11 +46,11 @@ def harness_train(runs: Path, *overrides: str) -> tuple[dict, float]:
 BARE_LOOP = r"""
 import json, sys, time, torch
 from hydra.utils import instantiate
-from harness import config, data, determinism
+from harness import config, data, determinism, seeding
 from harness.train import epoch_loader
 cfg = config.compose("fashion_mnist", sys.argv[2:])
 root, _ = data.prepare(cfg["data"])
-determinism.apply(cfg["determinism"]); determinism.seed_everything(cfg["seed"])
+determinism.apply(cfg["determinism"]); seeding.seed_everything(cfg["seed"])
 dataset = instantiate(cfg["data"]["dataset"], split="train", root=str(root))
 model = instantiate(cfg["model"])
 optimizer = instantiate(cfg["optim"], params=model.parameters())
@@ -150,12 +150,12 @@ def lockfile_capture(repeats: int) -> dict:
 
 
 def sample_seeding(pairs: int, batch: int = 64) -> dict:
-    """What seeding python, numpy and torch per sample (determinism.SeededSamples) costs:
+    """What seeding python, numpy and torch per sample (seeding.SeededSamples) costs:
     a batch fetched through it vs the same batch fetched directly, in interleaved pairs,
     in the main process (so the once-per-batch save/restore of the generators counts)."""
     import torch
 
-    from harness.determinism import SeededSamples
+    from harness.seeding import SeededSamples
 
     image = torch.zeros(1, 28, 28)
 

@@ -17,7 +17,7 @@ from it continues bit for bit as if it had never stopped:
                             load: a damaged file is skipped like a torn one
 
 A sample's randomness is a pure function of (seed, epoch, sample index)
-(determinism.SeededSamples), so DataLoader workers hold no state a resume must restore.
+(seeding.SeededSamples), so DataLoader workers hold no state a resume must restore.
 
 Written atomically (temp file, fsync, rename); the newest `keep` (2) are kept. Loading
 skips a damaged newest checkpoint and falls back to the older one; a checkpoint from
@@ -86,48 +86,6 @@ def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
 
 def facts_sha256(facts: Dict[str, Any]) -> str:
     return canonical_sha256(facts)
-
-
-# ---------------------------------------------------------------- RNG states
-
-
-def rng_state() -> Dict[str, Any]:
-    """Every generator a training step may draw from, in a form torch.load accepts with
-    weights_only=True (tensors and plain Python values only)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        if not torch.cuda.is_available() or torch.cuda.device_count() != len(state["cuda"]):
-            raise CheckpointRefused(
-                f"the checkpoint holds RNG states for {len(state['cuda'])} CUDA device(s) but "
-                f"this process sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
-                f"resume on a node with the same GPUs.")
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------- save / load / validate

@@ -8,7 +8,6 @@ under subcommands; overrides keep Hydra's grammar (`key=value`, `+key=value`, `g
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -19,9 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from harness.digest import canonical_json, canonical_sha256  # noqa: F401 (re-exported)
 from harness.errors import ConfigError
+from harness.seeding import SEED_LIMIT, draw_seed
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
-SEED_LIMIT = 2**32  # numpy seeds must be below this
 
 
 class DeterminismMode(Enum):
@@ -325,7 +324,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
     _check_interpolated_numbers(raw, resolved)
     _choose_device(resolved)
     if resolved["seed"] is None:
-        resolved["seed"] = secrets.randbelow(SEED_LIMIT)
+        resolved["seed"] = draw_seed()
     return resolved
 
 

@@ -1,4 +1,5 @@
-"""Everything that makes a run repeatable bit for bit, with the reason for each pin.
+"""The determinism settings that make a run repeatable bit for bit, with the reason for
+each pin. (The run's seeds and random streams are in harness/seeding.py.)
 
 Two halves: `pinned_environment` is computed by the launcher, because some settings only
 take effect if they are in the environment before the interpreter or the CUDA context
@@ -8,9 +9,7 @@ actually in effect, so the lockfile records facts rather than intentions.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 from typing import Any, Dict
 
 from harness.errors import EnvironmentProblem
@@ -51,18 +50,6 @@ def pinned_environment(det: Dict[str, Any]) -> Dict[str, str]:
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
     }
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator a training step may draw from."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 def apply(det: Dict[str, Any]) -> None:
@@ -159,115 +146,3 @@ def check(det: Dict[str, Any], actual: Dict[str, Any]) -> None:
             "determinism settings are not in effect: " + "; ".join(wrong) +
             ". Launch training through `harness train` (it sets these before the interpreter "
             "starts) rather than running the training module directly.")
-
-
-def worker_init(worker_id: int) -> None:
-    """DataLoader worker set-up: deaf to the preemption signals, and seeded.
-
-    The signals are for the training process, which checkpoints at the next step boundary
-    and then stops its workers itself; a worker killed by a scheduler's SIGTERM (sent to
-    every process of a job) would make the next batch fail instead. Python and numpy are
-    seeded from the worker's torch seed, which the DataLoader derives from its seeded
-    generator (base seed + worker id)."""
-    import signal
-
-    import numpy as np
-    import torch
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def epoch_generator(seed: int, epoch: int):
-    """The generator that orders epoch `epoch`: a pure function of (seed, epoch), so that an
-    epoch can be re-created exactly on resume and does not depend on earlier epochs."""
-    import torch
-
-    generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + epoch) % 2**63)
-    return generator
-
-
-# ---------------------------------------------------------------- per-sample randomness
-
-# Streams keep the training and evaluation samples' randomness apart.
-TRAIN_STREAM, EVAL_STREAM = 0, 1
-
-
-def sample_seed(seed: int, stream: int, epoch: int, index: int) -> int:
-    """A 64-bit seed that is a pure function of (seed, stream, epoch, sample index)."""
-    key = f"{seed}/{stream}/{epoch}/{index}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-
-
-class SeededSamples:
-    """`dataset[i]` with python `random`, numpy's global generator and torch's CPU generator
-    seeded from (seed, stream, epoch, i) right before the sample is built.
-
-    Why: a dataset that augments (random crops, flips, noise) draws from whatever generator
-    state the process it runs in has. In DataLoader workers that state depends on which
-    worker fetched the sample and on how many batches it fetched before, so results changed
-    with `num_workers` and a resumed run (whose workers restart) drew other numbers than the
-    uninterrupted one. Seeding per sample makes each sample's randomness independent of the
-    worker, of `num_workers` and of where a resume started; it costs one seeding per sample
-    (see `make bench`).
-
-    In the training process itself (num_workers=0) the generators' states are saved before a
-    batch and restored after it, so the main process's stream (dropout, say) is the same as
-    when workers build the batches.
-    """
-
-    def __init__(self, dataset, seed: int, epoch: int, stream: int = TRAIN_STREAM):
-        self.dataset, self.seed, self.epoch, self.stream = dataset, seed, epoch, stream
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices):
-        """The DataLoader's batched fetch: one save/restore per batch, one seeding per
-        sample."""
-        import torch
-
-        in_main_process = torch.utils.data.get_worker_info() is None
-        saved = _generator_states() if in_main_process else None
-        try:
-            samples = []
-            for index in indices:
-                _seed_generators(sample_seed(self.seed, self.stream, self.epoch, int(index)))
-                samples.append(self.dataset[index])
-            return samples
-        finally:
-            if saved is not None:
-                _restore_generator_states(saved)
-
-
-def _seed_generators(seed64: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed64)
-    np.random.seed(seed64 & 0xFFFFFFFF)  # the legacy generator takes 32-bit seeds
-    torch.default_generator.manual_seed(seed64)  # CPU only: GPU streams stay untouched
-
-
-def _generator_states():
-    import numpy as np
-    import torch
-
-    return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-
-
-def _restore_generator_states(states) -> None:
-    import numpy as np
-    import torch
-
-    python, numpy, cpu = states
-    random.setstate(python)
-    np.random.set_state(numpy)
-    torch.default_generator.set_state(cpu)

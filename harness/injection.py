@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import importlib.abc
 import itertools
 import json
@@ -146,16 +145,10 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
     _report(at_exit=False)
 
 
-def stream_seed(seed: int, *stream: Any) -> int:
-    """A 63-bit seed that is a pure function of the run's seed and a stream name."""
-    key = "/".join(map(str, (seed, *stream))).encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
 def _patch_dataloader(torch) -> None:
     import inspect
 
-    from harness import determinism
+    from harness import seeding
 
     loader_class = torch.utils.data.DataLoader
     original = loader_class.__init__
@@ -169,11 +162,11 @@ def _patch_dataloader(torch) -> None:
             # From torch's seed when the loader is made: the run's seed, or the script's own
             # torch.manual_seed(...) if it sets one (a sweep over the script's --seed).
             generator = torch.Generator()
-            generator.manual_seed(stream_seed(torch.initial_seed(), "dataloader",
+            generator.manual_seed(seeding.stream_seed(torch.initial_seed(), "dataloader",
                                               next(counter)))
             bound.arguments["generator"] = generator
         if bound.arguments.get("worker_init_fn") is None:
-            bound.arguments["worker_init_fn"] = determinism.worker_init
+            bound.arguments["worker_init_fn"] = seeding.worker_init
         _state["dataloaders"] += 1
         original(*bound.args, **bound.kwargs)
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from harness import checkpoint, determinism, gpu, lockfile, rundir
+from harness import checkpoint, determinism, gpu, lockfile, rundir, seeding
 from harness.backends.local import LAUNCHER_PID_ENV
 from harness.config import load_yaml
 from harness.errors import EnvironmentProblem
@@ -50,17 +50,15 @@ def seed() -> int:
 def generator(stream: str = "default", device: str = "cpu") -> torch.Generator:
     """A torch.Generator seeded from (the run's seed, `stream`): one stream per purpose
     (data order, augmentation, ...) keeps each independent of how much the others draw."""
-    from harness.injection import stream_seed
-
     made = torch.Generator(device=device)
-    made.manual_seed(stream_seed(seed(), "user", stream))
+    made.manual_seed(seeding.stream_seed(seed(), "user", stream))
     return made
 
 
 def worker_init_fn(worker_id: int) -> None:
     """The DataLoader worker set-up `harness run` gives a loader that has none: python and
     numpy seeded from the worker's torch seed; SIGTERM/SIGUSR1 left to the main process."""
-    determinism.worker_init(worker_id)
+    seeding.worker_init(worker_id)
 
 
 def record_output(path) -> None:
@@ -100,7 +98,7 @@ class Runtime:
         det = runtime.cfg["determinism"]
         # Determinism first: nothing may draw a random number before the seeds are set.
         determinism.apply(det)
-        determinism.seed_everything(runtime.cfg["seed"])
+        seeding.seed_everything(runtime.cfg["seed"])
         runtime.in_effect = determinism.audit()
         determinism.check(det, runtime.in_effect)
         if runtime.device.type == "cuda":

@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import audit, checkpoint, determinism, metrics, rundir
+from harness import audit, checkpoint, metrics, rundir, seeding
 from harness.config import is_script, load_yaml
 from harness.digest import tensor_digests, weights_sha256
 from harness.errors import REQUEUE_EXIT, HarnessError
@@ -39,7 +39,7 @@ class EpochOrder(torch.utils.data.Sampler):
     part-way through (used when resuming mid-epoch)."""
 
     def __init__(self, size: int, seed: int, epoch: int, start: int = 0):
-        self.order = torch.randperm(size, generator=determinism.epoch_generator(seed, epoch))
+        self.order = torch.randperm(size, generator=seeding.epoch_generator(seed, epoch))
         self.order = self.order[start:].tolist()
 
     def __iter__(self) -> Iterator[int]:
@@ -52,14 +52,12 @@ class EpochOrder(torch.utils.data.Sampler):
 def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataLoader:
     trainer = cfg["trainer"]
     return DataLoader(
-        determinism.SeededSamples(dataset, cfg["seed"], epoch),
+        seeding.SeededSamples(dataset, cfg["seed"], epoch),
         batch_size=trainer["batch_size"],
         sampler=EpochOrder(len(dataset), cfg["seed"], epoch, start_sample),
         num_workers=trainer["num_workers"],
-        worker_init_fn=determinism.worker_init,
-        # Seeds the workers' base seed; a stream of its own (seed + 1), apart from the
-        # epoch order's generator (seed), so the two never draw the same numbers.
-        generator=determinism.epoch_generator(cfg["seed"] + 1, epoch),
+        worker_init_fn=seeding.worker_init,
+        generator=seeding.worker_generator(cfg["seed"], epoch),
     )
 
 
@@ -178,7 +176,7 @@ def restore(rt: Runtime, model, optimizer, scheduler) -> Progress:
               f"{progress.epoch + 1}, {progress.position} samples of the epoch done", flush=True)
     metrics.truncate(rt.run_dir, progress.step)
     if restored is not None:
-        checkpoint.set_rng_state(restored["rng"])
+        seeding.set_rng_state(restored["rng"])
     return progress
 
 
@@ -229,7 +227,7 @@ def save_checkpoint(rt: Runtime, model, optimizer, scheduler, progress: Progress
         "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler else None,
-        "rng": checkpoint.rng_state(), "resumes": progress.resumes})
+        "rng": seeding.rng_state(), "resumes": progress.resumes})
 
 
 class Bookkeeping:
@@ -278,7 +276,7 @@ class Bookkeeping:
 
 def evaluate(model, dataset, cfg: Dict, device) -> Dict[str, Any]:
     model.eval()
-    samples = determinism.SeededSamples(dataset, cfg["seed"], 0, determinism.EVAL_STREAM)
+    samples = seeding.SeededSamples(dataset, cfg["seed"], 0, seeding.EVAL_STREAM)
     loader = DataLoader(samples, batch_size=cfg["trainer"]["eval_batch_size"], shuffle=False)
     correct, total, loss_sum = 0, 0, 0.0
     with torch.no_grad():
