@@ -55,7 +55,6 @@ def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
     that change floating-point results (library builds, kernels selected for this CPU,
     GPU model and SM count, thread counts and determinism flags in effect). The host name
     and GPU UUIDs are left out: another node of the same kind gives the same bits."""
-    import platform
 
     import torch
 
@@ -69,12 +68,7 @@ def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
                          "sm_count": props.multi_processor_count})
     cpu = lockfile.capture_cpu()
     return {
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),  # a str subclass torch.load(weights_only) refuses
-        "torch_git_version": getattr(torch.version, "git_version", None),
-        "torch_cpu_capability": lockfile.cpu_capability(torch),
-        "cuda_runtime": str(torch.version.cuda) if torch.version.cuda else None,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        **lockfile.math_software(),
         "cpu_architecture": cpu["architecture"],
         "cpu_isa_flags": cpu["isa_flags"],
         "device": device,

@@ -58,19 +58,29 @@ def capture_software() -> Dict[str, Any]:
         if name:
             packages[name.lower()] = dist.version
     return {
-        "python": platform.python_version(),
+        **math_software(),
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
+        "cuda_available": cuda_available,
+        "nccl": _nccl_version(torch),
+        "packages": dict(sorted(packages.items())),
+    }
+
+
+def math_software() -> Dict[str, Any]:
+    """The software facts that decide floating-point results: the lockfile's `software`
+    has them, and a checkpoint carries them (a resume under others would not be exact)."""
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),  # a plain str: torch.load(weights_only) refuses others
         "torch_git_version": getattr(torch.version, "git_version", None),
         "torch_cpu_capability": cpu_capability(torch),
         "cuda_runtime": torch.version.cuda,
-        "cuda_available": cuda_available,
         # The library versions of a CUDA build, read even where no GPU is present (a CUDA
         # image trained on the CPU still records what it holds).
         "cudnn": _cudnn_version(torch),
-        "nccl": _nccl_version(torch),
-        "packages": dict(sorted(packages.items())),
     }
 
 
