@@ -420,6 +420,33 @@ def _positive(text: str) -> int:
     return value
 
 
+def add_doctor(sub) -> None:
+    doctor = sub.add_parser(
+        "doctor", epilog=EPILOG,
+        help="what each determinism setting costs and buys here: a table",
+        description="Train two short prefixes of CONFIG under each determinism setting "
+                    "(strict, warn, off; one thread; CPU kernels pinned) on the local "
+                    "backend, and report throughput, whether the two runs are identical, "
+                    "the nondeterministic operations the model hits (with the module), and "
+                    "the cheapest setting that still reproduces here. Writes "
+                    "RUNS/doctor-<time>.json.")
+    doctor.add_argument("config", help="config name, e.g. fashion_mnist")
+    doctor.add_argument("overrides", nargs="*", help="Hydra overrides, as for train")
+    add_config_dir(doctor)
+    doctor.add_argument("--steps", type=_positive, default=50,
+                        help="steps per run (default 50)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_runs_dir(doctor)
+    doctor.set_defaults(handler=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from harness import doctor
+
+    return doctor.doctor(args.config, args.overrides, args.config_dir, args.runs_dir,
+                         steps=args.steps, as_json=args.json)
+
+
 def add_runs(sub) -> None:
     runs = sub.add_parser("runs", help="table of runs with results and replay verdicts")
     add_runs_dir(runs, help="default: $HARNESS_RUNS or ./runs")
@@ -499,7 +526,7 @@ def cmd_image_lock(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS = (add_train, add_run, add_summary, add_compare, add_submit, add_slurm, add_data,
-               add_lock, add_replay, add_verify, add_runs, add_build, add_image)
+               add_lock, add_replay, add_verify, add_doctor, add_runs, add_build, add_image)
 
 
 def build_parser() -> argparse.ArgumentParser:

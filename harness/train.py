@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import audit, checkpoint, metrics, rundir, seeding
+from harness import audit, checkpoint, metrics, nondeterminism, rundir, seeding
 from harness.config import is_script, load_yaml
 from harness.digest import tensor_digests, weights_sha256
 from harness.errors import REQUEUE_EXIT, HarnessError
@@ -105,6 +105,7 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
     train_set, test_set = datasets(cfg, data_root)
     model = instantiate(cfg["model"]).to(device)
     audit.attach(model, run_dir)  # per-module digests when HARNESS_AUDIT=1 (verify)
+    nondeterminism.watch(model, run_dir)  # which ops warn, when `harness doctor` asks
     optimizer = instantiate(cfg["optim"], params=model.parameters())
     steps_per_epoch, total_steps = planned_steps(cfg["trainer"], len(train_set))
     scheduler = None

@@ -38,15 +38,16 @@ def _parallel(cfg: Dict[str, Any], jobs: Optional[int]) -> bool:
 
 
 def run_twice(cfg: Dict[str, Any], overrides: List[str], runs_dir: Path,
-              parallel: bool) -> List[Path]:
-    """Two audited runs of `cfg`, each launched by its own child process (`python -m
-    harness.verify --launch`: the launcher owns signal handlers, which only the main thread
-    of a process may set). Returns their run directories; raises RunFailed if one fails."""
+              parallel: bool, env_extra: Optional[Dict[str, str]] = None) -> List[Path]:
+    """Two runs of `cfg`, audited unless `env_extra` says otherwise, each launched by its
+    own child process (`python -m harness.verify --launch`: the launcher owns signal
+    handlers, which only the main thread of a process may set). Returns their run
+    directories; raises RunFailed if one fails."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="harness-verify-") as tmp:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps({"config": cfg, "overrides": overrides}))
-        env = {**os.environ, audit.ENV_SWITCH: "1"}
+        env = {**os.environ, audit.ENV_SWITCH: "1", **(env_extra or {})}
         outputs = [open(Path(tmp) / f"launcher-{i}.log", "w+") for i in range(2)]
         processes: List[subprocess.Popen] = []
         try:
