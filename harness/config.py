@@ -110,7 +110,7 @@ class SlurmRuntime(Enum):
 
 @dataclass
 class SlurmConf:
-    """How `harness submit --backend slurm` asks for resources (conf/backend/slurm.yaml)."""
+    """How `harness submit --backend slurm` asks for resources (conf/backend/slurm.yaml extends it)."""
     partition: Optional[str] = None  # None: the cluster's default partition
     time: str = "01:00:00"  # time limit (sbatch --time)
     cpus_per_task: int = 2
@@ -206,6 +206,21 @@ def state_ref(name: str) -> Optional[str]:
 
 
 OmegaConf.register_new_resolver("harness_state_ref", state_ref, replace=True)
+
+
+def register_schemas() -> None:
+    """The typed schemas as Hydra config groups' bases (`<group>/schema`): a group option
+    lists `schema` in its defaults and writes only what it changes, so each default lives
+    once, in the dataclasses above, and every key can be overridden."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, node in (("trainer", TrainerConf), ("determinism", DeterminismConf),
+                        ("backend", BackendConf)):
+        store.store(group=group, name="schema", node=node)
+
+
+register_schemas()
 
 
 def default_image_profile() -> str:
