@@ -191,8 +191,8 @@ def add_submit(sub) -> None:
         description="Prepare run directories here (config, launch facts, data verified), "
                     "render a batch script into each (job.sbatch) and submit it. The job "
                     "trains with the pinned environment, checkpoints on USR1/TERM and is "
-                    "requeued; a restarted job resumes. Options: backend.slurm.* (SlurmConf) "
-                    "(backend.slurm.*).")
+                    "requeued; a restarted job resumes. Options: backend.slurm.* (SlurmConf "
+                    "in harness/config.py).")
     submit.add_argument("config", nargs="?", default=None,
                         help="config name, e.g. mnist or fashion_mnist (with `-- COMMAND`: "
                              "default run)")

@@ -110,7 +110,8 @@ class SlurmRuntime(Enum):
 
 @dataclass
 class SlurmConf:
-    """How `harness submit --backend slurm` asks for resources (conf/backend/slurm.yaml extends it)."""
+    """How `harness submit --backend slurm` asks for resources (conf/backend/slurm.yaml
+    extends it)."""
     partition: Optional[str] = None  # None: the cluster's default partition
     time: str = "01:00:00"  # time limit (sbatch --time)
     cpus_per_task: int = 2

@@ -18,6 +18,15 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def canonical_sha256(data: Any) -> str:
     """sha256 of `data`'s canonical JSON: configs, lockfiles, image content, facts."""
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()

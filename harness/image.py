@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import config, progress
-from harness.digest import canonical_sha256
+from harness.digest import canonical_sha256, file_sha256
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 
 TEMPLATE = "docker/Dockerfile.template"
@@ -51,14 +51,6 @@ def wheelhouse_dir() -> Path:
         return Path(os.environ["HARNESS_WHEELHOUSE"])
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "harness" / "wheelhouse"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def profile_config(profile: Optional[str] = None, config_dir: Optional[Path] = None
@@ -134,7 +126,7 @@ def identity(image: Dict[str, Any]) -> Dict[str, str]:
         "profile": image["profile"],
         "base": image["base"],
         "dockerfile_sha256": hashlib.sha256(dockerfile.encode()).hexdigest(),
-        "requirements_lock_sha256": sha256_file(lock_path),
+        "requirements_lock_sha256": file_sha256(lock_path),
         "harness_source_sha256": source.hexdigest(),
     }
     content = canonical_sha256(parts)
@@ -227,7 +219,7 @@ def _cached_sha256(path: Path) -> str:
             return digest
     except (OSError, ValueError):
         pass
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     memo.parent.mkdir(exist_ok=True)
     memo.write_text(f"{key} {digest}")
     return digest

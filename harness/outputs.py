@@ -17,18 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from harness.digest import file_sha256
 from harness.errors import ConfigError, DataError, RunFailed
 
 from harness.rundir import OUTPUTS as OUTPUTS_DIR
 TENSOR_FILES = (".pt", ".pth", ".safetensors")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_input(path: Path) -> Dict[str, Any]:
