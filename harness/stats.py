@@ -8,24 +8,62 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-# Two-sided 95% critical values of Student's t (0.975 quantile) by degrees of freedom.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
-         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074,
-         23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045,
-         30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-Z_975 = 1.960
-
-
 def t_critical(df: float) -> float:
-    """0.975 quantile of t with `df` degrees of freedom, rounded down to a tabulated df
-    (conservative: a smaller df gives a wider interval)."""
+    """0.975 quantile of Student's t with `df` degrees of freedom (any real df >= 1, as
+    Welch's approximation gives): the two-sided 95 % critical value, exact to 1e-9."""
     if df < 1:
         raise ValueError("degrees of freedom must be >= 1")
-    usable = [d for d in T_975 if d <= math.floor(df)]
-    if math.floor(df) > 120:
-        return Z_975
-    return T_975[max(usable)]
+    return t_quantile(0.975, df)
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p quantile (0.5 <= p < 1) of Student's t: the CDF inverted by bisection."""
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        high *= 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
+        if high - low < 1e-12:
+            break
+    return (low + high) / 2
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for t >= 0: 1 - I_x(df/2, 1/2) / 2 with x = df / (df + t^2)."""
+    return 1.0 - 0.5 * regularized_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, by its continued fraction
+    (modified Lentz), on the side where it converges fast."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(log_front) * _beta_fraction(x, a, b) / a
+    return 1.0 - math.exp(log_front) * _beta_fraction(1 - x, b, a) / b
+
+
+def _beta_fraction(x: float, a: float, b: float) -> float:
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return result
 
 
 @dataclass(frozen=True)

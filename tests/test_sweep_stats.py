@@ -14,9 +14,10 @@ def test_summary_statistics_are_exact():
     assert s.n == 3
     assert s.mean == pytest.approx(0.92, abs=1e-15)
     assert s.std == pytest.approx(0.02, abs=1e-15)
-    half = 4.303 * 0.02 / math.sqrt(3)  # t(0.975, df=2) = 4.303
-    assert s.ci_low == pytest.approx(0.92 - half, abs=1e-15)
-    assert s.ci_high == pytest.approx(0.92 + half, abs=1e-15)
+    t = (2 * 0.975 - 1) / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, df=2), closed form
+    half = t * 0.02 / math.sqrt(3)
+    assert s.ci_low == pytest.approx(0.92 - half, abs=1e-11)
+    assert s.ci_high == pytest.approx(0.92 + half, abs=1e-11)
     single = stats.summarize([0.5])
     assert (single.n, single.mean, single.std, single.ci_low) == (1, 0.5, None, None)
 
@@ -29,18 +30,30 @@ def test_welch_difference_is_exact_and_judged_against_noise():
     df = (2 * var / 4) ** 2 / (2 * (var / 4) ** 2 / 3)  # = 6
     assert d.df == pytest.approx(df) and d.df == pytest.approx(6.0)
     assert d.diff == 2.0
-    assert d.ci_low == pytest.approx(2.0 - 2.447 * se)
-    assert d.ci_high == pytest.approx(2.0 + 2.447 * se)
+    assert d.ci_low == pytest.approx(2.0 - 2.446912 * se)
+    assert d.ci_high == pytest.approx(2.0 + 2.446912 * se)
     assert d.beyond_noise is False  # [-0.23, 4.23] contains 0
     far = stats.compare([1.0, 1.1, 0.9], [5.0, 5.1, 4.9])
     assert far.beyond_noise is True
 
 
-def test_t_critical_is_conservative_between_table_rows():
-    assert stats.t_critical(2) == 4.303
-    assert stats.t_critical(2.9) == 4.303  # rounds df down: wider interval
-    assert stats.t_critical(45) == 2.021
-    assert stats.t_critical(1000) == 1.960
+def test_t_critical_is_exact_for_any_degrees_of_freedom():
+    """Against closed forms (df 1: tan(pi (p - 1/2)); df 2: (2p - 1) / sqrt(2p(1 - p))),
+    published 0.975 quantiles, the normal limit, and Welch's fractional df."""
+    import math
+
+    p = 0.975
+    assert stats.t_critical(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-9)
+    assert stats.t_critical(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+                                                abs=1e-9)
+    published = {3: 3.182446, 5: 2.570582, 10: 2.228139, 30: 2.042272, 45: 2.014103,
+                 120: 1.979930}
+    for df, value in published.items():
+        assert stats.t_critical(df) == pytest.approx(value, abs=1e-6), df
+    assert stats.t_critical(1e7) == pytest.approx(1.959964, abs=1e-6)
+    assert stats.t_critical(2) > stats.t_critical(2.9) > stats.t_critical(3)
+    with pytest.raises(ValueError):
+        stats.t_critical(0.5)
 
 
 def test_sweep_of_three_seeds_is_summarised(cli, tiny_conf):
