@@ -140,7 +140,8 @@ def add_summary(sub) -> None:
         description="Group a sweep's runs by configuration (all overrides but the seed) and "
                     "report n, mean, standard deviation and 95% confidence interval of the "
                     "final metrics; compare configurations with Welch's interval for the "
-                    "difference (is it larger than the seed noise?).")
+                    "difference and P(A>B), the share of seed pairs where one beats the "
+                    "other with a bootstrap interval (is it larger than the seed noise?).")
     summary.add_argument("sweep", help="sweep id (printed by `harness train -m`), prefix or file")
     add_runs_dir(summary)
     summary.add_argument("--json", action="store_true", help="machine-readable output")

@@ -110,3 +110,36 @@ def compare(a: Sequence[float], b: Sequence[float]) -> Difference:
     half = t_critical(df) * se
     low, high = diff - half, diff + half
     return Difference(diff, low, high, df, low > 0 or high < 0)
+
+
+@dataclass(frozen=True)
+class Improvement:
+    p: float  # P(a seed of b does better than a seed of a); ties count half
+    ci_low: float
+    ci_high: float
+    beyond_noise: bool  # the 95% interval excludes 0.5
+
+
+def probability_of_improvement(a: Sequence[float], b: Sequence[float],
+                               higher_is_better: bool = True, resamples: int = 2000,
+                               seed: int = 0) -> Improvement:
+    """P(B > A) over seeds (Bouthillier et al. 2021, "Accounting for variance in machine
+    learning benchmarks"): the share of (seed of A, seed of B) pairs where B's result is
+    better, ties counting half, with a 95% percentile bootstrap interval (resampling each
+    side's seeds; a fixed generator, so the same results always give the same interval).
+    An interval that contains 0.5 means the difference is inside the seed noise."""
+    import random
+
+    def share(xs: Sequence[float], ys: Sequence[float]) -> float:
+        sign = 1.0 if higher_is_better else -1.0
+        wins = sum(1.0 if sign * (y - x) > 0 else 0.5 if y == x else 0.0
+                   for x in xs for y in ys)
+        return wins / (len(xs) * len(ys))
+
+    if not a or not b:
+        raise ValueError("both sides need at least one result")
+    generator = random.Random(seed)
+    boot = sorted(share(generator.choices(a, k=len(a)), generator.choices(b, k=len(b)))
+                  for _ in range(resamples))
+    low, high = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    return Improvement(share(a, b), low, high, low > 0.5 or high < 0.5)

@@ -14,6 +14,7 @@ from harness.errors import ConfigError, HarnessError, RunFailed
 
 SWEEPS = "sweeps"
 METRICS = (("test_accuracy", "accuracy"), ("final_loss", "final loss"))
+HIGHER_IS_BETTER = ("test_accuracy",)  # for the others (a loss) lower is better
 
 
 def expand(overrides: List[str]) -> List[List[str]]:
@@ -127,7 +128,10 @@ def summary(ref: str, runs_dir: Optional[Path]) -> Dict[str, Any]:
     keys = list(groups)
     report["comparisons"] = [
         {"a": keys[0], "b": other,
-         **{m: stats.compare(groups[keys[0]][m], groups[other][m]).__dict__ for m, _ in METRICS}}
+         **{m: stats.compare(groups[keys[0]][m], groups[other][m]).__dict__ for m, _ in METRICS},
+         "p_b_better": {m: stats.probability_of_improvement(
+             groups[keys[0]][m], groups[other][m], higher_is_better=m in HIGHER_IS_BETTER
+         ).__dict__ for m, _ in METRICS}}
         for other in keys[1:]]
     return report
 
@@ -151,4 +155,13 @@ def render(report: Dict[str, Any]) -> str:
             verdict = "larger than seed noise" if d["beyond_noise"] else "within seed noise"
             lines.append(f"  {label:<11} diff {d['diff']:+.4f}  95% CI [{d['ci_low']:+.4f}, "
                          f"{d['ci_high']:+.4f}]  {verdict}")
+        for metric, label in METRICS:
+            p = comp.get("p_b_better", {}).get(metric)
+            if p is None:
+                continue
+            noise = ("beyond the seed noise" if p["beyond_noise"] else
+                     "inside the seed noise (the interval contains 50%)")
+            lines.append(f"  P(better {label}) {p['p']:.0%}  95% CI [{p['ci_low']:.0%}, "
+                         f"{p['ci_high']:.0%}]: a seed of this configuration beats one of "
+                         f"{comp['a']!r} that often; {noise}")
     return "\n".join(lines)

@@ -120,3 +120,29 @@ def test_tensorboard_export_is_readable_by_tensorboard(cli, tiny_conf):
     assert events.Scalars("eval/accuracy")[0].value == pytest.approx(
         read_lock(run_dir)["results"]["test_accuracy"])
     assert "lockfile" in events.Tags()["tensors"] or "lockfile/text_summary" in events.Tags()["tensors"]
+
+
+def test_probability_that_b_beats_a_over_seeds():
+    """Bouthillier et al.'s P(A>B): share of seed pairs, ties half, bootstrap interval."""
+    clear = stats.probability_of_improvement([0.80, 0.81, 0.82], [0.90, 0.91, 0.92])
+    assert (clear.p, clear.ci_low, clear.ci_high, clear.beyond_noise) == (1.0, 1.0, 1.0, True)
+    same = stats.probability_of_improvement([0.80, 0.81, 0.82], [0.80, 0.81, 0.82])
+    assert same.p == 0.5 and same.ci_low < 0.5 < same.ci_high and not same.beyond_noise
+    lower_loss = stats.probability_of_improvement([0.5, 0.6], [0.3, 0.4],
+                                                  higher_is_better=False)
+    assert lower_loss.p == 1.0
+    mixed = stats.probability_of_improvement([1, 3], [2, 4])  # b wins 3 of 4 pairs
+    assert mixed.p == 0.75
+    assert stats.probability_of_improvement([1, 3], [2, 4]) == mixed  # fixed generator
+
+
+def test_summary_says_when_a_difference_is_inside_the_seed_noise():
+    from harness import sweep
+
+    report = {"sweep_id": "s", "configurations": {}, "comparisons": [{
+        "a": "optim.lr=0.1", "b": "optim.lr=0.2",
+        **{m: stats.compare([0.8, 0.82], [0.81, 0.83]).__dict__ for m, _ in sweep.METRICS},
+        "p_b_better": {m: stats.probability_of_improvement([0.8, 0.82], [0.81, 0.83]).__dict__
+                       for m, _ in sweep.METRICS}}]}
+    text = sweep.render(report)
+    assert "P(better accuracy) 75%" in text and "inside the seed noise" in text
