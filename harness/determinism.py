@@ -34,6 +34,11 @@ CPU_ISA: Dict[str, Dict[str, Any]] = {
 CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 
+def cpu_supports(pin: str, flags) -> bool:
+    """Whether a CPU with these ISA flags can run the kernels of pin `pin`."""
+    return set(CPU_ISA[pin]["needs"]) <= set(flags)
+
+
 def pinned_environment(det: Dict[str, Any]) -> Dict[str, str]:
     """Variables the training process must start with."""
     threads = str(det["threads"])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness import audit, compare, config, lockfile, nondeterminism, rundir, verify
-from harness.determinism import CPU_ISA
+from harness.determinism import cpu_supports
 from harness.errors import HarnessError
 
 
@@ -44,8 +44,7 @@ def settings(cfg: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
 def pinnable_isa() -> Optional[str]:
     """The most portable CPU pin this machine can run besides `default`: avx2 where the CPU
     has it (most x86 machines of the last decade), else none."""
-    flags = set(lockfile.capture_cpu()["isa_flags"])
-    return "avx2" if set(CPU_ISA["avx2"]["needs"]) <= flags else None
+    return "avx2" if cpu_supports("avx2", lockfile.capture_cpu()["isa_flags"]) else None
 
 
 def variant(cfg: Dict[str, Any], changes: Dict[str, Any], steps: int) -> Dict[str, Any]:

@@ -203,7 +203,7 @@ def _pinned_isa_decides(lock: Dict[str, Any], locked: Dict[str, Any],
     """A run pinned to a CPU ISA (determinism.cpu_isa) ran the pinned kernels whatever else
     its CPU had: what decides is whether this CPU has the pinned ISA, not its flag list.
     (The capability torch reports stays compared under software.torch_cpu_capability.)"""
-    from harness.determinism import CPU_ISA
+    from harness.determinism import CPU_ISA, cpu_supports
 
     pin = (((lock.get("config") or {}).get("determinism") or {}).get("cpu_isa")) or "native"
     cpus = [(side.get("hardware") or {}).get("cpu") for side in (locked, here)]
@@ -212,7 +212,7 @@ def _pinned_isa_decides(lock: Dict[str, Any], locked: Dict[str, Any],
     flags = cpus[1].pop("isa_flags", None) or []
     cpus[0].pop("isa_flags", None)
     cpus[0]["supports_pinned_isa"] = True
-    cpus[1]["supports_pinned_isa"] = all(f in flags for f in CPU_ISA[pin]["needs"])
+    cpus[1]["supports_pinned_isa"] = cpu_supports(pin, flags)
 
 
 def _unknown_sm_counts_are_not_differences(locked: Dict[str, Any], here: Dict[str, Any]) -> None:

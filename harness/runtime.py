@@ -164,16 +164,21 @@ class StopRequest:
         if launcher_gone():
             # Our stdout is a pipe nobody reads any more: a line written to it would fail
             # (BrokenPipeError) before the checkpoint is written. Write to the log instead.
-            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.dup2(fd, sys.stdout.fileno())
-            os.dup2(fd, sys.stderr.fileno())
-            os.close(fd)
+            output_to_log(self.log_path)
         if self.forward is not None:
             self.forward(signum)
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+def output_to_log(log_path: Path) -> None:
+    """From now on, this process's stdout and stderr append to `log_path` (train.log)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, sys.stdout.fileno())
+    os.dup2(fd, sys.stderr.fileno())
+    os.close(fd)
 
 
 def launcher_gone() -> bool:

@@ -27,7 +27,7 @@ from typing import Any, Dict, List
 from harness import injection, outputs, rundir
 from harness.backends.local import LAUNCHER_PID_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
-from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus
+from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus, output_to_log
 
 INJECT_DIR = Path(__file__).resolve().parent / "inject"
 RESUME_ENV = "HARNESS_RESUME"  # "1" when the command runs again after a preemption
@@ -132,9 +132,7 @@ def _copy_output(stream, log_path: Path) -> None:
             sys.stdout.flush()
         except BrokenPipeError:
             # The launcher died before its SIGTERM reached us: the log takes the rest.
-            log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.dup2(log, sys.stdout.fileno())
-            os.close(log)
+            output_to_log(log_path)
             os.write(sys.stdout.fileno(), chunk)
     stream.close()
 
