@@ -70,6 +70,12 @@ class TrainerConf:
     fingerprint_every: int = 100  # parameter digest every N steps, for divergence reports
     checkpoint_every: int = 1000
     device: str = "auto"  # cpu, cuda, cuda:N, or auto: cuda where NVML sees a GPU, else cpu
+    # Data-parallel training (DistributedDataParallel; docs/distributed.md): devices ranks
+    # on each of `nodes` machines (nodes > 1: backend=slurm). batch_size is per rank.
+    devices: int = 1
+    nodes: int = 1
+    bucket_cap_mb: int = 25  # DDP gradient bucket size: decides what is reduced together
+    collective_timeout_s: int = 300  # a collective waiting longer (a peer is gone) fails
 
 
 @dataclass
@@ -354,7 +360,8 @@ def _first_line(exc: Exception) -> str:
 def _check_ranges(cfg: Dict[str, Any]) -> None:
     minimums = {"epochs": 1, "max_steps": 1, "batch_size": 1, "eval_batch_size": 1,
                 "num_workers": 0, "train_limit": 1, "eval_limit": 1, "log_every": 1,
-                "fingerprint_every": 1, "checkpoint_every": 1}
+                "fingerprint_every": 1, "checkpoint_every": 1, "devices": 1, "nodes": 1,
+                "bucket_cap_mb": 1, "collective_timeout_s": 1}
     rules = [(f"trainer.{key}", value, minimums[key])
              for key, value in cfg["trainer"].items() if key in minimums]
     rules += [

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import (audit, backends, config, data, gate, gpu, lockfile,
+from harness import (audit, backends, config, data, distributed, gate, gpu, lockfile,
                      progress, rundir, tracking)
 from harness.determinism import pinned_environment
 from harness.errors import (REQUEUE_EXIT, CheckpointRefused, ConfigError, DataError,
@@ -59,6 +59,7 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     raises RunFailed (with the log path) when training did not succeed."""
     launched = time.time()
     backend = backends.get(cfg["backend"]["name"], cfg)
+    distributed.check_world(cfg, backend.name)
     if str(cfg["trainer"]["device"]).startswith("cuda"):
         gpu.require_gpus(backend.name)  # before any data, image or run directory
     # Data (or a command's inputs) is located and verified before anything is written: a
@@ -161,7 +162,7 @@ def _resume_backend(name: str) -> str:
 
 def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
          extra_args: List[str], lock: rundir.WriterLock) -> Path:
-    env = pinned_environment(cfg["determinism"])
+    env = {**pinned_environment(cfg["determinism"]), **distributed.pinned_environment(cfg)}
     if os.environ.get(audit.ENV_SWITCH):  # `harness verify`'s module audit, on any backend
         env[audit.ENV_SWITCH] = os.environ[audit.ENV_SWITCH]
     interval = progress.live_interval()

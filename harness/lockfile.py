@@ -320,6 +320,7 @@ FIELDS: Dict[str, Tuple[str, bool]] = {
     "results": (PROCESS, True),
     "resumes": (PROCESS, True),
     "timing": (PROCESS, True),
+    "distributed": (PROCESS, False),  # a data-parallel run: its world and ranks
     "lock_sha256": (SEAL, True),
 }
 

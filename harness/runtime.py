@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from harness import checkpoint, determinism, gpu, lockfile, rundir, seeding
+from harness import checkpoint, determinism, distributed, gpu, lockfile, rundir, seeding
 from harness.backends.local import LAUNCHER_PID_ENV
 from harness.config import load_yaml
 from harness.errors import EnvironmentProblem
@@ -90,6 +90,8 @@ class Runtime:
         self.launch: Dict[str, Any] = rundir.read_json(self.run_dir / rundir.LAUNCH)
         self.in_effect: Dict[str, Any] = {}
         self._checkpoint_facts: Optional[Dict[str, Any]] = None
+        self.rank = distributed.SINGLE  # which data-parallel rank this process is
+        self.ranks: List[Dict[str, Any]] = []  # every rank's host and device (lockfile)
         self.device = torch.device(self.cfg["trainer"]["device"])
 
     @classmethod
@@ -101,9 +103,32 @@ class Runtime:
         seeding.seed_everything(runtime.cfg["seed"])
         runtime.in_effect = determinism.audit()
         determinism.check(det, runtime.in_effect)
+        rank = distributed.this_rank(distributed.world_size(runtime.cfg),
+                                     int(runtime.cfg["trainer"].get("devices", 1)))
+        if rank is None:
+            raise EnvironmentProblem(
+                "this run has several ranks (trainer.devices × trainer.nodes > 1) but this "
+                "process was started without a rank: start it with `harness train`, which "
+                "starts every rank.")
+        if rank.distributed:
+            runtime.join_ranks(rank)
         if runtime.device.type == "cuda":
             confirm_gpus(runtime.device)
         return runtime
+
+    def join_ranks(self, rank: "distributed.Rank") -> None:
+        """As rank `rank` of a data-parallel run: take this rank's device and join the
+        others (the process group), learning where each of them runs."""
+        trainer = self.cfg["trainer"]
+        self.rank = rank
+        self.device = torch.device(distributed.rank_device(trainer["device"], rank))
+        distributed.init(rank, str(self.device), trainer["collective_timeout_s"])
+        self.ranks = distributed.all_gather(distributed.describe(rank, str(self.device)), rank)
+
+    def say(self, text: str) -> None:
+        """A line for the log, from rank 0 only (every rank would say the same)."""
+        if self.rank.is_main:
+            print(text, flush=True)
 
     @property
     def stop_requested(self) -> Optional[str]:
@@ -138,8 +163,23 @@ class Runtime:
             },
             **(extra or {}),
         }
+        if self.rank.distributed:
+            process["distributed"] = self.distributed_facts()
         lockfile.write(self.run_dir / rundir.LOCK,
                        lockfile.complete(self.launch["lock"], process))
+
+
+    def distributed_facts(self) -> Dict[str, Any]:
+        """The lockfile's `distributed` section: the world, the collective settings, and
+        where each rank ran."""
+        trainer = self.cfg["trainer"]
+        return {"world_size": self.rank.world_size, "nodes": trainer["nodes"],
+                "devices_per_node": trainer["devices"],
+                "backend": distributed.collective_backend(trainer["device"]),
+                "bucket_cap_mb": trainer["bucket_cap_mb"],
+                "collective_env": {name: os.environ.get(name)
+                                   for name in distributed.COLLECTIVE_ENV},
+                "ranks": self.ranks}
 
 
 class StopRequest:

@@ -24,38 +24,50 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import audit, checkpoint, metrics, nondeterminism, rundir, seeding
+from harness import (audit, checkpoint, distributed, metrics, nondeterminism, rundir,
+                     seeding)
 from harness.config import is_script, load_yaml
 from harness.digest import tensor_digests, weights_sha256
-from harness.errors import REQUEUE_EXIT, HarnessError
+from harness.errors import REQUEUE_EXIT, CheckpointRefused, HarnessError
 from harness.progress import INTERVAL_ENV
 from harness.runtime import Runtime
 
 # ---------------------------------------------------------------- data order
 
 
-class EpochOrder(torch.utils.data.Sampler):
-    """The sample order of one epoch, a pure function of (seed, epoch), optionally starting
-    part-way through (used when resuming mid-epoch)."""
+class EpochShards(torch.utils.data.Sampler):
+    """This rank's batches of one epoch, from sample `start` of the epoch on (a resume
+    mid-epoch). The epoch's order is a pure function of (seed, epoch). Each step takes the
+    next world × batch_size samples of it (the global batch) and splits them evenly over
+    the ranks in rank order; a last global batch smaller than the world is dropped (a rank
+    with no sample would have nothing to reduce). With one rank: batches of batch_size."""
 
-    def __init__(self, size: int, seed: int, epoch: int, start: int = 0):
-        self.order = torch.randperm(size, generator=seeding.epoch_generator(seed, epoch))
-        self.order = self.order[start:].tolist()
+    def __init__(self, size: int, seed: int, epoch: int, batch_size: int,
+                 rank: int = 0, world: int = 1, start: int = 0):
+        order = torch.randperm(size, generator=seeding.epoch_generator(seed, epoch)).tolist()
+        self.batches: List[List[int]] = []
+        self.global_sizes: List[int] = []  # samples each step consumes over all ranks
+        for first in range(start, size, batch_size * world):
+            chunk = order[first:first + batch_size * world]
+            if len(chunk) < world:
+                break
+            base, extra = divmod(len(chunk), world)
+            begin = rank * base + min(rank, extra)
+            self.batches.append(chunk[begin:begin + base + (rank < extra)])
+            self.global_sizes.append(len(chunk))
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order)
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.batches)
 
 
-def epoch_loader(dataset, cfg: Dict, epoch: int, start_sample: int = 0) -> DataLoader:
-    trainer = cfg["trainer"]
+def epoch_loader(dataset, cfg: Dict, epoch: int, shards: EpochShards) -> DataLoader:
     return DataLoader(
         seeding.SeededSamples(dataset, cfg["seed"], epoch),
-        batch_size=trainer["batch_size"],
-        sampler=EpochOrder(len(dataset), cfg["seed"], epoch, start_sample),
-        num_workers=trainer["num_workers"],
+        batch_sampler=shards,
+        num_workers=cfg["trainer"]["num_workers"],
         worker_init_fn=seeding.worker_init,
         generator=seeding.worker_generator(cfg["seed"], epoch),
     )
@@ -75,9 +87,10 @@ def datasets(cfg: Dict, data_root: str | None):
                     trainer["eval_limit"]))
 
 
-def planned_steps(trainer: Dict, samples: int) -> Tuple[int, int]:
+def planned_steps(trainer: Dict, samples: int, world: int = 1) -> Tuple[int, int]:
     """(steps per epoch, total steps): all epochs, or trainer.max_steps if fewer."""
-    per_epoch = -(-samples // trainer["batch_size"])
+    global_batch = trainer["batch_size"] * world
+    per_epoch = samples // global_batch + (samples % global_batch >= world)
     total = trainer["epochs"] * per_epoch
     return per_epoch, min(total, trainer["max_steps"]) if trainer["max_steps"] else total
 
@@ -99,21 +112,28 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
         watch_stdin: bool = False) -> Dict[str, Any] | None:
     """Train the run; returns its results, or None when a stop signal made it checkpoint
     and stop early (the caller exits with REQUEUE_EXIT)."""
-    rt = Runtime.start(run_dir, watch_stdin)  # signals, determinism, seeds, device
-    cfg, device, det = rt.cfg, rt.device, rt.cfg["determinism"]
+    rt = Runtime.start(run_dir, watch_stdin)  # signals, determinism, seeds, device, ranks
+    cfg, device, det, rank = rt.cfg, rt.device, rt.cfg["determinism"], rt.rank
 
     train_set, test_set = datasets(cfg, data_root)
     model = instantiate(cfg["model"]).to(device)
     audit.attach(model, run_dir)  # per-module digests when HARNESS_AUDIT=1 (verify)
     nondeterminism.watch(model, run_dir)  # which ops warn, when `harness doctor` asks
     optimizer = instantiate(cfg["optim"], params=model.parameters())
-    steps_per_epoch, total_steps = planned_steps(cfg["trainer"], len(train_set))
+    # Data-parallel: every rank built the same model from the same seed; from here on each
+    # rank draws (dropout) from a stream of its own.
+    if rank.distributed:
+        seeding.seed_everything(seeding.stream_seed(cfg["seed"], "rank", rank.rank))
+    ddp = distributed.wrap_model(model, rank, str(device), cfg["trainer"]["bucket_cap_mb"])
+    steps_per_epoch, total_steps = planned_steps(cfg["trainer"], len(train_set),
+                                                 rank.world_size)
     scheduler = None
     if cfg.get("scheduler"):
         scheduler = instantiate(cfg["scheduler"], optimizer=optimizer, total_steps=total_steps)
-    print(f"harness: training {cfg['name']} seed={cfg['seed']} on {device} "
-          f"({len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"determinism={det['mode']}, threads={det['threads']})", flush=True)
+    ranks = f", {rank.world_size} ranks" if rank.distributed else ""
+    rt.say(f"harness: training {cfg['name']} seed={cfg['seed']} on {device}{ranks} "
+           f"({len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+           f"determinism={det['mode']}, threads={det['threads']})")
 
     # A restarted Slurm job (requeued after preemption) resumes by itself.
     resume = resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
@@ -121,10 +141,14 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
 
     book = Bookkeeping(rt, total_steps, progress.step)
     loop_start = time.time()
-    if not train_epochs(rt, model, optimizer, scheduler, train_set, total_steps, progress,
-                        book):
-        return None
+    finished = train_epochs(rt, ddp, optimizer, scheduler, train_set, total_steps,
+                            progress, book)
     loop_end = time.time()
+    distributed.finish()  # the ranks' last collective: nothing below needs the others
+    if not finished:
+        return None
+    if not rank.is_main:  # rank 0 evaluates, saves the weights and writes the lockfile
+        return {}
 
     evaluation = evaluate(model, test_set, cfg, device)
     book.metrics.write({"kind": "eval", "step": progress.step, **evaluation})
@@ -156,14 +180,11 @@ def restore(rt: Runtime, model, optimizer, scheduler) -> Progress:
     """Load the newest intact checkpoint of the run (or start from step 0 without one);
     cut metrics.jsonl back to its step. The RNG states are restored last, so that nothing
     drawn while building the model and data changes them."""
-    restored, path, notes = checkpoint.newest_valid(
-        rt.run_dir, rt.launch["config_sha256"], rt.checkpoint_facts())
-    for note in notes:
-        print(f"harness: {note}", flush=True)
+    restored, path = pick_checkpoint(rt)
     progress = Progress()
     if restored is None:
-        print(f"harness: resume: no intact checkpoint in {rt.run_dir / rundir.CHECKPOINTS}; "
-              f"starting again from step 0", flush=True)
+        rt.say(f"harness: resume: no intact checkpoint in {rt.run_dir / rundir.CHECKPOINTS}; "
+               f"starting again from step 0")
     else:
         model.load_state_dict(restored["model"])
         optimizer.load_state_dict(restored["optimizer"])
@@ -173,19 +194,46 @@ def restore(rt: Runtime, model, optimizer, scheduler) -> Progress:
                             [*restored["resumes"], {"from_step": restored["step"],
                                                     "checkpoint": path.name,
                                                     "state_sha256": restored["state_sha256"]}])
-        print(f"harness: resuming from {path.name}: step {progress.step}, epoch "
-              f"{progress.epoch + 1}, {progress.position} samples of the epoch done", flush=True)
-    metrics.truncate(rt.run_dir, progress.step)
+        rt.say(f"harness: resuming from {path.name}: step {progress.step}, epoch "
+               f"{progress.epoch + 1}, {progress.position} samples of the epoch done")
+    if rt.rank.is_main:
+        metrics.truncate(rt.run_dir, progress.step)
     if restored is not None:
-        seeding.set_rng_state(restored["rng"])
+        rngs = restored.get("rank_rngs") or [restored["rng"]]
+        seeding.set_rng_state(rngs[rt.rank.rank])
     return progress
+
+
+def pick_checkpoint(rt: Runtime):
+    """(state, path) of the checkpoint to resume from, or (None, None). Rank 0 picks it
+    (skipping damaged ones, refusing another config's or environment's) and every rank
+    loads that one file, so all resume from the same step."""
+    restored, path = None, None
+    if rt.rank.is_main:
+        restored, path, notes = checkpoint.newest_valid(
+            rt.run_dir, rt.launch["config_sha256"], rt.checkpoint_facts())
+        for note in notes:
+            rt.say(f"harness: {note}")
+        written_by = restored.get("world_size", 1) if restored else rt.rank.world_size
+        if written_by != rt.rank.world_size:
+            raise CheckpointRefused(
+                f"checkpoint {path} was written by {written_by} rank(s), but this run has "
+                f"{rt.rank.world_size}: every rank's RNG state and data shard depend on the "
+                f"world size, so it cannot resume bit for bit. Resume with the world it was "
+                f"written with (trainer.devices × trainer.nodes = {written_by}).")
+    path = distributed.broadcast_from_main(path, rt.rank)
+    if path is not None and restored is None:
+        restored = checkpoint.load(path)
+    return restored, path
 
 
 def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_steps: int,
                  progress: Progress, book: "Bookkeeping") -> bool:
     """The training loop, from `progress` on. False when a stop signal made it write a
     checkpoint and stop early."""
-    cfg, device = rt.cfg, rt.device
+    cfg, device, rank = rt.cfg, rt.device, rt.rank
+    agreement = distributed.StepAgreement(rank, str(device))
+    bare_model = getattr(model, "module", model)  # what is saved (without the DDP wrapper)
     start_epoch = progress.epoch
     model.train()
     for epoch in range(start_epoch, cfg["trainer"]["epochs"]):
@@ -193,27 +241,34 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
         if progress.step >= total_steps:
             break
         position = progress.position if epoch == start_epoch else 0
-        for images, labels in epoch_loader(train_set, cfg, epoch, position):
+        shards = EpochShards(len(train_set), cfg["seed"], epoch, cfg["trainer"]["batch_size"],
+                             rank.rank, rank.world_size, position)
+        loader = epoch_loader(train_set, cfg, epoch, shards)
+        for (images, labels), global_batch in zip(loader, shards.global_sizes):
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = torch.nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
+            loss.backward()  # data-parallel: gradients are averaged over the ranks here
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             progress.step += 1
-            progress.position = position = position + len(labels)
-            progress.final_loss = loss.item()
+            progress.position = position = position + global_batch
             with book.stopwatch:  # the harness's own work per step: timing.harness_s
-                book.record(progress, model)
-                stopping = rt.stop_requested is not None and progress.step < total_steps
+                # The loss over all ranks, and whether any rank was asked to stop: every
+                # rank then checkpoints after this same step.
+                progress.final_loss, stop = agreement.after_step(
+                    loss.item(), len(labels), rt.stop_requested is not None)
+                book.record(progress, bare_model)
+                stopping = stop and progress.step < total_steps
                 if stopping or book.checkpoint_due(progress.step):
-                    saved = save_checkpoint(rt, model, optimizer, scheduler, progress)
+                    saved = save_checkpoint(rt, bare_model, optimizer, scheduler, progress)
             if stopping:
-                book.metrics.close()
-                print(f"harness: {rt.stop_requested} received: checkpoint {saved.name} written "
-                      f"at step {progress.step}; exiting with code {REQUEUE_EXIT} (preempted, "
-                      f"resume with --resume)", flush=True)
+                book.close()
+                why = rt.stop_requested or "a stop signal (to another rank)"
+                rt.say(f"harness: {why} received: checkpoint {saved.name} written at step "
+                       f"{progress.step}; exiting with code {REQUEUE_EXIT} (preempted, resume "
+                       f"with --resume)")
                 return False
             if progress.step >= total_steps:
                 break
@@ -221,14 +276,24 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
 
 
 def save_checkpoint(rt: Runtime, model, optimizer, scheduler, progress: Progress) -> Path:
-    facts = rt.checkpoint_facts()
-    return checkpoint.save(rt.run_dir, {
-        "step": progress.step, "epoch": progress.epoch, "position": progress.position,
-        "config_sha256": rt.launch["config_sha256"],
-        "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler else None,
-        "rng": seeding.rng_state(), "resumes": progress.resumes})
+    """One file for all ranks, written by rank 0: the model and optimizer (the same on every
+    rank) and every rank's RNG state. The other ranks wait until it is written."""
+    rngs = distributed.gather_to_main(seeding.rng_state(), rt.rank)
+    path = checkpoint.path_for(rt.run_dir, progress.step)
+    if rt.rank.is_main:
+        facts = rt.checkpoint_facts()
+        state = {
+            "step": progress.step, "epoch": progress.epoch, "position": progress.position,
+            "config_sha256": rt.launch["config_sha256"],
+            "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "rng": rngs[0], "resumes": progress.resumes}
+        if rt.rank.distributed:
+            state.update(world_size=rt.rank.world_size, rank_rngs=rngs)
+        path = checkpoint.save(rt.run_dir, state)
+    distributed.barrier()
+    return path
 
 
 class Bookkeeping:
@@ -237,7 +302,9 @@ class Bookkeeping:
 
     def __init__(self, rt: Runtime, total_steps: int, start_step: int):
         self.trainer, self.total_steps = rt.cfg["trainer"], total_steps
-        self.metrics = metrics.Writer(rt.run_dir)
+        # Rank 0 keeps the books of a data-parallel run; the other ranks only time steps.
+        self.main = rt.rank.is_main
+        self.metrics = metrics.Writer(rt.run_dir) if self.main else None
         self.stopwatch = Stopwatch()
         self.first_step_at: Optional[float] = None
         self.tick, self.tick_step = time.time(), start_step
@@ -245,14 +312,16 @@ class Bookkeeping:
         self.last_report = self.tick
 
     def record(self, progress: Progress, model) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        if not self.main:
+            return
         step, loss = progress.step, progress.final_loss
         record = {"kind": "train", "step": step, "epoch": progress.epoch, "loss": loss,
                   "loss_hex": loss.hex()}
         if step % self.trainer["fingerprint_every"] == 0 or step == self.total_steps:
             record["params"] = tensor_digests(model.state_dict())
         self.metrics.write(record)
-        if self.first_step_at is None:
-            self.first_step_at = time.time()
         self.report(progress)
 
     def report(self, progress: Progress) -> None:
@@ -270,6 +339,10 @@ class Bookkeeping:
         self.last_report = time.time()
         if logged:
             self.tick, self.tick_step = self.last_report, step
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
 
     def checkpoint_due(self, step: int) -> bool:
         return step % self.trainer["checkpoint_every"] == 0 and step < self.total_steps
@@ -318,10 +391,14 @@ def main(argv: List[str] | None = None) -> int:
                         help="checkpoint and stop when stdin ends (the launcher is gone)")
     args = parser.parse_args(argv)
     try:
-        if is_script(load_yaml(args.run_dir / rundir.CONFIG)):
+        cfg = load_yaml(args.run_dir / rundir.CONFIG)
+        if is_script(cfg):
             from harness import script  # the user's own command (`harness run`)
 
             return script.run(args.run_dir, resume=args.resume, watch_stdin=args.watch_stdin)
+        if distributed.this_rank(distributed.world_size(cfg), cfg["trainer"]["devices"]) is None:
+            return start_ranks(args.run_dir, argv if argv is not None else sys.argv[1:],
+                               cfg, args.watch_stdin)
         results = run(args.run_dir, args.data_root, resume=args.resume,
                       watch_stdin=args.watch_stdin)
     except HarnessError as exc:
@@ -330,9 +407,38 @@ def main(argv: List[str] | None = None) -> int:
         return exc.exit_code
     if results is None:
         return REQUEUE_EXIT
-    print(f"weights sha256 {results['weights_sha256']}", flush=True)
+    if results:  # rank 0 (the other ranks of a data-parallel run have none)
+        print(f"weights sha256 {results['weights_sha256']}", flush=True)
     return 0
 
 
+def start_ranks(run_dir: Path, argv: List[str], cfg: Dict, watch_stdin: bool) -> int:
+    """The first process of a data-parallel run on one machine: start its ranks (each runs
+    this module again, as RANK=N) and wait for them."""
+    from harness.backends.local import LAUNCHER_PID_ENV
+    from harness.runtime import stop_when_launcher_dies
+
+    if cfg["trainer"]["nodes"] > 1:
+        raise HarnessError(f"trainer.nodes={cfg['trainer']['nodes']}: a run across nodes is "
+                           f"started by Slurm (`harness submit`), one task per rank.")
+    code, failure = distributed.launch_ranks(
+        argv, cfg["trainer"]["devices"], run_dir / rundir.LOG, LAUNCHER_PID_ENV,
+        lambda: stop_when_launcher_dies(watch_stdin))
+    already_said = (rundir.read_json(run_dir / rundir.STATUS).get("error")
+                    if (run_dir / rundir.STATUS).exists() else None)
+    if failure and not already_said:  # a rank's own account (e.g. a refused checkpoint) wins
+        rundir.record_error(run_dir, failure, code)
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        exit_code = main()
+    except SystemExit as exc:  # argparse
+        exit_code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: B036 -- a rank must still end (exit_process), not hang
+        import traceback
+
+        traceback.print_exc()
+        exit_code = 1
+    distributed.exit_process(exit_code)

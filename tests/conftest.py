@@ -173,11 +173,12 @@ def harness(ctx, *args, check_rc=None):
     return done
 
 
-def start_and_interrupt(ctx, args: list, sig: int, at_step: int, group: bool = True):
+def start_and_interrupt(ctx, args: list, sig: int, at_step: int, group: bool = True,
+                        send=None):
     """Start `harness train` in its own process group, wait until metrics.jsonl has
     `at_step` steps, send `sig` to the whole group (launcher, training, DataLoader
-    workers), or with group=False to the launcher alone. `args` are harness's arguments
-    (`train CONFIG overrides...`).
+    workers), or with group=False to the launcher alone, or call `send(run_dir)` instead.
+    `args` are harness's arguments (`train CONFIG overrides...`).
     Returns (run_dir, exit code, output)."""
     before = set(ctx["runs"].iterdir()) if ctx["runs"].exists() else set()
     process = subprocess.Popen(
@@ -196,7 +197,9 @@ def start_and_interrupt(ctx, args: list, sig: int, at_step: int, group: bool = T
                 run_dir = new[0]
                 metrics = run_dir / "metrics.jsonl"
                 if metrics.exists() and metrics.read_text().count("\n") >= at_step:
-                    if group:
+                    if send is not None:
+                        send(run_dir)
+                    elif group:
                         os.killpg(process.pid, sig)
                     else:
                         process.send_signal(sig)

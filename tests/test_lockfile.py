@@ -22,15 +22,17 @@ def tiny_run(cli, tiny_conf):
 CONDITIONAL = re.compile(r"^\((\w+) runs only\)")  # "(docker runs only) ..."
 
 
-def documented_fields(docker_run: bool = False, command_run: bool = False):
+def documented_fields(docker_run: bool = False, command_run: bool = False,
+                      only: str = ""):
     """Field paths listed in docs/lockfile.md as `| `path` | ...` table rows. Rows whose
     meaning starts with "(KIND runs only)" are left out, except "(docker runs only)" ones
-    with `docker_run`; with `command_run`, only the "(command runs only)" rows."""
+    with `docker_run`; with `command_run` (or `only=KIND`), only the "(KIND runs only)"
+    rows."""
     text = (ROOT / "docs" / "lockfile.md").read_text()
     rows = re.findall(r"^\| `([a-z0-9_.\[\]]+)` \| *(.*)$", text, flags=re.M)
     kinds = [(field, (CONDITIONAL.match(meaning) or [None, None])[1]) for field, meaning in rows]
-    if command_run:
-        return [field for field, kind in kinds if kind == "command"]
+    if command_run or only:
+        return [field for field, kind in kinds if kind == (only or "command")]
     return [field for field, kind in kinds if kind is None or (docker_run and kind == "docker")]
 
 

@@ -1,0 +1,398 @@
+"""Data-parallel training: which rank a process is, how the ranks of a run start, agree on
+when to stop, and stop together.
+
+A run has trainer.nodes × trainer.devices ranks (the world). Each rank is one training
+process running `python -m harness.train RUN_DIR`, inside the same runtime as a
+single-process run (harness.runtime). Ranks learn who they are from torchrun's variables:
+
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT
+
+set either by the rank launcher below (`launch_ranks`: one node, local and docker backends)
+or derived from Slurm's own (`srun`, one task per rank: SLURM_PROCID, SLURM_LOCALID,
+SLURM_NODEID). Slurm numbers tasks in the order of the job's node list, so node ranks are
+pinned to it (c10d's rendezvous would hand them out in arrival order, pytorch#137402).
+
+What keeps the ranks bit for bit:
+- every step's global batch and each rank's share of it are pure functions of
+  (seed, epoch, step) (harness.train.EpochShards);
+- a stop signal reaches ranks at different steps: they agree on it with one all-reduce per
+  step (`StepAgreement`), so every rank checkpoints after the same step;
+- rank 0 writes one checkpoint holding every rank's RNG state, so a kill during the write
+  never leaves a mixed-step set;
+- a rank that dies makes the launcher kill the others at once (a rank blocked in a
+  collective would otherwise wait for the collective timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
+
+RANK_SOURCE_ENV = "HARNESS_RANKS"  # "slurm": this process is one `srun` task per rank
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT")
+# How long ranks that agreed to stop (exit 75) may take to finish their checkpoint
+# before the launcher kills them.
+STOP_GRACE_S = 120.0
+
+
+# Settings that decide the reduction order of collectives (recorded per run).
+COLLECTIVE_ENV = ("NCCL_ALGO", "NCCL_PROTO")
+
+
+def world_size(cfg: Dict[str, Any]) -> int:
+    trainer = cfg["trainer"]
+    return int(trainer.get("devices", 1)) * int(trainer.get("nodes", 1))
+
+
+def check_world(cfg: Dict[str, Any], backend_name: str) -> None:
+    """Refuse a world the backend cannot run, before anything is written."""
+    trainer = cfg["trainer"]
+    if world_size(cfg) > 1 and ":" in str(trainer["device"]):
+        raise ConfigError(f"trainer.device={trainer['device']} names one GPU, but "
+                          f"trainer.devices={trainer['devices']} ranks each need their own: "
+                          f"use trainer.device=cuda (rank N of a node uses cuda:N).")
+    if int(trainer["nodes"]) > 1 and backend_name != "slurm":
+        raise ConfigError(f"trainer.nodes={trainer['nodes']} needs backend=slurm: the "
+                          f"{backend_name} backend runs on this one machine. Use "
+                          f"trainer.nodes=1 trainer.devices=N here, or submit it to Slurm.")
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def environment(self) -> Dict[str, str]:
+        """torchrun's variables for this rank."""
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
+                "LOCAL_RANK": str(self.local_rank),
+                "LOCAL_WORLD_SIZE": str(self.local_world_size),
+                "NODE_RANK": str(self.node_rank), "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port)}
+
+
+SINGLE = Rank()
+
+
+def this_rank(world: int, devices: int,
+              environ: Optional[Dict[str, str]] = None) -> Optional[Rank]:
+    """Which rank this process is: SINGLE for a one-process run; None for the first
+    process of a data-parallel run on one machine (it must start the ranks); else the rank
+    its environment names. Raises EnvironmentProblem when that environment disagrees with
+    the config's world."""
+    env = os.environ if environ is None else environ
+    if world == 1:
+        return SINGLE
+    if env.get(RANK_SOURCE_ENV) == "slurm":
+        rank = Rank(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+                    local_rank=int(env["SLURM_LOCALID"]), local_world_size=devices,
+                    node_rank=int(env["SLURM_NODEID"]), master_addr=env["MASTER_ADDR"],
+                    master_port=int(env["MASTER_PORT"]))
+    elif "RANK" in env:
+        missing = [name for name in TORCHRUN_VARS[:2] + TORCHRUN_VARS[-2:] if name not in env]
+        if missing:
+            raise EnvironmentProblem(f"RANK is set but {', '.join(missing)} not: start the "
+                                     f"ranks with `harness train` (or torchrun), which sets "
+                                     f"all of {', '.join(TORCHRUN_VARS)}.")
+        rank = Rank(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                    local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", devices)),
+                    node_rank=int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))),
+                    master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]))
+    else:
+        return None
+    if rank.world_size != world:
+        raise EnvironmentProblem(
+            f"this process is rank {rank.rank} of {rank.world_size}, but the run's config "
+            f"asks for trainer.nodes × trainer.devices = {world} ranks. Start it with as many "
+            f"processes (Slurm: --ntasks={world}) or change the config.")
+    return rank
+
+
+def rank_device(device: str, rank: Rank) -> str:
+    """A rank's device: on CUDA, the GPU of its local rank (cuda:LOCAL_RANK)."""
+    if rank.distributed and device.startswith("cuda"):
+        return f"cuda:{rank.local_rank}"
+    return device
+
+
+def collective_backend(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def pinned_environment(cfg: Dict[str, Any]) -> Dict[str, str]:
+    """Variables that decide the reduction order of collectives, pinned in strict mode
+    (as Megatron's deterministic mode does): NCCL picks its algorithm and protocol by
+    message size and topology, and a different pick sums in another order."""
+    if world_size(cfg) == 1 or cfg["determinism"]["mode"] != "strict" \
+            or not str(cfg["trainer"]["device"]).startswith("cuda"):
+        return {}
+    return {"NCCL_ALGO": "Ring", "NCCL_PROTO": "Simple"}
+
+
+# ---------------------------------------------------------------- inside a rank
+
+
+def init(rank: Rank, device: str, timeout_s: float) -> None:
+    """Join the run's process group. A collective that waits longer than `timeout_s`
+    (a peer died) fails instead of hanging."""
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(rank.local_rank)
+    dist.init_process_group(
+        backend=collective_backend(device), rank=rank.rank, world_size=rank.world_size,
+        init_method=f"tcp://{rank.master_addr}:{rank.master_port}",
+        timeout=timedelta(seconds=timeout_s))
+
+
+def finish() -> None:
+    """Wait until every rank got here: none is still in a collective, so none can be left
+    waiting for this one. (The group is left by ending the process: exit_process.)"""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_to_main(value: Any, rank: Rank) -> Optional[List[Any]]:
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere)."""
+    if not rank.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: Optional[List[Any]] = [None] * rank.world_size if rank.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def all_gather(value: Any, rank: Rank) -> List[Any]:
+    if not rank.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: List[Any] = [None] * rank.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_from_main(value: Any, rank: Rank) -> Any:
+    if not rank.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StepAgreement:
+    """After each step: the global mean loss, and whether any rank was asked to stop, in
+    one all-reduce (float64, summed over ranks in a fixed order by gloo/NCCL)."""
+
+    def __init__(self, rank: Rank, device: str):
+        self.rank, self.device = rank, device
+
+    def after_step(self, loss: float, samples: int, stop: bool):
+        """(mean loss over the global batch, stop?)."""
+        if not self.rank.distributed:
+            return loss, stop
+        import torch
+        import torch.distributed as dist
+
+        values = torch.tensor([loss * samples, float(samples), float(stop)],
+                              dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        total, count, stops = values.tolist()
+        return total / count, stops > 0
+
+
+# Objects that hold the process group, kept until the rank process ends (`exit_process`).
+# Freeing DDP's reducer frees the group, whose destructor joins gloo's worker threads while
+# holding the GIL; a worker still freeing a finished collective (its tensors) waits for the
+# GIL: a deadlock at the end of the run (2 of the first 6 two-rank runs here hung).
+_HELD: List[Any] = []
+
+
+def wrap_model(model, rank: Rank, device: str, bucket_cap_mb: int):
+    """DistributedDataParallel with the configured bucket size (it decides which gradients
+    are reduced together)."""
+    if not rank.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [rank.local_rank] if device.startswith("cuda") else None
+    wrapped = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_cap_mb)
+    _HELD.append(wrapped)
+    return wrapped
+
+
+def exit_process(code: int) -> None:
+    """End a training process with `code`. A rank of a data-parallel run ends without
+    running destructors (see _HELD), once everything it wrote is flushed."""
+    if not _HELD:
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def describe(rank: Rank, device: str) -> Dict[str, Any]:
+    """This rank's line of the lockfile's `distributed.ranks`."""
+    facts: Dict[str, Any] = {"rank": rank.rank, "node_rank": rank.node_rank,
+                             "local_rank": rank.local_rank, "host": socket.gethostname(),
+                             "device": device}
+    if device.startswith("cuda"):
+        import torch
+
+        facts["gpu_uuid"] = str(torch.cuda.get_device_properties(rank.local_rank).uuid)
+    return facts
+
+
+# ---------------------------------------------------------------- the rank launcher
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env: str,
+                 watch_launcher: Callable[[], None]) -> Tuple[int, str]:
+    """Start `devices` ranks of `python -m harness.train ARGV` on this machine and wait for
+    them; returns the run's exit code. SIGTERM/SIGUSR1 are passed to every rank (they agree
+    on a step, checkpoint and exit 75); a rank that fails makes the others be killed at once;
+    their output is passed through, with a `[rank N]` prefix for ranks above 0. Returns
+    (exit code, why the run failed or "")."""
+    processes: List[subprocess.Popen] = []
+    group = RankGroup(processes, log_path)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda s, f: group.signal(s))
+    watch_launcher()  # our launcher dying is a stop signal too (runtime.py)
+    port = free_port()
+    ranks = [Rank(rank=i, world_size=devices, local_rank=i, local_world_size=devices,
+                  master_addr="127.0.0.1", master_port=port) for i in range(devices)]
+    child_argv = [a for a in argv if a != "--watch-stdin"]  # children watch us instead
+    for rank in ranks:
+        env = {**os.environ, **rank.environment(), launcher_pid_env: str(os.getpid())}
+        group.add(subprocess.Popen(
+            [sys.executable, "-u", "-m", "harness.train", *child_argv], env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    code = group.wait()
+    return code, group.failure
+
+
+class RankGroup:
+    """The rank processes of one machine: output passed through, failures contained."""
+
+    def __init__(self, processes: List[subprocess.Popen], log_path: Path):
+        self.processes, self.log_path = processes, log_path
+        self.lock = threading.Lock()
+        self.readers: List[threading.Thread] = []
+        self.failure = ""  # why the run failed, once a rank did
+
+    def add(self, process: subprocess.Popen) -> None:
+        reader = threading.Thread(target=self._pass_output,
+                                  args=(len(self.processes), process), daemon=True)
+        self.processes.append(process)
+        self.readers.append(reader)
+        reader.start()
+
+    def _pass_output(self, index: int, process: subprocess.Popen) -> None:
+        prefix = f"[rank {index}] ".encode() if index else b""
+        for line in process.stdout:
+            self.write(prefix + line)
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            try:
+                os.write(sys.stdout.fileno(), data)
+            except BrokenPipeError:  # our reader is gone: keep the lines in the log
+                with open(self.log_path, "ab") as log:
+                    log.write(data)
+
+    def say(self, text: str) -> None:
+        self.write(f"harness: {text}\n".encode())
+
+    def signal(self, signum: int) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    def wait(self) -> int:
+        stopping_since: Optional[float] = None
+        while True:
+            codes = [p.poll() for p in self.processes]
+            if any(c not in (None, 0, REQUEUE_EXIT) for c in codes):
+                return self._contain()
+            if all(c is not None for c in codes):
+                break
+            if REQUEUE_EXIT in codes:  # ranks that agreed to stop finish their checkpoint
+                stopping_since = stopping_since or time.monotonic()
+                if time.monotonic() - stopping_since > STOP_GRACE_S:
+                    self.say(f"ranks still running {STOP_GRACE_S:.0f} s after the others "
+                             f"stopped; killing them")
+                    return self._contain()
+            time.sleep(0.05)
+        self._drain()
+        return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
+
+    def _contain(self) -> int:
+        """A rank failed: kill the others now (they may be blocked in a collective, waiting
+        for it); report the rank whose end explains the others' and return its exit code."""
+        ended = {i: p.returncode for i, p in enumerate(self.processes) if p.poll() is not None}
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            process.wait()
+        self._drain()
+        # A rank killed by a signal first (its peers then fail on a closed connection),
+        # then one that stopped on a harness error (exit codes 2-6), then the first.
+        failed = [(i, c) for i, c in ended.items() if c not in (0, REQUEUE_EXIT)] or \
+            [(i, 1) for i in range(len(self.processes)) if i not in ended]
+        index, code = min(failed, key=lambda item: (item[1] >= 0, item[1] == 1, item[0]))
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
+            f"exited with code {code}"
+        self.failure = f"rank {index} {how}; the other ranks were stopped"
+        self.say(self.failure)
+        return code if code > 0 else 1
+
+    def _drain(self) -> None:
+        for reader in self.readers:
+            reader.join(timeout=5)

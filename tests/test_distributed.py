@@ -1,0 +1,134 @@
+"""Data-parallel training on this machine: 2 ranks on CPU (gloo), through the real CLI.
+
+Two 2-rank runs give identical weights; a rank killed mid-epoch stops the whole run at once
+and a resume ends bit for bit where the uninterrupted run ends; a preemption signal makes
+every rank checkpoint after the same step; replay proves the run IDENTICAL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import harness, loss_bits, make_context, read_lock, run_dir_of, start_and_interrupt
+from test_lockfile import documented_fields, lookup
+
+pytestmark = pytest.mark.slow
+
+REQUEUE_EXIT = 75
+# 2 ranks × 16 samples = 32 per step: 8 steps per epoch of the 256 tiny samples, 3 epochs;
+# checkpoints every 5 steps fall mid-epoch; dropout draws from each rank's own stream.
+OVERRIDES = ["trainer.devices=2", "trainer.batch_size=16", "trainer.epochs=3",
+             "trainer.checkpoint_every=5", "determinism.threads=1", "model.channels=[8,16]",
+             "model.hidden=32", "+scheduler=onecycle"]
+TRAIN = ["train", "tiny", *OVERRIDES]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The context and the uninterrupted reference run."""
+    ctx = make_context(tmp_path_factory.mktemp("ddp"))
+    ctx["reference"] = run_dir_of(harness(ctx, *TRAIN, check_rc=0))
+    return ctx
+
+
+def assert_same_as_reference(ctx, run_dir: Path) -> None:
+    reference = ctx["reference"]
+    assert read_lock(run_dir)["results"]["weights_sha256"] == \
+        read_lock(reference)["results"]["weights_sha256"]
+    assert len(loss_bits(run_dir)) == 24
+    assert (run_dir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+
+
+def rank_pid(run_dir: Path, rank: int) -> int:
+    """The pid of rank `rank` of the run (a `python -m harness.train RUN_DIR` with RANK=N)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no process of rank {rank} for {run_dir}")
+
+
+def test_two_ranks_repeat_bit_for_bit_and_replay_is_identical(setup):
+    reference = setup["reference"]
+    lock = read_lock(reference)
+    ranks = lock["distributed"]["ranks"]
+    assert lock["distributed"]["world_size"] == 2 and lock["distributed"]["backend"] == "gloo"
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["device"] == "cpu" for r in ranks)
+    assert lock["results"]["steps"] == 24  # 256 samples / (2 ranks × 16) × 3 epochs
+    for field in documented_fields(only="distributed"):
+        lookup(lock, field)  # fails naming the documented field the lockfile lacks
+    again = run_dir_of(harness(setup, *TRAIN, check_rc=0))
+    assert_same_as_reference(setup, again)
+    done = subprocess.run([sys.executable, "-m", "harness", "replay", str(reference)],
+                          cwd=setup["base"], env=setup["env"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "IDENTICAL" in done.stdout, done.stdout + done.stderr
+
+
+def test_rank_killed_mid_epoch_stops_the_run_and_resume_is_exact(setup):
+    killed_at = {}
+
+    def kill_rank_1(run_dir):
+        killed_at["time"] = time.monotonic()
+        os.kill(rank_pid(run_dir, 1), signal.SIGKILL)
+
+    run_dir, code, output = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=11,
+                                                send=kill_rank_1)
+    stopped_in = time.monotonic() - killed_at["time"]
+    assert code == 1, output
+    assert stopped_in < 30, f"the run took {stopped_in:.0f} s to stop after a rank died"
+    assert "rank 1 was killed by SIGKILL" in output
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed"
+    assert "rank 1 was killed by SIGKILL" in status["error"]["message"]
+    assert not (run_dir / "harness.lock").exists()
+    done = harness(setup, "train", "--resume", run_dir.name, check_rc=0)
+    assert "resuming from step-0000001" in done.stdout  # step 10: mid-epoch 2
+    assert_same_as_reference(setup, run_dir)
+
+
+def test_preemption_checkpoints_every_rank_at_one_step_and_resumes_exactly(setup):
+    # SIGTERM to the launcher alone: it passes it on; ranks agree on a step.
+    run_dir, code, output = start_and_interrupt(setup, TRAIN, signal.SIGTERM, at_step=7,
+                                                group=False)
+    assert code == REQUEUE_EXIT, output
+    stopped_at = len(loss_bits(run_dir))
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    assert saved[-1] == f"step-{stopped_at:08d}.pt"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
+    harness(setup, "train", "--resume", run_dir.name, check_rc=0)
+    assert_same_as_reference(setup, run_dir)
+    assert read_lock(run_dir)["resumes"][0]["from_step"] == stopped_at
+
+
+def test_resume_with_another_world_size_is_refused_naming_both(setup):
+    run_dir, code, _ = start_and_interrupt(setup, TRAIN, signal.SIGTERM, at_step=3, group=False)
+    assert code == REQUEUE_EXIT
+    done = harness(setup, "train", "tiny", *OVERRIDES, "trainer.devices=1",
+                   "--resume", run_dir.name, check_rc=6)
+    assert "trainer.devices: run 2, given 1" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.nodes=2", "trainer.nodes=2 needs backend=slurm"),
+    ("trainer.devices=0", "trainer.devices=0; it must be >= 1"),
+])
+def test_a_world_the_backend_cannot_run_is_refused_before_anything_is_written(
+        setup, override, message):
+    before = set(setup["runs"].iterdir())
+    done = harness(setup, "train", "tiny", override, check_rc=2)
+    assert message in done.stderr, done.stderr
+    assert set(setup["runs"].iterdir()) == before
