@@ -63,6 +63,12 @@ def check_world(cfg: Dict[str, Any], backend_name: str) -> None:
         raise ConfigError(f"trainer.device={trainer['device']} names one GPU, but "
                           f"trainer.devices={trainer['devices']} ranks each need their own: "
                           f"use trainer.device=cuda (rank N of a node uses cuda:N).")
+    runtime = str(cfg["backend"]["slurm"]["runtime"])
+    if world_size(cfg) > 1 and backend_name == "slurm" and runtime != "none":
+        raise ConfigError(f"a data-parallel job (trainer.devices × trainer.nodes = "
+                          f"{world_size(cfg)}) runs with backend.slurm.runtime=none for now "
+                          f"(the harness venv on a shared filesystem); runtime={runtime} is "
+                          f"not available for it yet.")
     if int(trainer["nodes"]) > 1 and backend_name != "slurm":
         raise ConfigError(f"trainer.nodes={trainer['nodes']} needs backend=slurm: the "
                           f"{backend_name} backend runs on this one machine. Use "

@@ -21,12 +21,14 @@ from typing import Dict, List, Mapping, Optional
 
 from harness import __version__
 
+from harness.distributed import RANK_SOURCE_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError
 from harness.sandbox import DATA_MOUNT, RUN_MOUNT, docker_cli_flags
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
 RUNTIMES = ("none", "docker", "apptainer", "pyxis")
 SCRIPT_NAME = "job.sbatch"
+RENDEZVOUS_PORT_BASE = 29500  # + job id % 10000: two jobs on one node use two ports
 LOG_NAME = "slurm.out"
 # Slurm variables the training reads (SLURM_RESTART_COUNT: resume) and records.
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
@@ -59,6 +61,12 @@ class JobSpec:
     # backend.docker of the config: the container sandbox (harness/sandbox.py)
     sandbox: Dict = field(default_factory=lambda: {"network": "none", "shm_size": "1g"})
     job_env: Dict[str, str] = field(default_factory=dict)  # job_environment(): JOB_ENV values
+    devices: int = 1  # trainer.devices: ranks per node (one srun task each)
+    nodes: int = 1  # trainer.nodes
+
+    @property
+    def world(self) -> int:
+        return self.devices * self.nodes
 
 
 def job_environment(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
@@ -71,9 +79,10 @@ def q(value) -> str:
 
 
 def gpus_wanted(spec: JobSpec) -> int:
+    """GPUs per node: backend.slurm.gpus, or one per rank of a CUDA run."""
     gpus = int(spec.slurm.get("gpus") or 0)
     if spec.device.startswith("cuda") and gpus == 0:
-        gpus = 1
+        gpus = spec.devices
     return gpus
 
 
@@ -82,8 +91,9 @@ def sbatch_options(spec: JobSpec) -> List[str]:
     options = [f"--job-name={spec.job_name}"]
     if slurm.get("partition"):
         options.append(f"--partition={slurm['partition']}")
-    options += [f"--time={slurm['time']}", "--nodes=1", "--ntasks=1",
-                f"--cpus-per-task={slurm['cpus_per_task']}"]
+    tasks = ["--nodes=1", "--ntasks=1"] if spec.world == 1 else \
+        [f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.devices}"]  # a task per rank
+    options += [f"--time={slurm['time']}", *tasks, f"--cpus-per-task={slurm['cpus_per_task']}"]
     if slurm.get("mem"):
         options.append(f"--mem={slurm['mem']}")
     gpus = gpus_wanted(spec)
@@ -126,7 +136,19 @@ def train_command(spec: JobSpec) -> str:
     extra = "".join(f" {q(a)}" for a in spec.extra_train_args)
     if runtime == "none":
         data = ' --data-root "$DATA_ROOT"' if has_data else ""
-        return f'{q(spec.python)} -u -m harness.train "$RUN_DIR"{data}{extra}'
+        train = f'{q(spec.python)} -u -m harness.train "$RUN_DIR"{data}{extra}'
+        if spec.world == 1:
+            return train
+        # One task per rank; a task that fails ends the step (-K), not a hang.
+        return " \\\n    ".join([
+            f"srun --kill-on-bad-exit=1 --distribution=block --nodes={spec.nodes} "
+            f"--ntasks-per-node={spec.devices}"
+            f" --cpus-per-task={spec.slurm['cpus_per_task']}",
+            f"--export=ALL,{RANK_SOURCE_ENV}=slurm", train])
+    if spec.world > 1:
+        raise ConfigError(f"a data-parallel job (trainer.devices × trainer.nodes = "
+                          f"{spec.world}) runs with backend.slurm.runtime=none for now; "
+                          f"runtime={runtime} is not available for it yet.")
     image = spec.slurm.get("image")
     if not image or "@sha256:" not in image:
         raise ConfigError(
@@ -187,6 +209,18 @@ def exports(spec: JobSpec) -> str:
     return "\n".join(lines)
 
 
+def rendezvous(spec: JobSpec) -> str:
+    """A data-parallel job's rendezvous: rank 0 runs on the first node of the job's node
+    list (Slurm numbers tasks in that order), on a port derived from the job id."""
+    if spec.world == 1:
+        return ""
+    return "\n".join([
+        f"# Data-parallel: {spec.world} ranks, one srun task each; rank = SLURM_PROCID, in "
+        f"node list order.",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f"export MASTER_PORT=$(({RENDEZVOUS_PORT_BASE} + SLURM_JOB_ID % 10000))"])
+
+
 def render(spec: JobSpec) -> str:
     if not spec.run_dirs or len(spec.run_dirs) != len(spec.data_roots):
         raise ValueError("one data root per run directory")
@@ -204,6 +238,8 @@ def render(spec: JobSpec) -> str:
         "EXPORTS": exports(spec),
         "COMMAND": train_command(spec),
     }
+    rendezvous_lines = rendezvous(spec)
+    text = text.replace("@RENDEZVOUS@\n", rendezvous_lines + "\n" if rendezvous_lines else "")
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
     return text

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from harness import backends, config, data, launch, rundir, sbatch, sweep
+from harness import backends, config, data, distributed, launch, rundir, sbatch, sweep
 from harness.backends import slurm as slurm_backend
 from harness.backends.base import LaunchSpec
 from harness.determinism import pinned_environment
@@ -69,7 +69,13 @@ def compose_all(name: str, combos: List[List[str]], backend: str,
     elif config.is_script(cfgs[0]):
         raise ConfigError(f"config '{name}' runs a command: give it after `--` "
                           f"(harness submit {name} -- python train.py).")
+    for cfg in cfgs:
+        distributed.check_world(cfg, backend)
     for cfg in cfgs[1:]:
+        if distributed.world_size(cfg) != distributed.world_size(cfgs[0]):
+            raise ConfigError("a job array shares one batch script: the sweep must not "
+                              "change trainer.devices or trainer.nodes (submit those "
+                              "separately)")
         for key in ("backend", "determinism", "image"):
             if cfg[key] != cfgs[0][key]:
                 raise ConfigError(f"a job array shares one batch script: the sweep must not "
@@ -87,7 +93,8 @@ def prepare_all(cfgs: List[Dict[str, Any]], combos: List[List[str]], batch,
     scripts = [{"script": launch.script_facts(cfg, batch.name)} if config.is_script(cfg)
                else {} for cfg in cfgs]
     image_facts = batch.lock_facts(cfgs[0])  # one image for the whole array
-    env = pinned_environment(cfgs[0]["determinism"])
+    env = {**pinned_environment(cfgs[0]["determinism"]),
+           **distributed.pinned_environment(cfgs[0])}
     specs = []
     for cfg, combo, (data_root, data_files), script in zip(cfgs, combos, prepared, scripts):
         run_dir = rundir.create(runs_dir, cfg["name"])

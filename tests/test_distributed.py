@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import harness, loss_bits, make_context, read_lock, run_dir_of, start_and_interrupt
+from conftest import (harness, loss_bits, make_context, read_lock, require, run_dir_of,
+                      start_and_interrupt)
 from test_lockfile import documented_fields, lookup
 
 pytestmark = pytest.mark.slow
@@ -132,3 +133,44 @@ def test_a_world_the_backend_cannot_run_is_refused_before_anything_is_written(
     done = harness(setup, "train", "tiny", override, check_rc=2)
     assert message in done.stderr, done.stderr
     assert set(setup["runs"].iterdir()) == before
+
+
+# ---------------------------------------------------------------- Slurm: one task per rank
+
+SLURM = [*OVERRIDES, "backend.slurm.cpus_per_task=1"]  # 2 tasks on the 2-CPU test node
+
+
+@pytest.fixture(scope="module")
+def cluster(setup):
+    from test_slurm import slurm_up
+
+    require(slurm_up(), "Slurm is not running here (make slurm-env)")
+    return setup
+
+
+@pytest.mark.slurm
+def test_two_task_slurm_job_gives_the_local_two_rank_weights(cluster):
+    done = harness(cluster, "submit", "tiny", *SLURM, "--wait", check_rc=0)
+    run_dir = run_dir_of(done)
+    assert_same_as_reference(cluster, run_dir)
+    script = (run_dir / "job.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "srun --kill-on-bad-exit=1" in script
+    ranks = read_lock(run_dir)["distributed"]["ranks"]
+    assert [(r["rank"], r["node_rank"], r["local_rank"]) for r in ranks] == [(0, 0, 0),
+                                                                              (1, 0, 1)]
+
+
+@pytest.mark.slurm
+def test_requeued_two_task_job_resumes_every_rank_exactly(cluster):
+    from test_slurm import status_of, wait_for_steps
+
+    run_dir = run_dir_of(harness(cluster, "submit", "tiny", *SLURM, check_rc=0))
+    job_id = status_of(run_dir)["slurm_job_id"]
+    wait_for_steps(run_dir, 9)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)  # a preempting job
+    done = harness(cluster, "slurm", "status", run_dir.name, "--wait", check_rc=0)
+    assert "succeeded" in done.stdout
+    log = (run_dir / "slurm.out").read_text()
+    assert "exiting with code 75" in log and "harness: resuming from step-" in log, log
+    assert status_of(run_dir)["slurm_restarts"] >= 1
+    assert_same_as_reference(cluster, run_dir)

@@ -60,6 +60,8 @@ CASES = {
     "docker-gpu": dict(gpus=1, gpu_type="h100", image=CUDA_IMAGE),
     "apptainer-gpu": dict(gpus=1, gpu_type="h100", image=CUDA_IMAGE),
     "pyxis-gpu": dict(gpus=2, gpu_type="h200", constraint="ib", image=CUDA_IMAGE),
+    # Data-parallel: 2 nodes × 2 GPUs, one srun task per rank.
+    "none-ddp": dict(gpu_type="h100"),
 }
 
 
@@ -72,6 +74,8 @@ def test_rendered_sbatch_script_matches_golden(case):
         spec.run_dirs = [Path(f"/shared/runs/RUN-{c}") for c in "ABC"]
         spec.data_roots = [Path("/shared/data/mnist")] * 3
         spec.log_dir = Path("/shared/runs/.slurm")
+    if case == "none-ddp":
+        spec.device, spec.devices, spec.nodes = "cuda", 2, 2
     text = sbatch.render(spec)
     path = GOLDEN / f"sbatch-{case}.sh"
     if UPDATE or not path.exists():

@@ -251,7 +251,8 @@ class SlurmBackend(Backend):
             device=first.cfg["trainer"]["device"],
             python=slurm.get("python") or sys.executable, log_dir=log_dir,
             sandbox=first.cfg["backend"]["docker"], extra_train_args=list(first.extra_args),
-            job_env=sbatch.job_environment())
+            job_env=sbatch.job_environment(), devices=first.cfg["trainer"].get("devices", 1),
+            nodes=first.cfg["trainer"].get("nodes", 1))
         text = sbatch.render(job)
         if len(specs) > 1 and log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ REQUEUE_EXIT=@REQUEUE_EXIT@
 @REDIRECT@
 # Pinned before the interpreter starts (harness/determinism.py says why each one).
 @EXPORTS@
+@RENDEZVOUS@
 
 say() { echo "harness-job: $(date -u +%Y-%m-%dT%H:%M:%SZ) $*"; }
 say "job ${SLURM_JOB_ID:-?} task ${SLURM_ARRAY_TASK_ID:-none} restart ${SLURM_RESTART_COUNT:-0} on $(hostname): $RUN_DIR"
