@@ -102,6 +102,11 @@ def add_run(sub) -> None:
                      help="config name (default: run, the bundled config for commands)")
     run.add_argument("overrides", nargs="*",
                      help="Hydra overrides, e.g. seed=3 backend=docker determinism=warn")
+    run.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="start N processes of COMMAND on this machine, each with torchrun's "
+                          "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (for a "
+                          "script that calls init_process_group itself); if one fails, the "
+                          "others are stopped (command.nproc)")
     add_command_files(run, "")
     add_config_dir(run)
     add_runs_dir(run)
@@ -119,6 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.command_argv:
         raise ConfigError(f"nothing to run after `--`: {usage}")
     name, overrides = _config_and_overrides(args.config, args.overrides, default="run")
+    if args.nproc is not None:
+        overrides.append(f"command.nproc={args.nproc}")
     launch.run_command(name, overrides, args.command_argv, args.input, args.output,
                        args.config_dir, args.runs_dir)
     return 0

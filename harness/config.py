@@ -174,6 +174,10 @@ class CommandConf:
     # Seed and pin every Python process of the command (harness/inject/sitecustomize.py);
     # false leaves the command's processes alone (the pinned environment stays).
     inject: bool = True
+    # Processes to start (--nproc): each with torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
+    # LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, for a script that calls
+    # init_process_group itself.
+    nproc: int = 1
 
 
 @dataclass
@@ -379,6 +383,9 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
     if cfg["determinism"]["cpu_isa"] not in ("native", *CPU_ISA):
         raise ConfigError(f"invalid config: determinism.cpu_isa={cfg['determinism']['cpu_isa']}; "
                           f"use native or one of {', '.join(CPU_ISA)}.")
+    if (cfg.get("command") or {}).get("nproc", 1) < 1:
+        raise ConfigError(f"invalid config: command.nproc={cfg['command']['nproc']}; it must "
+                          f"be >= 1.")
     if (cfg["determinism"]["pythonhashseed"] or 0) > 4294967295:
         raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
 

@@ -69,7 +69,7 @@ def check_world(cfg: Dict[str, Any], backend_name: str) -> None:
                           f"{world_size(cfg)}) runs with backend.slurm.runtime=none for now "
                           f"(the harness venv on a shared filesystem); runtime={runtime} is "
                           f"not available for it yet.")
-    if int(trainer["nodes"]) > 1 and backend_name != "slurm":
+    if int(trainer.get("nodes", 1)) > 1 and backend_name != "slurm":
         raise ConfigError(f"trainer.nodes={trainer['nodes']} needs backend=slurm: the "
                           f"{backend_name} backend runs on this one machine. Use "
                           f"trainer.nodes=1 trainer.devices=N here, or submit it to Slurm.")
@@ -298,6 +298,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def local_ranks(count: int) -> List[Rank]:
+    """The ranks of a world of `count` processes on this machine."""
+    port = free_port()
+    return [Rank(rank=i, world_size=count, local_rank=i, local_world_size=count,
+                 master_addr="127.0.0.1", master_port=port) for i in range(count)]
+
+
 def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env: str,
                  watch_launcher: Callable[[], None]) -> Tuple[int, str]:
     """Start `devices` ranks of `python -m harness.train ARGV` on this machine and wait for
@@ -310,9 +317,7 @@ def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda s, f: group.signal(s))
     watch_launcher()  # our launcher dying is a stop signal too (runtime.py)
-    port = free_port()
-    ranks = [Rank(rank=i, world_size=devices, local_rank=i, local_world_size=devices,
-                  master_addr="127.0.0.1", master_port=port) for i in range(devices)]
+    ranks = local_ranks(devices)
     child_argv = [a for a in argv if a != "--watch-stdin"]  # children watch us instead
     for rank in ranks:
         env = {**os.environ, **rank.environment(), launcher_pid_env: str(os.getpid())}
@@ -378,15 +383,18 @@ class RankGroup:
         self._drain()
         return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
 
-    def _contain(self) -> int:
-        """A rank failed: kill the others now (they may be blocked in a collective, waiting
-        for it); report the rank whose end explains the others' and return its exit code."""
-        ended = {i: p.returncode for i, p in enumerate(self.processes) if p.poll() is not None}
+    def kill_all(self) -> None:
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
         for process in self.processes:
             process.wait()
+
+    def _contain(self) -> int:
+        """A rank failed: kill the others now (they may be blocked in a collective, waiting
+        for it); report the rank whose end explains the others' and return its exit code."""
+        ended = {i: p.returncode for i, p in enumerate(self.processes) if p.poll() is not None}
+        self.kill_all()
         self._drain()
         # A rank killed by a signal first (its peers then fail on a closed connection),
         # then one that stopped on a harness error (exit codes 2-6), then the first.

@@ -219,6 +219,11 @@ def script_facts(cfg: Dict[str, Any], backend_name: str) -> Dict[str, Any]:
                           f"(the job runs it in this directory, on a shared filesystem); "
                           f"runtime={cfg['backend']['slurm']['runtime']} is not available "
                           f"for commands yet.")
+    if backend_name == "slurm" and cfg["command"]["nproc"] > 1:
+        raise ConfigError(f"command.nproc={cfg['command']['nproc']} starts the processes on "
+                          f"one machine (local or docker backend); in a Slurm job, start them "
+                          f"with srun in your job, or use the built-in loop's "
+                          f"trainer.devices/trainer.nodes.")
     workdir = Path.cwd()
     if backend_name in ("local", "slurm") and not _findable(argv[0], workdir):
         raise ConfigError(f"command not found: {argv[0]!r} is neither on PATH nor a file in "
@@ -260,7 +265,7 @@ def finish(run_dir: Path, code: int) -> Path:
     reason = "no lockfile written" if code == 0 else f"exit code {code}"
     rundir.write_status(run_dir, "failed", exit_code=code or 1, reason=reason,
                         finished_utc=rundir.now_utc())
-    said = _training_error(run_dir)
+    said = rundir.recorded_error(run_dir)
     if config.is_script(config.load_yaml(run_dir / rundir.CONFIG)):
         # The user's command: its exit code is the run's, whatever it means to the command.
         raise RunFailed(f"run {run_dir.name} failed: {said or reason}; see "
@@ -271,7 +276,3 @@ def finish(run_dir: Path, code: int) -> Path:
         raise PASSED_ON[code](f"{said} (run {run_dir.name}, marked failed)")
     raise RunFailed(f"run {run_dir.name} failed ({reason}); see {run_dir / rundir.LOG}")
 
-
-def _training_error(run_dir: Path) -> Optional[str]:
-    """What the training process recorded as the reason it stopped (rundir.record_error)."""
-    return (rundir.read_json(run_dir / rundir.STATUS).get("error") or {}).get("message")

@@ -128,6 +128,12 @@ def record_error(run_dir: Path, message: str, exit_code: int) -> None:
         pass  # no run directory to write to: the message on stderr is all there is
 
 
+def recorded_error(run_dir: Path) -> Optional[str]:
+    """What the training process recorded as the reason it stopped (record_error)."""
+    path = Path(run_dir) / STATUS
+    return ((read_json(path) if path.exists() else {}).get("error") or {}).get("message")
+
+
 def read_status(run_dir: Path, check_writer: bool = True) -> Dict[str, Any]:
     """The run's status. A run marked running whose writer is gone (its launcher was
     killed before it could say so) is recorded as failed, with the reason, when it is

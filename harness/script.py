@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from harness import injection, outputs, rundir
+from harness import distributed, injection, outputs, rundir
 from harness.backends.local import LAUNCHER_PID_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus, output_to_log
@@ -68,7 +68,8 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     if code != 0:
         print(f"harness: error: the command exited with code {code}", file=sys.stderr,
               flush=True)
-        rundir.record_error(run_dir, f"the command exited with code {code}", code)
+        if not rundir.recorded_error(run_dir):  # --nproc: which process failed, if said
+            rundir.record_error(run_dir, f"the command exited with code {code}", code)
         return code
     files, warnings = outputs.collect(patterns + recorded_outputs(run_dir, workdir), workdir,
                                       run_dir, before)
@@ -101,14 +102,15 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
     lines (its checkpoint message) must follow instead of failing on a broken pipe. Stop
     signals go to the command's main process only, as a scheduler's batch script does: it
     decides how to stop its workers (a wrapper script should `exec` the training)."""
-    argv = cfg["command"]["argv"]
+    argv, nproc = cfg["command"]["argv"], cfg["command"]["nproc"]
+    processes = f", {nproc} processes" if nproc > 1 else ""
     print(f"harness: running {' '.join(argv)} (seed={cfg['seed']}, "
-          f"determinism={cfg['determinism']['mode']}, in {Path.cwd()})", flush=True)
+          f"determinism={cfg['determinism']['mode']}, in {Path.cwd()}{processes})", flush=True)
+    env = command_environment(cfg, run_dir, resume)
     try:
-        child = subprocess.Popen(argv, env=command_environment(cfg, run_dir, resume),
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 preexec_fn=_die_with_parent)
+        if nproc > 1:
+            return run_processes(rt, argv, env, nproc, run_dir)
+        child = _start(argv, env)
     except (FileNotFoundError, PermissionError) as exc:
         said = (f"cannot start the command {argv[0]!r}: {exc.strerror}. Check that it is "
                 f"installed{' in the image' if in_container else ''} and on PATH, or give "
@@ -123,6 +125,36 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
     code = child.wait()
     _end_stragglers(child.pid)
     return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+
+
+def _start(argv: List[str], env: Dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
+
+
+def run_processes(rt: Runtime, argv: List[str], env: Dict[str, str], nproc: int,
+                  run_dir: Path) -> int:
+    """`--nproc N`: N processes of the command, each with torchrun's variables (RANK ...),
+    as the built-in loop's ranks are run (distributed.RankGroup): stop signals to each,
+    output passed through (`[rank N]` before the lines of ranks above 0), and when one
+    fails the others are killed at once, so none is left waiting in a collective."""
+    group = distributed.RankGroup([], run_dir / rundir.LOG)
+    try:
+        for rank in distributed.local_ranks(nproc):
+            group.add(_start(argv, {**env, **rank.environment()}))
+    except BaseException:
+        group.kill_all()
+        raise
+    rt.stop.forward = group.signal
+    if rt.stop.signum:  # a stop that came while we were starting them
+        group.signal(rt.stop.signum)
+    code = group.wait()
+    for process in group.processes:
+        _end_stragglers(process.pid)
+    if group.failure:
+        rundir.record_error(run_dir, f"the command's {group.failure}", code)
+    return code
 
 
 def _copy_output(stream, log_path: Path) -> None:

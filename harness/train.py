@@ -424,9 +424,7 @@ def start_ranks(run_dir: Path, argv: List[str], cfg: Dict, watch_stdin: bool) ->
     code, failure = distributed.launch_ranks(
         argv, cfg["trainer"]["devices"], run_dir / rundir.LOG, LAUNCHER_PID_ENV,
         lambda: stop_when_launcher_dies(watch_stdin))
-    already_said = (rundir.read_json(run_dir / rundir.STATUS).get("error")
-                    if (run_dir / rundir.STATUS).exists() else None)
-    if failure and not already_said:  # a rank's own account (e.g. a refused checkpoint) wins
+    if failure and not rundir.recorded_error(run_dir):  # a rank's own account (e.g. a refused checkpoint) wins
         rundir.record_error(run_dir, failure, code)
     return code
 

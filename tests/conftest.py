@@ -7,9 +7,11 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -213,3 +215,39 @@ def start_and_interrupt(ctx, args: list, sig: int, at_step: int, group: bool = T
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return run_dir, process.returncode, output
+
+
+# ---------------------------------------------------------------- a user's own project
+
+USER_SCRIPT = TESTS / "fixtures" / "user_train.py"
+
+
+def make_project(directory: Path) -> Path:
+    """The user's script and its data in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    shutil.copy(USER_SCRIPT, directory / "train.py")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(160, 16)).astype("float32")
+    np.savez(directory / "data.npz", x=x, y=(x[:, 0] > 0).astype("int64") + (x[:, 1] > 0.5))
+    return directory
+
+
+@pytest.fixture
+def project(cache_home):
+    """A user's project directory: the script and its data. Readable by every user (the
+    container runs as a non-root user and sees the project at the same path)."""
+    directory = make_project(Path(tempfile.mkdtemp(prefix="harness-project-")))
+    environment = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    environment.pop("PYTHONPATH", None)
+
+    def harness(*args, check_rc=None, timeout=600):
+        done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=directory,
+                              env=environment, capture_output=True, text=True, timeout=timeout)
+        if check_rc is not None and done.returncode != check_rc:
+            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
+                                 f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+        return done
+
+    yield directory, harness
+    shutil.rmtree(directory, ignore_errors=True)

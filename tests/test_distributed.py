@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from conftest import (harness, loss_bits, make_context, read_lock, require, run_dir_of,
                       start_and_interrupt)
 from test_lockfile import documented_fields, lookup
+from test_script import runs_in
 
 pytestmark = pytest.mark.slow
 
@@ -174,3 +176,38 @@ def test_requeued_two_task_job_resumes_every_rank_exactly(cluster):
     assert "exiting with code 75" in log and "harness: resuming from step-" in log, log
     assert status_of(run_dir)["slurm_restarts"] >= 1
     assert_same_as_reference(cluster, run_dir)
+
+
+# ---------------------------------------------------------------- harness run --nproc N
+
+DDP_SCRIPT = Path(__file__).resolve().parent / "fixtures" / "user_ddp_train.py"
+RUN_DDP = ["run", "backend=local", "--nproc", "2", "--input", "data.npz", "--output",
+           "out/model.pt", "--", "python", "train.py", "--data", "data.npz"]
+
+
+@pytest.fixture
+def ddp_project(project):
+    directory, harness = project
+    shutil.copy(DDP_SCRIPT, directory / "train.py")
+    return directory, harness
+
+
+def test_nproc_starts_torchrun_style_ranks_that_repeat_bit_for_bit(ddp_project):
+    directory, harness = ddp_project
+    first = run_dir_of(harness(*RUN_DDP, check_rc=0))
+    second = run_dir_of(harness(*RUN_DDP, check_rc=0))
+    assert "rank 0 of 2: saved out/model.pt" in (first / "train.log").read_text()
+    outputs = read_lock(first)["results"]["outputs"]
+    assert outputs == read_lock(second)["results"]["outputs"]
+    assert read_lock(first)["config"]["command"]["nproc"] == 2
+    assert len(read_lock(first)["script"]["processes"]) == 2  # both seeded and pinned
+
+
+def test_nproc_rank_that_fails_stops_the_others_and_is_named(ddp_project):
+    directory, harness = ddp_project
+    done = harness(*RUN_DDP, "--fail-rank", "1", check_rc=3)
+    assert "rank 1 exited with code 3" in done.stdout + done.stderr
+    run_dir = directory / "runs" / runs_in(directory)[-1]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "rank 1 exited with code 3" in \
+        status["error"]["message"]

@@ -67,7 +67,8 @@ def test_atomic_accumulation_in_strict_mode_is_identical(cli, tmp_path):
 def test_users_script_on_cuda_repeats_and_replays(cli, tmp_path):
     """`harness run` of an unmodified script that trains on the GPU (dropout and Adam on
     CUDA, a DataLoader with two workers): two runs and a replay, identical."""
-    from test_script import RUN, make_project
+    from conftest import make_project
+    from test_script import RUN
 
     project = make_project(tmp_path / "project")
     runs = ["--runs-dir", str(tmp_path / "runs")]
