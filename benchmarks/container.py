@@ -39,7 +39,7 @@ STEPS = r"""
 import json, sys, time, torch
 from hydra.utils import instantiate
 from harness import config, determinism, seeding
-from harness.train import epoch_loader
+from harness.train import EpochShards, epoch_loader
 cfg = config.validate(json.loads(sys.argv[4]))
 determinism.apply(cfg["determinism"]); seeding.seed_everything(cfg["seed"])
 dataset = instantiate(cfg["data"]["dataset"], split="train", root=sys.argv[1])
@@ -47,7 +47,8 @@ model = instantiate(cfg["model"])
 optimizer = instantiate(cfg["optim"], params=model.parameters())
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])
 step = 0
-for images, labels in epoch_loader(dataset, cfg, 0):
+shards = EpochShards(len(dataset), cfg["seed"], 0, cfg["trainer"]["batch_size"])
+for images, labels in epoch_loader(dataset, cfg, 0, shards):
     if step == warmup:
         start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)

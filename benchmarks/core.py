@@ -47,7 +47,7 @@ BARE_LOOP = r"""
 import json, sys, time, torch
 from hydra.utils import instantiate
 from harness import config, data, determinism, seeding
-from harness.train import epoch_loader
+from harness.train import EpochShards, epoch_loader
 cfg = config.compose("fashion_mnist", sys.argv[2:])
 root, _ = data.prepare(cfg["data"])
 determinism.apply(cfg["determinism"]); seeding.seed_everything(cfg["seed"])
@@ -57,7 +57,8 @@ optimizer = instantiate(cfg["optim"], params=model.parameters())
 steps = int(sys.argv[1])
 scheduler = instantiate(cfg["scheduler"], optimizer=optimizer, total_steps=steps)
 start, step = time.time(), 0
-for images, labels in epoch_loader(dataset, cfg, 0):
+shards = EpochShards(len(dataset), cfg["seed"], 0, cfg["trainer"]["batch_size"])
+for images, labels in epoch_loader(dataset, cfg, 0, shards):
     optimizer.zero_grad(set_to_none=True)
     loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward(); optimizer.step(); scheduler.step()

@@ -21,6 +21,7 @@ SCRIPTS = {
     "checkpoint": ["checkpoint_cost.py"],
     "replay": ["replay_overhead.py"],
     "images": ["images.py"],
+    "data_parallel": ["data_parallel.py"],
 }
 
 
@@ -69,6 +70,11 @@ TABLE = [
     ("replay overhead vs original training, 300-step run (fraction)",
      "replay.replay.overhead_vs_original_paired", "", "< 0.05"),
     ("fingerprint cost per step at default interval", "replay.fingerprint.per_step_ms_default_interval", "ms", ""),
+    ("2 ranks × 1 thread over 1 rank × 2 threads, samples/s (global batch 64)",
+     "data_parallel.two_ranks_over_one_throughput", "x", ">= 0.9"),
+    ("2 ranks: two runs give the same weights", "data_parallel.repeat_identical.2.identical", "", "True"),
+    ("3 ranks: two runs give the same weights", "data_parallel.repeat_identical.3.identical", "", "True"),
+    ("4 ranks: two runs give the same weights", "data_parallel.repeat_identical.4.identical", "", "True"),
 ]
 
 

@@ -1,5 +1,5 @@
-"""The runtime every training process runs inside: the built-in loop today (train.py),
-a user's own script and each data-parallel rank tomorrow.
+"""The runtime every training process runs inside: the built-in loop (train.py), each of
+its data-parallel ranks, and the runner of a user's own script (script.py).
 
     rt = Runtime.start(run_dir)        # before anything else in the process
     ...                                # the training: rt.cfg, rt.device, rt.stop_requested
@@ -8,7 +8,8 @@ a user's own script and each data-parallel rank tomorrow.
 `start` owns, in this order: the stop signals (SIGTERM/SIGUSR1 -> checkpoint, exit 75) and
 the watch on the launcher (a training process must not outlive it unnoticed); the run's
 config and launch facts; the determinism settings, applied, seeded and read back (a run
-whose settings did not take effect stops); the device, checked against what the host has.
+whose settings did not take effect stops); the rank, for a data-parallel run (its device,
+and joining the others: `join_ranks`); the device, checked against what the host has.
 `write_lock` captures what the process saw (software, hardware, environment, determinism in
 effect) and writes the lockfile, last.
 
