@@ -178,6 +178,30 @@ def test_requeued_two_task_job_resumes_every_rank_exactly(cluster):
     assert_same_as_reference(cluster, run_dir)
 
 
+
+def pair_up() -> bool:
+    """The test cluster's two extra nodes (partition pair, slurm/two-nodes.sh) are idle."""
+    done = subprocess.run(["sinfo", "-h", "-p", "pair", "-o", "%T"], capture_output=True,
+                          text=True)
+    return done.returncode == 0 and set(done.stdout.split()) <= {"idle", "mixed"} \
+        and bool(done.stdout.split())
+
+
+@pytest.mark.slurm
+def test_two_node_job_gives_the_local_two_rank_weights(cluster):
+    """Nodes n1 and n2 are network namespaces of this machine, each with its own slurmd,
+    address and host name: the ranks rendezvous over the network between them."""
+    require(pair_up(), "the test cluster's nodes n1, n2 are not up (make slurm-env)")
+    overrides = [o for o in SLURM if not o.startswith("trainer.devices")]
+    done = harness(cluster, "submit", "tiny", *overrides, "trainer.devices=1", "trainer.nodes=2",
+                   "backend.slurm.partition=pair", "--wait", check_rc=0)
+    run_dir = run_dir_of(done)
+    assert_same_as_reference(cluster, run_dir)  # world 2 either way: the same bits
+    ranks = read_lock(run_dir)["distributed"]["ranks"]
+    assert [(r["rank"], r["node_rank"], r["host"]) for r in ranks] == [(0, 0, "n1"),
+                                                                        (1, 1, "n2")]
+
+
 # ---------------------------------------------------------------- harness run --nproc N
 
 DDP_SCRIPT = Path(__file__).resolve().parent / "fixtures" / "user_ddp_train.py"
