@@ -72,6 +72,8 @@ TABLE = [
     ("fingerprint cost per step at default interval", "replay.fingerprint.per_step_ms_default_interval", "ms", ""),
     ("2 ranks × 1 thread over 1 rank × 2 threads, samples/s (global batch 64)",
      "data_parallel.two_ranks_over_one_throughput", "x", ">= 0.9"),
+    ("2 ranks: share of a bare 2-rank loop's time lost to the gradient all-reduce",
+     "data_parallel.allreduce_share", "", ""),
     ("2 ranks: two runs give the same weights", "data_parallel.repeat_identical.2.identical", "", "True"),
     ("3 ranks: two runs give the same weights", "data_parallel.repeat_identical.3.identical", "", "True"),
     ("4 ranks: two runs give the same weights", "data_parallel.repeat_identical.4.identical", "", "True"),

@@ -308,12 +308,11 @@ def local_ranks(count: int) -> List[Rank]:
 def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env: str,
                  watch_launcher: Callable[[], None]) -> Tuple[int, str]:
     """Start `devices` ranks of `python -m harness.train ARGV` on this machine and wait for
-    them; returns the run's exit code. SIGTERM/SIGUSR1 are passed to every rank (they agree
-    on a step, checkpoint and exit 75); a rank that fails makes the others be killed at once;
-    their output is passed through, with a `[rank N]` prefix for ranks above 0. Returns
-    (exit code, why the run failed or "")."""
-    processes: List[subprocess.Popen] = []
-    group = RankGroup(processes, log_path)
+    them. SIGTERM/SIGUSR1 are passed to every rank (they agree on a step, checkpoint and
+    exit 75); a rank that fails makes the others be killed at once; their output is passed
+    through, with a `[rank N]` prefix for ranks above 0. Returns (the run's exit code, why
+    it failed or "")."""
+    group = RankGroup([], log_path)
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda s, f: group.signal(s))
     watch_launcher()  # our launcher dying is a stop signal too (runtime.py)

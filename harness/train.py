@@ -117,8 +117,9 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
 
     train_set, test_set = datasets(cfg, data_root)
     model = instantiate(cfg["model"]).to(device)
-    audit.attach(model, run_dir)  # per-module digests when HARNESS_AUDIT=1 (verify)
-    nondeterminism.watch(model, run_dir)  # which ops warn, when `harness doctor` asks
+    if rank.is_main:  # one writer per run directory file
+        audit.attach(model, run_dir)  # per-module digests when HARNESS_AUDIT=1 (verify)
+        nondeterminism.watch(model, run_dir)  # which ops warn, when `harness doctor` asks
     optimizer = instantiate(cfg["optim"], params=model.parameters())
     # Data-parallel: every rank built the same model from the same seed; from here on each
     # rank draws (dropout) from a stream of its own.

@@ -310,3 +310,19 @@ def test_two_builds_of_the_same_content_at_once_end_with_one_image(engine, built
         assert sum("harness: building" in err for _, err in outputs) == 1, outputs
     finally:
         engine.images.remove(facts[0]["id"], force=True)
+
+
+@pytest.mark.docker
+def test_two_ranks_in_a_container_give_the_local_two_rank_weights(cli, tiny_conf, engine,
+                                                                   built):
+    """The rank launcher runs inside the container (no network: the ranks meet on its
+    loopback) and gives the same bits as on the host."""
+    ranks = ["trainer.devices=2", "determinism.threads=1", "trainer.batch_size=16"]
+    local = run_dir_of(cli("train", "tiny", "--config-dir", str(tiny_conf), *ranks,
+                           check_rc=0))
+    boxed = run_dir_of(docker_train(cli, tiny_conf, *ranks))
+    assert read_lock(boxed)["distributed"]["world_size"] == 2
+    assert loss_bits(local) == loss_bits(boxed)
+    assert read_lock(local)["results"]["weights_sha256"] == \
+        read_lock(boxed)["results"]["weights_sha256"]
+    assert leftover_containers(engine) == []
