@@ -51,17 +51,36 @@ STOP_GRACE_S = 120.0
 COLLECTIVE_ENV = ("NCCL_ALGO", "NCCL_PROTO")
 
 
+@dataclass(frozen=True)
+class World:
+    """A run's data-parallel settings (trainer.*). A config.yaml written before they
+    existed gets these defaults: its run resumes as the one-process run it was."""
+    devices: int = 1
+    nodes: int = 1
+    bucket_cap_mb: int = 25
+    collective_timeout_s: int = 300
+
+    @classmethod
+    def of(cls, cfg: Dict[str, Any]) -> "World":
+        trainer = cfg["trainer"]
+        return cls(**{name: int(trainer[name]) for name in cls.__dataclass_fields__
+                      if name in trainer})
+
+    @property
+    def size(self) -> int:
+        return self.devices * self.nodes
+
+
 def world_size(cfg: Dict[str, Any]) -> int:
-    trainer = cfg["trainer"]
-    return int(trainer.get("devices", 1)) * int(trainer.get("nodes", 1))
+    return World.of(cfg).size
 
 
 def check_world(cfg: Dict[str, Any], backend_name: str) -> None:
     """Refuse a world the backend cannot run, before anything is written."""
-    trainer = cfg["trainer"]
-    if world_size(cfg) > 1 and ":" in str(trainer["device"]):
+    trainer, world = cfg["trainer"], World.of(cfg)
+    if world.size > 1 and ":" in str(trainer["device"]):
         raise ConfigError(f"trainer.device={trainer['device']} names one GPU, but "
-                          f"trainer.devices={trainer['devices']} ranks each need their own: "
+                          f"trainer.devices={world.devices} ranks each need their own: "
                           f"use trainer.device=cuda (rank N of a node uses cuda:N).")
     runtime = str(cfg["backend"]["slurm"]["runtime"])
     if world_size(cfg) > 1 and backend_name == "slurm" and runtime != "none":
@@ -69,8 +88,8 @@ def check_world(cfg: Dict[str, Any], backend_name: str) -> None:
                           f"{world_size(cfg)}) runs with backend.slurm.runtime=none for now "
                           f"(the harness venv on a shared filesystem); runtime={runtime} is "
                           f"not available for it yet.")
-    if int(trainer.get("nodes", 1)) > 1 and backend_name != "slurm":
-        raise ConfigError(f"trainer.nodes={trainer['nodes']} needs backend=slurm: the "
+    if world.nodes > 1 and backend_name != "slurm":
+        raise ConfigError(f"trainer.nodes={world.nodes} needs backend=slurm: the "
                           f"{backend_name} backend runs on this one machine. Use "
                           f"trainer.nodes=1 trainer.devices=N here, or submit it to Slurm.")
 
@@ -177,6 +196,7 @@ def init(rank: Rank, device: str, timeout_s: float) -> None:
         backend=collective_backend(device), rank=rank.rank, world_size=rank.world_size,
         init_method=f"tcp://{rank.master_addr}:{rank.master_port}",
         timeout=timedelta(seconds=timeout_s))
+    _HELD.append(dist.group.WORLD)  # from now on this process ends by exit_process
 
 
 def finish() -> None:
@@ -316,13 +336,16 @@ def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda s, f: group.signal(s))
     watch_launcher()  # our launcher dying is a stop signal too (runtime.py)
-    ranks = local_ranks(devices)
     child_argv = [a for a in argv if a != "--watch-stdin"]  # children watch us instead
-    for rank in ranks:
-        env = {**os.environ, **rank.environment(), launcher_pid_env: str(os.getpid())}
-        group.add(subprocess.Popen(
-            [sys.executable, "-u", "-m", "harness.train", *child_argv], env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        for rank in local_ranks(devices):
+            env = {**os.environ, **rank.environment(), launcher_pid_env: str(os.getpid())}
+            group.add(subprocess.Popen(
+                [sys.executable, "-u", "-m", "harness.train", *child_argv], env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    except BaseException:
+        group.kill_all()  # the ranks started would wait for the missing one
+        raise
     code = group.wait()
     return code, group.failure
 
@@ -335,6 +358,7 @@ class RankGroup:
         self.lock = threading.Lock()
         self.readers: List[threading.Thread] = []
         self.failure = ""  # why the run failed, once a rank did
+        self.stop_signal: Optional[int] = None  # a stop signal already passed on
 
     def add(self, process: subprocess.Popen) -> None:
         reader = threading.Thread(target=self._pass_output,
@@ -342,6 +366,8 @@ class RankGroup:
         self.processes.append(process)
         self.readers.append(reader)
         reader.start()
+        if self.stop_signal is not None:  # it came while the ranks were starting
+            process.send_signal(self.stop_signal)
 
     def _pass_output(self, index: int, process: subprocess.Popen) -> None:
         prefix = f"[rank {index}] ".encode() if index else b""
@@ -360,6 +386,7 @@ class RankGroup:
         self.write(f"harness: {text}\n".encode())
 
     def signal(self, signum: int) -> None:
+        self.stop_signal = signum
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signum)
@@ -375,9 +402,10 @@ class RankGroup:
             if REQUEUE_EXIT in codes:  # ranks that agreed to stop finish their checkpoint
                 stopping_since = stopping_since or time.monotonic()
                 if time.monotonic() - stopping_since > STOP_GRACE_S:
-                    self.say(f"ranks still running {STOP_GRACE_S:.0f} s after the others "
-                             f"stopped; killing them")
-                    return self._contain()
+                    late = [str(i) for i, c in enumerate(codes) if c is None]
+                    return self._contain(
+                        f"rank(s) {', '.join(late)} did not stop within "
+                        f"{STOP_GRACE_S:.0f} s after the others checkpointed; killed")
             time.sleep(0.05)
         self._drain()
         return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
@@ -389,12 +417,17 @@ class RankGroup:
         for process in self.processes:
             process.wait()
 
-    def _contain(self) -> int:
+    def _contain(self, why: str = "") -> int:
         """A rank failed: kill the others now (they may be blocked in a collective, waiting
-        for it); report the rank whose end explains the others' and return its exit code."""
+        for it); report the rank whose end explains the others' and return its exit code
+        (128 + N for a rank killed by signal N, the shell's convention)."""
         ended = {i: p.returncode for i, p in enumerate(self.processes) if p.poll() is not None}
         self.kill_all()
         self._drain()
+        if why:
+            self.failure = why
+            self.say(why)
+            return 1
         # A rank killed by a signal first (its peers then fail on a closed connection),
         # then one that stopped on a harness error (exit codes 2-6), then the first.
         failed = [(i, c) for i, c in ended.items() if c not in (0, REQUEUE_EXIT)] or \
@@ -404,7 +437,7 @@ class RankGroup:
             f"exited with code {code}"
         self.failure = f"rank {index} {how}; the other ranks were stopped"
         self.say(self.failure)
-        return code if code > 0 else 1
+        return code if code > 0 else 128 - code
 
     def _drain(self) -> None:
         for reader in self.readers:

@@ -104,8 +104,8 @@ class Runtime:
         seeding.seed_everything(runtime.cfg["seed"])
         runtime.in_effect = determinism.audit()
         determinism.check(det, runtime.in_effect)
-        rank = distributed.this_rank(distributed.world_size(runtime.cfg),
-                                     int(runtime.cfg["trainer"].get("devices", 1)))
+        world = distributed.World.of(runtime.cfg)
+        rank = distributed.this_rank(world.size, world.devices)
         if rank is None:
             raise EnvironmentProblem(
                 "this run has several ranks (trainer.devices × trainer.nodes > 1) but this "
@@ -123,8 +123,24 @@ class Runtime:
         trainer = self.cfg["trainer"]
         self.rank = rank
         self.device = torch.device(distributed.rank_device(trainer["device"], rank))
-        distributed.init(rank, str(self.device), trainer["collective_timeout_s"])
+        distributed.init(rank, str(self.device),
+                         distributed.World.of(self.cfg).collective_timeout_s)
         self.ranks = distributed.all_gather(distributed.describe(rank, str(self.device)), rank)
+        self._same_math_everywhere()
+
+    def _same_math_everywhere(self) -> None:
+        """Every rank must compute alike (library builds, CPU kernels, GPU model, threads):
+        a rank on a node of another kind would change the bits, and only rank 0's facts go
+        into the lockfile and the checkpoint."""
+        facts = distributed.all_gather(self.checkpoint_facts(), self.rank)
+        for rank, theirs in enumerate(facts):
+            if theirs != facts[0]:
+                keys = sorted(k for k in set(theirs) | set(facts[0])
+                              if theirs.get(k) != facts[0].get(k))
+                raise EnvironmentProblem(
+                    f"rank {rank} (host {self.ranks[rank]['host']}) computes differently from "
+                    f"rank 0 (host {self.ranks[0]['host']}): {', '.join(keys)} differ. Run all "
+                    f"ranks on nodes of one kind (Slurm: a --constraint or one partition).")
 
     def say(self, text: str) -> None:
         """A line for the log, from rank 0 only (every rank would say the same)."""
@@ -173,11 +189,11 @@ class Runtime:
     def distributed_facts(self) -> Dict[str, Any]:
         """The lockfile's `distributed` section: the world, the collective settings, and
         where each rank ran."""
-        trainer = self.cfg["trainer"]
-        return {"world_size": self.rank.world_size, "nodes": trainer["nodes"],
-                "devices_per_node": trainer["devices"],
-                "backend": distributed.collective_backend(trainer["device"]),
-                "bucket_cap_mb": trainer["bucket_cap_mb"],
+        world = distributed.World.of(self.cfg)
+        return {"world_size": self.rank.world_size, "nodes": world.nodes,
+                "devices_per_node": world.devices,
+                "backend": distributed.collective_backend(self.cfg["trainer"]["device"]),
+                "bucket_cap_mb": world.bucket_cap_mb,
                 "collective_env": {name: os.environ.get(name)
                                    for name in distributed.COLLECTIVE_ENV},
                 "ranks": self.ranks}

@@ -28,7 +28,6 @@ from harness.sandbox import DATA_MOUNT, RUN_MOUNT, docker_cli_flags
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
 RUNTIMES = ("none", "docker", "apptainer", "pyxis")
 SCRIPT_NAME = "job.sbatch"
-RENDEZVOUS_PORT_BASE = 29500  # + job id % 10000: two jobs on one node use two ports
 LOG_NAME = "slurm.out"
 # Slurm variables the training reads (SLURM_RESTART_COUNT: resume) and records.
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
@@ -211,14 +210,18 @@ def exports(spec: JobSpec) -> str:
 
 def rendezvous(spec: JobSpec) -> str:
     """A data-parallel job's rendezvous: rank 0 runs on the first node of the job's node
-    list (Slurm numbers tasks in that order), on a port derived from the job id."""
+    list (Slurm numbers tasks in that order), where this script runs too; the port is one
+    the kernel hands out free there (a port derived from the job id could be taken)."""
     if spec.world == 1:
         return ""
+    free_port = ("import socket; s = socket.socket(); s.bind((\"\", 0)); "
+                 "print(s.getsockname()[1])")
     return "\n".join([
         f"# Data-parallel: {spec.world} ranks, one srun task each; rank = SLURM_PROCID, in "
         f"node list order.",
+        "# This script runs on the first node of the list: rank 0's, and the rendezvous.",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        f"export MASTER_PORT=$(({RENDEZVOUS_PORT_BASE} + SLURM_JOB_ID % 10000))"])
+        f'export MASTER_PORT="$({q(spec.python)} -c {q(free_port)})"'])
 
 
 def render(spec: JobSpec) -> str:

@@ -102,7 +102,7 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
     lines (its checkpoint message) must follow instead of failing on a broken pipe. Stop
     signals go to the command's main process only, as a scheduler's batch script does: it
     decides how to stop its workers (a wrapper script should `exec` the training)."""
-    argv, nproc = cfg["command"]["argv"], cfg["command"]["nproc"]
+    argv, nproc = cfg["command"]["argv"], cfg["command"].get("nproc", 1)
     processes = f", {nproc} processes" if nproc > 1 else ""
     print(f"harness: running {' '.join(argv)} (seed={cfg['seed']}, "
           f"determinism={cfg['determinism']['mode']}, in {Path.cwd()}{processes})", flush=True)

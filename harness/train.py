@@ -28,7 +28,7 @@ from harness import (audit, checkpoint, distributed, metrics, nondeterminism, ru
                      seeding)
 from harness.config import is_script, load_yaml
 from harness.digest import tensor_digests, weights_sha256
-from harness.errors import REQUEUE_EXIT, CheckpointRefused, HarnessError
+from harness.errors import REQUEUE_EXIT, CheckpointRefused, ConfigError, HarnessError
 from harness.progress import INTERVAL_ENV
 from harness.runtime import Runtime
 
@@ -125,9 +125,14 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
     # rank draws (dropout) from a stream of its own.
     if rank.distributed:
         seeding.seed_everything(seeding.stream_seed(cfg["seed"], "rank", rank.rank))
-    ddp = distributed.wrap_model(model, rank, str(device), cfg["trainer"]["bucket_cap_mb"])
+    ddp = distributed.wrap_model(model, rank, str(device),
+                                 distributed.World.of(cfg).bucket_cap_mb)
     steps_per_epoch, total_steps = planned_steps(cfg["trainer"], len(train_set),
                                                  rank.world_size)
+    if total_steps == 0:
+        raise ConfigError(f"{len(train_set)} training sample(s) for {rank.world_size} ranks: "
+                          f"every rank needs at least one per step. Use more samples "
+                          f"(trainer.train_limit) or fewer ranks (trainer.devices).")
     scheduler = None
     if cfg.get("scheduler"):
         scheduler = instantiate(cfg["scheduler"], optimizer=optimizer, total_steps=total_steps)
@@ -397,7 +402,8 @@ def main(argv: List[str] | None = None) -> int:
             from harness import script  # the user's own command (`harness run`)
 
             return script.run(args.run_dir, resume=args.resume, watch_stdin=args.watch_stdin)
-        if distributed.this_rank(distributed.world_size(cfg), cfg["trainer"]["devices"]) is None:
+        world = distributed.World.of(cfg)
+        if distributed.this_rank(world.size, world.devices) is None:
             return start_ranks(args.run_dir, argv if argv is not None else sys.argv[1:],
                                cfg, args.watch_stdin)
         results = run(args.run_dir, args.data_root, resume=args.resume,
@@ -419,11 +425,12 @@ def start_ranks(run_dir: Path, argv: List[str], cfg: Dict, watch_stdin: bool) ->
     from harness.backends.local import LAUNCHER_PID_ENV
     from harness.runtime import stop_when_launcher_dies
 
-    if cfg["trainer"]["nodes"] > 1:
-        raise HarnessError(f"trainer.nodes={cfg['trainer']['nodes']}: a run across nodes is "
-                           f"started by Slurm (`harness submit`), one task per rank.")
+    world = distributed.World.of(cfg)
+    if world.nodes > 1:
+        raise ConfigError(f"trainer.nodes={world.nodes}: a run across nodes is started by "
+                          f"Slurm (`harness submit`), one task per rank.")
     code, failure = distributed.launch_ranks(
-        argv, cfg["trainer"]["devices"], run_dir / rundir.LOG, LAUNCHER_PID_ENV,
+        argv, world.devices, run_dir / rundir.LOG, LAUNCHER_PID_ENV,
         lambda: stop_when_launcher_dies(watch_stdin))
     if failure and not rundir.recorded_error(run_dir):  # a rank's own account (e.g. a refused checkpoint) wins
         rundir.record_error(run_dir, failure, code)
@@ -435,6 +442,8 @@ if __name__ == "__main__":
         exit_code = main()
     except SystemExit as exc:  # argparse
         exit_code = exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        exit_code = 130
     except BaseException:  # noqa: B036 -- a rank must still end (exit_process), not hang
         import traceback
 

@@ -129,6 +129,10 @@ def update(run_dir: Path) -> Dict:
                                    **fields)
     elif slurm_state in FAILED:
         code = exit_code_of(info["exit_code"])
+        recorded = (status.get("error") or {}).get("exit_code")
+        if recorded and code != REQUEUE_EXIT:
+            # The training's own exit code: srun reports a task it killed (-K) over it.
+            code = recorded
         if code == REQUEUE_EXIT:
             reason = (f"Slurm {slurm_state} after the training checkpointed (exit {code}); "
                       f"continue with `harness train --resume {run_dir.name}`")

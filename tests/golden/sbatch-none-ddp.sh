@@ -41,8 +41,9 @@ export PATH=/shared/venv/bin:/usr/bin:/bin
 export HOME=/home/alice
 export PYTHONPATH=/shared/code
 # Data-parallel: 4 ranks, one srun task each; rank = SLURM_PROCID, in node list order.
+# This script runs on the first node of the list: rank 0's, and the rendezvous.
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-export MASTER_PORT=$((29500 + SLURM_JOB_ID % 10000))
+export MASTER_PORT="$(/shared/venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
 
 say() { echo "harness-job: $(date -u +%Y-%m-%dT%H:%M:%SZ) $*"; }
 say "job ${SLURM_JOB_ID:-?} task ${SLURM_ARRAY_TASK_ID:-none} restart ${SLURM_RESTART_COUNT:-0} on $(hostname): $RUN_DIR"
