@@ -131,19 +131,34 @@ def train_command(spec: JobSpec) -> str:
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown backend.slurm.runtime '{runtime}'; valid runtimes: "
                           f"{', '.join(RUNTIMES)}")
-    has_data = any(spec.data_roots)
-    extra = "".join(f" {q(a)}" for a in spec.extra_train_args)
     if runtime == "none":
-        data = ' --data-root "$DATA_ROOT"' if has_data else ""
-        train = f'{q(spec.python)} -u -m harness.train "$RUN_DIR"{data}{extra}'
-        if spec.world == 1:
-            return train
-        # One task per rank; a task that fails ends the step (-K), not a hang.
-        return " \\\n    ".join([
-            f"srun --kill-on-bad-exit=1 --distribution=block --nodes={spec.nodes} "
-            f"--ntasks-per-node={spec.devices}"
-            f" --cpus-per-task={spec.slurm['cpus_per_task']}",
-            f"--export=ALL,{RANK_SOURCE_ENV}=slurm", train])
+        return _venv_command(spec)
+    return _container_command(spec, runtime)
+
+
+def _extra_args(spec: JobSpec) -> str:
+    return "".join(f" {q(a)}" for a in spec.extra_train_args)
+
+
+def _venv_command(spec: JobSpec) -> str:
+    """Runtime none: the harness venv on a shared filesystem; a data-parallel job runs it
+    through srun, one task per rank."""
+    data = ' --data-root "$DATA_ROOT"' if any(spec.data_roots) else ""
+    train = f'{q(spec.python)} -u -m harness.train "$RUN_DIR"{data}{_extra_args(spec)}'
+    if spec.world == 1:
+        return train
+    # One task per rank; a task that fails ends the step (-K), not a hang.
+    return " \\\n    ".join([
+        f"srun --kill-on-bad-exit=1 --distribution=block --nodes={spec.nodes} "
+        f"--ntasks-per-node={spec.devices}"
+        f" --cpus-per-task={spec.slurm['cpus_per_task']}",
+        f"--export=ALL,{RANK_SOURCE_ENV}=slurm", train])
+
+
+def _container_command(spec: JobSpec, runtime: str) -> str:
+    """Runtimes docker, apptainer and pyxis: the pinned image, with the same sandbox as
+    the docker backend (harness/sandbox.py)."""
+    has_data = any(spec.data_roots)
     if spec.world > 1:
         raise ConfigError(f"a data-parallel job (trainer.devices × trainer.nodes = "
                           f"{spec.world}) runs with backend.slurm.runtime=none for now; "
@@ -159,7 +174,7 @@ def train_command(spec: JobSpec) -> str:
             f"digest.")
     python = q(spec.slurm.get("container_python") or "python")
     data = f" --data-root {DATA_MOUNT}" if has_data else ""
-    inner = f"{python} -u -m harness.train {RUN_MOUNT}{data}{extra}"
+    inner = f"{python} -u -m harness.train {RUN_MOUNT}{data}{_extra_args(spec)}"
     gpus = gpus_wanted(spec)
     names = list(spec.env) + list(SLURM_VARS)
     if runtime == "docker":

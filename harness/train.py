@@ -89,6 +89,10 @@ def datasets(cfg: Dict, data_root: str | None):
 
 def planned_steps(trainer: Dict, samples: int, world: int = 1) -> Tuple[int, int]:
     """(steps per epoch, total steps): all epochs, or trainer.max_steps if fewer."""
+    if samples < world:
+        raise ConfigError(f"{samples} training sample(s) for {world} ranks: every rank needs "
+                          f"at least one per step. Use more samples (trainer.train_limit) "
+                          f"or fewer ranks (trainer.devices).")
     global_batch = trainer["batch_size"] * world
     per_epoch = samples // global_batch + (samples % global_batch >= world)
     total = trainer["epochs"] * per_epoch
@@ -129,10 +133,6 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
                                  distributed.World.of(cfg).bucket_cap_mb)
     steps_per_epoch, total_steps = planned_steps(cfg["trainer"], len(train_set),
                                                  rank.world_size)
-    if total_steps == 0:
-        raise ConfigError(f"{len(train_set)} training sample(s) for {rank.world_size} ranks: "
-                          f"every rank needs at least one per step. Use more samples "
-                          f"(trainer.train_limit) or fewer ranks (trainer.devices).")
     scheduler = None
     if cfg.get("scheduler"):
         scheduler = instantiate(cfg["scheduler"], optimizer=optimizer, total_steps=total_steps)
@@ -155,8 +155,14 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
         return None
     if not rank.is_main:  # rank 0 evaluates, saves the weights and writes the lockfile
         return {}
+    return write_results(rt, model, test_set, progress, book, loop_end - loop_start)
 
-    evaluation = evaluate(model, test_set, cfg, device)
+
+def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookkeeping",
+                  loop_s: float) -> Dict[str, Any]:
+    """After the last step: evaluate, save the weights, write the lockfile (last)."""
+    cfg, run_dir = rt.cfg, rt.run_dir
+    evaluation = evaluate(model, test_set, cfg, rt.device)
     book.metrics.write({"kind": "eval", "step": progress.step, **evaluation})
     book.metrics.close()
     print(f"eval: accuracy {evaluation['accuracy']:.4f} loss {evaluation['loss']:.4f} "
@@ -176,7 +182,7 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
     }
     rt.write_lock(results, progress.resumes, timing={
         "first_step_unix": book.first_step_at,
-        "train_loop_s": round(loop_end - loop_start, 3),
+        "train_loop_s": round(loop_s, 3),
         "harness_s": round(book.stopwatch.total, 4),
     })
     return results
