@@ -149,9 +149,21 @@ class TrackerConf:
 
 
 @dataclass
+class SeedsConf:
+    """A seed per source of randomness of the built-in loop (harness/seeding.py,
+    source_seeds): null takes the one derived from `seed`. Vary one and the other streams
+    stay as they were (`harness variance` does, source by source)."""
+    init: Optional[int] = None  # the model's initial weights
+    order: Optional[int] = None  # each epoch's sample order
+    augment: Optional[int] = None  # each sample's random augmentation
+    dropout: Optional[int] = None  # dropout masks (null: continues the init stream)
+
+
+@dataclass
 class RunConf:
     name: str = MISSING
     seed: Optional[int] = None  # None: the harness draws one at launch and records it
+    seeds: SeedsConf = field(default_factory=SeedsConf)
     model: Any = MISSING
     optim: Any = MISSING
     # A `_target_` factory called with optimizer= and total_steps= (OneCycleLR fits), or
@@ -372,12 +384,15 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         ("determinism.threads", cfg["determinism"]["threads"], 1),
         ("determinism.pythonhashseed", cfg["determinism"]["pythonhashseed"], 0),
         ("seed", cfg["seed"], 0),
+        *((f"seeds.{source}", value, 0) for source, value in (cfg.get("seeds") or {}).items()),
     ]
     for key, value, minimum in rules:
         if value is not None and value < minimum:
             raise ConfigError(f"invalid config: {key}={value}; it must be >= {minimum}.")
-    if cfg["seed"] is not None and cfg["seed"] >= SEED_LIMIT:
-        raise ConfigError(f"invalid config: seed={cfg['seed']}; it must be below {SEED_LIMIT}.")
+    for key, value in [("seed", cfg["seed"]), *((f"seeds.{source}", value) for source, value
+                                                in (cfg.get("seeds") or {}).items())]:
+        if value is not None and value >= SEED_LIMIT:
+            raise ConfigError(f"invalid config: {key}={value}; it must be below {SEED_LIMIT}.")
     from harness.determinism import CPU_ISA
 
     if cfg["determinism"]["cpu_isa"] not in ("native", *CPU_ISA):

@@ -3,6 +3,9 @@ reader finds all of the run's randomness in one place.
 
     the run's seed          `seed` in the config; drawn at launch (draw_seed) when null, and
                             recorded, so a run never has an unknown seed
+    source_seeds            a seed per source of randomness of the built-in loop (init,
+                            order, augment, dropout): `seeds.<source>`, else derived from
+                            the run's seed, so that one source can vary alone
     seed_everything         python, numpy and torch (every device) seeded from it first
                             thing in a training process
     epoch_generator         each epoch's sample order: a pure function of (seed, epoch), so
@@ -33,6 +36,22 @@ SEED_LIMIT = 2**32  # numpy seeds must be below this
 def draw_seed() -> int:
     """A seed for a config that leaves it null (recorded in config.yaml and the lock)."""
     return secrets.randbelow(SEED_LIMIT)
+
+
+SOURCES = ("init", "order", "augment", "dropout")
+
+
+def source_seeds(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The seed of each source of randomness: `seeds.<source>` where set, else derived from
+    `seed`. init, order and augment derive as the seed itself, and dropout as None
+    (dropout then draws on from where the model's initialization left torch's generator):
+    the streams runs of earlier versions used, so that they replay. Set seeds.dropout to
+    make dropout independent of init (`harness variance` sets every source it holds)."""
+    given = cfg.get("seeds") or {}
+    derived = {"init": cfg["seed"], "order": cfg["seed"], "augment": cfg["seed"],
+               "dropout": None}
+    return {source: given.get(source) if given.get(source) is not None else derived[source]
+            for source in SOURCES}
 
 
 def seed_everything(seed: int) -> None:

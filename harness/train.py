@@ -65,7 +65,7 @@ class EpochShards(torch.utils.data.Sampler):
 
 def epoch_loader(dataset, cfg: Dict, epoch: int, shards: EpochShards) -> DataLoader:
     return DataLoader(
-        seeding.SeededSamples(dataset, cfg["seed"], epoch),
+        seeding.SeededSamples(dataset, seeding.source_seeds(cfg)["augment"], epoch),
         batch_sampler=shards,
         num_workers=cfg["trainer"]["num_workers"],
         worker_init_fn=seeding.worker_init,
@@ -119,16 +119,23 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
     rt = Runtime.start(run_dir, watch_stdin)  # signals, determinism, seeds, device, ranks
     cfg, device, det, rank = rt.cfg, rt.device, rt.cfg["determinism"], rt.rank
 
+    seeds = seeding.source_seeds(cfg)
     train_set, test_set = datasets(cfg, data_root)
+    torch.manual_seed(seeds["init"])  # the initial weights: their own source (seeds.init)
     model = instantiate(cfg["model"]).to(device)
     if rank.is_main:  # one writer per run directory file
         audit.attach(model, run_dir)  # per-module digests when HARNESS_AUDIT=1 (verify)
         nondeterminism.watch(model, run_dir)  # which ops warn, when `harness doctor` asks
     optimizer = instantiate(cfg["optim"], params=model.parameters())
-    # Data-parallel: every rank built the same model from the same seed; from here on each
-    # rank draws (dropout) from a stream of its own.
+    # Dropout draws from here on: from seeds.dropout where set (else on from init's stream).
+    # Data-parallel: every rank built the same model from the same seed; each rank then
+    # draws from a stream of its own.
+    dropout = seeds["dropout"]
     if rank.distributed:
-        seeding.seed_everything(seeding.stream_seed(cfg["seed"], "rank", rank.rank))
+        dropout = seeding.stream_seed(cfg["seed"] if dropout is None else dropout, "rank",
+                                      rank.rank)
+    if dropout is not None:
+        seeding.seed_everything(dropout)
     ddp = distributed.wrap_model(model, rank, str(device),
                                  distributed.World.of(cfg).bucket_cap_mb)
     steps_per_epoch, total_steps = planned_steps(cfg["trainer"], len(train_set),
@@ -246,6 +253,7 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
     cfg, device, rank = rt.cfg, rt.device, rt.rank
     agreement = distributed.StepAgreement(rank, str(device))
     bare_model = getattr(model, "module", model)  # what is saved (without the DDP wrapper)
+    order_seed = seeding.source_seeds(cfg)["order"]
     start_epoch = progress.epoch
     model.train()
     for epoch in range(start_epoch, cfg["trainer"]["epochs"]):
@@ -253,7 +261,7 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
         if progress.step >= total_steps:
             break
         position = progress.position if epoch == start_epoch else 0
-        shards = EpochShards(len(train_set), cfg["seed"], epoch, cfg["trainer"]["batch_size"],
+        shards = EpochShards(len(train_set), order_seed, epoch, cfg["trainer"]["batch_size"],
                              rank.rank, rank.world_size, position)
         loader = epoch_loader(train_set, cfg, epoch, shards)
         for (images, labels), global_batch in zip(loader, shards.global_sizes):
@@ -362,7 +370,8 @@ class Bookkeeping:
 
 def evaluate(model, dataset, cfg: Dict, device) -> Dict[str, Any]:
     model.eval()
-    samples = seeding.SeededSamples(dataset, cfg["seed"], 0, seeding.EVAL_STREAM)
+    samples = seeding.SeededSamples(dataset, seeding.source_seeds(cfg)["augment"], 0,
+                                    seeding.EVAL_STREAM)
     loader = DataLoader(samples, batch_size=cfg["trainer"]["eval_batch_size"], shuffle=False)
     correct, total, loss_sum = 0, 0, 0.0
     with torch.no_grad():
