@@ -163,6 +163,42 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_variance(sub) -> None:
+    variance = sub.add_parser(
+        "variance", help="the spread of results each source of randomness causes alone",
+        description="For each source of randomness (init: initial weights, order: sample "
+                    "order, augment: per-sample augmentation, dropout), train N runs that "
+                    "differ only in that source's seed (seeds.SOURCE; the others held), "
+                    "then report per source n, mean, std and 95% confidence interval of the "
+                    "final metrics, and write a PNG with a strip of points per source. The "
+                    "runs are recorded as a sweep (runs/sweeps/).")
+    variance.add_argument("config", help="config name")
+    variance.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.epochs=1")
+    variance.add_argument("-n", type=int, default=None, metavar="N",
+                          help="runs per source (default 5; at least 2)")
+    variance.add_argument("--sources", default=",".join(("init", "order", "augment", "dropout")),
+                          help="comma-separated sources to vary (default: all four)")
+    variance.add_argument("-o", "--output", type=Path, default=None,
+                          help="PNG path (default: runs/sweeps/<variance-id>.png)")
+    variance.add_argument("--json", action="store_true", help="machine-readable output")
+    add_config_dir(variance)
+    add_runs_dir(variance)
+    variance.set_defaults(handler=cmd_variance)
+
+
+def cmd_variance(args: argparse.Namespace) -> int:
+    from harness import variance
+
+    sources = variance.parse_sources(args.sources)
+    path = variance.run(args.config, args.overrides, sources, args.n or variance.DEFAULT_RUNS,
+                        args.config_dir, args.runs_dir)
+    result = variance.report(path)
+    output = variance.plot(result, args.output or path.with_suffix(".png"))
+    print(json.dumps(result, indent=2) if args.json else variance.render(result))
+    print(f"plot: {output.resolve()}")
+    return 0
+
+
 def add_compare(sub) -> None:
     compare = sub.add_parser(
         "compare", help="plot runs' loss and accuracy curves into a PNG",
@@ -533,7 +569,7 @@ def cmd_image_lock(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the command
 
 
-SUBCOMMANDS = (add_train, add_run, add_summary, add_compare, add_submit, add_slurm, add_data,
+SUBCOMMANDS = (add_train, add_run, add_summary, add_variance, add_compare, add_submit, add_slurm, add_data,
                add_lock, add_replay, add_verify, add_doctor, add_runs, add_build, add_image)
 
 

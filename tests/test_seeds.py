@@ -6,10 +6,11 @@ written down by a recording dataset and model (tests/fixtures/streams.py) during
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import harness, make_context
+from conftest import harness, make_context, read_lock
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +61,26 @@ def test_seeds_default_to_the_run_seed_and_an_invalid_one_is_refused(ctx):
     assert default == explicit
     done = harness(ctx, "train", "tiny", "++seeds.order=-1", check_rc=2)
     assert "seeds.order=-1" in done.stderr
+
+
+def test_variance_runs_each_source_alone_and_plots_what_it_reports(tmp_path_factory):
+    ctx = make_context(tmp_path_factory.mktemp("variance"), dataset="augmenting.AugmentingIdx")
+    done = harness(ctx, "variance", "tiny", "-n", "3", "--sources", "init,order,augment",
+                   "--json", check_rc=0)
+    report = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
+    assert list(report["sources"]) == ["init", "order", "augment"]
+    record = json.loads(next((ctx["runs"] / "sweeps").glob("*.json")).read_text())
+    for source in ("init", "order", "augment"):
+        assert report["sources"][source]["final_loss"]["n"] == 3
+        runs = [r for r in record["runs"] if r["source"] == source]
+        losses = [read_lock(ctx["runs"] / r["run_id"])["results"]["final_loss"] for r in runs]
+        assert report["points"][source]["final_loss"] == losses
+        assert len(set(losses)) == 3, f"varying {source} alone did not move the loss"
+        for run in runs:  # only this source's seed differs from the held ones
+            seeds = read_lock(ctx["runs"] / run["run_id"])["config"]["seeds"]
+            held = {k: v for k, v in seeds.items() if k != source}
+            assert held == {k: 0 for k in held}, seeds  # tiny's seed is 0
+    png = Path(done.stdout.split("plot: ")[-1].strip())
+    from PIL import Image
+
+    assert json.loads(Image.open(png).text["harness-variance"]) == report["points"]
