@@ -149,16 +149,22 @@ def add_summary(sub) -> None:
                     "final metrics; compare configurations with Welch's interval for the "
                     "difference and P(A>B), the share of seed pairs where one beats the "
                     "other with a bootstrap interval (is it larger than the seed noise?).")
-    summary.add_argument("sweep", help="sweep id (printed by `harness train -m`), prefix or file")
+    summary.add_argument("sweep", help="sweep id (printed by `harness train -m`), prefix or "
+                                       "file; a variance id prints that report again")
     add_runs_dir(summary)
     summary.add_argument("--json", action="store_true", help="machine-readable output")
     summary.set_defaults(handler=cmd_summary)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from harness import sweep
+    from harness import sweep, variance
 
-    report = sweep.summary(args.sweep, args.runs_dir)
+    path = sweep.resolve(args.sweep, args.runs_dir)
+    if "variance" in json.loads(path.read_text()):  # made by `harness variance`
+        result = variance.report(path)
+        print(json.dumps(result, indent=2) if args.json else variance.render(result))
+        return 0
+    report = sweep.summary(str(path), args.runs_dir)
     print(json.dumps(report, indent=2) if args.json else sweep.render(report))
     return 0
 

@@ -6,6 +6,8 @@ written down by a recording dataset and model (tests/fixtures/streams.py) during
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,10 @@ def test_variance_runs_each_source_alone_and_plots_what_it_reports(tmp_path_fact
             seeds = read_lock(ctx["runs"] / run["run_id"])["config"]["seeds"]
             held = {k: v for k, v in seeds.items() if k != source}
             assert held == {k: 0 for k in held}, seeds  # tiny's seed is 0
+    again = subprocess.run([sys.executable, "-m", "harness", "summary", record["sweep_id"],
+                            "--json", "--runs-dir", str(ctx["runs"])], cwd=ctx["base"],
+                           env=ctx["env"], capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout) == report  # the report again, from the record
     png = Path(done.stdout.split("plot: ")[-1].strip())
     from PIL import Image
 
