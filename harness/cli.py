@@ -187,6 +187,12 @@ def add_variance(sub) -> None:
     variance.add_argument("-o", "--output", type=Path, default=None,
                           help="PNG path (default: runs/sweeps/<variance-id>.png)")
     variance.add_argument("--json", action="store_true", help="machine-readable output")
+    variance.add_argument("--slurm", action="store_true",
+                          help="submit the runs as one Slurm job array (backend=slurm) instead "
+                               "of running them here one after another")
+    variance.add_argument("--wait", action="store_true",
+                          help="with --slurm: wait for the job array, then report; without "
+                               "it, `harness summary VARIANCE_ID` reports once they finish")
     add_config_dir(variance)
     add_runs_dir(variance)
     variance.set_defaults(handler=cmd_variance)
@@ -196,8 +202,18 @@ def cmd_variance(args: argparse.Namespace) -> int:
     from harness import variance
 
     sources = variance.parse_sources(args.sources)
-    path = variance.run(args.config, args.overrides, sources, args.n or variance.DEFAULT_RUNS,
-                        args.config_dir, args.runs_dir)
+    n = variance.DEFAULT_RUNS if args.n is None else args.n
+    if args.wait and not args.slurm:
+        raise ConfigError("--wait goes with --slurm (runs here are waited for anyway).")
+    if args.slurm:
+        path = variance.submit(args.config, args.overrides, sources, n, args.config_dir,
+                               args.runs_dir, args.wait)
+        if not args.wait:
+            print(f"harness: `harness summary {path.stem}` reports it once the runs finish")
+            return 0
+    else:
+        path = variance.run(args.config, args.overrides, sources, n, args.config_dir,
+                            args.runs_dir)
     result = variance.report(path)
     output = variance.plot(result, args.output or path.with_suffix(".png"))
     print(json.dumps(result, indent=2) if args.json else variance.render(result))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness import backends, config, data, distributed, launch, rundir, sbatch, sweep
 from harness.backends import slurm as slurm_backend
@@ -26,15 +26,32 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
     """Submit runs of config `name` (with -m, one per sweep combination, as one job array)
     through the batch backend; with `command`, runs of the user's command (as `harness run`
     does, in a batch job)."""
+    combos = sweep.expand(overrides) if multirun else [list(overrides)]
+    runs_dir = runs_dir or rundir.default_runs_dir()
+    run_dirs, job_id, cfgs = submit_combos(name, combos, backend, config_dir, runs_dir,
+                                           command, inputs, outputs)
+    if len(run_dirs) > 1:
+        record_sweep(name, overrides, combos, run_dirs, job_id, runs_dir)
+    if wait:
+        wait_all(run_dirs, float(cfgs[0]["backend"]["slurm"].get("poll_s") or 2.0))
+    for run_dir in run_dirs:
+        print(f"run dir: {run_dir}", flush=True)
+    return run_dirs
+
+
+def submit_combos(name: str, combos: List[List[str]], backend: str,
+                  config_dir: Optional[Path], runs_dir: Path,
+                  command: Optional[List[str]] = None, inputs: Sequence[str] = (),
+                  outputs: Sequence[str] = ()) -> Tuple[List[Path], str, List[Dict[str, Any]]]:
+    """One run per combination of overrides, as one job (a job array for several):
+    (run directories, job id, resolved configs)."""
     if backend not in BATCH_BACKENDS:
         raise ConfigError(f"harness submit: unknown backend '{backend}'; valid: "
                           f"{', '.join(BATCH_BACKENDS)} (for local or docker runs use harness "
                           f"train)")
     batch = backends.get(backend)
     slurm_backend.tool("sbatch")  # fail before preparing anything when Slurm is missing
-    combos = sweep.expand(overrides) if multirun else [list(overrides)]
     cfgs = compose_all(name, combos, backend, config_dir, command, inputs, outputs)
-    runs_dir = runs_dir or rundir.default_runs_dir()
     specs = prepare_all(cfgs, combos, batch, runs_dir)
     run_dirs = [spec.run_dir for spec in specs]
     job_id = batch.submit(specs, log_dir=runs_dir.resolve() / ".slurm")
@@ -45,13 +62,7 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
         label = f"{job_id}_{index}" if array else job_id
         print(f"harness: run {run_dir.name} = Slurm {label}: {' '.join(combos[index])}",
               flush=True)
-    if array:
-        record_sweep(name, overrides, combos, run_dirs, job_id, runs_dir)
-    if wait:
-        wait_all(run_dirs, float(cfgs[0]["backend"]["slurm"].get("poll_s") or 2.0))
-    for run_dir in run_dirs:
-        print(f"run dir: {run_dir}", flush=True)
-    return run_dirs
+    return run_dirs, job_id, cfgs
 
 
 def compose_all(name: str, combos: List[List[str]], backend: str,

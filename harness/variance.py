@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness import config, rundir, seeding, stats, sweep
-from harness.errors import ConfigError, RunFailed
+from harness.errors import ConfigError, HarnessError, RunFailed
 
 DEFAULT_RUNS = 5
 
@@ -48,25 +48,50 @@ def plan(cfg: Dict[str, Any], sources: List[str], n: int) -> List[Dict[str, Any]
     return runs
 
 
-def run(name: str, overrides: List[str], sources: List[str], n: int,
-        config_dir: Optional[Path], runs_dir: Optional[Path]) -> Path:
-    """Run every planned run in sequence; returns the record's path."""
-    from harness import launch
-
+def prepare(name: str, overrides: List[str], sources: List[str], n: int,
+            config_dir: Optional[Path]):
+    """(overrides with the seed fixed, planned runs, a new record)."""
     if n < 2:
         raise ConfigError(f"-n {n}: a spread needs at least 2 runs per source.")
-    runs_dir = (runs_dir or rundir.default_runs_dir()).resolve()
     base = config.compose(name, overrides, config_dir)
     if not any(o.lstrip("+").startswith("seed=") for o in overrides):
         overrides = [*overrides, f"seed={base['seed']}"]  # a drawn seed: the same for all
-    planned = plan(base, sources, n)
-    # Compose them all first: a bad override should not surface after an hour of runs.
-    configs = [config.compose(name, [*overrides, *p["overrides"]], config_dir) for p in planned]
     record: Dict[str, Any] = {
         "sweep_id": rundir.new_run_id(f"{name}-variance"), "config": name,
         "overrides": overrides, "variance": {"sources": sources, "n": n}, "runs": []}
     print(f"harness: variance {record['sweep_id']}: {len(sources)} source(s) × {n} runs",
           flush=True)
+    return overrides, plan(base, sources, n), record
+
+
+def submit(name: str, overrides: List[str], sources: List[str], n: int,
+           config_dir: Optional[Path], runs_dir: Optional[Path], wait: bool) -> Path:
+    """All planned runs as one Slurm job array; with `wait`, until they end."""
+    from harness import submit as batch
+
+    runs_dir = (runs_dir or rundir.default_runs_dir()).resolve()
+    overrides, planned, record = prepare(name, overrides, sources, n, config_dir)
+    combos = [[*overrides, *p["overrides"]] for p in planned]
+    run_dirs, job_id, cfgs = batch.submit_combos(name, combos, "slurm", config_dir, runs_dir)
+    record["slurm_job_id"] = job_id
+    record["runs"] = [{**p, "overrides": combo, "run_id": d.name, "state": "queued"}
+                      for p, combo, d in zip(planned, combos, run_dirs)]
+    path = sweep.save(runs_dir, record)
+    print(f"variance id:   {record['sweep_id']}\nvariance file: {path}", flush=True)
+    if wait:
+        batch.wait_all(run_dirs, float(cfgs[0]["backend"]["slurm"].get("poll_s") or 2.0))
+    return path
+
+
+def run(name: str, overrides: List[str], sources: List[str], n: int,
+        config_dir: Optional[Path], runs_dir: Optional[Path]) -> Path:
+    """Run every planned run in sequence; returns the record's path."""
+    from harness import launch
+
+    runs_dir = (runs_dir or rundir.default_runs_dir()).resolve()
+    overrides, planned, record = prepare(name, overrides, sources, n, config_dir)
+    # Compose them all first: a bad override should not surface after an hour of runs.
+    configs = [config.compose(name, [*overrides, *p["overrides"]], config_dir) for p in planned]
     for index, (entry, cfg) in enumerate(zip(planned, configs), start=1):
         print(f"harness: variance run {index}/{len(planned)}: seeds.{entry['source']}="
               f"{entry['value']}", flush=True)
@@ -104,6 +129,10 @@ def report(path: Path) -> Dict[str, Any]:
             source = points.setdefault(entry["source"], {m: [] for m, _ in sweep.METRICS})
             for metric, _ in sweep.METRICS:
                 source[metric].append(results[metric])
+    if not points:
+        raise HarnessError(f"no run of variance {record['sweep_id']} has finished (none has a "
+                           f"lockfile); nothing to report yet. `harness runs` shows their "
+                           f"states.")
     return {"variance_id": record["sweep_id"], "config": record["config"],
             "points": points,
             "sources": {source: {m: stats.summarize(v).__dict__ for m, v in values.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import harness, make_context, read_lock
+from conftest import harness, make_context, read_lock, require
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +90,19 @@ def test_variance_runs_each_source_alone_and_plots_what_it_reports(tmp_path_fact
     from PIL import Image
 
     assert json.loads(Image.open(png).text["harness-variance"]) == report["points"]
+
+
+@pytest.mark.slurm
+def test_variance_as_one_slurm_job_array(tmp_path_factory):
+    from test_slurm import slurm_up
+
+    require(slurm_up(), "Slurm is not running here (make slurm-env)")
+    ctx = make_context(tmp_path_factory.mktemp("variance-slurm"))
+    done = harness(ctx, "variance", "tiny", "-n", "2", "--sources", "init,order",
+                   "backend.slurm.cpus_per_task=1", "--slurm", "--wait", "--json", check_rc=0)
+    assert "submitted job array" in done.stdout
+    report = json.loads(done.stdout[done.stdout.index("\n{") + 1:done.stdout.rindex("}") + 1])
+    assert {s: v["final_loss"]["n"] for s, v in report["sources"].items()} == \
+        {"init": 2, "order": 2}
+    record = json.loads(next((ctx["runs"] / "sweeps").glob("*.json")).read_text())
+    assert record["slurm_job_id"] and len(record["runs"]) == 4
