@@ -36,6 +36,7 @@ def summary(run_dir: Path) -> Dict[str, Any]:
                weights=(results.get("weights_sha256") or "")[:12] or None,
                replay_of=(lock.get("replay_of") or {}).get("run_id"))
     row["backend"] = row["backend"] or (lock.get("backend") or {}).get("name")
+    row["ranks"] = (lock.get("distributed") or {}).get("world_size", 1)
     script = lock.get("script") or _read_optional(run_dir / rundir.LAUNCH).get(
         "lock", {}).get("script")
     row["warnings"] = (script or {}).get("warnings", [])
@@ -89,7 +90,11 @@ def render(rows: List[Dict[str, Any]]) -> str:
     def cell(value, fmt="{}"):
         return "-" if value is None else fmt.format(value)
 
-    lines = [[r["run"], cell(r["config"]), r["status"], cell(r["backend"]), cell(r["steps"]),
+    def backend(row):  # a data-parallel run: "local ×2"
+        ranks = row.get("ranks", 1)
+        return cell(row["backend"]) + (f" ×{ranks}" if ranks > 1 else "")
+
+    lines = [[r["run"], cell(r["config"]), r["status"], backend(r), cell(r["steps"]),
               cell(r["final_loss"], "{:.4f}"), cell(r["accuracy"], "{:.4f}"),
               cell(r["weights"]), _replay_cell(r)] for r in rows]
     return table(lines, list(COLUMNS))

@@ -75,6 +75,10 @@ def test_two_ranks_repeat_bit_for_bit_and_replay_is_identical(setup):
         lookup(lock, field)  # fails naming the documented field the lockfile lacks
     again = run_dir_of(harness(setup, *TRAIN, check_rc=0))
     assert_same_as_reference(setup, again)
+    listed = subprocess.run([sys.executable, "-m", "harness", "runs", "--runs-dir",
+                             str(setup["runs"])], env=setup["env"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "local ×2" in listed, listed
     done = subprocess.run([sys.executable, "-m", "harness", "replay", str(reference)],
                           cwd=setup["base"], env=setup["env"], capture_output=True, text=True,
                           timeout=600)
