@@ -50,7 +50,8 @@ def assert_same_as_reference(ctx, run_dir: Path) -> None:
 
 
 def rank_pid(run_dir: Path, rank: int) -> int:
-    """The pid of rank `rank` of the run (a `python -m harness.train RUN_DIR` with RANK=N)."""
+    """The pid of rank `rank` of the run (a `python -m harness.train RUN_DIR` with RANK=N,
+    or in a Slurm job SLURM_PROCID=N)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -59,7 +60,9 @@ def rank_pid(run_dir: Path, rank: int) -> int:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+        in_slurm = b"HARNESS_RANKS=slurm" in environ  # srun: one task per rank
+        mark = f"{'SLURM_PROCID' if in_slurm else 'RANK'}={rank}".encode()
+        if str(run_dir).encode() in cmdline and mark in environ:
             return int(entry.name)
     raise AssertionError(f"no process of rank {rank} for {run_dir}")
 
@@ -181,6 +184,25 @@ def test_requeued_two_task_job_resumes_every_rank_exactly(cluster):
     assert status_of(run_dir)["slurm_restarts"] >= 1
     assert_same_as_reference(cluster, run_dir)
 
+
+
+
+@pytest.mark.slurm
+def test_rank_killed_in_a_slurm_job_fails_it_and_resume_is_exact(cluster):
+    from test_slurm import status_of, wait_for_steps
+
+    run_dir = run_dir_of(harness(cluster, "submit", "tiny", *SLURM, check_rc=0))
+    wait_for_steps(run_dir, 11)
+    started = time.monotonic()
+    os.kill(rank_pid(run_dir, 1), signal.SIGKILL)
+    done = harness(cluster, "slurm", "status", run_dir.name, "--wait", check_rc=1)
+    assert time.monotonic() - started < 60, "the job did not end after a rank died"
+    status = status_of(run_dir)
+    assert status["state"] == "failed", (status, done.stdout)
+    assert not (run_dir / "harness.lock").exists()
+    resumed = harness(cluster, "train", "--resume", run_dir.name, check_rc=0)
+    assert "resuming from step-0000001" in resumed.stdout  # step 10: mid-epoch 2
+    assert_same_as_reference(cluster, run_dir)
 
 
 def pair_up() -> bool:
