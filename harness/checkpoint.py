@@ -82,6 +82,11 @@ def facts_sha256(facts: Dict[str, Any]) -> str:
     return canonical_sha256(facts)
 
 
+def differing_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    """The keys whose values differ between two sets of environment facts, sorted."""
+    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
 # ---------------------------------------------------------------- save / load / validate
 
 
@@ -198,8 +203,7 @@ def validate(state: Dict[str, Any], path: Path, config_sha256: str,
             f"own config (`harness train --resume RUN` with no overrides), or start a new run.")
     if state["environment_sha256"] != facts_sha256(facts):
         diffs = [f"{key}: checkpoint {state['environment'].get(key)!r}, here {facts.get(key)!r}"
-                 for key in sorted(set(facts) | set(state["environment"]))
-                 if state["environment"].get(key) != facts.get(key)]
+                 for key in differing_keys(state["environment"], facts)]
         raise CheckpointRefused(
             f"checkpoint {path} was written in another environment, so resuming here could "
             f"not reproduce the uninterrupted run bit for bit. Differences: "

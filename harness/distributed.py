@@ -337,15 +337,10 @@ def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env
         signal.signal(signum, lambda s, f: group.signal(s))
     watch_launcher()  # our launcher dying is a stop signal too (runtime.py)
     child_argv = [a for a in argv if a != "--watch-stdin"]  # children watch us instead
-    try:
-        for rank in local_ranks(devices):
-            env = {**os.environ, **rank.environment(), launcher_pid_env: str(os.getpid())}
-            group.add(subprocess.Popen(
-                [sys.executable, "-u", "-m", "harness.train", *child_argv], env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    except BaseException:
-        group.kill_all()  # the ranks started would wait for the missing one
-        raise
+    group.start(local_ranks(devices), lambda rank: subprocess.Popen(
+        [sys.executable, "-u", "-m", "harness.train", *child_argv],
+        env={**os.environ, **rank.environment(), launcher_pid_env: str(os.getpid())},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     code = group.wait()
     return code, group.failure
 
@@ -359,6 +354,16 @@ class RankGroup:
         self.readers: List[threading.Thread] = []
         self.failure = ""  # why the run failed, once a rank did
         self.stop_signal: Optional[int] = None  # a stop signal already passed on
+
+    def start(self, ranks: List[Rank], start_one: Callable[[Rank], subprocess.Popen]) -> None:
+        """A process per rank; if one cannot start, those started are killed (they would
+        wait for it) and the error goes on."""
+        try:
+            for rank in ranks:
+                self.add(start_one(rank))
+        except BaseException:
+            self.kill_all()
+            raise
 
     def add(self, process: subprocess.Popen) -> None:
         reader = threading.Thread(target=self._pass_output,

@@ -135,8 +135,7 @@ class Runtime:
         facts = distributed.all_gather(self.checkpoint_facts(), self.rank)
         for rank, theirs in enumerate(facts):
             if theirs != facts[0]:
-                keys = sorted(k for k in set(theirs) | set(facts[0])
-                              if theirs.get(k) != facts[0].get(k))
+                keys = checkpoint.differing_keys(facts[0], theirs)
                 raise EnvironmentProblem(
                     f"rank {rank} (host {self.ranks[rank]['host']}) computes differently from "
                     f"rank 0 (host {self.ranks[0]['host']}): {', '.join(keys)} differ. Run all "

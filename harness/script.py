@@ -140,12 +140,8 @@ def run_processes(rt: Runtime, argv: List[str], env: Dict[str, str], nproc: int,
     output passed through (`[rank N]` before the lines of ranks above 0), and when one
     fails the others are killed at once, so none is left waiting in a collective."""
     group = distributed.RankGroup([], run_dir / rundir.LOG)
-    try:
-        for rank in distributed.local_ranks(nproc):
-            group.add(_start(argv, {**env, **rank.environment()}))
-    except BaseException:
-        group.kill_all()
-        raise
+    group.start(distributed.local_ranks(nproc),
+                lambda rank: _start(argv, {**env, **rank.environment()}))
     rt.stop.forward = group.signal
     if rt.stop.signum:  # a stop that came while we were starting them
         group.signal(rt.stop.signum)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from harness import config, rundir, stats
 from harness.errors import ConfigError, HarnessError, RunFailed
@@ -40,31 +40,42 @@ def run(name: str, overrides: List[str], config_dir: Optional[Path],
         runs_dir: Optional[Path]) -> Path:
     """Run every combination in sequence; returns the sweep record. A failed run is
     recorded and the sweep goes on; the sweep fails at the end if any run failed."""
-    from harness import launch
-
-    runs_dir = (runs_dir or rundir.default_runs_dir()).resolve()
     combos = expand(overrides)
-    # Compose them all first: a typo in the last combination should not surface an hour in.
-    configs = [config.compose(name, combo, config_dir) for combo in combos]
     sweep_id = rundir.new_run_id(f"{name}-sweep")
     record: Dict[str, Any] = {"sweep_id": sweep_id, "config": name, "overrides": overrides,
                               "runs": []}
     print(f"harness: sweep {sweep_id}: {len(combos)} runs", flush=True)
-    for index, (combo, cfg) in enumerate(zip(combos, configs), start=1):
-        print(f"harness: sweep run {index}/{len(combos)}: {' '.join(combo)}", flush=True)
-        entry = {"overrides": combo, "run_id": None, "state": "failed"}
+    return run_in_sequence(name, record, [{"overrides": combo} for combo in combos],
+                           config_dir, runs_dir)
+
+
+def run_in_sequence(name: str, record: Dict[str, Any], entries: List[Dict[str, Any]],
+                    config_dir: Optional[Path], runs_dir: Optional[Path], kind: str = "sweep",
+                    label: Callable[[Dict[str, Any]], str] = lambda e: " ".join(e["overrides"])
+                    ) -> Path:
+    """Run `entries` (each with its full `overrides`) one after another, each recorded in
+    `record.runs` with its run id and state, the record saved after every run. A failed
+    run is recorded and the rest go on; RunFailed at the end if any failed."""
+    from harness import launch
+
+    runs_dir = (runs_dir or rundir.default_runs_dir()).resolve()
+    # Compose them all first: a typo in the last combination should not surface an hour in.
+    configs = [config.compose(name, entry["overrides"], config_dir) for entry in entries]
+    for index, (entry, cfg) in enumerate(zip(entries, configs), start=1):
+        print(f"harness: {kind} run {index}/{len(entries)}: {label(entry)}", flush=True)
+        result = {**entry, "run_id": None, "state": "failed"}
         try:
-            run_dir = launch.start(cfg, combo, runs_dir)
-            entry.update(run_id=run_dir.name, state="succeeded")
+            run_dir = launch.start(cfg, entry["overrides"], runs_dir)
+            result.update(run_id=run_dir.name, state="succeeded")
         except RunFailed as exc:
-            entry["error"] = str(exc)
+            result["error"] = str(exc)
             print(f"harness: {exc}", flush=True)
-        record["runs"].append(entry)
+        record["runs"].append(result)
         path = save(runs_dir, record)
     failed = [r for r in record["runs"] if r["state"] != "succeeded"]
-    print(f"sweep id:   {sweep_id}\nsweep file: {path}", flush=True)
+    print(f"{kind} id:   {record['sweep_id']}\n{kind} file: {path}", flush=True)
     if failed:
-        raise RunFailed(f"{len(failed)} of {len(combos)} sweep runs failed; see {path}")
+        raise RunFailed(f"{len(failed)} of {len(entries)} {kind} runs failed; see {path}")
     return path
 
 

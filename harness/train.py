@@ -38,9 +38,10 @@ from harness.runtime import Runtime
 class EpochShards(torch.utils.data.Sampler):
     """This rank's batches of one epoch, from sample `start` of the epoch on (a resume
     mid-epoch). The epoch's order is a pure function of (seed, epoch). Each step takes the
-    next world × batch_size samples of it (the global batch) and splits them evenly over
-    the ranks in rank order; a last global batch smaller than the world is dropped (a rank
-    with no sample would have nothing to reduce). With one rank: batches of batch_size."""
+    next world × batch_size samples of it (the global batch) and splits them over the ranks
+    in rank order, as evenly as they go (a last, smaller one may leave shares one sample
+    apart); a last global batch smaller than the world is dropped (a rank with no sample
+    would have nothing to reduce). With one rank: batches of batch_size."""
 
     def __init__(self, size: int, seed: int, epoch: int, batch_size: int,
                  rank: int = 0, world: int = 1, start: int = 0):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness import config, rundir, seeding, stats, sweep
-from harness.errors import ConfigError, HarnessError, RunFailed
+from harness.errors import ConfigError, HarnessError
 
 DEFAULT_RUNS = 5
 
@@ -50,7 +50,8 @@ def plan(cfg: Dict[str, Any], sources: List[str], n: int) -> List[Dict[str, Any]
 
 def prepare(name: str, overrides: List[str], sources: List[str], n: int,
             config_dir: Optional[Path]):
-    """(overrides with the seed fixed, planned runs, a new record)."""
+    """(the planned runs, each with its full overrides: the given ones, the seed fixed, and
+    its seeds; a new record)."""
     if n < 2:
         raise ConfigError(f"-n {n}: a spread needs at least 2 runs per source.")
     base = config.compose(name, overrides, config_dir)
@@ -61,7 +62,8 @@ def prepare(name: str, overrides: List[str], sources: List[str], n: int,
         "overrides": overrides, "variance": {"sources": sources, "n": n}, "runs": []}
     print(f"harness: variance {record['sweep_id']}: {len(sources)} source(s) × {n} runs",
           flush=True)
-    return overrides, plan(base, sources, n), record
+    planned = [{**p, "overrides": [*overrides, *p["overrides"]]} for p in plan(base, sources, n)]
+    return planned, record
 
 
 def submit(name: str, overrides: List[str], sources: List[str], n: int,
@@ -70,12 +72,12 @@ def submit(name: str, overrides: List[str], sources: List[str], n: int,
     from harness import submit as batch
 
     runs_dir = (runs_dir or rundir.default_runs_dir()).resolve()
-    overrides, planned, record = prepare(name, overrides, sources, n, config_dir)
-    combos = [[*overrides, *p["overrides"]] for p in planned]
-    run_dirs, job_id, cfgs = batch.submit_combos(name, combos, "slurm", config_dir, runs_dir)
+    planned, record = prepare(name, overrides, sources, n, config_dir)
+    run_dirs, job_id, cfgs = batch.submit_combos(
+        name, [p["overrides"] for p in planned], "slurm", config_dir, runs_dir)
     record["slurm_job_id"] = job_id
-    record["runs"] = [{**p, "overrides": combo, "run_id": d.name, "state": "queued"}
-                      for p, combo, d in zip(planned, combos, run_dirs)]
+    record["runs"] = [{**p, "run_id": d.name, "state": "queued"}
+                      for p, d in zip(planned, run_dirs)]
     path = sweep.save(runs_dir, record)
     print(f"variance id:   {record['sweep_id']}\nvariance file: {path}", flush=True)
     if wait:
@@ -86,30 +88,9 @@ def submit(name: str, overrides: List[str], sources: List[str], n: int,
 def run(name: str, overrides: List[str], sources: List[str], n: int,
         config_dir: Optional[Path], runs_dir: Optional[Path]) -> Path:
     """Run every planned run in sequence; returns the record's path."""
-    from harness import launch
-
-    runs_dir = (runs_dir or rundir.default_runs_dir()).resolve()
-    overrides, planned, record = prepare(name, overrides, sources, n, config_dir)
-    # Compose them all first: a bad override should not surface after an hour of runs.
-    configs = [config.compose(name, [*overrides, *p["overrides"]], config_dir) for p in planned]
-    for index, (entry, cfg) in enumerate(zip(planned, configs), start=1):
-        print(f"harness: variance run {index}/{len(planned)}: seeds.{entry['source']}="
-              f"{entry['value']}", flush=True)
-        result = {**entry, "overrides": [*overrides, *entry["overrides"]], "run_id": None,
-                  "state": "failed"}
-        try:
-            run_dir = launch.start(cfg, result["overrides"], runs_dir)
-            result.update(run_id=run_dir.name, state="succeeded")
-        except RunFailed as exc:
-            result["error"] = str(exc)
-            print(f"harness: {exc}", flush=True)
-        record["runs"].append(result)
-        path = sweep.save(runs_dir, record)
-    failed = [r for r in record["runs"] if r["state"] != "succeeded"]
-    print(f"variance id:   {record['sweep_id']}\nvariance file: {path}", flush=True)
-    if failed:
-        raise RunFailed(f"{len(failed)} of {len(planned)} variance runs failed; see {path}")
-    return path
+    planned, record = prepare(name, overrides, sources, n, config_dir)
+    return sweep.run_in_sequence(name, record, planned, config_dir, runs_dir, kind="variance",
+                                 label=lambda e: f"seeds.{e['source']}={e['value']}")
 
 
 def report(path: Path) -> Dict[str, Any]:
