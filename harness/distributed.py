@@ -337,9 +337,12 @@ def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env
         signal.signal(signum, lambda s, f: group.signal(s))
     watch_launcher()  # our launcher dying is a stop signal too (runtime.py)
     child_argv = [a for a in argv if a != "--watch-stdin"]  # children watch us instead
+    # Ranks on one machine talk over loopback; without a name that resolves to a local
+    # address (a container's host name with network none) gloo would warn and pick it too.
+    env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, launcher_pid_env: str(os.getpid())}
     group.start(local_ranks(devices), lambda rank: subprocess.Popen(
         [sys.executable, "-u", "-m", "harness.train", *child_argv],
-        env={**os.environ, **rank.environment(), launcher_pid_env: str(os.getpid())},
+        env={**env, **rank.environment()},
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     code = group.wait()
     return code, group.failure
