@@ -433,18 +433,26 @@ def add_replay(sub) -> None:
                     "new run linked to RUN, and compare loss bits, parameter fingerprints and "
                     "final weights (a `harness run` command: every declared output file): "
                     "IDENTICAL (exit 0) or DIVERGED (exit 7).")
-    replay.add_argument("run", help="run id, unique prefix of one, or run directory")
+    replay.add_argument("run", help="run id, unique prefix of one, or run directory; or "
+                                    "the id of an MLflow run logged by tracker=mlflow "
+                                    "(32 hex digits, or mlflow:ID)")
     add_runs_dir(replay, help="where to find RUN and put the replay (default: $HARNESS_RUNS "
                               "or ./runs; a RUN path puts the replay beside it)")
     replay.add_argument("--allow-mismatch", action="store_true",
                         help="replay despite blocking differences (they are recorded)")
+    replay.add_argument("--tracking-uri",
+                        help="where to find an MLflow RUN (default: $MLFLOW_TRACKING_URI, "
+                             "else the default store in the runs directory); its lockfile, "
+                             "config, metrics and model are fetched into the runs directory "
+                             "when the run is not there")
     replay.set_defaults(handler=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from harness import replay
 
-    return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch)
+    return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch,
+                         tracking_uri=args.tracking_uri)
 
 
 def add_verify(sub) -> None:

@@ -144,8 +144,20 @@ class BackendConf:
 
 
 @dataclass
+class MlflowConf:
+    enabled: bool = False  # log the run to MLflow, live (harness/tracking.py)
+    # Any MLflow tracking URI (http://host:5000, sqlite:///path.db, databricks, ...); null:
+    # a SQLite store in <runs dir>/.mlflow (browse it: mlflow ui --backend-store-uri ...).
+    tracking_uri: Optional[str] = None
+    experiment: str = "harness"  # created when missing
+
+
+@dataclass
 class TrackerConf:
-    tensorboard: bool = False  # export metrics, config and lockfile as TensorBoard events
+    """Where the launcher sends each run's metrics while it trains, and its config, lockfile
+    and model when it ends. The training process itself never talks to a tracker."""
+    tensorboard: bool = False  # TensorBoard event files in runs/<id>/tensorboard/
+    mlflow: MlflowConf = field(default_factory=MlflowConf)
 
 
 @dataclass

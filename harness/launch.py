@@ -72,7 +72,9 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     # A backend may add lock facts (docker: image and engine) and check that it can run
     # at all (engine up, image built, GPUs available) before anything is written.
     lock_extra = {**backend.lock_facts(cfg), **(lock_extra or {})}
-    run_dir = rundir.create(runs_dir or rundir.default_runs_dir(), cfg["name"])
+    runs_dir = runs_dir or rundir.default_runs_dir()
+    tracking.check(cfg, runs_dir)
+    run_dir = rundir.create(runs_dir, cfg["name"])
     with rundir.WriterLock(run_dir).acquire("harness train") as lock:
         prepare(run_dir, cfg, overrides, backend.name, data_root, data_files, launched,
                 lock_extra)
@@ -168,6 +170,12 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
     interval = progress.live_interval()
     if interval:  # a terminal: ask the training for frequent lines to draw a live bar
         env[progress.INTERVAL_ENV] = interval
+    try:
+        follower = tracking.follow(run_dir, cfg, backend.name)
+    except HarnessError as exc:
+        rundir.write_status(run_dir, "failed", exit_code=exc.exit_code, reason=str(exc),
+                            finished_utc=rundir.now_utc())
+        raise
     handle = backend.launch(backends.LaunchSpec(
         run_dir=run_dir, cfg=cfg, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
         env=env, data_root=data_root, extra_args=extra_args, lock_fd=lock.fd))
@@ -184,13 +192,14 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
         code = handle.wait()
     except KeyboardInterrupt:
         handle.stop()
+        follower.close("failed")
         rundir.write_status(run_dir, "failed", exit_code=130, reason="interrupted",
                             finished_utc=rundir.now_utc())
         raise RunFailed(f"run {run_dir.name} interrupted; it is marked failed.") from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return finish(run_dir, code)
+    return finish(run_dir, code, follower)
 
 
 def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_name: str,
@@ -248,8 +257,10 @@ def _findable(program: str, workdir: Path) -> bool:
     return shutil.which(program, path=search) is not None
 
 
-def finish(run_dir: Path, code: int) -> Path:
+def finish(run_dir: Path, code: int, follower: tracking.Follower) -> Path:
     lock_written = (run_dir / rundir.LOCK).exists()
+    follower.close("preempted" if code == REQUEUE_EXIT else
+                   "succeeded" if code == 0 and lock_written else "failed")
     if code == REQUEUE_EXIT:
         rundir.write_status(run_dir, "preempted", exit_code=code, finished_utc=rundir.now_utc(),
                             reason="stopped on a signal after writing a checkpoint")
@@ -258,7 +269,6 @@ def finish(run_dir: Path, code: int) -> Path:
                         f"{run_dir.name}`.")
     if code == 0 and lock_written:
         rundir.write_status(run_dir, "succeeded", exit_code=0, finished_utc=rundir.now_utc())
-        tracking.export(run_dir, config.load_yaml(run_dir / rundir.CONFIG))
         print(f"harness: run {run_dir.name} succeeded", flush=True)
         print(f"run id:  {run_dir.name}\nrun dir: {run_dir}", flush=True)
         return run_dir

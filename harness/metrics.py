@@ -5,12 +5,13 @@
 
 The loop writes it (Writer, flushed per record); a resume truncates it to the checkpoint's
 step (truncate) and re-writes the rest bit for bit; replay, verify, plots, trackers and
-`harness runs` read it (read, train_steps).
+`harness runs` read it (read, train_steps); the launcher's trackers follow it live (Tail).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -52,6 +53,31 @@ def train_steps(run_dir: Path) -> int:
             return sum(1 for line in handle if '"kind": "train"' in line)
     except OSError:
         return 0
+
+
+class Tail:
+    """The records appended since the last call, for a reader that follows a running
+    training. A resume replaces the file (truncate): the tail then starts over from its
+    beginning, and the caller skips the steps it already has."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / rundir.METRICS
+        self.offset = 0
+        self.inode: Optional[int] = None
+
+    def new_records(self) -> List[Dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                if stat.st_ino != self.inode or stat.st_size < self.offset:
+                    self.inode, self.offset = stat.st_ino, 0
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
 
 
 def truncate(run_dir: Path, step: int) -> None:

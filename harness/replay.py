@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import __version__, capture, compare, config, gate, lockfile, outputs, rundir
-from harness.errors import Diverged, EnvironmentProblem, ReplayRefused
+from harness import (__version__, capture, compare, config, gate, lockfile, outputs, rundir,
+                     tracking)
+from harness.errors import ConfigError, Diverged, EnvironmentProblem, ReplayRefused
 
 
 def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, Any],
@@ -69,11 +70,23 @@ def refusal(run_id: str, blocking: List[gate.Difference]) -> str:
             f"new run and the comparison will likely report DIVERGED.")
 
 
-def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False) -> int:
+def locate(ref: str, runs_dir: Optional[Path], tracking_uri: Optional[str]) -> str:
+    """A run id, prefix or directory as given; an MLflow run id becomes the directory of the
+    harness run it logged (fetched from its artifacts when it is not here)."""
+    try:
+        return str(rundir.resolve(ref, runs_dir))
+    except ConfigError:
+        if not tracking.looks_like_mlflow_run(ref):
+            raise
+    return str(tracking.fetch_run(ref, runs_dir or rundir.default_runs_dir(), tracking_uri))
+
+
+def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
+           tracking_uri: Optional[str] = None) -> int:
     from harness import launch
 
     started = time.perf_counter()
-    orig_dir, lock, cfg = load_original(ref, runs_dir)
+    orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir)
     current, skip = current_environment(cfg)
     diffs = gate.gate(lock, current, skip)
     blocking = [d for d in diffs if d.blocking]

@@ -46,6 +46,7 @@ WRITER_LOCK = ".writer.lock"
 REPLAY = "replay.json"
 VERIFY = "verify.json"
 OUTPUTS = "outputs"
+TRACKING = "tracking.json"  # the trackers' state: MLflow run id, last step sent
 SCRIPT_REPORTS = ".script"
 STATUS_CHECK = "status check"  # the WriterLock purpose of a reader that only looks
 

@@ -1,39 +1,364 @@
-"""Export a finished run to TensorBoard (`tracker.tensorboard=true`): event files in
-`runs/<id>/tensorboard/` with the per-step loss, the evaluation, and the run id, config and
-lockfile attached as text. Point TensorBoard at `runs/` to browse every run.
+"""Trackers: a run's loss in TensorBoard and MLflow while it trains, then its config,
+lockfile and model when it ends (`tracker=tensorboard`, `tracker=mlflow`).
 
-Written by the launcher from metrics.jsonl after the run, not by the training loop: the
-training process (and its container image) needs no tracker library, and the exported
-values are the recorded ones, bit for bit."""
+The launcher tracks, not the training loop: while the backend runs the training, a follower
+thread tails metrics.jsonl (metrics.Tail) and hands each new record to the selected
+trackers. So the training process and its container image need no tracker library, a slow
+or unreachable tracker costs the training nothing (it never waits on a network), and a
+tracker shows the recorded values, bit for bit. The follower polls every POLL_S seconds; the
+loop writes a record every `trainer.log_every` steps.
+
+tracking.json in the run directory keeps the MLflow run id, so that a resumed run continues
+its MLflow run, and the last step sent, so that a resume does not send steps twice.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import metrics, rundir
+from harness.errors import ConfigError, EnvironmentProblem, LockfileError
 
+POLL_S = 1.0
 TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DIR = ".mlflow"  # the default MLflow store, in the runs directory
+ARTIFACT_DIR = "harness"  # where a run's files go among its MLflow artifacts
+ARTIFACTS = (rundir.LOCK, rundir.CONFIG, rundir.OVERRIDES, rundir.METRICS, rundir.WEIGHTS,
+             rundir.LOG)
+MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
+MAX_PARAM_LENGTH = 6000  # MLflow refuses longer parameter values
+# MLflow's HTTP client retries 7 times with backoff (minutes) before it gives up: too long
+# for the check before a run and for the end of one. A user's own setting wins.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
-def export(run_dir: Path, cfg: dict) -> None:
-    if not (cfg.get("tracker") or {}).get("tensorboard"):
-        return
-    from torch.utils.tensorboard import SummaryWriter
+def mlflow_settings(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    settings = (cfg.get("tracker") or {}).get("mlflow") or {}
+    return settings if settings.get("enabled") else None
 
-    out = run_dir / TENSORBOARD_DIR
-    writer = SummaryWriter(log_dir=str(out))
+
+def check(cfg: Dict[str, Any], runs_dir: Path) -> None:
+    """Before anything is written: the selected trackers can be used (MLflow installed, its
+    store reachable, the experiment there)."""
+    settings = mlflow_settings(cfg)
+    if settings:
+        client, uri = mlflow_client(settings["tracking_uri"], runs_dir)
+        experiment_id(client, uri, settings, runs_dir)
+
+
+# ------------------------------------------------------------------------------ follower
+
+class Follower:
+    """Sends a running training's new metrics records to the trackers, then its files."""
+
+    def __init__(self, run_dir: Path, trackers: List[Any], state: Dict[str, Any]):
+        self.run_dir, self.trackers, self.state = run_dir, trackers, state
+        self.tail = metrics.Tail(run_dir)
+        self.backlog: Dict[int, List[Dict[str, Any]]] = {id(t): [] for t in trackers}
+        self.warned: set = set()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="harness-tracking", daemon=True)
+
+    def start(self) -> "Follower":
+        if self.trackers:
+            self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(POLL_S):
+            self.poll()
+
+    def poll(self) -> None:
+        fresh = [r for r in self.tail.new_records()
+                 if r.get("kind") == "eval" or r.get("step", 0) > self.state["last_step"]]
+        for record in fresh:
+            if record.get("kind") == "train":
+                self.state["last_step"] = record["step"]
+        for tracker in self.trackers:
+            pending = self.backlog[id(tracker)] + fresh
+            try:
+                if pending:
+                    tracker.send(pending)
+                self.backlog[id(tracker)] = []
+            except Exception as exc:  # noqa: BLE001 - a tracker never stops the training
+                self.backlog[id(tracker)] = pending
+                self._warn(tracker, f"cannot send metrics ({exc}); retrying")
+
+    def close(self, outcome: str) -> None:
+        """After the training ended (outcome: succeeded, failed, preempted): the last
+        records, then each tracker's files and final state."""
+        if not self.trackers:
+            return
+        self.stopped.set()
+        self.thread.join()
+        self.poll()
+        for tracker in self.trackers:
+            try:
+                tracker.close(self.run_dir, outcome)
+            except Exception as exc:  # noqa: BLE001 - the run's own outcome stands
+                self._warn(tracker, f"cannot record the end of the run ({exc})")
+        save_state(self.run_dir, self.state)
+
+    def _warn(self, tracker: Any, message: str) -> None:
+        if tracker.name not in self.warned:
+            self.warned.add(tracker.name)
+            print(f"harness: tracker {tracker.name}: {message}", file=sys.stderr, flush=True)
+
+
+def follow(run_dir: Path, cfg: Dict[str, Any], backend_name: str) -> Follower:
+    """Open the selected trackers for a run about to start (or resume) and follow it."""
+    state = load_state(run_dir)
+    trackers: List[Any] = []
+    if (cfg.get("tracker") or {}).get("tensorboard"):
+        trackers.append(TensorBoard(run_dir))
+    settings = mlflow_settings(cfg)
+    if settings:
+        trackers.append(Mlflow.open(run_dir, cfg, backend_name, settings, state))
+    save_state(run_dir, state)
+    return Follower(run_dir, trackers, state).start()
+
+
+def load_state(run_dir: Path) -> Dict[str, Any]:
+    path = run_dir / rundir.TRACKING
+    return rundir.read_json(path) if path.exists() else {"last_step": 0}
+
+
+def save_state(run_dir: Path, state: Dict[str, Any]) -> None:
+    rundir.write_json(run_dir / rundir.TRACKING, state)
+
+
+def read_lock(run_dir: Path) -> Optional[Dict[str, Any]]:
+    path = run_dir / rundir.LOCK
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+class TensorBoard:
+    """Event files in runs/<id>/tensorboard/: the loss as it comes, the evaluation, and the
+    run id, config and lockfile as text at the end. Point TensorBoard at runs/."""
+
+    name = "tensorboard"
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out = run_dir / TENSORBOARD_DIR
+        self.writer = SummaryWriter(log_dir=str(self.out))
+
+    def send(self, records: List[Dict[str, Any]]) -> None:
+        for record in records:
+            if record.get("kind") == "train":
+                self.writer.add_scalar("train/loss", record["loss"], record["step"])
+            elif record.get("kind") == "eval":
+                self.writer.add_scalar("eval/accuracy", record["accuracy"], record["step"])
+                self.writer.add_scalar("eval/loss", record["loss"], record["step"])
+        self.writer.flush()
+
+    def close(self, run_dir: Path, outcome: str) -> None:
+        self.writer.add_text("run_id", run_dir.name)
+        self.writer.add_text("state", outcome)
+        self.writer.add_text("config", "```\n" + (run_dir / rundir.CONFIG).read_text() + "\n```")
+        if (run_dir / rundir.LOCK).exists():
+            self.writer.add_text("lockfile", "```\n" + (run_dir / rundir.LOCK).read_text()
+                                 + "\n```")
+        self.writer.close()
+        print(f"harness: TensorBoard events in {self.out}", flush=True)
+
+
+# -------------------------------------------------------------------------------- MLflow
+
+def default_tracking_uri(runs_dir: Path) -> str:
+    return f"sqlite:///{(runs_dir / MLFLOW_DIR).resolve() / 'mlflow.db'}"
+
+
+def mlflow_client(tracking_uri: Optional[str], runs_dir: Path) -> Tuple[Any, str]:
+    """(an MlflowClient, its tracking URI): the given one, or the default store."""
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     try:
-        train, evaluation = metrics.read(run_dir)
-        for record in train:
-            writer.add_scalar("train/loss", record["loss"], record["step"])
-        if evaluation:
-            writer.add_scalar("eval/accuracy", evaluation["accuracy"], evaluation["step"])
-            writer.add_scalar("eval/loss", evaluation["loss"], evaluation["step"])
-        writer.add_text("run_id", run_dir.name)
-        writer.add_text("config", "```\n" + (run_dir / rundir.CONFIG).read_text() + "\n```")
-        lock_path = run_dir / rundir.LOCK
-        if lock_path.exists():
-            writer.add_text("lockfile", "```\n" + lock_path.read_text() + "\n```")
-    finally:
-        writer.close()
-    print(f"harness: TensorBoard events in {out}", flush=True)
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise EnvironmentProblem(
+            "tracker=mlflow needs the MLflow client where harness runs: "
+            "pip install 'harness[mlflow]' (mlflow-skinny, with SQLite support for the "
+            "default store), or choose another tracker (tracker=none).") from None
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database set-up chatter
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if tracking_uri is None:
+        (runs_dir / MLFLOW_DIR).mkdir(parents=True, exist_ok=True)
+        tracking_uri = default_tracking_uri(runs_dir)
+    return MlflowClient(tracking_uri=tracking_uri), tracking_uri
+
+
+def experiment_id(client: Any, uri: str, settings: Dict[str, Any], runs_dir: Path) -> str:
+    """The experiment's id, created when missing (the default store keeps artifacts beside
+    its database)."""
+    from mlflow.exceptions import MlflowException
+
+    name = settings["experiment"]
+    try:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None if settings["tracking_uri"] else \
+            (runs_dir / MLFLOW_DIR / "artifacts").resolve().as_uri()
+        return client.create_experiment(name, artifact_location=location)
+    except (MlflowException, OSError) as exc:
+        raise EnvironmentProblem(
+            f"cannot use the MLflow tracking store {uri} (experiment {name!r}): "
+            f"{_first_line(exc)}. Start the server, or point tracker.mlflow.tracking_uri at "
+            f"one that runs, or train without tracker=mlflow.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def flat_params(cfg: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, str]]:
+    """The resolved config as MLflow parameters: dotted keys, values as YAML would show."""
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from flat_params(value, f"{name}.")
+        else:
+            text = json.dumps(value) if not isinstance(value, str) else value
+            yield name, text if len(text) <= MAX_PARAM_LENGTH else \
+                text[:MAX_PARAM_LENGTH - 3] + "..."
+
+
+class Mlflow:
+    """One MLflow run per harness run: the resolved config as parameters, `train/loss` live,
+    `eval/*` at the end, the run's files as artifacts under `harness/`, tags that link it
+    to the lockfile (harness.run_id, harness.lock_sha256, harness.backend, harness.image_id)."""
+
+    name = "mlflow"
+
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def open(cls, run_dir: Path, cfg: Dict[str, Any], backend_name: str,
+             settings: Dict[str, Any], state: Dict[str, Any]) -> "Mlflow":
+        from mlflow.entities import Param
+
+        client, uri = mlflow_client(settings["tracking_uri"], run_dir.parent)
+        if state.get("mlflow_run_id"):  # a resume continues the run's MLflow run
+            client.update_run(state["mlflow_run_id"], status="RUNNING")
+            return cls(client, state["mlflow_run_id"])
+        run = client.create_run(
+            experiment_id(client, uri, settings, run_dir.parent), run_name=run_dir.name,
+            tags={"harness.run_id": run_dir.name, "harness.backend": backend_name,
+                  "harness.config": str(cfg.get("name"))})
+        params = [Param(k, v) for k, v in flat_params(cfg)]
+        for start in range(0, len(params), 100):  # MLflow takes 100 parameters per call
+            client.log_batch(run.info.run_id, params=params[start:start + 100])
+        state.update(mlflow_run_id=run.info.run_id, mlflow_tracking_uri=uri)
+        print(f"harness: MLflow run {run.info.run_id} at {uri}", flush=True)
+        return cls(client, run.info.run_id)
+
+    def send(self, records: List[Dict[str, Any]]) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        values = []
+        for record in records:
+            if record.get("kind") == "train":
+                values.append(Metric("train/loss", record["loss"], now_ms, record["step"]))
+            elif record.get("kind") == "eval":
+                values += [Metric("eval/accuracy", record["accuracy"], now_ms, record["step"]),
+                           Metric("eval/loss", record["loss"], now_ms, record["step"])]
+        for start in range(0, len(values), 1000):  # and 1000 metrics
+            self.client.log_batch(self.run_id, metrics=values[start:start + 1000])
+
+    def close(self, run_dir: Path, outcome: str) -> None:
+        lock = read_lock(run_dir)
+        tags = {"harness.state": outcome}
+        if lock:
+            tags["harness.lock_sha256"] = lock["lock_sha256"]
+            if (lock.get("image") or {}).get("id"):
+                tags["harness.image_id"] = lock["image"]["id"]
+            if lock.get("replay_of"):
+                tags["harness.replay_of"] = lock["replay_of"]["run_id"]
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        for name in ARTIFACTS:
+            if (run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(run_dir / name), ARTIFACT_DIR)
+        if (run_dir / rundir.OUTPUTS).is_dir():
+            self.client.log_artifacts(self.run_id, str(run_dir / rundir.OUTPUTS),
+                                      f"{ARTIFACT_DIR}/{rundir.OUTPUTS}")
+        self.client.set_terminated(self.run_id, MLFLOW_STATUS[outcome])
+
+
+# ------------------------------------------------------------------ replay from MLflow
+
+def looks_like_mlflow_run(ref: str) -> bool:
+    """An MLflow run id (32 hex digits), or one written `mlflow:ID`."""
+    bare = ref[len("mlflow:"):] if ref.startswith("mlflow:") else ref
+    return len(bare) == 32 and all(c in "0123456789abcdef" for c in bare)
+
+
+def fetch_run(ref: str, runs_dir: Path, tracking_uri: Optional[str]) -> Path:
+    """The run directory of the harness run an MLflow run logged: the local one when it is
+    still there, else one made in `runs_dir` from the MLflow run's artifacts (its lockfile,
+    config, metrics and model), checked against the lock_sha256 tag."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_run_id = ref[len("mlflow:"):] if ref.startswith("mlflow:") else ref
+    client, uri = mlflow_client(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), runs_dir)
+    try:
+        tags = client.get_run(mlflow_run_id).data.tags
+    except MlflowException as exc:
+        raise ConfigError(f"no MLflow run {mlflow_run_id} at {uri} ({_first_line(exc)}): give "
+                          f"the tracking URI it was logged to with --tracking-uri (or "
+                          f"MLFLOW_TRACKING_URI).") from None
+    run_id, lock_sha = tags.get("harness.run_id"), tags.get("harness.lock_sha256")
+    if not run_id or not lock_sha:
+        raise ConfigError(f"MLflow run {mlflow_run_id} holds no finished harness run (no "
+                          f"harness.run_id and harness.lock_sha256 tags): only runs logged by "
+                          f"tracker=mlflow that wrote a lockfile can be replayed.")
+    local = runs_dir / run_id
+    if (local / rundir.CONFIG).exists():
+        return local
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=runs_dir, prefix=".fetch-") as scratch:
+        try:
+            client.download_artifacts(mlflow_run_id, ARTIFACT_DIR, scratch)
+        except (MlflowException, OSError) as exc:
+            raise EnvironmentProblem(f"cannot download the artifacts of MLflow run "
+                                     f"{mlflow_run_id} from {uri}: {_first_line(exc)}") from None
+        fetched = Path(scratch) / ARTIFACT_DIR
+        _check_fetched(fetched, mlflow_run_id, lock_sha)
+        shutil.move(str(fetched), str(local))
+    rundir.write_status(local, "succeeded", fetched_from=f"mlflow:{mlflow_run_id}",
+                        tracking_uri=uri)
+    print(f"harness: fetched run {run_id} from MLflow run {mlflow_run_id} -> {local}",
+          flush=True)
+    return local
+
+
+def _check_fetched(fetched: Path, mlflow_run_id: str, lock_sha: str) -> None:
+    from harness import lockfile
+
+    try:
+        lock = lockfile.read(fetched / rundir.LOCK)
+    except LockfileError as exc:
+        raise LockfileError(f"MLflow run {mlflow_run_id}: {exc}") from None
+    if lock["lock_sha256"] != lock_sha:
+        raise LockfileError(f"MLflow run {mlflow_run_id}: its lockfile artifact has "
+                            f"lock_sha256 {lock['lock_sha256'][:12]}..., its tag says "
+                            f"{lock_sha[:12]}...: one of them was changed; it cannot be "
+                            f"trusted.")
