@@ -22,6 +22,7 @@ SCRIPTS = {
     "replay": ["replay_overhead.py"],
     "images": ["images.py"],
     "data_parallel": ["data_parallel.py"],
+    "tracking": ["tracking.py"],
 }
 
 
@@ -77,6 +78,10 @@ TABLE = [
     ("2 ranks: two runs give the same weights", "data_parallel.repeat_identical.2.identical", "", "True"),
     ("3 ranks: two runs give the same weights", "data_parallel.repeat_identical.3.identical", "", "True"),
     ("4 ranks: two runs give the same weights", "data_parallel.repeat_identical.4.identical", "", "True"),
+    ("tracker=mlflow (live, real server): per-step training time over tracker=none, minus 1",
+     "tracking.mlflow_step_cost", "", "<= 0.02"),
+    ("tracker=mlflow: time added after the training ends (artifacts, last metrics)",
+     "tracking.mlflow_end_s", "s", ""),
 ]
 
 

@@ -529,10 +529,13 @@ def add_runs(sub) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from harness import rundir, runs
+    from harness import progress, rundir, runs
 
     rows = runs.collect(args.runs_dir or rundir.default_runs_dir())
-    print(runs.to_json(rows) if args.json else (runs.render(rows) if rows else "no runs"))
+    if args.json or not rows:
+        print(runs.to_json(rows) if args.json else "no runs")
+    else:
+        progress.show_table(runs.cells(rows), list(runs.COLUMNS))
     return 0
 
 

@@ -2,7 +2,7 @@
 how they look:
 
 - attached to a terminal: `step` and `progress` lines become one live bar (step, epoch,
-  loss, steps/s, ETA) redrawn in place, other lines scroll above it;
+  loss, steps/s, ETA), drawn by rich, other lines scroll above it;
 - otherwise (CI logs, Slurm logs, pipes): the plain lines, unchanged, no control characters.
 
 `progress` lines are frequent (the launcher asks for them through HARNESS_PROGRESS_S only
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
-from typing import IO, Optional
+from typing import IO, List, Optional
 
 INTERVAL_ENV = "HARNESS_PROGRESS_S"  # seconds between `progress` lines; unset: none
 STEP_LINE = re.compile(
@@ -27,14 +27,24 @@ def live_interval(stream: IO = sys.stdout) -> Optional[str]:
     return "0.5" if stream.isatty() else None
 
 
-def bar(match: re.Match, width: int) -> str:
-    step, total = int(match["step"]), int(match["total"])
-    eta = int(match["eta"])
-    text = (f" {step}/{total} epoch {match['epoch']}/{match['epochs']} loss {match['loss']} "
-            f"{match['rate']} steps/s ETA {eta // 60}:{eta % 60:02d}")
-    room = max(10, min(40, width - len(text) - 3))
-    filled = room * step // max(total, 1)
-    return f"[{'#' * filled}{'.' * (room - filled)}]{text}"[: width - 1]
+def rich_console(out: IO[str]):
+    """A rich console drawing on `out` (a terminal), as wide as the terminal."""
+    from rich.console import Console as RichConsole
+
+    return RichConsole(file=out, force_terminal=True, highlight=False, soft_wrap=True,
+                       width=shutil.get_terminal_size((100, 20)).columns)
+
+
+def training_bar(out: IO[str]):
+    """rich's live bar for a run: the training's own step, epoch, loss, rate and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                    TextColumn("epoch {task.fields[epoch]}"),
+                    TextColumn("loss [cyan]{task.fields[loss]}"),
+                    TextColumn("{task.fields[rate]} steps/s"),
+                    TextColumn("ETA {task.fields[eta]}"),
+                    console=rich_console(out), auto_refresh=False)
 
 
 class Console:
@@ -44,7 +54,8 @@ class Console:
         self.log = log
         self.out = out
         self.live = out.isatty()
-        self.bar_shown = False
+        self.bar = None  # rich's Progress, once the first step line came
+        self.task = None
         self.partial = ""
 
     def feed(self, text: str) -> None:
@@ -60,31 +71,40 @@ class Console:
             self.log.flush()
         match = STEP_LINE.match(line)
         if self.live and match:
-            width = shutil.get_terminal_size((100, 20)).columns
-            self.out.write("\r\x1b[2K" + bar(match, width))
-            self.bar_shown = True
-        elif not line.startswith("progress "):
-            if self.bar_shown:
-                self.out.write("\r\x1b[2K")
-                self.bar_shown = False
+            self.draw(match)
+        elif line.startswith("progress "):
+            return
+        elif self.bar is not None:
+            self.bar.console.print(line, markup=False)  # above the bar
+        else:
             self.out.write(line + "\n")
-        self.out.flush()
+            self.out.flush()
+
+    def draw(self, match: re.Match) -> None:
+        eta = int(match["eta"])
+        fields = {"epoch": f"{match['epoch']}/{match['epochs']}", "loss": match["loss"],
+                  "rate": match["rate"], "eta": f"{eta // 60}:{eta % 60:02d}"}
+        if self.bar is None:
+            self.bar = training_bar(self.out)
+            self.task = self.bar.add_task("train", total=int(match["total"]), **fields)
+            self.bar.start()
+        self.bar.update(self.task, completed=int(match["step"]), **fields)
+        self.bar.refresh()
 
     def close(self) -> None:
         if self.partial:
             self.line(self.partial)
             self.partial = ""
-        if self.bar_shown:
-            self.out.write("\n")
-            self.out.flush()
-            self.bar_shown = False
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 BUILD_STEP = re.compile(r"^Step (?P<step>\d+)/(?P<total>\d+) : (?P<what>.*)")
 
 
 class BuildConsole:
-    """Image build output: on a terminal one bar (`build step N/M` and the latest output
+    """Image build output: on a terminal one rich bar (build step N/M and the latest output
     line, redrawn in place); elsewhere the builder's lines unchanged."""
 
     def __init__(self, out: IO[str] = sys.stderr):
@@ -92,6 +112,8 @@ class BuildConsole:
         self.live = out.isatty()
         self.partial = ""
         self.step: Optional[re.Match] = None
+        self.bar = None
+        self.task = None
 
     def feed(self, text: str) -> None:
         if not self.live:
@@ -104,14 +126,51 @@ class BuildConsole:
             self.step = BUILD_STEP.match(line) or self.step
             if self.step is None or not line.strip():
                 continue
-            step, total = int(self.step["step"]), int(self.step["total"])
-            filled = 20 * step // max(total, 1)
-            width = shutil.get_terminal_size((100, 20)).columns
-            text = f"[{'#' * filled}{'.' * (20 - filled)}] build step {step}/{total}: {line.strip()}"
-            self.out.write("\r\x1b[2K" + text[: width - 1])
-            self.out.flush()
+            self.draw(int(self.step["step"]), int(self.step["total"]), line.strip())
+
+    def draw(self, step: int, total: int, latest: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        if self.bar is None:
+            self.bar = Progress(BarColumn(bar_width=20),
+                                TextColumn("build step {task.completed}/{task.total}:"),
+                                TextColumn("{task.description}", markup=False),
+                                console=rich_console(self.out), auto_refresh=False)
+            self.task = self.bar.add_task(latest, total=total, completed=step)
+            self.bar.start()
+        self.bar.update(self.task, completed=step, total=total, description=latest)
+        self.bar.refresh()
 
     def close(self) -> None:
-        if self.live and self.step is not None:
-            self.out.write("\n")
-            self.out.flush()
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def show_table(rows: List[List[str]], header: List[str], out: IO[str] = sys.stdout) -> None:
+    """A table: drawn by rich on a terminal, plain aligned columns elsewhere."""
+    if not out.isatty():
+        from harness.gate import table
+
+        out.write(table(rows, header) + "\n")
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    drawn = Table(header_style="bold")
+    # The first column names the row (a run id to copy): shown whole; the others fold.
+    drawn.add_column(header[0], no_wrap=True, min_width=max(len(str(r[0])) for r in rows))
+    for name in header[1:]:
+        drawn.add_column(name, overflow="fold")
+    for row in rows:
+        drawn.add_row(*(Text(str(cell), style=_style(str(cell))) for cell in row))
+    rich_console(out).print(drawn)
+
+
+def _style(cell: str) -> str:
+    for words, style in ((("DIVERGED", "failed", "FAIL"), "red"),
+                         (("IDENTICAL", "succeeded"), "green"),
+                         (("preempted", "running", "queued"), "yellow")):
+        if any(word in cell for word in words):
+            return style
+    return ""

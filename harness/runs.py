@@ -84,8 +84,8 @@ def _replay_cell(row: Dict[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
-def render(rows: List[Dict[str, Any]]) -> str:
-    from harness.gate import table
+def cells(rows: List[Dict[str, Any]]) -> List[List[str]]:
+    """The table's text, row by row, in COLUMNS order."""
 
     def cell(value, fmt="{}"):
         return "-" if value is None else fmt.format(value)
@@ -97,7 +97,7 @@ def render(rows: List[Dict[str, Any]]) -> str:
     lines = [[r["run"], cell(r["config"]), r["status"], backend(r), cell(r["steps"]),
               cell(r["final_loss"], "{:.4f}"), cell(r["accuracy"], "{:.4f}"),
               cell(r["weights"]), _replay_cell(r)] for r in rows]
-    return table(lines, list(COLUMNS))
+    return lines
 
 
 def to_json(rows: List[Dict[str, Any]]) -> str:

@@ -9,6 +9,7 @@ import sys
 from conftest import TESTS, run_dir_of
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and cursor moves
 
 
 def test_non_terminal_output_has_no_control_characters(cli, tiny_conf):
@@ -43,8 +44,9 @@ def test_terminal_gets_a_live_bar_and_the_log_stays_plain(tmp_path, cache_home):
         chunks.append(chunk)
     assert process.wait(timeout=300) == 0
     out = b"".join(chunks).decode()
-    assert "\r\x1b[2K[" in out and "steps/s ETA" in out
-    assert re.search(r"\[#+\.*\] \d+/96 epoch", out)
+    shown = ANSI.sub("", out)
+    assert "\r\x1b[2K" in out  # redrawn in place
+    assert re.search(r"step +\d+/96 ━+ epoch \d/6 loss \S+ \S+ steps/s ETA \d+:\d\d", shown)
     run_dir = next((tmp_path / "runs").iterdir())
     log = (run_dir / "train.log").read_text()
     assert "step 96/96" in log and not CONTROL.search(log) and "progress " not in log
@@ -75,7 +77,19 @@ def test_image_build_on_a_terminal_draws_one_bar():
     console.feed("Step 1/4 : FROM base\n ---> abc\nStep 2/4 : RUN pip install")
     console.feed(" torch\nCollecting torch\n")
     console.close()
-    frames = term.text.split("\r\x1b[2K")
-    assert frames[1].startswith("[#####...............] build step 1/4: Step 1/4 : FROM base")
-    assert frames[-1].startswith("[##########..........] build step 2/4: Collecting torch")
-    assert term.text.endswith("\n") and term.text.count("\n") == 1
+    frames = [ANSI.sub("", f) for f in term.text.split("\r\x1b[2K")]
+    assert re.search(r"^[━╺╸]+ build step 1/4: Step 1/4 : FROM base$", frames[0])
+    assert re.search(r"^[━╺╸]+ build step 2/4: Collecting torch$", frames[-1].rstrip("\n"))
+    assert ANSI.sub("", term.text).endswith("\n")  # the bar stays, the next line starts below
+
+
+def test_runs_table_on_a_terminal_shows_whole_run_ids(tmp_path):
+    from harness.progress import show_table
+
+    term = _Terminal()
+    run_id = "20261126T200958488046Z-fashion_mnist-9fab62"
+    show_table([[run_id, "succeeded", "replayed: IDENTICAL x1"]], ["run", "status", "replay"],
+               term)
+    shown = ANSI.sub("", term.text)
+    assert f"│ {run_id} │" in shown and "┃ run" in shown
+    assert "\x1b[32mIDENTICAL" in term.text or "\x1b[32mreplayed: IDENTICAL" in term.text
