@@ -9,10 +9,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +253,55 @@ def project(cache_home):
 
     yield directory, harness
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- MLflow (tracker=mlflow)
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite store, proxied artifacts) on a free port; its URI."""
+    base = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    log = open(base / "server.log", "w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+         "--artifacts-destination", str(base / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert process.poll() is None, (base / "server.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not start:\n" + \
+                (base / "server.log").read_text()
+            time.sleep(0.3)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+
+
+def mlflow_run(client, run_id: str):
+    """The MLflow run that logged harness run `run_id` (its harness.run_id tag)."""
+    found = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`harness.run_id` = '{run_id}'")
+    assert len(found) == 1, [r.info.run_id for r in found]
+    return found[0]
+
+
+def losses(run_dir: Path) -> list:
+    """(step, loss) of each train record in metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, loss_bits, read_lock, require, run_dir_of
+from conftest import TESTS, loss_bits, losses, mlflow_run, read_lock, require, run_dir_of
 from test_lockfile import documented_fields, lookup
 
 LABEL = "org.harness.run"
@@ -326,3 +326,25 @@ def test_two_ranks_in_a_container_give_the_local_two_rank_weights(cli, tiny_conf
     assert read_lock(local)["results"]["weights_sha256"] == \
         read_lock(boxed)["results"]["weights_sha256"]
     assert leftover_containers(engine) == []
+
+
+@pytest.mark.docker
+def test_a_docker_run_is_tracked_by_the_launcher_and_tagged_with_its_image(
+        cli, tiny_conf, engine, built, mlflow_server):
+    """The image has no MLflow: the launcher follows the run's metrics from the host."""
+    from mlflow.tracking import MlflowClient
+
+    inside = engine.containers.run(
+        built["id"], ["python", "-c", "import importlib.util as u; print(u.find_spec('mlflow'))"],
+        remove=True, network_disabled=True).decode().strip()
+    assert inside == "None"
+    run_dir = run_dir_of(docker_train(cli, tiny_conf, "+tracker=mlflow",
+                                      f"tracker.mlflow.tracking_uri={mlflow_server}"))
+    client = MlflowClient(mlflow_server)
+    run = mlflow_run(client, run_dir.name)
+    lock = read_lock(run_dir)
+    assert run.data.tags["harness.image_id"] == lock["image"]["id"] == built["id"]
+    assert run.data.tags["harness.backend"] == "docker"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                          "train/loss"))
+    assert history == losses(run_dir)

@@ -7,54 +7,23 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import harness, make_context, read_lock, run_dir_of, start_and_interrupt
+from conftest import (harness, losses, make_context, mlflow_run, read_lock, run_dir_of,
+                      start_and_interrupt)
 
 mlflow = pytest.importorskip("mlflow")  # requirements-dev.txt installs it
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite store, proxied artifacts) on a free port."""
-    base = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    log = open(base / "server.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-         "--artifacts-destination", str(base / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert process.poll() is None, (base / "server.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not start:\n" + \
-                (base / "server.log").read_text()
-            time.sleep(0.3)
-        yield uri
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-        log.close()
+def server(mlflow_server):
+    return mlflow_server
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +31,10 @@ def ctx(tmp_path_factory):
     return make_context(tmp_path_factory.mktemp("tracking"))
 
 
-def mlflow_run(client: MlflowClient, run_id: str):
-    found = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`harness.run_id` = '{run_id}'")
-    assert len(found) == 1, [r.info.run_id for r in found]
-    return found[0]
-
-
 def replay(ctx, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness", "replay", *args, "--runs-dir",
                            str(ctx["runs"])], cwd=ctx["base"], env=ctx["env"],
                           capture_output=True, text=True, timeout=600)
-
-
-def losses(run_dir: Path) -> list:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
 @pytest.fixture(scope="module")
