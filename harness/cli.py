@@ -183,7 +183,9 @@ def add_variance(sub) -> None:
     variance.add_argument("-n", type=int, default=None, metavar="N",
                           help="runs per source (default 5; at least 2)")
     variance.add_argument("--sources", default=",".join(("init", "order", "augment", "dropout")),
-                          help="comma-separated sources to vary (default: all four)")
+                          help="comma-separated sources to vary (default: the four seeds "
+                               "init,order,augment,dropout); `kernel` adds runs with every "
+                               "seed held and determinism off: the spread GPU kernels cause")
     variance.add_argument("-o", "--output", type=Path, default=None,
                           help="PNG path (default: runs/sweeps/<variance-id>.png)")
     variance.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,8 +1,9 @@
-"""`harness variance CONFIG [-n N] [--sources init,order,augment,dropout]`: how much of the
-spread of a result each source of randomness causes.
+"""`harness variance CONFIG [-n N] [--sources init,order,augment,dropout,kernel]`: how much
+of the spread of a result each source of randomness causes.
 
 For each source, N runs that differ only in that source's seed (`seeds.<source>`, every
-other source held at one value), then, per source, the spread of the final metrics: mean,
+other source held at one value) - or, for `kernel`, N runs with every seed held and
+determinism off, so that only the kernels' own nondeterminism can differ - then, per source, the spread of the final metrics: mean,
 std and a 95 % t interval (harness/stats.py), and a PNG with one strip of points per
 source. Only a harness that repeats bit for bit can do this: with everything else fixed,
 the whole spread of a strip is that one source's doing.
@@ -21,14 +22,19 @@ from harness import config, rundir, seeding, stats, sweep
 from harness.errors import ConfigError, HarnessError
 
 DEFAULT_RUNS = 5
+# Not a seed: the kernels' own nondeterminism (atomics in GPU reductions, cuDNN's autotuned
+# algorithms). Its runs hold every seed and turn determinism off; on a CPU they usually
+# repeat bit for bit, and the report says so.
+KERNEL = "kernel"
+SOURCES = (*seeding.SOURCES, KERNEL)
 
 
 def parse_sources(text: str) -> List[str]:
     sources = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in sources if s not in seeding.SOURCES]
+    unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
         raise ConfigError(f"--sources {text!r}: unknown source(s) {', '.join(unknown) or '(none)'}; "
-                          f"choose from {','.join(seeding.SOURCES)}.")
+                          f"choose from {','.join(SOURCES)}.")
     return list(dict.fromkeys(sources))
 
 
@@ -40,6 +46,10 @@ def plan(cfg: Dict[str, Any], sources: List[str], n: int) -> List[Dict[str, Any]
     runs = []
     for source in sources:
         for index in range(n):
+            if source == KERNEL:  # the same seeds n times, determinism off
+                runs.append({"source": source, "value": index, "overrides": [
+                    *(f"++seeds.{k}={v}" for k, v in held.items()), "determinism=off"]})
+                continue
             value = seeding.stream_seed(cfg["seed"], "variance", source, index) \
                 % seeding.SEED_LIMIT
             seeds = {**held, source: value}
@@ -135,7 +145,8 @@ def render(result: Dict[str, Any]) -> str:
     if unmoved:
         lines.append(f"\n{', '.join(unmoved)}: every run gave the same bits; this source does "
                      f"not touch the result (e.g. augment for a dataset that draws no "
-                     f"randomness, dropout for a model without dropout).")
+                     f"randomness, dropout for a model without dropout, kernel where the "
+                     f"kernels repeat even with determinism off, as on most CPUs).")
     return "\n".join(lines)
 
 

@@ -67,11 +67,17 @@ def test_seeds_default_to_the_run_seed_and_an_invalid_one_is_refused(ctx):
 
 def test_variance_runs_each_source_alone_and_plots_what_it_reports(tmp_path_factory):
     ctx = make_context(tmp_path_factory.mktemp("variance"), dataset="augmenting.AugmentingIdx")
-    done = harness(ctx, "variance", "tiny", "-n", "3", "--sources", "init,order,augment",
+    done = harness(ctx, "variance", "tiny", "-n", "3", "--sources", "init,order,augment,kernel",
                    "--json", check_rc=0)
     report = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
-    assert list(report["sources"]) == ["init", "order", "augment"]
+    assert list(report["sources"]) == ["init", "order", "augment", "kernel"]
     record = json.loads(next((ctx["runs"] / "sweeps").glob("*.json")).read_text())
+    kernel_runs = [read_lock(ctx["runs"] / r["run_id"]) for r in record["runs"]
+                   if r["source"] == "kernel"]
+    assert [lock["determinism"]["mode"] for lock in kernel_runs] == ["off"] * 3
+    assert len({json.dumps(lock["config"]["seeds"]) for lock in kernel_runs}) == 1
+    # On this CPU the kernels repeat even with determinism off: no spread, and it is said.
+    assert len({lock["results"]["final_loss"] for lock in kernel_runs}) == 1
     for source in ("init", "order", "augment"):
         assert report["sources"][source]["final_loss"]["n"] == 3
         runs = [r for r in record["runs"] if r["source"] == source]
@@ -86,6 +92,10 @@ def test_variance_runs_each_source_alone_and_plots_what_it_reports(tmp_path_fact
                             "--json", "--runs-dir", str(ctx["runs"])], cwd=ctx["base"],
                            env=ctx["env"], capture_output=True, text=True, check=True)
     assert json.loads(again.stdout) == report  # the report again, from the record
+    plain = subprocess.run([sys.executable, "-m", "harness", "summary", record["sweep_id"],
+                            "--runs-dir", str(ctx["runs"])], cwd=ctx["base"], env=ctx["env"],
+                           capture_output=True, text=True, check=True)
+    assert "kernel: every run gave the same bits" in plain.stdout
     png = Path(done.stdout.split("plot: ")[-1].strip())
     from PIL import Image
 
