@@ -171,7 +171,9 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
     if interval:  # a terminal: ask the training for frequent lines to draw a live bar
         env[progress.INTERVAL_ENV] = interval
     try:
-        follower = tracking.follow(run_dir, cfg, backend.name)
+        # A batch job follows itself (its script starts `harness.tracking follow`).
+        follower = tracking.Follower(run_dir, [], {}) if backend.tracks_itself else \
+            tracking.follow(run_dir, cfg, backend.name)
     except HarnessError as exc:
         rundir.write_status(run_dir, "failed", exit_code=exc.exit_code, reason=str(exc),
                             finished_utc=rundir.now_utc())
@@ -259,8 +261,7 @@ def _findable(program: str, workdir: Path) -> bool:
 
 def finish(run_dir: Path, code: int, follower: tracking.Follower) -> Path:
     lock_written = (run_dir / rundir.LOCK).exists()
-    follower.close("preempted" if code == REQUEUE_EXIT else
-                   "succeeded" if code == 0 and lock_written else "failed")
+    follower.close(tracking.outcome(code, lock_written))
     if code == REQUEUE_EXIT:
         rundir.write_status(run_dir, "preempted", exit_code=code, finished_utc=rundir.now_utc(),
                             reason="stopped on a signal after writing a checkpoint")

@@ -17,7 +17,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from harness import __version__
 
@@ -62,6 +62,7 @@ class JobSpec:
     job_env: Dict[str, str] = field(default_factory=dict)  # job_environment(): JOB_ENV values
     devices: int = 1  # trainer.devices: ranks per node (one srun task each)
     nodes: int = 1  # trainer.nodes
+    tracked: bool = False  # a tracker is selected: the job runs the tracking follower
 
     @property
     def world(self) -> int:
@@ -239,6 +240,19 @@ def rendezvous(spec: JobSpec) -> str:
         f'export MASTER_PORT="$({q(spec.python)} -c {q(free_port)})"'])
 
 
+def tracking_lines(spec: JobSpec) -> Tuple[str, str]:
+    """Lines before the training and after it of a tracked job: a follower sends the run to
+    its trackers while it trains (no launcher waits for a batch job) and learns the
+    training's exit code on its stdin (fd 9) at the end."""
+    if not spec.tracked:
+        return "", ""
+    return ("# tracker: a follower sends the run's metrics to it while it trains and reads the\n"
+            "# training's exit code on its stdin at the end (harness/tracking.py).\n"
+            f'exec 9> >({q(spec.python)} -u -m harness.tracking follow "$RUN_DIR")\n'
+            "tracker=$!\n\n",
+            '\necho "$code" >&9\nexec 9>&-\nwait "$tracker"\n')
+
+
 def render(spec: JobSpec) -> str:
     if not spec.run_dirs or len(spec.run_dirs) != len(spec.data_roots):
         raise ValueError("one data root per run directory")
@@ -258,6 +272,10 @@ def render(spec: JobSpec) -> str:
     }
     rendezvous_lines = rendezvous(spec)
     text = text.replace("@RENDEZVOUS@\n", rendezvous_lines + "\n" if rendezvous_lines else "")
+    start, end = tracking_lines(spec)
+    text = text.replace("@TRACKER_START@\n", start).replace("@TRACKER_END@\n", end)
+    if spec.tracked:
+        values["COMMAND"] += " 9>&-"  # the follower's stdin is the script's alone
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
     return text

@@ -6,11 +6,13 @@ runs with their own run directories. The backend renders and submits the script
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness import backends, config, data, distributed, launch, rundir, sbatch, sweep
+from harness import (backends, config, data, distributed, launch, rundir, sbatch, sweep,
+                     tracking)
 from harness.backends import slurm as slurm_backend
 from harness.backends.base import LaunchSpec
 from harness.determinism import pinned_environment
@@ -52,6 +54,9 @@ def submit_combos(name: str, combos: List[List[str]], backend: str,
     batch = backends.get(backend)
     slurm_backend.tool("sbatch")  # fail before preparing anything when Slurm is missing
     cfgs = compose_all(name, combos, backend, config_dir, command, inputs, outputs)
+    trackers = {json.dumps(cfg.get("tracker"), sort_keys=True): cfg for cfg in cfgs}
+    for cfg in trackers.values():  # each tracker answers, before anything is written
+        tracking.check(cfg, runs_dir)
     specs = prepare_all(cfgs, combos, batch, runs_dir)
     run_dirs = [spec.run_dir for spec in specs]
     job_id = batch.submit(specs, log_dir=runs_dir.resolve() / ".slurm")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import metrics, rundir
-from harness.errors import ConfigError, EnvironmentProblem, LockfileError
+from harness.errors import ConfigError, EnvironmentProblem, HarnessError, LockfileError
 
 POLL_S = 1.0
 TENSORBOARD_DIR = "tensorboard"
@@ -41,6 +42,20 @@ MAX_PARAM_LENGTH = 6000  # MLflow refuses longer parameter values
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def selected(cfg: Dict[str, Any]) -> bool:
+    """Whether the config sends its runs to any tracker."""
+    return bool((cfg.get("tracker") or {}).get("tensorboard") or mlflow_settings(cfg))
+
+
+def outcome(exit_code: int, lock_written: bool) -> str:
+    """How a training process ended, in the trackers' words."""
+    from harness.errors import REQUEUE_EXIT
+
+    if exit_code == REQUEUE_EXIT:
+        return "preempted"
+    return "succeeded" if exit_code == 0 and lock_written else "failed"
 
 
 def mlflow_settings(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -362,3 +377,33 @@ def _check_fetched(fetched: Path, mlflow_run_id: str, lock_sha: str) -> None:
                             f"lock_sha256 {lock['lock_sha256'][:12]}..., its tag says "
                             f"{lock_sha[:12]}...: one of them was changed; it cannot be "
                             f"trusted.")
+
+
+# ------------------------------------------------------------------ in a Slurm job
+
+def follow_job(run_dir: Path) -> int:
+    """`python -m harness.tracking follow RUN_DIR`, started by a Slurm job script beside
+    the training (no launcher waits for a submitted job): follows the run until the script
+    writes the training's exit code on this process's stdin."""
+    from harness import config
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        # Slurm's stop signals are the training's to act on; the exit code that follows
+        # (75: preempted) is what this process waits for.
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        follower = follow(run_dir, config.load_yaml(run_dir / rundir.CONFIG), "slurm")
+    except HarnessError as exc:
+        print(f"harness: tracking is off for this job: {exc}", file=sys.stderr, flush=True)
+        sys.stdin.read()
+        return 0
+    line = sys.stdin.readline().strip()
+    code = int(line) if line.isdigit() else 1  # no code: the job script was killed
+    follower.close(outcome(code, (run_dir / rundir.LOCK).exists()))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "follow":
+        sys.exit("usage: python -m harness.tracking follow RUN_DIR")
+    sys.exit(follow_job(Path(sys.argv[2])))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, loss_bits, read_lock, require, run_dir_of
+from conftest import TESTS, loss_bits, losses, mlflow_run, read_lock, require, run_dir_of
 from test_resume import OVERRIDES, harness, make_context
 
 GOLDEN = TESTS / "golden"
@@ -62,6 +62,8 @@ CASES = {
     "pyxis-gpu": dict(gpus=2, gpu_type="h200", constraint="ib", image=CUDA_IMAGE),
     # Data-parallel: 2 nodes × 2 GPUs, one srun task per rank.
     "none-ddp": dict(gpu_type="h100"),
+    # tracker=mlflow: a follower beside the training.
+    "none-tracked": dict(),
 }
 
 
@@ -76,6 +78,8 @@ def test_rendered_sbatch_script_matches_golden(case):
         spec.log_dir = Path("/shared/runs/.slurm")
     if case == "none-ddp":
         spec.device, spec.devices, spec.nodes = "cuda", 2, 2
+    if case == "none-tracked":
+        spec.tracked = True
     text = sbatch.render(spec)
     path = GOLDEN / f"sbatch-{case}.sh"
     if UPDATE or not path.exists():
@@ -192,6 +196,41 @@ def test_preempted_job_is_requeued_and_resumes_to_identical_weights(cluster, how
     assert status["slurm_restarts"] >= 1 and status["state"] == "succeeded"
     assert read_lock(run_dir)["environment"]["SLURM_RESTART_COUNT"] == "1"
     same_results(run_dir, cluster["reference"])
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_submitted_job_is_tracked_live_and_across_a_requeue(cluster, mlflow_server):
+    """No launcher waits for a submitted job: its script runs the tracking follower."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    longer = [o for o in OVERRIDES if not o.startswith("trainer.epochs")] + ["trainer.epochs=20"]
+    done = harness(cluster, "submit", "tiny", *longer, "+tracker=mlflow",
+                   f"tracker.mlflow.tracking_uri={mlflow_server}", check_rc=0)
+    run_dir = run_dir_of(done)
+    job_id = status_of(run_dir)["slurm_job_id"]
+    deadline = time.time() + 180
+    history = []
+    while not history:
+        assert time.time() < deadline, (run_dir / "slurm.out").read_text()
+        time.sleep(0.2)
+        state = json.loads((run_dir / "tracking.json").read_text()) \
+            if (run_dir / "tracking.json").exists() else {}
+        if state.get("mlflow_run_id"):
+            history = client.get_metric_history(state["mlflow_run_id"], "train/loss")
+    assert not (run_dir / "harness.lock").exists()  # live: the job is still training
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    done = harness(cluster, "slurm", "status", run_dir.name, "--wait", check_rc=0)
+    assert "succeeded" in done.stdout
+    assert status_of(run_dir)["slurm_restarts"] >= 1
+    run = mlflow_run(client, run_dir.name)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["harness.backend"] == "slurm"
+    assert run.data.tags["harness.lock_sha256"] == read_lock(run_dir)["lock_sha256"]
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                          "train/loss"))
+    assert history == losses(run_dir) and len(history) == 160  # each step once, as recorded
 
 
 @pytest.mark.slow

@@ -42,6 +42,9 @@ class Backend:
     # The training runs in an image or on another node: the software and environment a
     # replay compares are those recorded there, not this host's.
     trains_elsewhere = False
+    # The backend's job sends the run to its trackers itself (a batch job outlives the
+    # command that submitted it); otherwise the launcher follows the run while it waits.
+    tracks_itself = False
 
     def lock_facts(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
         """Before any run directory exists: check that the backend can run `cfg` (engine up,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from harness import rundir, sbatch
+from harness import rundir, sbatch, tracking
 from harness.backends.base import Backend, LaunchSpec
 
 from harness.errors import REQUEUE_EXIT, EnvironmentProblem, RunFailed
@@ -231,6 +231,7 @@ class SlurmBackend(Backend):
 
     name = "slurm"
     trains_elsewhere = True  # on a batch node (in its image, for a container runtime)
+    tracks_itself = True  # the job script starts the tracking follower (harness/tracking.py)
 
     def lock_facts(self, cfg: Dict) -> Dict:
         return job_image_facts(cfg)
@@ -256,7 +257,8 @@ class SlurmBackend(Backend):
             python=slurm.get("python") or sys.executable, log_dir=log_dir,
             sandbox=first.cfg["backend"]["docker"], extra_train_args=list(first.extra_args),
             job_env=sbatch.job_environment(), devices=first.cfg["trainer"].get("devices", 1),
-            nodes=first.cfg["trainer"].get("nodes", 1))
+            nodes=first.cfg["trainer"].get("nodes", 1),
+            tracked=any(tracking.selected(s.cfg) for s in specs))
         text = sbatch.render(job)
         if len(specs) > 1 and log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)

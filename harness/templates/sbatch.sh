@@ -35,6 +35,7 @@ forward() {  # a bash trap runs only while the script waits: hence `& wait` belo
 trap 'forward USR1' USR1
 trap 'got_term=1; forward TERM' TERM
 
+@TRACKER_START@
 @COMMAND@ &
 child=$!
 while kill -0 "$child" 2>/dev/null; do
@@ -42,6 +43,7 @@ while kill -0 "$child" 2>/dev/null; do
 done
 wait "$child"
 code=$?
+@TRACKER_END@
 
 if [[ $code -eq $REQUEUE_EXIT ]]; then
     if [[ $got_term -eq 1 ]]; then
