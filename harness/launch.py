@@ -178,9 +178,13 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
         rundir.write_status(run_dir, "failed", exit_code=exc.exit_code, reason=str(exc),
                             finished_utc=rundir.now_utc())
         raise
-    handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, cfg=cfg, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
-        env=env, data_root=data_root, extra_args=extra_args, lock_fd=lock.fd))
+    try:
+        handle = backend.launch(backends.LaunchSpec(
+            run_dir=run_dir, cfg=cfg, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+            env=env, data_root=data_root, extra_args=extra_args, lock_fd=lock.fd))
+    except BaseException:
+        follower.close("failed")
+        raise
 
     def forward(signum, frame):
         # SIGTERM/SIGUSR1 to the launcher: the training checkpoints at its next step
@@ -260,8 +264,16 @@ def _findable(program: str, workdir: Path) -> bool:
 
 
 def finish(run_dir: Path, code: int, follower: tracking.Follower) -> Path:
+    """Record how the run ended, then let the trackers record it too (the run's status
+    never waits on a tracker)."""
     lock_written = (run_dir / rundir.LOCK).exists()
-    follower.close(tracking.outcome(code, lock_written))
+    try:
+        return _record_end(run_dir, code, lock_written)
+    finally:
+        follower.close(tracking.outcome(code, lock_written))
+
+
+def _record_end(run_dir: Path, code: int, lock_written: bool) -> Path:
     if code == REQUEUE_EXIT:
         rundir.write_status(run_dir, "preempted", exit_code=code, finished_utc=rundir.now_utc(),
                             reason="stopped on a signal after writing a checkpoint")

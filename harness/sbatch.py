@@ -250,7 +250,12 @@ def tracking_lines(spec: JobSpec) -> Tuple[str, str]:
             "# training's exit code on its stdin at the end (harness/tracking.py).\n"
             f'exec 9> >({q(spec.python)} -u -m harness.tracking follow "$RUN_DIR")\n'
             "tracker=$!\n\n",
-            '\necho "$code" >&9\nexec 9>&-\nwait "$tracker"\n')
+            '\n# A subshell: were the follower gone, SIGPIPE would end it, not this script.\n'
+            '(echo "$code" >&9) 2>/dev/null || say "the tracking follower is gone"\n'
+            'exec 9>&-\n'
+            'while kill -0 "$tracker" 2>/dev/null; do  # a trap may interrupt a wait\n'
+            '    wait "$tracker"\n'
+            'done\n')
 
 
 def render(spec: JobSpec) -> str:

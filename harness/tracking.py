@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import metrics, rundir
-from harness.errors import ConfigError, EnvironmentProblem, HarnessError, LockfileError
+from harness.errors import ConfigError, EnvironmentProblem, LockfileError
 
 POLL_S = 1.0
+SEND_BATCH = 500  # records per send: one MLflow call (at most 1000 metrics)
+CLOSE_TIMEOUT_S = 60
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = ".mlflow"  # the default MLflow store, in the runs directory
 ARTIFACT_DIR = "harness"  # where a run's files go among its MLflow artifacts
@@ -75,12 +77,16 @@ def check(cfg: Dict[str, Any], runs_dir: Path) -> None:
 # ------------------------------------------------------------------------------ follower
 
 class Follower:
-    """Sends a running training's new metrics records to the trackers, then its files."""
+    """Sends a running training's new metrics records to the trackers, then its files.
+
+    Nothing a tracker does can fail the training or the run: its errors are warned about
+    once and its records kept for the next try. Each tracker's last step sent is saved
+    (tracking.json) after every successful send, so a resumed run sends each step once."""
 
     def __init__(self, run_dir: Path, trackers: List[Any], state: Dict[str, Any]):
         self.run_dir, self.trackers, self.state = run_dir, trackers, state
         self.tail = metrics.Tail(run_dir)
-        self.backlog: Dict[int, List[Dict[str, Any]]] = {id(t): [] for t in trackers}
+        self.pending: Dict[str, List[Dict[str, Any]]] = {t.name: [] for t in trackers}
         self.warned: set = set()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="harness-tracking", daemon=True)
@@ -95,44 +101,63 @@ class Follower:
             self.poll()
 
     def poll(self) -> None:
-        fresh = [r for r in self.tail.new_records()
-                 if r.get("kind") == "eval" or r.get("step", 0) > self.state["last_step"]]
-        for record in fresh:
-            if record.get("kind") == "train":
-                self.state["last_step"] = record["step"]
+        try:
+            fresh = self.tail.new_records()
+        except (OSError, ValueError) as exc:  # a torn or unreadable file: read it next time
+            self._warn("metrics.jsonl", f"cannot read {self.tail.path} ({exc}); retrying")
+            return
+        sent = self.state.setdefault("sent_step", {})
         for tracker in self.trackers:
-            pending = self.backlog[id(tracker)] + fresh
+            done = sent.get(tracker.name, 0)
+            pending = self.pending[tracker.name] + [
+                r for r in fresh if r.get("kind") == "eval" or r.get("step", 0) > done]
             try:
-                if pending:
-                    tracker.send(pending)
-                self.backlog[id(tracker)] = []
+                while pending:  # in batches, so that a failure resends nothing already sent
+                    batch, pending = pending[:SEND_BATCH], pending[SEND_BATCH:]
+                    tracker.send(batch)
+                    steps = [r["step"] for r in batch if r.get("kind") == "train"]
+                    sent[tracker.name] = max([sent.get(tracker.name, 0), *steps])
+                    save_state(self.run_dir, self.state)
             except Exception as exc:  # noqa: BLE001 - a tracker never stops the training
-                self.backlog[id(tracker)] = pending
-                self._warn(tracker, f"cannot send metrics ({exc}); retrying")
+                pending = batch + pending
+                self._warn(tracker.name, f"cannot send metrics ({_first_line(exc)}); retrying")
+            self.pending[tracker.name] = pending
 
     def close(self, outcome: str) -> None:
         """After the training ended (outcome: succeeded, failed, preempted): the last
-        records, then each tracker's files and final state."""
+        records, then each tracker's files and final state, within CLOSE_TIMEOUT_S (a
+        tracker that does not answer must not hold up the end of the run, or a Slurm job
+        past its requeue)."""
         if not self.trackers:
             return
         self.stopped.set()
         self.thread.join()
+        closing = threading.Thread(target=self._close, args=(outcome,), daemon=True,
+                                   name="harness-tracking-close")
+        closing.start()
+        closing.join(CLOSE_TIMEOUT_S)
+        if closing.is_alive():
+            print(f"harness: the trackers did not finish within {CLOSE_TIMEOUT_S} s; the run "
+                  f"ends without them", file=sys.stderr, flush=True)
+
+    def _close(self, outcome: str) -> None:
         self.poll()
         for tracker in self.trackers:
             try:
                 tracker.close(self.run_dir, outcome)
             except Exception as exc:  # noqa: BLE001 - the run's own outcome stands
-                self._warn(tracker, f"cannot record the end of the run ({exc})")
-        save_state(self.run_dir, self.state)
+                self._warn(tracker.name, f"cannot record the end of the run "
+                                         f"({_first_line(exc)})")
 
-    def _warn(self, tracker: Any, message: str) -> None:
-        if tracker.name not in self.warned:
-            self.warned.add(tracker.name)
-            print(f"harness: tracker {tracker.name}: {message}", file=sys.stderr, flush=True)
+    def _warn(self, name: str, message: str) -> None:
+        if name not in self.warned:
+            self.warned.add(name)
+            print(f"harness: tracker {name}: {message}", file=sys.stderr, flush=True)
 
 
 def follow(run_dir: Path, cfg: Dict[str, Any], backend_name: str) -> Follower:
-    """Open the selected trackers for a run about to start (or resume) and follow it."""
+    """Open the selected trackers for a run about to start (or resume) and follow it.
+    Raises EnvironmentProblem when a tracker cannot be opened."""
     state = load_state(run_dir)
     trackers: List[Any] = []
     if (cfg.get("tracker") or {}).get("tensorboard"):
@@ -146,7 +171,7 @@ def follow(run_dir: Path, cfg: Dict[str, Any], backend_name: str) -> Follower:
 
 def load_state(run_dir: Path) -> Dict[str, Any]:
     path = run_dir / rundir.TRACKING
-    return rundir.read_json(path) if path.exists() else {"last_step": 0}
+    return rundir.read_json(path) if path.exists() else {}
 
 
 def save_state(run_dir: Path, state: Dict[str, Any]) -> None:
@@ -167,7 +192,12 @@ class TensorBoard:
     name = "tensorboard"
 
     def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise EnvironmentProblem(f"tracker.tensorboard=true needs the tensorboard package "
+                                     f"where harness runs ({exc}): pip install tensorboard, "
+                                     f"or set tracker.tensorboard=false.") from None
 
         self.out = run_dir / TENSORBOARD_DIR
         self.writer = SummaryWriter(log_dir=str(self.out))
@@ -267,9 +297,22 @@ class Mlflow:
     @classmethod
     def open(cls, run_dir: Path, cfg: Dict[str, Any], backend_name: str,
              settings: Dict[str, Any], state: Dict[str, Any]) -> "Mlflow":
-        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
 
         client, uri = mlflow_client(settings["tracking_uri"], run_dir.parent)
+        try:
+            return cls._open(client, uri, run_dir, cfg, backend_name, settings, state)
+        except (MlflowException, OSError) as exc:
+            raise EnvironmentProblem(
+                f"cannot open the MLflow run of {run_dir.name} at {uri}: {_first_line(exc)}. "
+                f"Start the tracking server (or point tracker.mlflow.tracking_uri at one "
+                f"that runs) and try again.") from None
+
+    @classmethod
+    def _open(cls, client: Any, uri: str, run_dir: Path, cfg: Dict[str, Any],
+              backend_name: str, settings: Dict[str, Any], state: Dict[str, Any]) -> "Mlflow":
+        from mlflow.entities import Param
+
         if state.get("mlflow_run_id"):  # a resume continues the run's MLflow run
             client.update_run(state["mlflow_run_id"], status="RUNNING")
             return cls(client, state["mlflow_run_id"])
@@ -330,31 +373,20 @@ def fetch_run(ref: str, runs_dir: Path, tracking_uri: Optional[str]) -> Path:
     """The run directory of the harness run an MLflow run logged: the local one when it is
     still there, else one made in `runs_dir` from the MLflow run's artifacts (its lockfile,
     config, metrics and model), checked against the lock_sha256 tag."""
-    from mlflow.exceptions import MlflowException
-
     mlflow_run_id = ref[len("mlflow:"):] if ref.startswith("mlflow:") else ref
     client, uri = mlflow_client(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), runs_dir)
-    try:
-        tags = client.get_run(mlflow_run_id).data.tags
-    except MlflowException as exc:
-        raise ConfigError(f"no MLflow run {mlflow_run_id} at {uri} ({_first_line(exc)}): give "
-                          f"the tracking URI it was logged to with --tracking-uri (or "
-                          f"MLFLOW_TRACKING_URI).") from None
-    run_id, lock_sha = tags.get("harness.run_id"), tags.get("harness.lock_sha256")
-    if not run_id or not lock_sha:
-        raise ConfigError(f"MLflow run {mlflow_run_id} holds no finished harness run (no "
-                          f"harness.run_id and harness.lock_sha256 tags): only runs logged by "
-                          f"tracker=mlflow that wrote a lockfile can be replayed.")
+    tags = _harness_tags(client, uri, mlflow_run_id)
+    run_id, lock_sha = tags["harness.run_id"], tags["harness.lock_sha256"]
     local = runs_dir / run_id
     if (local / rundir.CONFIG).exists():
         return local
+    if local.exists():
+        raise ConfigError(f"{local} exists but is not a run directory (no {rundir.CONFIG}): "
+                          f"move it away to fetch run {run_id} from MLflow run "
+                          f"{mlflow_run_id}.")
     runs_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=runs_dir, prefix=".fetch-") as scratch:
-        try:
-            client.download_artifacts(mlflow_run_id, ARTIFACT_DIR, scratch)
-        except (MlflowException, OSError) as exc:
-            raise EnvironmentProblem(f"cannot download the artifacts of MLflow run "
-                                     f"{mlflow_run_id} from {uri}: {_first_line(exc)}") from None
+        _download(client, uri, mlflow_run_id, scratch)
         fetched = Path(scratch) / ARTIFACT_DIR
         _check_fetched(fetched, mlflow_run_id, lock_sha)
         shutil.move(str(fetched), str(local))
@@ -363,6 +395,42 @@ def fetch_run(ref: str, runs_dir: Path, tracking_uri: Optional[str]) -> Path:
     print(f"harness: fetched run {run_id} from MLflow run {mlflow_run_id} -> {local}",
           flush=True)
     return local
+
+
+def _harness_tags(client: Any, uri: str, mlflow_run_id: str) -> Dict[str, str]:
+    """The harness tags of a finished, replayable harness run logged to MLflow."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_run(mlflow_run_id).data.tags
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ConfigError(f"no MLflow run {mlflow_run_id} at {uri}: give the tracking URI "
+                              f"it was logged to with --tracking-uri (or "
+                              f"MLFLOW_TRACKING_URI).") from None
+        raise EnvironmentProblem(f"cannot read MLflow run {mlflow_run_id} from {uri}: "
+                                 f"{_first_line(exc)}") from None
+    run_id, lock_sha = tags.get("harness.run_id"), tags.get("harness.lock_sha256")
+    if not run_id or not lock_sha:
+        raise ConfigError(f"MLflow run {mlflow_run_id} holds no finished harness run (no "
+                          f"harness.run_id and harness.lock_sha256 tags): only runs logged by "
+                          f"tracker=mlflow that wrote a lockfile can be replayed.")
+    if tags.get("harness.state") != "succeeded" or Path(run_id).name != run_id \
+            or run_id.startswith("."):
+        raise ConfigError(f"MLflow run {mlflow_run_id} (harness run {run_id!r}, state "
+                          f"{tags.get('harness.state')!r}) is not a succeeded harness run; "
+                          f"only those can be replayed.")
+    return tags
+
+
+def _download(client: Any, uri: str, mlflow_run_id: str, into: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.download_artifacts(mlflow_run_id, ARTIFACT_DIR, into)
+    except (MlflowException, OSError) as exc:
+        raise EnvironmentProblem(f"cannot download the artifacts of MLflow run "
+                                 f"{mlflow_run_id} from {uri}: {_first_line(exc)}") from None
 
 
 def _check_fetched(fetched: Path, mlflow_run_id: str, lock_sha: str) -> None:
@@ -393,9 +461,10 @@ def follow_job(run_dir: Path) -> int:
         signal.signal(signum, signal.SIG_IGN)
     try:
         follower = follow(run_dir, config.load_yaml(run_dir / rundir.CONFIG), "slurm")
-    except HarnessError as exc:
-        print(f"harness: tracking is off for this job: {exc}", file=sys.stderr, flush=True)
-        sys.stdin.read()
+    except Exception as exc:  # noqa: BLE001 - the training runs on, untracked
+        print(f"harness: tracking is off for this job: {_first_line(exc)}", file=sys.stderr,
+              flush=True)
+        sys.stdin.read()  # until the script is done with us: it writes the exit code here
         return 0
     line = sys.stdin.readline().strip()
     code = int(line) if line.isdigit() else 1  # no code: the job script was killed

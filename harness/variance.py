@@ -72,8 +72,23 @@ def prepare(name: str, overrides: List[str], sources: List[str], n: int,
         "overrides": overrides, "variance": {"sources": sources, "n": n}, "runs": []}
     print(f"harness: variance {record['sweep_id']}: {len(sources)} source(s) × {n} runs",
           flush=True)
-    planned = [{**p, "overrides": [*overrides, *p["overrides"]]} for p in plan(base, sources, n)]
+    planned = [{**p, "overrides": [*given(overrides, p["source"]), *p["overrides"]]}
+               for p in plan(base, sources, n)]
     return planned, record
+
+
+def given(overrides: List[str], source: str) -> List[str]:
+    """The user's overrides for a run varying `source`: a kernel run sets determinism=off
+    itself, in place of the user's choice of the group."""
+    if source != KERNEL:
+        return overrides
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "determinism"]
+
+
+def label(entry: Dict[str, Any]) -> str:
+    if entry["source"] == KERNEL:
+        return f"kernel run {entry['value'] + 1} (determinism=off)"
+    return f"seeds.{entry['source']}={entry['value']}"
 
 
 def submit(name: str, overrides: List[str], sources: List[str], n: int,
@@ -100,7 +115,7 @@ def run(name: str, overrides: List[str], sources: List[str], n: int,
     """Run every planned run in sequence; returns the record's path."""
     planned, record = prepare(name, overrides, sources, n, config_dir)
     return sweep.run_in_sequence(name, record, planned, config_dir, runs_dir, kind="variance",
-                                 label=lambda e: f"seeds.{e['source']}={e['value']}")
+                                 label=label)
 
 
 def report(path: Path) -> Dict[str, Any]:

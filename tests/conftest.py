@@ -3,6 +3,7 @@ Debian's Fashion-MNIST and small IDX files generated here."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -257,10 +258,10 @@ def project(cache_home):
 
 # ---------------------------------------------------------------- MLflow (tracker=mlflow)
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite store, proxied artifacts) on a free port; its URI."""
-    base = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(base: Path):
+    """A real MLflow tracking server (SQLite store, proxied artifacts) on a free port,
+    stopped on exit; yields (its URI, its process)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -285,11 +286,19 @@ def mlflow_server(tmp_path_factory):
             assert time.time() < deadline, "mlflow server did not start:\n" + \
                 (base / "server.log").read_text()
             time.sleep(0.3)
-        yield uri
+        yield uri, process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server for a test module; its URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
+        yield uri
 
 
 def mlflow_run(client, run_id: str):

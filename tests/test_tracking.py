@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (harness, losses, make_context, mlflow_run, read_lock, run_dir_of,
-                      start_and_interrupt)
+                      running_mlflow_server, start_and_interrupt)
 
 mlflow = pytest.importorskip("mlflow")  # requirements-dev.txt installs it
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -160,3 +160,31 @@ def test_unreachable_tracking_server_is_refused_before_anything_is_written(ctx):
     assert "tracker.mlflow.tracking_uri" in done.stderr
     after = set(ctx["runs"].iterdir()) if ctx["runs"].exists() else set()
     assert after == before
+
+
+def test_a_tracking_server_that_dies_mid_run_does_not_fail_the_run(ctx, tmp_path):
+    with running_mlflow_server(tmp_path) as (uri, server):
+        client = MlflowClient(uri)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "harness", "train", "tiny", "+tracker=mlflow",
+             f"tracker.mlflow.tracking_uri={uri}", "trainer.epochs=30",
+             "--config-dir", str(ctx["conf"]), "--runs-dir", str(tmp_path / "runs")],
+            cwd=ctx["base"], env=ctx["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        deadline = time.time() + 120
+        while True:  # until the server has the run's first losses
+            assert process.poll() is None and time.time() < deadline, process.communicate()
+            found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if found and client.get_metric_history(found[0].info.run_id, "train/loss"):
+                break
+            time.sleep(0.2)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        started = time.time()
+        out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, out + err
+    assert "harness: tracker mlflow: cannot send metrics" in err
+    run_dir = run_dir_of(subprocess.CompletedProcess([], 0, out, err))
+    assert read_lock(run_dir)["results"]["steps"] == 240
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
+    assert time.time() - started < 120  # the trackers' close is bounded (60 s)

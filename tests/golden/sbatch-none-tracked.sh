@@ -65,9 +65,12 @@ done
 wait "$child"
 code=$?
 
-echo "$code" >&9
+# A subshell: were the follower gone, SIGPIPE would end it, not this script.
+(echo "$code" >&9) 2>/dev/null || say "the tracking follower is gone"
 exec 9>&-
-wait "$tracker"
+while kill -0 "$tracker" 2>/dev/null; do  # a trap may interrupt a wait
+    wait "$tracker"
+done
 
 if [[ $code -eq $REQUEUE_EXIT ]]; then
     if [[ $got_term -eq 1 ]]; then
