@@ -165,7 +165,8 @@ def follow(run_dir: Path, cfg: Dict[str, Any], backend_name: str) -> Follower:
     settings = mlflow_settings(cfg)
     if settings:
         trackers.append(Mlflow.open(run_dir, cfg, backend_name, settings, state))
-    save_state(run_dir, state)
+    if trackers:
+        save_state(run_dir, state)
     return Follower(run_dir, trackers, state).start()
 
 
