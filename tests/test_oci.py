@@ -1,0 +1,69 @@
+"""Reproducible image ids (harness/oci.py) on the real engine: the same files, written at
+other times, in another order, become the same layer bytes and the same image id."""
+
+import hashlib
+import io
+import os
+import tarfile
+import uuid
+
+import pytest
+
+from test_docker import engine  # noqa: F401 - the fixture: a Docker engine and a base
+
+pytestmark = pytest.mark.docker
+
+
+def tree_archive(root, stamp: int, reverse: bool) -> io.BytesIO:
+    """The files of one build, made with times `stamp` and added in either order: what a
+    container archive of them would differ in from build to build."""
+    files = {"app/hello.txt": b"hello\n", "app/lib/mod.py": b"VALUE = 1\n",
+             "app/lib/data.bin": bytes(range(256)) * 64}
+    for name, data in sorted(files.items(), reverse=reverse):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    os.link(root / "app/hello.txt", root / "app/hello-again.txt")
+    (root / "app/lib/link.py").symlink_to("mod.py")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path in sorted(root.rglob("*"), reverse=reverse):
+            os.utime(path, (stamp, stamp), follow_symlinks=False)
+            archive.add(path, arcname=str(path.relative_to(root)), recursive=False)
+    buffer.seek(0)
+    return buffer
+
+
+def test_same_files_at_other_times_give_the_same_layer_and_image_id(engine, tmp_path):  # noqa: F811
+    from harness import config, oci
+
+    base_ref = config.state_ref("base-cpu") or os.environ["HARNESS_CPU_BASE"]
+    base = oci.saved_base(engine, base_ref, tmp_path / "saved")
+    settings = {"Env": ["PATH=/usr/bin:/bin"], "User": "10001:10001", "WorkingDir": "/tmp",
+                "Cmd": ["cat", "/opt/app/hello-again.txt"]}
+    found = []
+    for attempt, (stamp, reverse) in enumerate(((1_000_000_000, False), (1_700_000_000, True))):
+        layer = tmp_path / f"layer{attempt}.tar"
+        with open(layer, "wb") as out:
+            diff_id = oci.normalized_layer(
+                tree_archive(tmp_path / f"tree{attempt}", stamp, reverse), out, prefix="opt/")
+        image_config = oci.image_config(base["config"], [diff_id], settings, ["test files"])
+        tag = f"harness-test/oci:{uuid.uuid4().hex[:12]}"
+        image_id = oci.load(engine, image_config, [*base["layers"], layer], tag)
+        output = engine.containers.run(tag, remove=True, network_disabled=True)
+        engine.images.remove(tag)  # untagged: the next load makes the image again
+        found.append({"id": image_id, "config_id": oci.image_id(image_config),
+                      "diff_id": diff_id, "output": output,
+                      "bytes": hashlib.sha256(layer.read_bytes()).hexdigest()})
+    assert found[0] == found[1]
+    assert found[0]["id"] == found[0]["config_id"]  # the id is sha256 of our config
+    assert found[0]["diff_id"] == "sha256:" + found[0]["bytes"]
+    assert found[0]["output"] == b"hello\n"  # the hard link became the file
+    with tarfile.open(tmp_path / "layer0.tar") as layer:
+        members = layer.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted(names) and names[:2] == ["opt", "opt/app"]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
+    assert not any(m.pax_headers for m in members)
+    assert [m.linkname for m in members if m.issym()] == ["mod.py"]
+    assert not any(m.islnk() for m in members)
