@@ -39,7 +39,7 @@ def replay(ctx, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tracked(ctx, server):
-    """A run of 320 steps logged to the server, preempted once MLflow showed its loss while
+    """A run of 160 steps logged to the server, preempted once MLflow showed its loss while
     it trained, then resumed to the end. Returns (run dir, what MLflow showed live)."""
     client = MlflowClient(server)
     seen = {}
@@ -62,7 +62,7 @@ def tracked(ctx, server):
 
     run_dir, code, output = start_and_interrupt(
         ctx, ["train", "tiny", "+tracker=mlflow", f"tracker.mlflow.tracking_uri={server}",
-              "trainer.epochs=40", "trainer.checkpoint_every=8"],
+              "trainer.epochs=20", "trainer.checkpoint_every=8"],
         signal.SIGTERM, at_step=1, send=once_mlflow_shows_loss)
     assert code == 75, output
     seen["preempted_status"] = mlflow_run(client, run_dir.name).info.status
@@ -85,7 +85,7 @@ def test_a_resumed_run_continues_its_mlflow_run_with_every_step_once(tracked, se
     assert run.info.status == "FINISHED"
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
                                                                           "train/loss"))
-    assert len(losses(run_dir)) == 320
+    assert len(losses(run_dir)) == 160
     assert history == losses(run_dir)  # each step once, the recorded value exactly
     lock = read_lock(run_dir)
     assert run.data.metrics["eval/accuracy"] == lock["results"]["test_accuracy"]
@@ -100,7 +100,7 @@ def test_mlflow_run_holds_config_tags_and_files(tracked, server):
     assert run.data.tags["harness.backend"] == "local"
     assert run.data.tags["harness.state"] == "succeeded"
     params = run.data.params
-    assert params["trainer.epochs"] == "40" and params["seed"] == "0"
+    assert params["trainer.epochs"] == "20" and params["seed"] == "0"
     assert params["optim._target_"] == lock["config"]["optim"]["_target_"]
     assert json.loads(params["data.mirrors"]) == []
     files = {a.path for a in client.list_artifacts(run.info.run_id, "harness")}
@@ -167,7 +167,7 @@ def test_a_tracking_server_that_dies_mid_run_does_not_fail_the_run(ctx, tmp_path
         client = MlflowClient(uri)
         process = subprocess.Popen(
             [sys.executable, "-m", "harness", "train", "tiny", "+tracker=mlflow",
-             f"tracker.mlflow.tracking_uri={uri}", "trainer.epochs=30",
+             f"tracker.mlflow.tracking_uri={uri}", "trainer.epochs=15",
              "--config-dir", str(ctx["conf"]), "--runs-dir", str(tmp_path / "runs")],
             cwd=ctx["base"], env=ctx["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
@@ -185,6 +185,6 @@ def test_a_tracking_server_that_dies_mid_run_does_not_fail_the_run(ctx, tmp_path
     assert process.returncode == 0, out + err
     assert "harness: tracker mlflow: cannot send metrics" in err
     run_dir = run_dir_of(subprocess.CompletedProcess([], 0, out, err))
-    assert read_lock(run_dir)["results"]["steps"] == 240
+    assert read_lock(run_dir)["results"]["steps"] == 120
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     assert time.time() - started < 120  # the trackers' close is bounded (60 s)
