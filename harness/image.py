@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from harness import config, progress
+from harness import config, oci, progress
 from harness.digest import canonical_sha256, file_sha256
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 
@@ -436,4 +436,8 @@ def facts(found, ident: Dict[str, str], image: Dict[str, Any]) -> Dict[str, Any]
         "requirements_lock_sha256": ident["requirements_lock_sha256"],
         "harness_source_sha256": ident["harness_source_sha256"],
         "content_hash": ident["content_hash"],
+        # What a rebuild must reproduce: each layer's sha256, and what the id means on
+        # this engine (harness/oci.py, engine_image_store).
+        "diff_ids": list((found.attrs.get("RootFS") or {}).get("Layers") or []),
+        "image_store": oci.engine_image_store(found.client),
     }

@@ -70,6 +70,8 @@ def test_build_then_train_records_the_image(cli, tiny_conf, engine, built):
     assert lock["image"]["repo_digest"] in inspected["RepoDigests"]
     assert lock["image"]["repo_digest"].startswith("127.0.0.1:5000/harness/train-cpu@sha256:")
     assert lock["image"]["base"].endswith("@" + lock["image"]["base_digest"])
+    assert lock["image"]["diff_ids"] == inspected["RootFS"]["Layers"]
+    assert lock["image"]["image_store"] == "docker"  # the id is sha256 of the image config
     labels = inspected["Config"]["Labels"]
     assert labels["org.harness.requirements-lock-sha256"] == lock["image"]["requirements_lock_sha256"]
     assert labels["org.harness.dockerfile-sha256"] == lock["image"]["dockerfile_sha256"]
