@@ -75,3 +75,9 @@ class RunBusy(HarnessError):
 
 class Diverged(HarnessError):
     exit_code = 7
+
+
+class Preempted(HarnessError):
+    """The training stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
+
+    exit_code = REQUEUE_EXIT

@@ -14,17 +14,11 @@ from harness import (audit, backends, config, data, distributed, gate, gpu, lock
                      progress, rundir, tracking)
 from harness.determinism import pinned_environment
 from harness.errors import (REQUEUE_EXIT, CheckpointRefused, ConfigError, DataError,
-                            EnvironmentProblem, HarnessError, RunBusy, RunFailed)
+                            EnvironmentProblem, HarnessError, Preempted, RunBusy, RunFailed)
 
 
 # Exit codes of the training process that are a user-facing error, passed on as such.
 PASSED_ON = {2: ConfigError, 3: DataError, 4: EnvironmentProblem, 6: CheckpointRefused}
-
-
-class Preempted(HarnessError):
-    """The training stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
-
-    exit_code = REQUEUE_EXIT
 
 
 def train(name: str, overrides: List[str], config_dir: Optional[Path] = None,
