@@ -186,7 +186,7 @@ def gate(lock: Dict[str, Any], current: Dict[str, Any],
         here.pop(section, None)
     if "image" in locked and "image" not in here:
         here["image"] = {}
-    locked.get("determinism", {}).pop("seed", None)
+    locked.get("determinism", {}).pop("seed", None)  # older locks: the seed, a third time
     if "command" in (lock.get("config") or {}) and not \
             (locked.get("determinism") or {}).get("in_effect"):
         # A command run that pinned nothing inside its processes (command.inject=false, or

@@ -165,8 +165,9 @@ class Runtime:
         det = self.cfg["determinism"]
         first_step = timing.get("first_step_unix") or finished
         process = {
-            "determinism": {"mode": det["mode"], "seed": self.cfg["seed"],
-                            "in_effect": self.in_effect},
+            # The seed is the lock's `seed` (and config.seed); locks written before
+            # 2026-11-26 repeated it here as determinism.seed (the gate ignores that).
+            "determinism": {"mode": det["mode"], "in_effect": self.in_effect},
             "software": lockfile.capture_software(),
             "hardware": lockfile.capture_hardware(),
             "environment": lockfile.capture_environment(),
