@@ -316,21 +316,24 @@ def build(image: Dict[str, Any], engine=None, push: bool = False, out=sys.stderr
     ident = identity(image)
     engine = engine or client()
     found = find(engine, ident["reference"])
-    if found is None:
+    if found is None or push:
         with build_lock(ident["content_hash"], out):
             found = find(engine, ident["reference"]) or _build(engine, image, ident, out)
-    if push:
-        _push(engine, image, ident, out)
-        found.reload()
+            if push:
+                # Under the lock too: two pushes of the same new layers at once made the
+                # registry answer 500 to one of them; one after the other, the second
+                # finds every layer there.
+                _push(engine, image, ident, out)
+                found.reload()
     return facts(found, ident, image)
 
 
 @contextlib.contextmanager
 def build_lock(content_hash: str, out) -> Iterator[None]:
-    """One build of a given content at a time on this machine. Two builds of the same
-    content at once each made an image and the second re-tagged the content-hash tag with
-    its own id, taking the first run's registry digest away; now the second waits and then
-    finds the first's image."""
+    """One build (and push) of a given content at a time on this machine. Two builds of the
+    same content at once each made an image and the second re-tagged the content-hash tag
+    with its own id, taking the first run's registry digest away; now the second waits and
+    then finds the first's image (and, pushing, the first's layers in the registry)."""
     path = Path(tempfile.gettempdir()) / f"harness-build-{content_hash[:24]}.lock"
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
