@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterable, List, Optional
 
+from harness.digest import canonical_json
+
 EPOCH = 0  # every file time in a layer (SOURCE_DATE_EPOCH's convention)
 CREATED = "1970-01-01T00:00:00Z"  # the image's and its history's `created`
 
@@ -99,10 +101,6 @@ class _Hashing(io.RawIOBase):
         return len(data)
 
 
-def canonical(document: Dict[str, Any]) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-
-
 def image_config(base: Dict[str, Any], diff_ids: Iterable[str], settings: Dict[str, Any],
                  created_by: Iterable[str]) -> bytes:
     """The config of an image: `base` (its raw config, from `docker save`) with `diff_ids`
@@ -119,7 +117,7 @@ def image_config(base: Dict[str, Any], diff_ids: Iterable[str], settings: Dict[s
                         "diff_ids": [*base["rootfs"]["diff_ids"], *diff_ids]}
     config["history"] = [*base.get("history", []),
                          *({"created": CREATED, "created_by": what} for what in created_by)]
-    return canonical(config)
+    return canonical_json(config).encode()
 
 
 def image_id(config: bytes) -> str:
