@@ -581,7 +581,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_image(sub) -> None:
-    image = sub.add_parser("image", help="training image: lock its dependencies")
+    image = sub.add_parser("image", help="training image: lock its dependencies, rebuild a "
+                                         "run's image")
     actions = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     lock = actions.add_parser(
         "lock", help="regenerate docker/requirements-<profile>.lock with hashes",
@@ -592,12 +593,45 @@ def add_image(sub) -> None:
     lock.add_argument("--profile", default=None, help="image profile (default: cpu "
                       "or cuda, as for build)")
     lock.set_defaults(handler=cmd_image_lock)
+    rebuild = actions.add_parser(
+        "rebuild", epilog=EPILOG, help="rebuild a run's image and prove it is the same image",
+        description="Rebuild the image RUN's lockfile records, offline and without the "
+                    "engine's build cache, from the same inputs (the base digest, the "
+                    "Dockerfile, the requirements lock and the harness source: this checkout "
+                    "must have them, else exit 6), and compare image ids. REPRODUCED (exit "
+                    "0): the same id, and the image gets the recorded tag back. NOT "
+                    "REPRODUCED (exit 7): the first layer that differs and, where this "
+                    "machine built the recorded image, the first file.")
+    rebuild.add_argument("run", help="run id, unique prefix of one, or run directory")
+    add_runs_dir(rebuild, help="where to find RUN (default: $HARNESS_RUNS or ./runs)")
+    rebuild.add_argument("--use-cache", action="store_true",
+                         help="let the engine reuse its build cache (faster; the id "
+                              "comparison proves the result all the same)")
+    rebuild.set_defaults(handler=cmd_image_rebuild)
 
 
 def cmd_image_lock(args: argparse.Namespace) -> int:
     from harness import image
 
     print(image.lock_requirements(image.profile_config(args.profile, args.config_dir)))
+    return 0
+
+
+def cmd_image_rebuild(args: argparse.Namespace) -> int:
+    from harness import image, replay
+    from harness.errors import Diverged
+
+    run_dir, lock, cfg = replay.load_original(args.run, args.runs_dir)
+    if not lock.get("image"):
+        raise ConfigError(f"run {run_dir.name} trained without an image (backend="
+                          f"{lock['backend']['name']}): there is no image to rebuild.")
+    result = image.rebuild(lock["image"], cfg["image"], run_dir.name,
+                           nocache=not args.use_cache)
+    print(result["report"], flush=True)
+    if not result["reproduced"]:
+        raise Diverged(f"the rebuilt image is not the one run {run_dir.name} trained in "
+                       f"(above). Look for a build step whose output changes from build to "
+                       f"build (a download, a clock, a random name).")
     return 0
 
 

@@ -228,14 +228,19 @@ def is_script(cfg: Dict[str, Any]) -> bool:
     return "command" in cfg
 
 
+def state_dir() -> Path:
+    """What this machine's set-up left for the harness: $HARNESS_STATE_DIR, else
+    ~/.local/state/harness."""
+    return Path(os.environ.get("HARNESS_STATE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".local", "state", "harness"))
+
+
 def state_ref(name: str) -> Optional[str]:
     """`${harness_state_ref:NAME}`: the image reference `make docker-env` pinned on this
     machine ($HARNESS_STATE_DIR/NAME.ref), or null when it has not run (a docker build then
     says how to get one)."""
-    state = os.environ.get("HARNESS_STATE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".local", "state", "harness")
     try:
-        return Path(state, f"{name}.ref").read_text().strip() or None
+        return (state_dir() / f"{name}.ref").read_text().strip() or None
     except OSError:
         return None
 
@@ -303,7 +308,7 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    config_dir = Path(config_dir) if config_dir else default_config_dir()
+    config_dir = Path(config_dir).absolute() if config_dir else default_config_dir()
     if not config_dir.is_dir():
         raise ConfigError(f"config directory {config_dir} does not exist; pass --config-dir DIR")
     valid = available_configs(config_dir)

@@ -195,6 +195,7 @@ def gate(lock: Dict[str, Any], current: Dict[str, Any],
             (side.get("determinism") or {}).pop("in_effect", None)
     _unknown_sm_counts_are_not_differences(locked, here)
     _pinned_isa_decides(lock, locked, here)
+    _same_image_id_decides(locked, here)
     return differences(locked, here, grouper=classify, ignore=())
 
 
@@ -213,6 +214,17 @@ def _pinned_isa_decides(lock: Dict[str, Any], locked: Dict[str, Any],
     cpus[0].pop("isa_flags", None)
     cpus[0]["supports_pinned_isa"] = True
     cpus[1]["supports_pinned_isa"] = cpu_supports(pin, flags)
+
+
+def _same_image_id_decides(locked: Dict[str, Any], here: Dict[str, Any]) -> None:
+    """The same image id on an engine with Docker's image store is the same config, which
+    names every layer by its sha256: the same image, whatever its registry digest (which
+    counts the layers' compression too, and is gone when a rebuilt image was never pushed)."""
+    images = [side.get("image") or {} for side in (locked, here)]
+    if images[0].get("id") and images[0].get("id") == images[1].get("id") and \
+            all(image.get("image_store", "docker") == "docker" for image in images):
+        for image in images:
+            image.pop("repo_digest", None)
 
 
 def _unknown_sm_counts_are_not_differences(locked: Dict[str, Any], here: Dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import config, oci, progress
 from harness.digest import canonical_sha256, file_sha256
-from harness.errors import ConfigError, EnvironmentProblem, HarnessError
+from harness.errors import ConfigError, EnvironmentProblem, HarnessError, ReplayRefused
 
 TEMPLATE = "docker/Dockerfile.template"
 LABEL_PREFIX = "org.harness."
@@ -349,11 +349,74 @@ def build_lock(content_hash: str, out) -> Iterator[None]:
 
 
 def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out, nocache: bool = False):
-    from docker.errors import APIError, DockerException
-
+    """Build with the classic builder under a scratch tag, then make that image
+    reproducible under ident["reference"]."""
     started = time.time()
     print(f"harness: building {ident['reference']} from {image['base']} ...", file=out,
           flush=True)
+    scratch = f"{ident['reference']}-classic-{os.getpid()}"
+    _classic_build(engine, image, ident, scratch, out, nocache)
+    try:
+        built = _make_reproducible(engine, image, ident, scratch, out)
+    finally:
+        _remove_quietly(engine, scratch)
+    print(f"harness: built {ident['reference']} ({built.id[:19]}) in "
+          f"{time.time() - started:.1f} s", file=out, flush=True)
+    return built
+
+
+def _make_reproducible(engine, image: Dict[str, Any], ident: Dict[str, str], classic: str,
+                       out):
+    """The classic build `classic` rewritten by harness/oci.py (normalized layers, a config
+    with fixed times) and loaded as ident["reference"]: its id depends on its files alone,
+    so a rebuild of the same inputs, anywhere, gives the same id."""
+    from docker.errors import APIError, DockerException
+
+    print("harness: writing the image reproducibly (normalized layers, fixed times) ...",
+          file=out, flush=True)
+    with tempfile.TemporaryDirectory(prefix="harness-oci-", dir=scratch_dir()) as tmp:
+        try:
+            base = oci.saved_base(engine, image["base"], Path(tmp))
+            parts = oci.rewritten(engine, classic, base, Path(tmp))
+            _remove_quietly(engine, classic)  # before loading: a CUDA image twice is 12 GB
+            oci.load(engine, parts["config"], parts["layers"], ident["reference"])
+        except (APIError, DockerException, OSError) as exc:  # requests' errors too
+            raise EnvironmentProblem(f"writing the image failed in the engine: "
+                                     f"{_short(exc)}") from None
+    for diff_id, files in parts["files"].items():
+        oci.save_file_list(layer_lists_dir(), diff_id, files)
+    built = find(engine, ident["reference"])
+    if built is None:
+        raise HarnessError(f"the build finished but {ident['reference']} is not in the engine")
+    return built
+
+
+def scratch_dir() -> Optional[str]:
+    """Where a build spools its layers: $HARNESS_SCRATCH, else the system's temp dir."""
+    return os.environ.get("HARNESS_SCRATCH") or None
+
+
+def layer_lists_dir() -> Path:
+    """The file list of every layer built here, by diff_id (for `harness image rebuild`)."""
+    return config.state_dir() / "layers"
+
+
+def _remove_quietly(engine, reference: str) -> None:
+    from docker.errors import APIError, ImageNotFound
+
+    try:
+        engine.images.remove(reference)
+    except ImageNotFound:
+        pass
+    except APIError as exc:
+        print(f"harness: warning: could not remove {reference}: {_short(exc)}",
+              file=sys.stderr, flush=True)
+
+
+def _classic_build(engine, image: Dict[str, Any], ident: Dict[str, str], tag: str, out,
+                   nocache: bool) -> None:
+    from docker.errors import APIError, DockerException
+
     files = ensure_wheelhouse(image, out=out)
     with tempfile.TemporaryDirectory(prefix="harness-build-") as tmp:
         context = Path(tmp)
@@ -378,7 +441,7 @@ def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out, nocache: b
                   if key != "reference"}
         try:
             stream = engine.api.build(
-                path=str(context), tag=ident["reference"], buildargs={"BASE": image["base"]},
+                path=str(context), tag=tag, buildargs={"BASE": image["base"]},
                 labels=labels, rm=True, forcerm=True, pull=False, decode=True, nocache=nocache,
                 network_mode=image.get("build_network") or "default")
             console = progress.BuildConsole(out)
@@ -395,12 +458,6 @@ def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out, nocache: b
         except (APIError, DockerException) as exc:
             raise EnvironmentProblem(f"image build failed in the engine: {_short(exc)}") from None
         console.close()
-    built = find(engine, ident["reference"])
-    if built is None:
-        raise HarnessError(f"the build finished but {ident['reference']} is not in the engine")
-    print(f"harness: built {ident['reference']} in {time.time() - started:.1f} s", file=out,
-          flush=True)
-    return built
 
 
 def _push(engine, image: Dict[str, Any], ident: Dict[str, str], out) -> None:
@@ -444,3 +501,115 @@ def facts(found, ident: Dict[str, str], image: Dict[str, Any]) -> Dict[str, Any]
         "diff_ids": list((found.attrs.get("RootFS") or {}).get("Layers") or []),
         "image_store": oci.engine_image_store(found.client),
     }
+
+
+# ---------------------------------------------------------------- rebuild a recorded image
+
+# What an image is built from; a lock records each, and a rebuild needs them all the same.
+INPUTS = ("profile", "base", "dockerfile_sha256", "requirements_lock_sha256",
+          "harness_source_sha256")
+REPRODUCED = "REPRODUCED"
+
+
+def rebuild(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str, out=sys.stderr,
+            nocache: bool = True, engine=None) -> Dict[str, Any]:
+    """Build, here, the image a run's lock records (`recorded`, its `image` section) from
+    the same inputs, under a tag of its own, and compare: {"reproduced": bool, "id": the
+    rebuilt id, "reference": where it is, "report": what a user reads}. On REPRODUCED the
+    rebuilt image also gets the recorded reference back."""
+    check_base(image)
+    ident = identity(image)
+    _check_same_inputs(recorded, ident, run_id)
+    engine = engine or client()
+    if find(engine, image["base"]) is None:
+        raise EnvironmentProblem(f"the base {image['base']} of run {run_id}'s image is not in "
+                                 f"the Docker engine: `docker pull {image['base']}` (or "
+                                 f"`make docker-env`), then rebuild again.")
+    scratch = {**ident, "reference": f"{ident['reference']}-rebuild"}
+    with build_lock(ident["content_hash"], out):
+        built = _build(engine, image, scratch, out, nocache=nocache)
+    rebuilt = {"id": built.id, "diff_ids": list(built.attrs["RootFS"]["Layers"])}
+    difference = image_difference(recorded, rebuilt)
+    if difference is None:
+        built.tag(*ident["reference"].rsplit(":", 1))
+        _remove_quietly(engine, scratch["reference"])  # only the tag: the image stays
+        return {"reproduced": True, "id": built.id, "reference": ident["reference"],
+                "report": f"{REPRODUCED}: {ident['reference']} rebuilt from run {run_id}'s "
+                          f"recorded inputs has its image id {built.id}."}
+    return {"reproduced": False, "id": built.id, "reference": scratch["reference"],
+            "report": f"NOT REPRODUCED: run {run_id} recorded image {recorded.get('id')}; "
+                      f"the rebuild is {built.id} (kept as {scratch['reference']}).\n"
+                      f"{difference}"}
+
+
+def _check_same_inputs(recorded: Dict[str, Any], ident: Dict[str, str], run_id: str) -> None:
+    differing = [key for key in INPUTS if recorded.get(key) != ident[key]]
+    if differing:
+        details = "; ".join(f"{key}: recorded {recorded.get(key)}, here {ident[key]}"
+                            for key in differing)
+        raise ReplayRefused(
+            f"run {run_id}'s image was built from other inputs than this checkout has "
+            f"({details}). Check out the commit its harness.lock names (source.git_commit) "
+            f"so that docker/ and harness/ are as they were, then rebuild again.")
+
+
+def image_difference(recorded: Dict[str, Any], rebuilt: Dict[str, Any]) -> Optional[str]:
+    """None when the rebuilt image is the recorded one; else the first layer that differs,
+    and the first file in it when this machine kept the recorded layer's file list."""
+    old, new = list(recorded.get("diff_ids") or []), rebuilt["diff_ids"]
+    same_id = recorded.get("image_store", "docker") != "docker" or recorded["id"] == rebuilt["id"]
+    if old == new:
+        return None if same_id else (
+            "Every layer is the same; the image config differs (its environment, labels or "
+            "command): compare `docker inspect` of the two.")
+    index = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+    if index >= min(len(old), len(new)):
+        return (f"The recorded image has {len(old)} layers, the rebuild {len(new)}: the "
+                f"Dockerfile's steps differ.")
+    lines = [f"First differing layer: {index + 1} of {len(new)} (recorded {old[index]}, "
+             f"rebuilt {new[index]})."]
+    recorded_files = oci.read_file_list(layer_lists_dir(), old[index])
+    rebuilt_files = oci.read_file_list(layer_lists_dir(), new[index])
+    if recorded_files is not None and rebuilt_files is not None:
+        lines.append(f"First differing file: {oci.first_difference(recorded_files, rebuilt_files)}")
+    else:
+        lines.append("(This machine has no file list of the recorded layer, kept where it is "
+                     f"built, in {layer_lists_dir()}: the file that differs cannot be named.)")
+    return "\n".join(lines)
+
+
+def ensure_recorded(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str,
+                    allow_mismatch: bool = False, out=sys.stderr) -> None:
+    """Before a replay: the image run `run_id` trained in is in the engine under its
+    reference, pulled from the registry when only there, else rebuilt here from its
+    recorded inputs; the replay goes on only when the rebuild is REPRODUCED (or, with
+    `allow_mismatch`, in the rebuilt image, which the gate then reports)."""
+    from docker.errors import APIError, DockerException
+
+    engine = client()
+    reference = recorded.get("reference") or identity(image)["reference"]
+    where = (f"is in neither the engine nor the registry ({recorded['repo_digest']})"
+             if recorded.get("repo_digest") else "is not in the engine (and was never pushed)")
+    found = find(engine, recorded["id"])
+    if found is None and recorded.get("repo_digest"):
+        try:
+            found = engine.images.pull(recorded["repo_digest"])
+        except (APIError, DockerException):
+            found = None
+    if found is not None and found.id == recorded["id"]:
+        if reference not in (found.tags or []):
+            found.tag(*reference.rsplit(":", 1))
+        return
+    print(f"harness: image {recorded['id'][:19]} of run {run_id} {where}; "
+          f"rebuilding it from its recorded inputs (as `harness image rebuild {run_id}` "
+          f"does) ...", file=out, flush=True)
+    result = rebuild(recorded, image, run_id, out=out, nocache=False, engine=engine)
+    print(result["report"], file=out, flush=True)
+    if not result["reproduced"] and allow_mismatch:
+        engine.images.get(result["reference"]).tag(*reference.rsplit(":", 1))
+    elif not result["reproduced"]:
+        raise ReplayRefused(f"the image run {run_id} trained in is gone, and rebuilding it "
+                            f"here gives another image (above): the replay would not run in "
+                            f"the same environment. Find the image (a registry, an engine "
+                            f"that still has {recorded['id']}), or replay with "
+                            f"--allow-mismatch to train in the rebuilt one.")

@@ -9,7 +9,9 @@ can show that a rebuilt environment is the one that ran. Here:
 - a layer is a normalized tarball: members sorted by name, every time fixed at EPOCH,
   owner 0:0 by number (no names), no PAX records (atime, ctime, xattrs), hard links
   written as the files they link to (a sorted order cannot keep a link after its target);
-  its diff_id is the sha256 of those bytes;
+  no file that records when it was made (logs, ldconfig's aux-cache, timestamp-checked
+  .pyc: the images compile checked-hash .pyc instead); its diff_id is the sha256 of
+  those bytes;
 - the image config is canonical JSON with a fixed `created` and history, on top of the
   base's own config and layers;
 - `docker load` of the two stores the image under id sha256(config) (moby#22011), on an
@@ -19,28 +21,43 @@ can show that a rebuilt environment is the one that ran. Here:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
+import os
+import re
+import shutil
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterable, List, Optional
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from harness.digest import canonical_json
 
 EPOCH = 0  # every file time in a layer (SOURCE_DATE_EPOCH's convention)
 CREATED = "1970-01-01T00:00:00Z"  # the image's and its history's `created`
+# Files that say when (not what) something was built: left out of every layer. A directory
+# under them stays (apt needs /var/log/apt); what was in it is gone at the next boot anyway.
+VOLATILE = ("var/log/", "tmp/", "var/tmp/", "root/.cache/", "var/cache/apt/",
+            "var/lib/apt/lists/")
+VOLATILE_FILES = ("var/cache/ldconfig/aux-cache",)
+# What an image's config keeps of a build's: how a container runs. Hostname (a container
+# id), Image (a parent id) and the like name the build, not the image.
+SMALL = 1 << 20  # a `docker save` member read into memory: manifests, configs, empty layers
+RUNTIME_KEYS = ("Cmd", "Entrypoint", "Env", "ExposedPorts", "Healthcheck", "Labels",
+                "OnBuild", "Shell", "StopSignal", "User", "Volumes", "WorkingDir")
 
 
-def normalized_layer(source: BinaryIO, out: BinaryIO, prefix: str = "") -> str:
+def normalized_layer(source: BinaryIO, out: BinaryIO, prefix: str = "",
+                     files: Optional[Dict[str, str]] = None) -> str:
     """Copy the tar stream `source` into `out` as a normalized layer, each name under
     `prefix` (e.g. "opt/" for an archive of /opt/venv taken as "venv/..."), with the
-    directories of `prefix` themselves; returns the layer's diff_id ("sha256:...")."""
-    with tempfile.TemporaryFile() as spool:  # sorting needs every name before any data
-        for chunk in iter(lambda: source.read(1 << 20), b""):
-            spool.write(chunk)
-        spool.seek(0)
+    directories of `prefix` themselves; returns the layer's diff_id ("sha256:...").
+    `files`, when given, receives each member's name -> "MODE sha256:..." (or "MODE -> TARGET",
+    "MODE dir"): what `harness image rebuild` compares file by file."""
+    with _seekable(source) as spool:  # sorting needs every name before any data
         digest = _Hashing(out)
         with tarfile.open(fileobj=spool, mode="r:") as archive, \
                 tarfile.open(fileobj=digest, mode="w|", format=tarfile.GNU_FORMAT) as layer:
@@ -48,8 +65,50 @@ def normalized_layer(source: BinaryIO, out: BinaryIO, prefix: str = "") -> str:
             for name in _prefix_dirs(prefix):
                 members.setdefault(name, _directory(name))
             for name in sorted(members):
-                _copy(archive, members[name], name, layer)
+                _copy(archive, members[name], name, layer, files)
         return "sha256:" + digest.sha256.hexdigest()
+
+
+class _seekable:
+    """`source` itself when it can seek, else a temporary copy of it."""
+
+    def __init__(self, source: BinaryIO):
+        self.source, self.spool = source, None
+
+    def __enter__(self) -> BinaryIO:
+        if _can_seek(self.source):
+            return self.source
+        self.spool = tempfile.TemporaryFile()
+        shutil.copyfileobj(self.source, self.spool, 1 << 20)
+        self.spool.seek(0)
+        return self.spool
+
+    def __exit__(self, *exc) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+
+def _can_seek(stream: BinaryIO) -> bool:
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _volatile(name: str, member: tarfile.TarInfo) -> bool:
+    if member.isdir():
+        return False
+    return name in VOLATILE_FILES or name.startswith(VOLATILE)
+
+
+def _timestamped_pyc(name: str, data: BinaryIO) -> bool:
+    """A .pyc checked against its source's mtime (PEP 552 flags 0): its bytes hold a build
+    time, and with every mtime at EPOCH the interpreter would not use it anyway."""
+    if not name.endswith(".pyc"):
+        return False
+    header = data.read(8)
+    data.seek(0)
+    return len(header) == 8 and int.from_bytes(header[4:8], "little") == 0
 
 
 def _prefix_dirs(prefix: str) -> List[str]:
@@ -64,7 +123,9 @@ def _directory(name: str) -> tarfile.TarInfo:
 
 
 def _copy(archive: tarfile.TarFile, member: tarfile.TarInfo, name: str,
-          layer: tarfile.TarFile) -> None:
+          layer: tarfile.TarFile, files: Optional[Dict[str, str]]) -> None:
+    if _volatile(name, member):
+        return
     data: Optional[BinaryIO] = None
     target = member
     if member.islnk():  # a hard link: the file it links to
@@ -77,6 +138,9 @@ def _copy(archive: tarfile.TarFile, member: tarfile.TarInfo, name: str,
     if target.isreg():
         info.type, info.size = tarfile.REGTYPE, target.size
         data = archive.extractfile(target)
+        if _timestamped_pyc(name, data):
+            return
+        data = _HashingReader(data)
     elif target.issym():
         info.type, info.linkname = tarfile.SYMTYPE, target.linkname
     elif target.isdir():
@@ -84,6 +148,25 @@ def _copy(archive: tarfile.TarFile, member: tarfile.TarInfo, name: str,
     else:
         return  # devices, fifos: nothing an image layer of ours holds
     layer.addfile(info, data)
+    if files is not None:
+        what = (f"sha256:{data.sha256.hexdigest()}" if data is not None
+                else f"-> {info.linkname}" if info.issym() else "dir")
+        files[info.name] = f"{info.mode:04o} {what}"
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes what is read from it."""
+
+    def __init__(self, source: BinaryIO):
+        self.source, self.sha256 = source, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.sha256.update(data)
+        return data
 
 
 class _Hashing(io.RawIOBase):
@@ -111,7 +194,8 @@ def image_config(base: Dict[str, Any], diff_ids: Iterable[str], settings: Dict[s
         raise ValueError("one history entry per layer")
     config = {key: value for key, value in base.items()
               if key in ("architecture", "os", "variant", "os.version")}
-    config["config"] = {**(base.get("config") or {}), **settings}
+    runtime = {**(base.get("config") or {}), **settings}
+    config["config"] = {key: runtime[key] for key in RUNTIME_KEYS if runtime.get(key)}
     config["created"] = CREATED
     config["rootfs"] = {"type": "layers",
                         "diff_ids": [*base["rootfs"]["diff_ids"], *diff_ids]}
@@ -128,33 +212,138 @@ def saved_base(engine, reference: str, into: Path) -> Dict[str, Any]:
     """`docker save` of the base unpacked in `into`: its raw config and layer files, which
     an image built on it is loaded with. Returns {"config": ..., "layers": [paths]}."""
     into.mkdir(parents=True, exist_ok=True)
-    archive = into / "base.tar"
-    with open(archive, "wb") as handle:
+    with tempfile.TemporaryFile(dir=into) as archive:
         for chunk in engine.images.get(reference).save(named=False):
-            handle.write(chunk)
-    with tarfile.open(archive) as saved:
-        saved.extractall(into / "base", filter="data")
-    (into / "base.tar").unlink()
+            archive.write(chunk)
+        archive.seek(0)
+        with tarfile.open(fileobj=archive) as saved:
+            saved.extractall(into / "base", filter="data")
     manifest = json.loads((into / "base" / "manifest.json").read_text())[0]
     config = json.loads((into / "base" / manifest["Config"]).read_text())
     return {"config": config, "layers": [into / "base" / layer for layer in manifest["Layers"]]}
 
 
+def rewritten(engine, built: str, base: Dict[str, Any], into: Path) -> Dict[str, Any]:
+    """The image `built` (made on `base`, a `saved_base`, by the classic builder) rewritten
+    reproducibly into `into`: every layer above the base normalized, a config with its
+    runtime settings and fixed times. Returns {"config": bytes, "layers": [paths, base's
+    first], "files": {diff_id: {name: "MODE sha256:..."}} of the new layers}; `load` makes
+    it an image.
+
+    The saved image is read as a stream, one layer at a time: a CUDA image is gigabytes,
+    and only the layer being normalized is spooled to disk."""
+    base_ids = set(base["config"]["rootfs"]["diff_ids"])
+    layers: Dict[str, Tuple[str, Optional[Path], Optional[Dict[str, str]]]] = {}
+    small: Dict[str, bytes] = {}  # manifest.json, the config, and small layers
+    aliases: Dict[str, str] = {}
+
+    def rewrite(name: str, source: BinaryIO) -> None:
+        layers[name] = _rewrite_layer(source, base_ids, into / f"layer{len(layers)}.tar")
+
+    with tarfile.open(fileobj=_Stream(engine.images.get(built).save(named=False)),
+                      mode="r|") as saved:
+        for member in saved:
+            if member.issym():  # a layer saved twice is saved once, linked
+                aliases[member.name] = str(Path(member.name).parent / member.linkname)
+            elif member.isreg() and member.size < SMALL:
+                small[member.name] = saved.extractfile(member).read()
+            elif member.isreg():
+                rewrite(member.name, saved.extractfile(member))
+    manifest = json.loads(small["manifest.json"])[0]
+    config = json.loads(small[manifest["Config"]])
+    paths = [aliases.get(path, path) for path in manifest["Layers"]]
+    for path in paths:
+        if path not in layers:
+            rewrite(path, io.BytesIO(small[path]))
+    new = [layers[path] for path in paths if layers[path][1] is not None]
+    settings = {key: value for key, value in (config.get("config") or {}).items()
+                if key in RUNTIME_KEYS}
+    history = [_created_by(entry) for entry in config.get("history", [])
+               if not entry.get("empty_layer")][len(base["config"]["rootfs"]["diff_ids"]):]
+    if len(history) != len(new):
+        history = [f"layer {index}" for index in range(len(new))]
+    return {"config": image_config(base["config"], [diff_id for diff_id, _, _ in new],
+                                   settings, history),
+            "layers": [*base["layers"], *(path for _, path, _ in new)],
+            "files": {diff_id: files for diff_id, _, files in new}}
+
+
+def _rewrite_layer(source: BinaryIO, base_ids: set, out_path: Path
+                   ) -> Tuple[str, Optional[Path], Optional[Dict[str, str]]]:
+    """(raw diff_id, None, None) for a layer of the base, which stays as it is; else
+    (normalized diff_id, its file, its files)."""
+    with tempfile.TemporaryFile(dir=out_path.parent) as spool:
+        raw = _Hashing(spool)
+        shutil.copyfileobj(source, raw, 1 << 20)
+        diff_id = "sha256:" + raw.sha256.hexdigest()
+        if diff_id in base_ids:
+            return diff_id, None, None
+        spool.seek(0)
+        files: Dict[str, str] = {}
+        with open(out_path, "wb") as out:
+            return normalized_layer(spool, out, files=files), out_path, files
+
+
+def _created_by(entry: Dict[str, Any]) -> str:
+    """A history line without the build's own hashes of what it copied (dir:HEX, file:HEX:
+    the classic builder's, which count file times)."""
+    return re.sub(r"\b(dir|file):[0-9a-f]{64}", r"\1", entry.get("created_by", ""))
+
+
+class _Stream(io.RawIOBase):
+    """A readable stream over an iterator of byte chunks (docker-py's `save`)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self.chunks, self.rest = iter(chunks), memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.rest:
+            chunk = next(self.chunks, b"")
+            if not chunk:
+                return 0
+            self.rest = memoryview(chunk)
+        size = min(len(buffer), len(self.rest))
+        buffer[:size], self.rest = self.rest[:size], self.rest[size:]
+        return size
+
+
 def load(engine, config: bytes, layers: List[Path], tag: str) -> str:
     """`docker load` an image from its config and every layer file, base's first; tag it;
-    returns the image id the engine gives it."""
-    with tempfile.TemporaryFile() as bundle:
-        with tarfile.open(fileobj=bundle, mode="w:", format=tarfile.GNU_FORMAT) as out:
-            names = []
-            for index, path in enumerate(layers):
-                names.append(f"layers/{index}.tar")
-                out.add(str(path), arcname=names[-1])
-            _add_bytes(out, "config.json", config)
-            _add_bytes(out, "manifest.json", json.dumps(
-                [{"Config": "config.json", "RepoTags": [tag], "Layers": names}]).encode())
-        bundle.seek(0)
-        loaded = engine.images.load(bundle)  # streamed: a CUDA image is gigabytes
+    returns the image id the engine gives it. The bundle is streamed to the engine as it
+    is written (a CUDA image is gigabytes: no second copy of it on disk)."""
+    loaded = engine.images.load(_bundle(config, layers, tag))
     return loaded[0].id
+
+
+def _bundle(config: bytes, layers: List[Path], tag: str) -> Iterator[bytes]:
+    """The chunks of a `docker save` archive of the image, written by a thread into a pipe."""
+    read_end, write_end = os.pipe()
+    failure: List[BaseException] = []
+
+    def write() -> None:
+        try:
+            with os.fdopen(write_end, "wb") as pipe, \
+                    tarfile.open(fileobj=pipe, mode="w|", format=tarfile.GNU_FORMAT) as out:
+                names = []
+                for index, path in enumerate(layers):
+                    names.append(f"layers/{index}.tar")
+                    out.add(str(path), arcname=names[-1])
+                _add_bytes(out, "config.json", config)
+                _add_bytes(out, "manifest.json", json.dumps(
+                    [{"Config": "config.json", "RepoTags": [tag], "Layers": names}]).encode())
+        except (OSError, tarfile.TarError) as exc:  # the engine stopped reading: it says why
+            failure.append(exc)
+
+    writer = threading.Thread(target=write, name="harness-image-load", daemon=True)
+    writer.start()
+    with os.fdopen(read_end, "rb") as pipe:
+        yield from iter(lambda: pipe.read(1 << 20), b"")
+    writer.join()
+    if failure:
+        raise OSError(f"writing the image for docker load failed: {failure[0]}")
 
 
 def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -168,3 +357,37 @@ def engine_image_store(engine) -> str:
     status = engine.info().get("DriverStatus") or []
     return "containerd" if any("io.containerd.snapshotter" in str(v) for _, v in status) \
         else "docker"
+
+
+# ---------------------------------------------------------------- file lists
+
+def save_file_list(directory: Path, diff_id: str, files: Dict[str, str]) -> None:
+    """Keep a layer's file list (name -> "MODE sha256:...") by its diff_id, for naming the
+    first file that differs when a rebuild gives another layer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{diff_id.split(':')[-1]}.json.gz"
+    partial = path.with_name(f".{path.name}.{os.getpid()}")  # whole, or not there
+    partial.write_bytes(gzip.compress(canonical_json(files).encode(), mtime=0))
+    partial.replace(path)
+
+
+def read_file_list(directory: Path, diff_id: str) -> Optional[Dict[str, str]]:
+    try:
+        return json.loads(gzip.decompress(
+            (directory / f"{diff_id.split(':')[-1]}.json.gz").read_bytes()))
+    except (OSError, ValueError):
+        return None
+
+
+def first_difference(recorded: Dict[str, str], rebuilt: Dict[str, str]) -> Optional[str]:
+    """The first file (by name) that differs between two file lists, said in words."""
+    for name in sorted(set(recorded) | set(rebuilt)):
+        before, after = recorded.get(name), rebuilt.get(name)
+        if before == after:
+            continue
+        if before is None:
+            return f"/{name} is only in the rebuilt image ({after})"
+        if after is None:
+            return f"/{name} is only in the recorded image ({before})"
+        return f"/{name}: recorded {before}, rebuilt {after}"
+    return None

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import (__version__, capture, compare, config, gate, lockfile, outputs, rundir,
-                     tracking)
+from harness import (__version__, capture, compare, config, gate, image, lockfile, outputs,
+                     rundir, tracking)
 from harness.errors import ConfigError, Diverged, EnvironmentProblem, ReplayRefused
 
 
@@ -87,6 +87,8 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
 
     started = time.perf_counter()
     orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir)
+    if lock.get("image") and cfg["backend"]["name"] == "docker":
+        image.ensure_recorded(lock["image"], cfg["image"], orig_dir.name, allow_mismatch)
     current, skip = current_environment(cfg)
     diffs = gate.gate(lock, current, skip)
     blocking = [d for d in diffs if d.blocking]
