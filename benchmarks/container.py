@@ -117,7 +117,8 @@ def start_to_first_step(backend, cfg, data_root, data_files, runs: Path) -> floa
     rundir.write_status(run_dir, "running", backend=backend.name)
     started = time.time()
     handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, env=pinned_environment(cfg["determinism"]), data_root=data_root))
+        run_dir=run_dir, cfg=cfg, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+        env=pinned_environment(cfg["determinism"]), data_root=data_root))
     with open(os.devnull, "w") as sink:
         saved, sys.stdout = sys.stdout, sink
         try:
