@@ -57,7 +57,7 @@ command -v debootstrap >/dev/null || die "debootstrap not installed (apt-get ins
 docker info >/dev/null 2>&1 || die "docker engine not answering (docker info)"
 
 ROOTFS="$(mktemp -d /var/tmp/harness-rootfs.XXXXXX)"
-trap 'rm -rf "$ROOTFS"' EXIT
+trap 'rm -rf "$ROOTFS" "$ROOTFS.image.tar"' EXIT
 
 start=$SECONDS
 log "debootstrap $SUITE from $MIRROR (include: $INCLUDE) ..."
@@ -71,15 +71,47 @@ rm -f "$ROOTFS.log"
 rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/tmp/*
 log "debootstrap ok ($((SECONDS - start)) s, $(du -sh "$ROOTFS" | cut -f1))"
 
+# Reproducible: the same package versions give the same image id, on any machine, any day.
+# What debootstrap writes that says when rather than what:
+# - /etc/shadow's "last password change" day: the day of the build. Fixed at the suite's
+#   release day (bookworm: 2023-06-10), not 0, which would mean "change it at next login".
+# - Debian's .pyc files are checked against their source's mtime, which the image's
+#   normalized layer sets to 0: compiled again, checked-hash, with a fixed hash seed.
+# - logs, ldconfig's aux-cache and dpkg/debconf backups: removed.
+# - what debootstrap copies from this host or names of it: /etc/hostname and
+#   /etc/resolv.conf (the engine mounts its own over both) are emptied, and apt's source
+#   names Debian's canonical mirror, not the one this machine fetched from.
+# The layer itself is written by harness/oci.py: sorted, every mtime 0, owner 0:0.
+sed -i -E "s/^([^:]*:[^:]*:)[0-9]+:/\1${SHADOW_DAY:-19518}:/" "$ROOTFS/etc/shadow"
+chroot "$ROOTFS" sh -c 'PYTHONHASHSEED=0 python3 -m compileall -qq -f \
+    --invalidation-mode unchecked-hash /usr/lib/python3* /usr/lib/python3/dist-packages' \
+    || true  # like Debian's own step: a file that does not compile stays source only
+find "$ROOTFS/var/log" -type f -delete
+: > "$ROOTFS/etc/hostname"
+rm -f "$ROOTFS/etc/resolv.conf" && : > "$ROOTFS/etc/resolv.conf"
+echo "deb http://deb.debian.org/debian $SUITE main" > "$ROOTFS/etc/apt/sources.list"
+rm -f "$ROOTFS"/var/cache/ldconfig/aux-cache "$ROOTFS"/var/cache/debconf/*-old \
+      "$ROOTFS"/var/lib/dpkg/*-old
+PACKAGES="$(chroot "$ROOTFS" dpkg-query -W -f '${Package}=${Version}\n' | LC_ALL=C sort \
+    | paste -sd' ')"
+
 start=$SECONDS
-log "docker import $IMAGE ..."
-# --numeric-owner: keep uid/gid of the rootfs, not the host's names for them.
-tar --numeric-owner -C "$ROOTFS" -c . | docker import \
-    --change 'ENV LANG=C.UTF-8' \
-    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'CMD ["/bin/bash"]' \
-    - "$IMAGE" >/dev/null
-log "docker import ok ($((SECONDS - start)) s)"
+log "docker load $IMAGE (normalized layer) ..."
+# --numeric-owner: keep uid/gid of the rootfs, not the host's names for them. The labels
+# list what the image holds: a lock names the base's packages through them.
+HARNESS_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tar --numeric-owner -C "$ROOTFS" -c . \
+    | PYTHONPATH="$HARNESS_SRC" python3 -m harness.oci rootfs "$IMAGE" \
+        --env LANG=C.UTF-8 \
+        --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        --cmd '["/bin/bash"]' \
+        --label "org.harness.debian-suite=$SUITE" \
+        --label "org.harness.debian-packages=$PACKAGES" \
+        --created-by "debootstrap --variant=minbase --include=$INCLUDE $SUITE" \
+        > "$ROOTFS.image.tar"
+docker load -q -i "$ROOTFS.image.tar" >/dev/null
+rm -f "$ROOTFS.image.tar"
+log "docker load ok ($((SECONDS - start)) s): $(docker image inspect -f '{{.Id}}' "$IMAGE")"
 
 # Later images run `python3 -m venv /opt/venv && /opt/venv/bin/pip install
 # --no-index ...`: prove that works here, offline, before anyone uses the image.

@@ -500,7 +500,32 @@ def facts(found, ident: Dict[str, str], image: Dict[str, Any]) -> Dict[str, Any]
         # this engine (harness/oci.py, engine_image_store).
         "diff_ids": list((found.attrs.get("RootFS") or {}).get("Layers") or []),
         "image_store": oci.engine_image_store(found.client),
+        **base_facts(found.client, ident["base"]),
     }
+
+
+BASE_PACKAGES_LABEL = "org.harness.debian-packages"  # docker/make-base-image.sh writes it
+
+
+def base_facts(engine, reference: str) -> Dict[str, Any]:
+    """The base's image id and its Debian packages (name -> version), from the label
+    docker/make-base-image.sh gives it (None for a base made otherwise)."""
+    base = find(engine, reference)
+    return {"base_id": base.id if base is not None else None,
+            "base_packages": _packages(base)}
+
+
+def _packages(base) -> Optional[Dict[str, str]]:
+    text = ((base.labels or {}) if base is not None else {}).get(BASE_PACKAGES_LABEL)
+    return dict(item.split("=", 1) for item in text.split()) if text else None
+
+
+def _package_changes(recorded: Optional[Dict[str, str]], here: Optional[Dict[str, str]]
+                     ) -> List[str]:
+    """["NAME RECORDED -> HERE", ...] for each package whose version differs."""
+    recorded, here = recorded or {}, here or {}
+    return [f"{name} {recorded.get(name, '(none)')} -> {here.get(name, '(none)')}"
+            for name in sorted(set(recorded) | set(here)) if recorded.get(name) != here.get(name)]
 
 
 # ---------------------------------------------------------------- rebuild a recorded image
@@ -523,8 +548,9 @@ def rebuild(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str, out=sy
     engine = engine or client()
     if find(engine, image["base"]) is None:
         raise EnvironmentProblem(f"the base {image['base']} of run {run_id}'s image is not in "
-                                 f"the Docker engine: `docker pull {image['base']}` (or "
-                                 f"`make docker-env`), then rebuild again.")
+                                 f"the Docker engine{_base_here(engine, recorded)}. Pull it "
+                                 f"from a registry that has it (`docker pull "
+                                 f"{image['base']}`), then rebuild again.")
     scratch = {**ident, "reference": f"{ident['reference']}-rebuild"}
     with build_lock(ident["content_hash"], out):
         built = _build(engine, image, scratch, out, nocache=nocache)
@@ -540,6 +566,21 @@ def rebuild(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str, out=sy
             "report": f"NOT REPRODUCED: run {run_id} recorded image {recorded.get('id')}; "
                       f"the rebuild is {built.id} (kept as {scratch['reference']}).\n"
                       f"{difference}"}
+
+
+def _base_here(engine, recorded: Dict[str, Any]) -> str:
+    """How the base pinned on this machine differs from a run's, in Debian packages."""
+    pinned = config.state_ref("base-cpu")
+    if not pinned or not recorded.get("base_packages"):
+        return ""
+    base_here = find(engine, pinned)
+    changes = _package_changes(recorded["base_packages"], _packages(base_here))
+    if not changes:
+        same = base_here is not None and base_here.id == recorded.get("base_id")
+        return (f"; the base pinned here ({pinned}) has the same Debian packages"
+                f"{' and image id' if same else ''}")
+    return (f"; the base pinned here ({pinned}) differs in {len(changes)} Debian "
+            f"package(s): {', '.join(changes[:12])}{' ...' if len(changes) > 12 else ''}")
 
 
 def _check_same_inputs(recorded: Dict[str, Any], ident: Dict[str, str], run_id: str) -> None:

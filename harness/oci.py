@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import tarfile
@@ -61,7 +62,8 @@ def normalized_layer(source: BinaryIO, out: BinaryIO, prefix: str = "",
         digest = _Hashing(out)
         with tarfile.open(fileobj=spool, mode="r:") as archive, \
                 tarfile.open(fileobj=digest, mode="w|", format=tarfile.GNU_FORMAT) as layer:
-            members = {prefix + m.name.lstrip("./"): m for m in archive.getmembers()}
+            members = {prefix + name: m for m in archive.getmembers()
+                       if (name := _member_name(m.name))}
             for name in _prefix_dirs(prefix):
                 members.setdefault(name, _directory(name))
             for name in sorted(members):
@@ -109,6 +111,14 @@ def _timestamped_pyc(name: str, data: BinaryIO) -> bool:
     header = data.read(8)
     data.seek(0)
     return len(header) == 8 and int.from_bytes(header[4:8], "little") == 0
+
+
+def _member_name(name: str) -> str:
+    """A member's path without "./" or "/" in front ("" for the root itself). Not
+    lstrip("./"): that would take the dot of a top-level ".wh.FILE" whiteout too."""
+    name = name[2:] if name.startswith("./") else name
+    name = name.lstrip("/")
+    return "" if name == "." else name
 
 
 def _prefix_dirs(prefix: str) -> List[str]:
@@ -325,15 +335,8 @@ def _bundle(config: bytes, layers: List[Path], tag: str) -> Iterator[bytes]:
 
     def write() -> None:
         try:
-            with os.fdopen(write_end, "wb") as pipe, \
-                    tarfile.open(fileobj=pipe, mode="w|", format=tarfile.GNU_FORMAT) as out:
-                names = []
-                for index, path in enumerate(layers):
-                    names.append(f"layers/{index}.tar")
-                    out.add(str(path), arcname=names[-1])
-                _add_bytes(out, "config.json", config)
-                _add_bytes(out, "manifest.json", json.dumps(
-                    [{"Config": "config.json", "RepoTags": [tag], "Layers": names}]).encode())
+            with os.fdopen(write_end, "wb") as pipe:
+                write_bundle(pipe, config, layers, tag)
         except (OSError, tarfile.TarError) as exc:  # the engine stopped reading: it says why
             failure.append(exc)
 
@@ -346,10 +349,43 @@ def _bundle(config: bytes, layers: List[Path], tag: str) -> Iterator[bytes]:
         raise OSError(f"writing the image for docker load failed: {failure[0]}")
 
 
+def write_bundle(out: BinaryIO, config: bytes, layers: List[Path], tag: str) -> None:
+    """A `docker load` archive of the image (config, layer files base's first) into `out`."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as bundle:
+        names = []
+        for index, path in enumerate(layers):
+            names.append(f"layers/{index}.tar")
+            bundle.add(str(path), arcname=names[-1])
+        _add_bytes(bundle, "config.json", config)
+        _add_bytes(bundle, "manifest.json", json.dumps(
+            [{"Config": "config.json", "RepoTags": [tag], "Layers": names}]).encode())
+
+
 def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime = len(data), EPOCH
     archive.addfile(info, io.BytesIO(data))
+
+
+def rootfs_image(rootfs: BinaryIO, out: BinaryIO, tag: str, settings: Dict[str, Any],
+                 created_by: str) -> str:
+    """A `docker load` archive, into `out`, of a one-layer image made of the tar stream
+    `rootfs` (a whole root file system, e.g. from debootstrap): a base image whose id
+    depends on its files and `settings` alone. Returns that id."""
+    scratch = {"architecture": _architecture(), "os": "linux",
+               "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
+    with tempfile.TemporaryDirectory(prefix="harness-rootfs-") as tmp:
+        layer = Path(tmp) / "layer.tar"
+        with open(layer, "wb") as handle:
+            diff_id = normalized_layer(rootfs, handle)
+        config = image_config(scratch, [diff_id], settings, [created_by])
+        write_bundle(out, config, [layer], tag)
+    return image_id(config)
+
+
+def _architecture() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
 def engine_image_store(engine) -> str:
@@ -391,3 +427,34 @@ def first_difference(recorded: Dict[str, str], rebuilt: Dict[str, str]) -> Optio
             return f"/{name} is only in the recorded image ({before})"
         return f"/{name}: recorded {before}, rebuilt {after}"
     return None
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python3 -m harness.oci rootfs TAG [--env K=V] [--label K=V] [--cmd JSON]`: read a
+    root file system's tar on stdin, write a `docker load` archive of it on stdout, print
+    its image id on stderr. Needs only the standard library: docker/make-base-image.sh runs
+    it with the system's python3, before any venv exists."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python3 -m harness.oci", description=main.__doc__)
+    actions = parser.add_subparsers(dest="action", required=True)
+    rootfs = actions.add_parser("rootfs", help="a base image from a root file system's tar")
+    rootfs.add_argument("tag")
+    rootfs.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    rootfs.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    rootfs.add_argument("--cmd", default='["/bin/bash"]', help="JSON list")
+    rootfs.add_argument("--created-by", default="debootstrap")
+    args = parser.parse_args(argv)
+    settings = {"Env": args.env, "Cmd": json.loads(args.cmd),
+                "Labels": dict(item.split("=", 1) for item in args.label)}
+    image = rootfs_image(sys.stdin.buffer, sys.stdout.buffer, args.tag, settings,
+                         args.created_by)
+    print(image, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
