@@ -377,8 +377,9 @@ def _make_reproducible(engine, image: Dict[str, Any], ident: Dict[str, str], cla
     with tempfile.TemporaryDirectory(prefix="harness-oci-", dir=scratch_dir()) as tmp:
         try:
             base = oci.saved_base(engine, image["base"], Path(tmp))
-            parts = oci.rewritten(engine, classic, base, Path(tmp))
-            _remove_quietly(engine, classic)  # before loading: a CUDA image twice is 12 GB
+            saved = oci.saved_layers(engine, classic, base, Path(tmp))
+            _remove_quietly(engine, classic)  # now: the disk never holds a CUDA image twice
+            parts = oci.rewritten(saved, base, Path(tmp))
             oci.load(engine, parts["config"], parts["layers"], ident["reference"])
         except (APIError, DockerException, OSError) as exc:  # requests' errors too
             raise EnvironmentProblem(f"writing the image failed in the engine: "

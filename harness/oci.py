@@ -233,22 +233,21 @@ def saved_base(engine, reference: str, into: Path) -> Dict[str, Any]:
     return {"config": config, "layers": [into / "base" / layer for layer in manifest["Layers"]]}
 
 
-def rewritten(engine, built: str, base: Dict[str, Any], into: Path) -> Dict[str, Any]:
-    """The image `built` (made on `base`, a `saved_base`, by the classic builder) rewritten
-    reproducibly into `into`: every layer above the base normalized, a config with its
-    runtime settings and fixed times. Returns {"config": bytes, "layers": [paths, base's
-    first], "files": {diff_id: {name: "MODE sha256:..."}} of the new layers}; `load` makes
-    it an image.
+def saved_layers(engine, built: str, base: Dict[str, Any], into: Path) -> Dict[str, Any]:
+    """`docker save` of the image `built` (made on `base`, a `saved_base`, by the classic
+    builder), read as a stream: its config, and each layer above the base spooled raw
+    into `into` (the base's are recognized by their sha256 and not kept). Returns
+    {"config": {...}, "raw": [paths, in layer order]}; `rewritten` normalizes them.
 
-    The saved image is read as a stream, one layer at a time: a CUDA image is gigabytes,
-    and only the layer being normalized is spooled to disk."""
+    Once this returns, `built` can go: a CUDA image is gigabytes, and the disk then holds
+    the raw layers alone while they are rewritten, not the built image beside them."""
     base_ids = set(base["config"]["rootfs"]["diff_ids"])
-    layers: Dict[str, Tuple[str, Optional[Path], Optional[Dict[str, str]]]] = {}
+    raw: Dict[str, Optional[Path]] = {}
     small: Dict[str, bytes] = {}  # manifest.json, the config, and small layers
     aliases: Dict[str, str] = {}
 
-    def rewrite(name: str, source: BinaryIO) -> None:
-        layers[name] = _rewrite_layer(source, base_ids, into / f"layer{len(layers)}.tar")
+    def spool(name: str, source: BinaryIO) -> None:
+        raw[name] = _spool_layer(source, base_ids, into / f"raw{len(raw)}.tar")
 
     with tarfile.open(fileobj=_Stream(engine.images.get(built).save(named=False)),
                       mode="r|") as saved:
@@ -258,14 +257,41 @@ def rewritten(engine, built: str, base: Dict[str, Any], into: Path) -> Dict[str,
             elif member.isreg() and member.size < SMALL:
                 small[member.name] = saved.extractfile(member).read()
             elif member.isreg():
-                rewrite(member.name, saved.extractfile(member))
+                spool(member.name, saved.extractfile(member))
     manifest = json.loads(small["manifest.json"])[0]
-    config = json.loads(small[manifest["Config"]])
     paths = [aliases.get(path, path) for path in manifest["Layers"]]
     for path in paths:
-        if path not in layers:
-            rewrite(path, io.BytesIO(small[path]))
-    new = [layers[path] for path in paths if layers[path][1] is not None]
+        if path not in raw:
+            spool(path, io.BytesIO(small[path]))
+    return {"config": json.loads(small[manifest["Config"]]),
+            "raw": [raw[path] for path in paths if raw[path] is not None]}
+
+
+def _spool_layer(source: BinaryIO, base_ids: set, path: Path) -> Optional[Path]:
+    """`path` holding the layer's bytes, or None for a layer of the base."""
+    with open(path, "wb") as out:
+        raw = _Hashing(out)
+        shutil.copyfileobj(source, raw, 1 << 20)
+    if "sha256:" + raw.sha256.hexdigest() in base_ids:
+        path.unlink()
+        return None
+    return path
+
+
+def rewritten(saved: Dict[str, Any], base: Dict[str, Any], into: Path) -> Dict[str, Any]:
+    """The image of `saved_layers` rewritten reproducibly into `into`: every layer above
+    the base normalized (each raw layer deleted once done), a config with its runtime
+    settings and fixed times. Returns {"config": bytes, "layers": [paths, base's first],
+    "files": {diff_id: {name: "MODE sha256:..."}} of the new layers}; `load` makes it an
+    image."""
+    new: List[Tuple[str, Path, Dict[str, str]]] = []
+    for index, raw in enumerate(saved["raw"]):
+        files: Dict[str, str] = {}
+        out_path = into / f"layer{index}.tar"
+        with open(raw, "rb") as source, open(out_path, "wb") as out:
+            new.append((normalized_layer(source, out, files=files), out_path, files))
+        raw.unlink()
+    config = saved["config"]
     settings = {key: value for key, value in (config.get("config") or {}).items()
                 if key in RUNTIME_KEYS}
     history = [_created_by(entry) for entry in config.get("history", [])
@@ -276,22 +302,6 @@ def rewritten(engine, built: str, base: Dict[str, Any], into: Path) -> Dict[str,
                                    settings, history),
             "layers": [*base["layers"], *(path for _, path, _ in new)],
             "files": {diff_id: files for diff_id, _, files in new}}
-
-
-def _rewrite_layer(source: BinaryIO, base_ids: set, out_path: Path
-                   ) -> Tuple[str, Optional[Path], Optional[Dict[str, str]]]:
-    """(raw diff_id, None, None) for a layer of the base, which stays as it is; else
-    (normalized diff_id, its file, its files)."""
-    with tempfile.TemporaryFile(dir=out_path.parent) as spool:
-        raw = _Hashing(spool)
-        shutil.copyfileobj(source, raw, 1 << 20)
-        diff_id = "sha256:" + raw.sha256.hexdigest()
-        if diff_id in base_ids:
-            return diff_id, None, None
-        spool.seek(0)
-        files: Dict[str, str] = {}
-        with open(out_path, "wb") as out:
-            return normalized_layer(spool, out, files=files), out_path, files
 
 
 def _created_by(entry: Dict[str, Any]) -> str:

@@ -81,20 +81,19 @@ def locate(ref: str, runs_dir: Optional[Path], tracking_uri: Optional[str]) -> s
     return str(tracking.fetch_run(ref, runs_dir or rundir.default_runs_dir(), tracking_uri))
 
 
-def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
-           tracking_uri: Optional[str] = None) -> int:
-    from harness import launch
-
-    started = time.perf_counter()
-    orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir)
+def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
+                        allow_mismatch: bool) -> List[gate.Difference]:
+    """The gate: the differences between the run's environment and this one, or
+    ReplayRefused where one would break bitwise equality (unless `allow_mismatch`). A
+    docker run's image is made present first (pulled, or rebuilt and proved the same)."""
     if lock.get("image") and cfg["backend"]["name"] == "docker":
-        image.ensure_recorded(lock["image"], cfg["image"], orig_dir.name, allow_mismatch)
+        image.ensure_recorded(lock["image"], cfg["image"], run_id, allow_mismatch)
     current, skip = current_environment(cfg)
     diffs = gate.gate(lock, current, skip)
     blocking = [d for d in diffs if d.blocking]
     informational = [d for d in diffs if not d.blocking]
     if blocking and not allow_mismatch:
-        raise ReplayRefused(refusal(orig_dir.name, blocking))
+        raise ReplayRefused(refusal(run_id, blocking))
     if blocking:
         print(f"harness: --allow-mismatch: replaying despite {len(blocking)} blocking "
               f"difference(s):\n{gate.render(blocking)}", flush=True)
@@ -102,6 +101,17 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         print(f"harness: {len(informational)} informational difference(s) (no effect "
               f"expected): {', '.join(d.key for d in informational[:6])}"
               f"{' ...' if len(informational) > 6 else ''}", flush=True)
+    return diffs
+
+
+def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
+           tracking_uri: Optional[str] = None) -> int:
+    from harness import launch
+
+    started = time.perf_counter()
+    orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir)
+    diffs = checked_environment(orig_dir.name, lock, cfg, allow_mismatch)
+    blocking = [d for d in diffs if d.blocking]
     if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
         outputs.check_changed(lock["script"]["inputs"], Path.cwd(), orig_dir.name)
         for warning in lock["script"]["warnings"]:

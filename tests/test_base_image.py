@@ -28,6 +28,7 @@ def make_base(tag: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.docker
+@pytest.mark.cold_build
 def test_make_base_image_again_gives_the_pinned_base_id(engine):  # noqa: F811
     from harness import config
 

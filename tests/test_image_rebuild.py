@@ -1,13 +1,14 @@
 """Reproducible training images on the real engine: a run's image, removed from the engine,
-is rebuilt by `harness replay` (REPRODUCED, then IDENTICAL) and by `harness image rebuild`
-without any build cache (REPRODUCED: the same image id, the same layer bytes); the image
-holds checked-hash .pyc only; a layer that differs is named down to its first file."""
+is rebuilt by `harness replay` (REPRODUCED, then IDENTICAL); `harness image rebuild`
+without any build cache gives the recorded id (the same layer bytes); the image holds
+checked-hash .pyc only; a layer that differs is named down to its first file."""
 
 import io
 import tarfile
 import uuid
 
 import pytest
+import requests
 
 from conftest import read_lock, run_dir_of
 from test_docker import built, docker_train, engine  # noqa: F401 - fixtures
@@ -25,13 +26,19 @@ print(dict(flags))
 
 @pytest.mark.slow
 @pytest.mark.docker
-def test_a_removed_image_is_rebuilt_to_the_same_id_by_replay_and_by_image_rebuild(  # noqa: F811
+def test_replay_of_a_run_whose_image_is_gone_rebuilds_it_to_the_same_id(  # noqa: F811
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
+    """The image was pushed, then removed from the engine and deleted from the registry:
+    the replay says so, rebuilds it, and trains only because it is REPRODUCED; the new
+    lock has the same image id (and no registry digest: the rebuild was not pushed)."""
     # Content of its own (an env entry only this test sets): nothing else uses this image.
     marker = f"+image.env.HARNESS_TEST_REBUILD={uuid.uuid4().hex[:12]}"
     runs = ["--runs-dir", str(tmp_path / "runs")]
+    cli("build", "tiny", marker, "--push", "--config-dir", str(tiny_conf), check_rc=0,
+        timeout=1200)
     run = run_dir_of(docker_train(cli, tiny_conf, marker, "trainer.max_steps=4", *runs))
     recorded = read_lock(run)["image"]
+    assert recorded["repo_digest"]
     try:
         output = engine.containers.run(recorded["id"], ["python", "-c", PYC_FLAGS],
                                        remove=True, network_disabled=True)
@@ -39,22 +46,39 @@ def test_a_removed_image_is_rebuilt_to_the_same_id_by_replay_and_by_image_rebuil
         assert counts.get(1, 0) > 1000 and set(counts) == {1}, counts
 
         engine.images.remove(recorded["id"], force=True)
+        registry, repository_digest = recorded["repo_digest"].split("/", 1)
+        repository, digest = repository_digest.split("@")
+        requests.delete(f"http://{registry}/v2/{repository}/manifests/{digest}",
+                        timeout=30).raise_for_status()
         replayed = cli("replay", run.name, *runs, check_rc=0, timeout=1200)
-        assert "is not in the engine" in replayed.stderr
+        assert "is in neither the engine nor the registry" in replayed.stderr
         assert f"REPRODUCED: {recorded['reference']}" in replayed.stderr
         assert "IDENTICAL" in replayed.stdout
         again = read_lock(run_dir_of(replayed))["image"]
         assert (again["id"], again["diff_ids"]) == (recorded["id"], recorded["diff_ids"])
-
-        # From scratch: no build cache, every step of both stages run again.
-        engine.images.remove(recorded["id"], force=True)
-        rebuilt = cli("image", "rebuild", run.name, *runs, check_rc=0, timeout=1200)
-        assert f"REPRODUCED: {recorded['reference']}" in rebuilt.stdout
-        image = engine.images.get(recorded["reference"])
-        assert image.id == recorded["id"]
-        assert image.attrs["RootFS"]["Layers"] == recorded["diff_ids"]  # the same layer bytes
+        assert again["repo_digest"] is None
     finally:
         engine.images.remove(recorded["id"], force=True)
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.cold_build
+def test_image_rebuild_without_cache_gives_the_recorded_id(  # noqa: F811
+        cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
+    """Every step of both stages run again, no build cache: the same image id and layer
+    bytes. The rebuild goes to a tag of its own, so the image other tests use stays."""
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    run = run_dir_of(docker_train(cli, tiny_conf, "trainer.max_steps=2", *runs))
+    recorded = read_lock(run)["image"]
+    rebuilt = cli("image", "rebuild", run.name, *runs, check_rc=0, timeout=1200)
+    assert "harness: building" in rebuilt.stderr
+    assert f"REPRODUCED: {recorded['reference']}" in rebuilt.stdout
+    assert f"has its image id {recorded['id']}" in rebuilt.stdout
+    image = engine.images.get(recorded["reference"])
+    assert image.id == recorded["id"]
+    assert image.attrs["RootFS"]["Layers"] == recorded["diff_ids"]  # the same layer bytes
+    assert not [tag for tag in image.tags if tag.endswith("-rebuild")]
 
 
 @pytest.mark.docker
