@@ -549,7 +549,9 @@ def add_build(sub) -> None:
         "build", epilog=EPILOG,
         help="build (or find) the pinned training image",
         description="Build the image of CONFIG's image profile (or of --profile alone) "
-                    "through the Docker engine, offline, from the hash-locked wheelhouse. "
+                    "through the Docker engine, offline, from the hash-locked wheelhouse, "
+                    "and write it reproducibly: the image id depends on its files alone, so "
+                    "the same inputs rebuild to the same id (`harness image rebuild RUN`). "
                     "The tag is a content hash of the Dockerfile, the lock, the harness "
                     "source and the base digest: an unchanged tree reuses its image. Prints "
                     "the image facts a lockfile records.")

@@ -29,6 +29,16 @@ def exit_codes_text() -> str:
 REQUEUE_EXIT = 75
 
 
+def first_line(error: "BaseException | str", limit: int = 300) -> str:
+    """The first non-empty line of an error (or of a text), cut at `limit` characters:
+    what a message quotes of a library's error, whose later lines are a traceback or a
+    server's page."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else "unknown error"
+    return text.splitlines()[0][:limit]
+
+
 class HarnessError(Exception):
     exit_code = 1
 

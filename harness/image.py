@@ -26,7 +26,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import config, oci, progress
 from harness.digest import canonical_sha256, file_sha256
-from harness.errors import ConfigError, EnvironmentProblem, HarnessError, ReplayRefused
+from harness.errors import (ConfigError, EnvironmentProblem, HarnessError, ReplayRefused,
+                            first_line)
 
 TEMPLATE = "docker/Dockerfile.template"
 LABEL_PREFIX = "org.harness."
@@ -272,7 +273,7 @@ def client(timeout: int = 120):
         engine.ping()
     except (DockerException, RequestException, OSError, ValueError) as exc:
         # requests' connection errors and malformed DOCKER_HOST values included
-        raise EnvironmentProblem(f"no Docker engine answers at {where} ({_short(exc)}). "
+        raise EnvironmentProblem(f"no Docker engine answers at {where} ({first_line(exc)}). "
                                  f"{ENGINE_DOWN_HINT}") from None
     return engine
 
@@ -283,11 +284,6 @@ def engine_answers(timeout: float = 3) -> bool:
     except EnvironmentProblem:
         return False
     return True
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
 
 
 def engine_facts(engine) -> Dict[str, Any]:
@@ -379,11 +375,14 @@ def _make_reproducible(engine, image: Dict[str, Any], ident: Dict[str, str], cla
             base = oci.saved_base(engine, image["base"], Path(tmp))
             saved = oci.saved_layers(engine, classic, base, Path(tmp))
             _remove_quietly(engine, classic)  # now: the disk never holds a CUDA image twice
+            size = sum(raw.stat().st_size for raw in saved["raw"])
+            print(f"harness: normalizing {len(saved['raw'])} layers ({size / 1e9:.2f} GB) "
+                  f"and loading the image ...", file=out, flush=True)
             parts = oci.rewritten(saved, base, Path(tmp))
             oci.load(engine, parts["config"], parts["layers"], ident["reference"])
         except (APIError, DockerException, OSError) as exc:  # requests' errors too
             raise EnvironmentProblem(f"writing the image failed in the engine: "
-                                     f"{_short(exc)}") from None
+                                     f"{first_line(exc)}") from None
     for diff_id, files in parts["files"].items():
         oci.save_file_list(layer_lists_dir(), diff_id, files)
     built = find(engine, ident["reference"])
@@ -410,7 +409,7 @@ def _remove_quietly(engine, reference: str) -> None:
     except ImageNotFound:
         pass
     except APIError as exc:
-        print(f"harness: warning: could not remove {reference}: {_short(exc)}",
+        print(f"harness: warning: could not remove {reference}: {first_line(exc)}",
               file=sys.stderr, flush=True)
 
 
@@ -457,7 +456,7 @@ def _classic_build(engine, image: Dict[str, Any], ident: Dict[str, str], tag: st
                                        f"(Dockerfile: docker/Dockerfile.template, profile "
                                        f"{image['profile']})")
         except (APIError, DockerException) as exc:
-            raise EnvironmentProblem(f"image build failed in the engine: {_short(exc)}") from None
+            raise EnvironmentProblem(f"image build failed in the engine: {first_line(exc)}") from None
         console.close()
 
 
@@ -476,7 +475,7 @@ def _push(engine, image: Dict[str, Any], ident: Dict[str, str], out) -> None:
                 raise EnvironmentProblem(f"push to {remote}:{tag} failed: {chunk['error']}. "
                                          f"Is the registry up (make docker-env)?")
     except APIError as exc:
-        raise EnvironmentProblem(f"push to {remote}:{tag} failed: {_short(exc)}") from None
+        raise EnvironmentProblem(f"push to {remote}:{tag} failed: {first_line(exc)}") from None
     print(f"harness: pushed {remote}:{tag}", file=out, flush=True)
 
 

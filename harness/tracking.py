@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import metrics, rundir
-from harness.errors import ConfigError, EnvironmentProblem, LockfileError
+from harness.errors import ConfigError, EnvironmentProblem, LockfileError, first_line
 
 POLL_S = 1.0
 SEND_BATCH = 500  # records per send: one MLflow call (at most 1000 metrics)
@@ -120,7 +120,7 @@ class Follower:
                     save_state(self.run_dir, self.state)
             except Exception as exc:  # noqa: BLE001 - a tracker never stops the training
                 pending = batch + pending
-                self._warn(tracker.name, f"cannot send metrics ({_first_line(exc)}); retrying")
+                self._warn(tracker.name, f"cannot send metrics ({first_line(exc)}); retrying")
             self.pending[tracker.name] = pending
 
     def close(self, outcome: str) -> None:
@@ -147,7 +147,7 @@ class Follower:
                 tracker.close(self.run_dir, outcome)
             except Exception as exc:  # noqa: BLE001 - the run's own outcome stands
                 self._warn(tracker.name, f"cannot record the end of the run "
-                                         f"({_first_line(exc)})")
+                                         f"({first_line(exc)})")
 
     def _warn(self, name: str, message: str) -> None:
         if name not in self.warned:
@@ -264,13 +264,8 @@ def experiment_id(client: Any, uri: str, settings: Dict[str, Any], runs_dir: Pat
     except (MlflowException, OSError) as exc:
         raise EnvironmentProblem(
             f"cannot use the MLflow tracking store {uri} (experiment {name!r}): "
-            f"{_first_line(exc)}. Start the server, or point tracker.mlflow.tracking_uri at "
+            f"{first_line(exc)}. Start the server, or point tracker.mlflow.tracking_uri at "
             f"one that runs, or train without tracker=mlflow.") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def flat_params(cfg: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, str]]:
@@ -305,7 +300,7 @@ class Mlflow:
             return cls._open(client, uri, run_dir, cfg, backend_name, settings, state)
         except (MlflowException, OSError) as exc:
             raise EnvironmentProblem(
-                f"cannot open the MLflow run of {run_dir.name} at {uri}: {_first_line(exc)}. "
+                f"cannot open the MLflow run of {run_dir.name} at {uri}: {first_line(exc)}. "
                 f"Start the tracking server (or point tracker.mlflow.tracking_uri at one "
                 f"that runs) and try again.") from None
 
@@ -410,7 +405,7 @@ def _harness_tags(client: Any, uri: str, mlflow_run_id: str) -> Dict[str, str]:
                               f"it was logged to with --tracking-uri (or "
                               f"MLFLOW_TRACKING_URI).") from None
         raise EnvironmentProblem(f"cannot read MLflow run {mlflow_run_id} from {uri}: "
-                                 f"{_first_line(exc)}") from None
+                                 f"{first_line(exc)}") from None
     run_id, lock_sha = tags.get("harness.run_id"), tags.get("harness.lock_sha256")
     if not run_id or not lock_sha:
         raise ConfigError(f"MLflow run {mlflow_run_id} holds no finished harness run (no "
@@ -431,7 +426,7 @@ def _download(client: Any, uri: str, mlflow_run_id: str, into: str) -> None:
         client.download_artifacts(mlflow_run_id, ARTIFACT_DIR, into)
     except (MlflowException, OSError) as exc:
         raise EnvironmentProblem(f"cannot download the artifacts of MLflow run "
-                                 f"{mlflow_run_id} from {uri}: {_first_line(exc)}") from None
+                                 f"{mlflow_run_id} from {uri}: {first_line(exc)}") from None
 
 
 def _check_fetched(fetched: Path, mlflow_run_id: str, lock_sha: str) -> None:
@@ -463,7 +458,7 @@ def follow_job(run_dir: Path) -> int:
     try:
         follower = follow(run_dir, config.load_yaml(run_dir / rundir.CONFIG), "slurm")
     except Exception as exc:  # noqa: BLE001 - the training runs on, untracked
-        print(f"harness: tracking is off for this job: {_first_line(exc)}", file=sys.stderr,
+        print(f"harness: tracking is off for this job: {first_line(exc)}", file=sys.stderr,
               flush=True)
         sys.stdin.read()  # until the script is done with us: it writes the exit code here
         return 0

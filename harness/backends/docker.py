@@ -23,7 +23,7 @@ from harness.progress import Console
 from harness import image, rundir, sandbox
 from harness.backends.base import Backend, LaunchSpec
 from harness.config import load_yaml
-from harness.errors import EnvironmentProblem
+from harness.errors import EnvironmentProblem, first_line
 from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 
 HOST_NAME_ENV = "HARNESS_HOST_NAME"
@@ -82,7 +82,7 @@ class DockerHandle:
                 code = int(self.container.wait().get("StatusCode", 1))
             except (DockerException, RequestException) as exc:
                 # The container (or the engine) went away under the run: it failed.
-                console.feed(f"\nharness: lost the training container: {_first(str(exc))}\n")
+                console.feed(f"\nharness: lost the training container: {first_line(exc, 400)}\n")
                 code = 137
             console.close()
         self._remove()
@@ -230,13 +230,9 @@ def start_or_explain(container, cfg: Dict[str, Any]) -> None:
         text = str(exc)
         if gpu_requested(cfg) and ("device driver" in text or "gpu" in text.lower()):
             raise EnvironmentProblem(f"trainer.device={cfg['trainer']['device']} asks for GPUs "
-                                     f"but the Docker engine cannot provide them ({_first(text)}). "
+                                     f"but the Docker engine cannot provide them ({first_line(text, 400)}). "
                                      f"{GPU_HINT}") from None
-        raise EnvironmentProblem(f"the training container did not start: {_first(text)}") from None
-
-
-def _first(text: str) -> str:
-    return text.strip().splitlines()[0][:400] if text.strip() else "unknown error"
+        raise EnvironmentProblem(f"the training container did not start: {first_line(text, 400)}") from None
 
 
 class DockerBackend(Backend):
@@ -277,7 +273,7 @@ class DockerBackend(Backend):
                 f"base) and try again.") from None
         except APIError as exc:
             raise EnvironmentProblem(f"the GPU probe container could not be created: "
-                                     f"{_first(str(exc))}") from None
+                                     f"{first_line(exc, 400)}") from None
         try:
             start_or_explain(probe, cfg)
             probe.wait()
