@@ -102,14 +102,14 @@ registry_digest() {
         | tr -d '\r' | awk 'tolower($1) == "docker-content-digest:" {print $2}' | grep .
 }
 # Whether the registry's base was written by docker/make-base-image.sh as it is now
-# (reproducible: the same Debian packages give the same image id; it lists them in a label).
-# An older base is built again once: its id depended on when it was made.
+# (reproducible: the same Debian packages give the same image id; org.harness.base-format
+# names the recipe). An older base is built again once.
 base_is_reproducible() {
     local config
     config="$(curl -fs -H "Accept: $ACCEPT" "http://$REGISTRY/v2/$REPO/manifests/$TAG" \
         | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["digest"])')" \
         || return 1
-    curl -fs "http://$REGISTRY/v2/$REPO/blobs/$config" | grep -q 'org.harness.debian-packages'
+    curl -fs "http://$REGISTRY/v2/$REPO/blobs/$config" | grep -q '"org.harness.base-format":"2"'
 }
 if ! digest="$(registry_digest)" || ! base_is_reproducible; then
     start=$SECONDS

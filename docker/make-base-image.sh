@@ -81,7 +81,8 @@ log "debootstrap ok ($((SECONDS - start)) s, $(du -sh "$ROOTFS" | cut -f1))"
 # - what debootstrap copies from this host or names of it: /etc/hostname and
 #   /etc/resolv.conf (the engine mounts its own over both) are emptied, and apt's source
 #   names Debian's canonical mirror, not the one this machine fetched from.
-# The layer itself is written by harness/oci.py: sorted, every mtime 0, owner 0:0.
+# The layer itself is written by harness/oci.py: sorted, every mtime 0, owners by number.
+# org.harness.base-format counts changes to that recipe: docker/env.sh rebuilds an older one.
 sed -i -E "s/^([^:]*:[^:]*:)[0-9]+:/\1${SHADOW_DAY:-19518}:/" "$ROOTFS/etc/shadow"
 chroot "$ROOTFS" sh -c 'PYTHONHASHSEED=0 python3 -m compileall -qq -f \
     --invalidation-mode unchecked-hash /usr/lib/python3* /usr/lib/python3/dist-packages' \
@@ -105,6 +106,7 @@ tar --numeric-owner -C "$ROOTFS" -c . \
         --env LANG=C.UTF-8 \
         --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         --cmd '["/bin/bash"]' \
+        --label "org.harness.base-format=2" \
         --label "org.harness.debian-suite=$SUITE" \
         --label "org.harness.debian-packages=$PACKAGES" \
         --created-by "debootstrap --variant=minbase --include=$INCLUDE $SUITE" \

@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -368,6 +369,13 @@ def _make_reproducible(engine, image: Dict[str, Any], ident: Dict[str, str], cla
     so a rebuild of the same inputs, anywhere, gives the same id."""
     from docker.errors import APIError, DockerException
 
+    if oci.engine_image_store(engine) != "docker":
+        raise EnvironmentProblem(
+            "this Docker engine keeps images in containerd's image store, whose `docker "
+            "save` layers are compressed and whose ids are manifest digests: the harness "
+            "cannot write reproducible images there yet. Turn it off in "
+            "/etc/docker/daemon.json (\"features\": {\"containerd-snapshotter\": false}) "
+            "and restart dockerd, or train with backend=local.")
     print("harness: writing the image reproducibly (normalized layers, fixed times) ...",
           file=out, flush=True)
     with tempfile.TemporaryDirectory(prefix="harness-oci-", dir=scratch_dir()) as tmp:
@@ -380,11 +388,16 @@ def _make_reproducible(engine, image: Dict[str, Any], ident: Dict[str, str], cla
                   f"and loading the image ...", file=out, flush=True)
             parts = oci.rewritten(saved, base, Path(tmp))
             oci.load(engine, parts["config"], parts["layers"], ident["reference"])
-        except (APIError, DockerException, OSError) as exc:  # requests' errors too
+        except (APIError, DockerException, OSError, tarfile.TarError, KeyError, ValueError,
+                IndexError) as exc:  # requests' errors; a `docker save` not as expected
             raise EnvironmentProblem(f"writing the image failed in the engine: "
                                      f"{first_line(exc)}") from None
-    for diff_id, files in parts["files"].items():
-        oci.save_file_list(layer_lists_dir(), diff_id, files)
+    try:
+        for diff_id, files in parts["files"].items():
+            oci.save_file_list(layer_lists_dir(), diff_id, files)
+    except OSError as exc:  # the image is fine; only a later rebuild's report is poorer
+        print(f"harness: warning: cannot keep the layers' file lists in "
+              f"{layer_lists_dir()} ({first_line(exc)})", file=sys.stderr, flush=True)
     built = find(engine, ident["reference"])
     if built is None:
         raise HarnessError(f"the build finished but {ident['reference']} is not in the engine")
@@ -553,6 +566,7 @@ def rebuild(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str, out=sy
                                  f"{image['base']}`), then rebuild again.")
     scratch = {**ident, "reference": f"{ident['reference']}-rebuild"}
     with build_lock(ident["content_hash"], out):
+        _remove_quietly(engine, scratch["reference"])  # an earlier rebuild kept for inspection
         built = _build(engine, image, scratch, out, nocache=nocache)
     rebuilt = {"id": built.id, "diff_ids": list(built.attrs["RootFS"]["Layers"])}
     difference = image_difference(recorded, rebuilt)
@@ -644,7 +658,14 @@ def ensure_recorded(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str
     print(f"harness: image {recorded['id'][:19]} of run {run_id} {where}; "
           f"rebuilding it from its recorded inputs (as `harness image rebuild {run_id}` "
           f"does) ...", file=out, flush=True)
-    result = rebuild(recorded, image, run_id, out=out, nocache=False, engine=engine)
+    try:
+        result = rebuild(recorded, image, run_id, out=out, nocache=False, engine=engine)
+    except ReplayRefused as exc:  # other inputs here
+        if not allow_mismatch:
+            raise
+        print(f"harness: --allow-mismatch: {exc} The replay trains in this checkout's image; "
+              f"the gate records how it differs.", file=out, flush=True)
+        return
     print(result["report"], file=out, flush=True)
     if not result["reproduced"] and allow_mismatch:
         engine.images.get(result["reference"]).tag(*reference.rsplit(":", 1))

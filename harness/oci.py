@@ -7,10 +7,10 @@ with `created`, container ids and history times (moby PR #30611; `docker import`
 can show that a rebuilt environment is the one that ran. Here:
 
 - a layer is a normalized tarball: members sorted by name, every time fixed at EPOCH,
-  owner 0:0 by number (no names), no PAX records (atime, ctime, xattrs), hard links
+  owners by number (no names), no PAX records (atime, ctime, xattrs), hard links
   written as the files they link to (a sorted order cannot keep a link after its target);
   no file that records when it was made (logs, ldconfig's aux-cache, timestamp-checked
-  .pyc: the images compile checked-hash .pyc instead); its diff_id is the sha256 of
+  .pyc: the images compile hash-based .pyc instead); its diff_id is the sha256 of
   those bytes;
 - the image config is canonical JSON with a fixed `created` and history, on top of the
   base's own config and layers;
@@ -98,8 +98,8 @@ def _can_seek(stream: BinaryIO) -> bool:
 
 
 def _volatile(name: str, member: tarfile.TarInfo) -> bool:
-    if member.isdir():
-        return False
+    if member.isdir() or name.rsplit("/", 1)[-1].startswith(".wh."):
+        return False  # a whiteout deletes a file of a lower layer: it must stay
     return name in VOLATILE_FILES or name.startswith(VOLATILE)
 
 
@@ -143,7 +143,7 @@ def _copy(archive: tarfile.TarFile, member: tarfile.TarInfo, name: str,
     info = tarfile.TarInfo(name.rstrip("/"))
     info.mode = target.mode
     info.mtime = EPOCH
-    info.uid = info.gid = 0
+    info.uid, info.gid = target.uid, target.gid  # by number: what the build made them
     info.uname = info.gname = ""
     if target.isreg():
         info.type, info.size = tarfile.REGTYPE, target.size
@@ -227,7 +227,9 @@ def saved_base(engine, reference: str, into: Path) -> Dict[str, Any]:
             archive.write(chunk)
         archive.seek(0)
         with tarfile.open(fileobj=archive) as saved:
-            saved.extractall(into / "base", filter="data")
+            # The "data" filter (safe paths) exists from Python 3.10.12 and 3.11.4 on.
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            saved.extractall(into / "base", **safe)
     manifest = json.loads((into / "base" / "manifest.json").read_text())[0]
     config = json.loads((into / "base" / manifest["Config"]).read_text())
     return {"config": config, "layers": [into / "base" / layer for layer in manifest["Layers"]]}
@@ -253,7 +255,8 @@ def saved_layers(engine, built: str, base: Dict[str, Any], into: Path) -> Dict[s
                       mode="r|") as saved:
         for member in saved:
             if member.issym():  # a layer saved twice is saved once, linked
-                aliases[member.name] = str(Path(member.name).parent / member.linkname)
+                aliases[member.name] = os.path.normpath(
+                    os.path.join(os.path.dirname(member.name), member.linkname))
             elif member.isreg() and member.size < SMALL:
                 small[member.name] = saved.extractfile(member).read()
             elif member.isreg():
@@ -285,12 +288,15 @@ def rewritten(saved: Dict[str, Any], base: Dict[str, Any], into: Path) -> Dict[s
     "files": {diff_id: {name: "MODE sha256:..."}} of the new layers}; `load` makes it an
     image."""
     new: List[Tuple[str, Path, Dict[str, str]]] = []
+    done: Dict[Path, Tuple[str, Path, Dict[str, str]]] = {}  # a layer listed twice: once
     for index, raw in enumerate(saved["raw"]):
-        files: Dict[str, str] = {}
-        out_path = into / f"layer{index}.tar"
-        with open(raw, "rb") as source, open(out_path, "wb") as out:
-            new.append((normalized_layer(source, out, files=files), out_path, files))
-        raw.unlink()
+        if raw not in done:
+            files: Dict[str, str] = {}
+            out_path = into / f"layer{index}.tar"
+            with open(raw, "rb") as source, open(out_path, "wb") as out:
+                done[raw] = (normalized_layer(source, out, files=files), out_path, files)
+            raw.unlink()
+        new.append(done[raw])
     config = saved["config"]
     settings = {key: value for key, value in (config.get("config") or {}).items()
                 if key in RUNTIME_KEYS}
@@ -365,7 +371,7 @@ def write_bundle(out: BinaryIO, config: bytes, layers: List[Path], tag: str) -> 
         names = []
         for index, path in enumerate(layers):
             names.append(f"layers/{index}.tar")
-            bundle.add(str(path), arcname=names[-1])
+            bundle.add(os.path.realpath(path), arcname=names[-1])  # the file, not a link
         _add_bytes(bundle, "config.json", config)
         _add_bytes(bundle, "manifest.json", json.dumps(
             [{"Config": "config.json", "RepoTags": [tag], "Layers": names}]).encode())

@@ -133,3 +133,32 @@ def _with_file(archive: io.BytesIO, name: str, data: bytes) -> io.BytesIO:
             target.addfile(member, content)
     out.seek(0)
     return out
+
+
+def test_a_layer_drops_what_says_when_it_was_built_and_keeps_whiteouts():
+    """Logs, /tmp and timestamp-checked .pyc go; a whiteout under /var/log (a file of a lower
+    layer deleted) and hash-based .pyc stay; owners stay by number."""
+    from harness import oci
+
+    timestamp_pyc = b"\xa7\r\r\n" + (0).to_bytes(4, "little") + b"\0" * 8 + b"code"
+    hash_pyc = b"\xa7\r\r\n" + (1).to_bytes(4, "little") + b"\0" * 8 + b"code"
+    entries = {"var/log/dpkg.log": b"2026-11-26 install\n", "var/log/.wh.old.log": b"",
+               "tmp/build.txt": b"x", "var/cache/ldconfig/aux-cache": b"y",
+               "opt/a/__pycache__/m.cpython-311.pyc": timestamp_pyc,
+               "opt/b/__pycache__/m.cpython-311.pyc": hash_pyc, "opt/b/m.py": b"X = 1\n"}
+    source = io.BytesIO()
+    with tarfile.open(fileobj=source, mode="w") as archive:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.uid, info.gid, info.mode = len(data), 0, 42, 0o2755
+            archive.addfile(info, io.BytesIO(data))
+    source.seek(0)
+    out, files = io.BytesIO(), {}
+    oci.normalized_layer(source, out, files=files)
+    out.seek(0)
+    with tarfile.open(fileobj=out) as layer:
+        kept = {m.name: (m.uid, m.gid, m.mode) for m in layer.getmembers()}
+    assert sorted(kept) == ["opt/b/__pycache__/m.cpython-311.pyc", "opt/b/m.py",
+                            "var/log/.wh.old.log"]
+    assert set(kept.values()) == {(0, 42, 0o2755)}
+    assert sorted(files) == sorted(kept)
