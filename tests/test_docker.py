@@ -50,8 +50,10 @@ def built(engine, tmp_path_factory):
     return json.loads(done.stdout)
 
 
-def leftover_containers(engine):
-    return engine.containers.list(all=True, filters={"label": LABEL})
+def leftover_containers(engine, run_id: str):
+    """The containers of run `run_id` still there (other runs on this machine, a second
+    test session say, have their own)."""
+    return engine.containers.list(all=True, filters={"label": f"{LABEL}={run_id}"})
 
 
 def docker_train(cli, conf: Path, *overrides, check_rc=0, **kwargs):
@@ -81,7 +83,7 @@ def test_build_then_train_records_the_image(cli, tiny_conf, engine, built):
     # Captured inside the container: the image's interpreter, not the host venv's.
     assert "pytest" not in lock["software"]["packages"]
     assert "train.log" in os.listdir(run_dir) and "step 8/8" in (run_dir / "train.log").read_text()
-    assert leftover_containers(engine) == []
+    assert leftover_containers(engine, run_dir.name) == []
 
     first = json.loads(cli("build", check_rc=0).stdout)  # (re)builds if the tree changed
     started = time.monotonic()  # unchanged tree: found by its content hash, nothing built
@@ -206,7 +208,7 @@ def test_container_sandbox_seen_from_inside(cli, tmp_path, engine, built):
     assert int(probe["cap_eff"], 16) == 0  # cap_drop ALL
     assert probe["no_new_privs"] == "1"
     assert probe["shm_bytes"] >= 512 * 2**20  # room for DataLoader workers
-    assert leftover_containers(engine) == []
+    assert leftover_containers(engine, run_dir_of(done).name) == []
 
 
 @pytest.mark.parametrize("backend", ["local", "docker"])
@@ -261,13 +263,13 @@ def test_ctrl_c_stops_and_removes_the_container(tiny_conf, tmp_path, cache_home,
         lines.append(line)
         if line.startswith("step "):
             break
-    assert len(leftover_containers(engine)) == 1, "".join(lines)
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert len(leftover_containers(engine, run_dir.name)) == 1, "".join(lines)
     process.send_signal(signal.SIGINT)
     rest, _ = process.communicate(timeout=60)
     assert process.returncode == 1, "".join(lines) + rest
     assert "interrupted" in rest
-    assert leftover_containers(engine) == []
-    run_dir = next((tmp_path / "runs").iterdir())
+    assert leftover_containers(engine, run_dir.name) == []
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and status["reason"] == "interrupted"
 
@@ -327,7 +329,7 @@ def test_two_ranks_in_a_container_give_the_local_two_rank_weights(cli, tiny_conf
     assert loss_bits(local) == loss_bits(boxed)
     assert read_lock(local)["results"]["weights_sha256"] == \
         read_lock(boxed)["results"]["weights_sha256"]
-    assert leftover_containers(engine) == []
+    assert leftover_containers(engine, boxed.name) == []
 
 
 @pytest.mark.docker
