@@ -365,16 +365,7 @@ def _data_config(name: str, config_dir: Optional[Path]):
     """conf/data/<name>.yaml from the config directory, else the bundled one."""
     from harness import config
 
-    dirs = [Path(config_dir) if config_dir else config.default_config_dir(),
-            config.BUILTIN_CONFIG_DIR]
-    for directory in dirs:
-        path = directory / "data" / f"{name}.yaml"
-        if path.is_file():
-            raw = config.load_yaml(path)
-            return {"root": None, "dirname": None, "mirrors": [], "files": {},
-                    "debian_package": None, **raw}
-    valid = sorted({p.stem for d in dirs for p in (d / "data").glob("*.yaml")})
-    raise ConfigError(f"unknown dataset '{name}'; valid datasets: {', '.join(valid)}")
+    return config.group_option("data", name, config_dir)
 
 
 # ---------------------------------------------------------------- lock

@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.digest import canonical_json, canonical_sha256  # noqa: F401 (re-exported)
@@ -248,16 +248,35 @@ def state_ref(name: str) -> Optional[str]:
 OmegaConf.register_new_resolver("harness_state_ref", state_ref, replace=True)
 
 
-def register_schemas() -> None:
-    """The typed schemas as Hydra config groups' bases (`<group>/schema`): a group option
-    lists `schema` in its defaults and writes only what it changes, so each default lives
-    once, in the dataclasses above, and every key can be overridden."""
+GROUP_SCHEMAS = {"trainer": TrainerConf, "determinism": DeterminismConf,
+                 "backend": BackendConf, "image": ImageConf, "tracker": TrackerConf,
+                 "data": DataConf}
+RUN_SCHEMAS = {"train_schema": RunConf, "run_schema": ScriptRunConf}
+
+
+def register_schemas(image_profile: str = "cpu") -> None:
+    """The typed schemas in Hydra's ConfigStore, as what the bundled configs extend:
+    `<group>/schema` for each group option (it writes only what it changes, so each default
+    lives once, in the dataclasses above) and `train_schema` / `run_schema` for the primary
+    configs. The primary schemas select `image: IMAGE_PROFILE` in their defaults list: the
+    machine's default profile, registered again by `compose` before each composition."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    for group, node in (("trainer", TrainerConf), ("determinism", DeterminismConf),
-                        ("backend", BackendConf)):
+    for group, node in GROUP_SCHEMAS.items():
         store.store(group=group, name="schema", node=node)
+    for name, schema in RUN_SCHEMAS.items():
+        store.store(name=name, node=_with_defaults(schema, ["_self_", {"image": image_profile}]))
+
+
+def _with_defaults(schema: type, defaults: List[Any]) -> type:
+    """`schema` with a Hydra defaults list (Hydra reads it from a `defaults` field). `_self_`
+    comes first: the schema's own values are the base the selected options merge over."""
+    from dataclasses import make_dataclass
+
+    return make_dataclass(f"{schema.__name__}WithDefaults",
+                          [("defaults", List[Any], field(default_factory=lambda: list(defaults)))],
+                          bases=(schema,))
 
 
 register_schemas()
@@ -271,17 +290,22 @@ def default_image_profile() -> str:
     return gpu.choose_device()[0]
 
 
-def _with_image_profile(config_file: Path, overrides: List[str]) -> List[str]:
-    """Every run has an `image` group; a config need not list it in its defaults. Then
-    `image=NAME` (as typed) selects it, else the machine's default profile."""
-    defaults = (OmegaConf.load(config_file).get("defaults") or []) if config_file.is_file() else []
-    groups = {str(key).replace("override ", "").strip().lstrip("/").split("@")[0]
-              for entry in defaults for key in (entry.keys() if hasattr(entry, "keys") else [entry])}
-    if "image" in groups:
-        return overrides
+def _image_overrides(name: str, overrides: List[str]) -> List[str]:
+    """Every run has an `image` group. A config that extends train_schema or run_schema (or
+    lists `image:` itself) has it in its defaults tree, where `image=NAME` selects another;
+    for one that does not, the image is added (`+image=NAME`, as typed, else the machine's
+    default). Hydra's own defaults list of the config says which case this is."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
     chosen = [o for o in overrides if o.lstrip("+").startswith("image=")]
     rest = [o for o in overrides if o not in chosen]
-    return rest + [("+" + chosen[-1].lstrip("+")) if chosen else f"+image={default_image_profile()}"]
+    loader = GlobalHydra.instance().config_loader()
+    tree = loader.compute_defaults_list(config_name=name, overrides=rest, run_mode=RunMode.RUN)
+    if "image" in tree.overrides.known_choices:
+        return rest + [chosen[-1].lstrip("+")] if chosen else rest
+    return rest + ["+" + (chosen[-1].lstrip("+") if chosen else
+                          f"image={default_image_profile()}")]
 
 
 def default_config_dir() -> Path:
@@ -318,25 +342,57 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
             f"(from {config_dir}); add conf/{name}.yaml or pick one of these."
         )
     check_override_syntax(overrides)
-    primary = config_dir / f"{name}.yaml"
-    hydra_overrides = _with_image_profile(
-        primary if primary.is_file() else BUILTIN_CONFIG_DIR / f"{name}.yaml", list(overrides))
+    hydra_overrides = list(overrides)
     if config_dir != BUILTIN_CONFIG_DIR:
         # The user's configs can build on the bundled groups (model=cnn, data=mnist, ...).
         hydra_overrides.append(f"hydra.searchpath=[file://{BUILTIN_CONFIG_DIR}]")
+    register_schemas(image_profile=default_image_profile())
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            hydra_overrides = _image_overrides(name, hydra_overrides)
             composed = hydra_compose(config_name=name, overrides=hydra_overrides)
     except HydraException as exc:
         raise ConfigError(f"cannot compose config '{name}': {exc}") from None
+    if "name" not in composed or OmegaConf.is_missing(composed, "name"):
+        with open_dict(composed):
+            composed.name = name
     composed = OmegaConf.to_container(composed, resolve=False)
     composed.pop("hydra", None)
-    composed.setdefault("name", name)
+    composed.pop("defaults", None)
     resolved = validate(composed)
     check_targets(resolved, ConfigError, "Install the package, put its directory on "
                   "PYTHONPATH (and in backend.docker.pythonpath for container runs), or fix "
                   "the name.")
     return resolved
+
+
+def group_option(group: str, option: str, config_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """One group option alone (conf/GROUP/OPTION.yaml from the config directory, else the
+    bundled one), composed by Hydra over its schema and resolved: `harness build --profile`,
+    `harness image lock` and `harness data` need no training config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+
+    config_dir = Path(config_dir).absolute() if config_dir else default_config_dir()
+    dirs = [config_dir, BUILTIN_CONFIG_DIR]
+    valid = sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")} - {"schema"})
+    if option not in valid:
+        raise ConfigError(f"unknown {group} option '{option}'; valid options: "
+                          f"{', '.join(valid) or '(none)'} (conf/{group}/ in {config_dir} or "
+                          f"the bundled configs)")
+    ConfigStore.instance().store(name="harness_group_option",
+                                 node={"defaults": [{group: option}, "_self_"]})
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            composed = hydra_compose(config_name="harness_group_option", overrides=[
+                f"hydra.searchpath=[file://{BUILTIN_CONFIG_DIR}]"])
+        typed = OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), composed[group])
+        return OmegaConf.to_container(typed, resolve=True, enum_to_str=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"invalid {group} option '{option}': {_first_line(exc)}. Fix "
+                          f"conf/{group}/{option}.yaml.") from None
 
 
 def check_targets(cfg: Dict[str, Any], error: type, fix: str) -> None:

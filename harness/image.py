@@ -57,20 +57,9 @@ def wheelhouse_dir() -> Path:
 
 def profile_config(profile: Optional[str] = None, config_dir: Optional[Path] = None
                    ) -> Dict[str, Any]:
-    """conf/image/PROFILE.yaml alone, validated and resolved (for `harness build` without a
-    training config and for `harness image lock`)."""
-    from omegaconf import OmegaConf
-
-    profile = profile or config.default_image_profile()
-    dirs = [Path(config_dir) if config_dir else config.default_config_dir(),
-            config.BUILTIN_CONFIG_DIR]
-    for directory in dirs:
-        path = directory / "image" / f"{profile}.yaml"
-        if path.is_file():
-            merged = OmegaConf.merge(OmegaConf.structured(config.ImageConf), OmegaConf.load(path))
-            return OmegaConf.to_container(merged, resolve=True)
-    valid = sorted({p.stem for d in dirs for p in (d / "image").glob("*.yaml")})
-    raise ConfigError(f"unknown image profile '{profile}'; valid profiles: {', '.join(valid)}")
+    """conf/image/PROFILE.yaml alone (default: this machine's profile), validated and
+    resolved (for `harness build` without a training config and for `harness image lock`)."""
+    return config.group_option("image", profile or config.default_image_profile(), config_dir)
 
 
 # ---------------------------------------------------------------- rendering and identity

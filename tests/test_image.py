@@ -77,6 +77,39 @@ def test_every_run_config_has_an_image_section():
     cfg = config.compose("fashion_mnist", ["image=cuda", "image.registry=reg.example:5000"])
     assert cfg["image"]["profile"] == "cuda"
     assert cfg["image"]["registry"] == "reg.example:5000"
+    assert config.compose("fashion_mnist", ["+image=cuda"])["image"]["profile"] == "cuda"
+
+
+USER_CONFIGS = {
+    "bare": "defaults: [{model: cnn}, {data: mnist}, {optim: adam}, _self_]\nname: bare\n",
+    "lists": "defaults: [{model: cnn}, {data: mnist}, {optim: adam}, {image: cuda}, _self_]\n"
+             "name: lists\n",
+    "extends_mnist": "defaults: [mnist, _self_]\nname: extends_mnist\ntrainer: {epochs: 1}\n",
+    "extends_schema": "defaults: [train_schema, {model: cnn}, {data: mnist}, {optim: adam},\n"
+                      "  {override image: cuda}, _self_]\nname: extends_schema\n",
+}
+
+
+@pytest.mark.parametrize("name, default", [("bare", None), ("lists", "cuda"),
+                                           ("extends_mnist", None), ("extends_schema", "cuda")])
+def test_a_users_config_gets_an_image_however_it_is_written(tmp_path, name, default):
+    """Hydra's own defaults tree says whether a config selects an image (itself, or through
+    train_schema); one that does not gets the machine's profile. `image=NAME` works on all."""
+    (tmp_path / f"{name}.yaml").write_text(USER_CONFIGS[name])
+    cfg = config.compose(name, [], tmp_path)
+    assert cfg["image"]["profile"] == (default or config.default_image_profile())
+    assert cfg["name"] == name
+    for profile in ("cpu", "cuda"):
+        chosen = config.compose(name, [f"image={profile}"], tmp_path)
+        assert chosen["image"] == config.group_option("image", profile)
+
+
+def test_a_group_option_alone_is_composed_over_its_schema():
+    assert config.group_option("tracker", "mlflow")["mlflow"] == {
+        "enabled": True, "tracking_uri": None, "experiment": "harness"}
+    assert config.group_option("data", "mnist")["root"] is None
+    with pytest.raises(ConfigError, match="unknown image option 'nope'; valid options: cpu, cuda"):
+        config.group_option("image", "nope")
 
 
 def test_identity_changes_with_each_input(tmp_path, monkeypatch):
