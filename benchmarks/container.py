@@ -153,12 +153,13 @@ def main() -> None:
         args.steps, args.warmup, args.repeats = 5, 2, 2
 
     from harness import data, image
+    from harness import engine as docker_engine
     from harness.backends.docker import DockerBackend
     from harness.determinism import pinned_environment
 
     cfg = compose([f"trainer.max_steps={args.warmup + 2}", "trainer.eval_limit=100"])
     data_root, data_files = data.prepare(cfg["data"])
-    engine = image.client()
+    engine = docker_engine.client()
     built = image.build(cfg["image"], engine=engine)
     env = pinned_environment(cfg["determinism"])
     result = {"image": built["reference"], "image_id": built["id"],

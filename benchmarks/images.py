@@ -90,9 +90,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from harness import image
+    from harness import engine as docker_engine, image
 
-    engine = image.client()
+    engine = docker_engine.client()
     result = {"load_average_start": os.getloadavg()[0], "cpu_count": os.cpu_count()}
     for profile in args.profiles.split(","):
         profile_cfg = image.profile_config(profile)

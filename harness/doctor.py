@@ -140,7 +140,7 @@ def cheapest_reproducing(rows: List[Dict[str, Any]], noise: float) -> Optional[D
 
 
 def render(report: Dict[str, Any]) -> str:
-    from harness.gate import table
+    from harness.progress import table
 
     def cell(value, fmt):
         return "-" if value is None else fmt.format(value)

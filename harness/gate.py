@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from harness.lockfile import flatten
+from harness.progress import table
 
 BLOCKING = "blocking"
 INFO = "informational"
@@ -243,14 +244,6 @@ def _unknown_sm_counts_are_not_differences(locked: Dict[str, Any], here: Dict[st
 def short(value: Any, width: int = 48) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def table(rows: List[List[str]], header: List[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*map(str, r)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _word(item: Any) -> str:

@@ -2,7 +2,7 @@
 or launched, and the check that what the training process sees is what the host has.
 
 Torch is not imported here (the launcher stays light); NVML (nvidia-ml-py) answers for the
-driver and the GPUs.
+driver and the GPUs (`capture`: what the lockfile records of them).
 """
 
 from __future__ import annotations
@@ -22,9 +22,66 @@ CPU_HINT = "or train on the CPU: trainer.device=cpu"
 def nvml_gpus() -> Dict[str, Any]:
     """The host's driver and GPUs through NVML ({"gpus": [], "nvml_error": why} without).
     Asked once per process: the answer does not change during a launch."""
-    from harness.lockfile import capture_gpus
+    return capture(sm_from_torch=False)
 
-    return capture_gpus(sm_from_torch=False)
+
+def capture(sm_from_torch: bool = True) -> Dict[str, Any]:
+    """GPUs and driver through NVML (nvidia-ml-py). No NVML: an explicit empty list and the
+    reason, so that "no GPU" is recorded as a fact rather than as a missing field. The SM
+    count comes from torch (NVML does not report it); the launcher, which does not load
+    torch, passes sm_from_torch=False."""
+    try:
+        import pynvml
+    except ImportError:
+        return {"gpus": [], "driver": None, "nvml": None, "nvml_error": "nvidia-ml-py not installed"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return {"gpus": [], "driver": None, "nvml": None, "nvml_error": str(exc)}
+    try:
+        gpus = [_gpu_record(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i), i, sm_from_torch)
+                for i in range(pynvml.nvmlDeviceGetCount())]
+        return {"gpus": gpus, "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
+                "nvml": _text(pynvml.nvmlSystemGetNVMLVersion()), "nvml_error": None}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _gpu_record(pynvml, handle, index: int, sm_from_torch: bool) -> Dict[str, Any]:
+    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    try:
+        mig_current, _ = pynvml.nvmlDeviceGetMigMode(handle)
+        mig = bool(mig_current)
+    except pynvml.NVMLError:
+        mig = None  # not supported on this GPU
+    try:
+        sm_count = pynvml.nvmlDeviceGetNumGpuCores(handle)  # CUDA cores, not SMs
+    except (pynvml.NVMLError, AttributeError):
+        sm_count = None
+    uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+    return {
+        "index": index,
+        "name": _text(pynvml.nvmlDeviceGetName(handle)),
+        "uuid": uuid,
+        "compute_capability": f"{major}.{minor}",
+        "memory_total": pynvml.nvmlDeviceGetMemoryInfo(handle).total,
+        "mig_mode": mig,
+        "cuda_cores": sm_count,
+        "sm_count": _torch_sm_count(uuid) if sm_from_torch else None,
+    }
+
+
+def _torch_sm_count(uuid: str) -> Optional[int]:
+    """Streaming multiprocessors, which NVML does not report; torch does. Matched by UUID:
+    torch numbers the devices CUDA_VISIBLE_DEVICES shows, NVML all of them."""
+    try:
+        return next((d["sm_count"] for d in torch_devices() if d["uuid"] == uuid), None)
+    except (ImportError, RuntimeError, AssertionError):
+        return None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def choose_device(cfg: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
@@ -57,9 +114,9 @@ def docker_passes_gpus() -> bool:
     if shutil.which("nvidia-container-runtime-hook"):
         return True
     try:
-        from harness import image
+        from harness import engine
 
-        return "nvidia" in (image.client(timeout=5).info().get("Runtimes") or {})
+        return "nvidia" in (engine.client(timeout=5).info().get("Runtimes") or {})
     except HarnessError:
         return False
 

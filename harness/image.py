@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import config, oci, progress
+from harness.engine import client as engine_client
 from harness.digest import canonical_sha256, file_sha256
 from harness.errors import (ConfigError, EnvironmentProblem, HarnessError, ReplayRefused,
                             first_line)
 
 TEMPLATE = "docker/Dockerfile.template"
 LABEL_PREFIX = "org.harness."
-ENGINE_DOWN_HINT = ("Start one with `make docker-env` (installs and starts dockerd and the "
-                    "local registry), or train without containers: backend=local.")
 
 
 def project_root() -> Path:
@@ -248,41 +247,6 @@ def ensure_wheelhouse(image: Dict[str, Any], out=sys.stderr) -> Dict[str, Path]:
     return found
 
 
-# ---------------------------------------------------------------- engine
-
-def client(timeout: int = 120):
-    """A docker-py client that has answered a ping, or EnvironmentProblem saying how to get
-    an engine."""
-    import docker
-    from docker.errors import DockerException
-    from requests.exceptions import RequestException
-
-    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    try:
-        engine = docker.from_env(timeout=timeout)
-        engine.ping()
-    except (DockerException, RequestException, OSError, ValueError) as exc:
-        # requests' connection errors and malformed DOCKER_HOST values included
-        raise EnvironmentProblem(f"no Docker engine answers at {where} ({first_line(exc)}). "
-                                 f"{ENGINE_DOWN_HINT}") from None
-    return engine
-
-
-def engine_answers(timeout: float = 3) -> bool:
-    try:
-        client(timeout=int(max(timeout, 1)))
-    except EnvironmentProblem:
-        return False
-    return True
-
-
-def engine_facts(engine) -> Dict[str, Any]:
-    version = engine.version()
-    return {"engine": "docker", "version": version.get("Version"),
-            "api_version": version.get("ApiVersion"), "os": version.get("Os"),
-            "arch": version.get("Arch"), "kernel": version.get("KernelVersion")}
-
-
 # ---------------------------------------------------------------- build
 
 def find(engine, reference: str):
@@ -300,7 +264,7 @@ def build(image: Dict[str, Any], engine=None, push: bool = False, out=sys.stderr
     build output to `out`); pushed to image.registry when `push`. Returns image facts."""
     check_base(image)
     ident = identity(image)
-    engine = engine or client()
+    engine = engine or engine_client()
     found = find(engine, ident["reference"])
     if found is None or push:
         with build_lock(ident["content_hash"], out):
@@ -547,7 +511,7 @@ def rebuild(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str, out=sy
     check_base(image)
     ident = identity(image)
     _check_same_inputs(recorded, ident, run_id)
-    engine = engine or client()
+    engine = engine or engine_client()
     if find(engine, image["base"]) is None:
         raise EnvironmentProblem(f"the base {image['base']} of run {run_id}'s image is not in "
                                  f"the Docker engine{_base_here(engine, recorded)}. Pull it "
@@ -630,7 +594,7 @@ def ensure_recorded(recorded: Dict[str, Any], image: Dict[str, Any], run_id: str
     `allow_mismatch`, in the rebuilt image, which the gate then reports)."""
     from docker.errors import APIError, DockerException
 
-    engine = client()
+    engine = engine_client()
     reference = recorded.get("reference") or identity(image)["reference"]
     where = (f"is in neither the engine nor the registry ({recorded['repo_digest']})"
              if recorded.get("repo_digest") else "is not in the engine (and was never pushed)")

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness.digest import canonical_sha256
 from harness.errors import LockfileError
 from harness import __version__
+from harness import gpu as gpus
 from harness.rundir import atomic_write_text, now_utc
 
 SCHEMA = "harness.lock/1"
@@ -129,72 +130,11 @@ def capture_cpu() -> Dict[str, Any]:
     }
 
 
-def capture_gpus(sm_from_torch: bool = True) -> Dict[str, Any]:
-    """GPUs and driver through NVML (nvidia-ml-py). No NVML: an explicit empty list and the
-    reason, so that "no GPU" is recorded as a fact rather than as a missing field. The SM
-    count comes from torch (NVML does not report it); the launcher, which does not load
-    torch, passes sm_from_torch=False."""
-    try:
-        import pynvml
-    except ImportError:
-        return {"gpus": [], "driver": None, "nvml": None, "nvml_error": "nvidia-ml-py not installed"}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return {"gpus": [], "driver": None, "nvml": None, "nvml_error": str(exc)}
-    try:
-        gpus = [_gpu_record(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i), i, sm_from_torch)
-                for i in range(pynvml.nvmlDeviceGetCount())]
-        return {"gpus": gpus, "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
-                "nvml": _text(pynvml.nvmlSystemGetNVMLVersion()), "nvml_error": None}
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _gpu_record(pynvml, handle, index: int, sm_from_torch: bool) -> Dict[str, Any]:
-    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    try:
-        mig_current, _ = pynvml.nvmlDeviceGetMigMode(handle)
-        mig = bool(mig_current)
-    except pynvml.NVMLError:
-        mig = None  # not supported on this GPU
-    try:
-        sm_count = pynvml.nvmlDeviceGetNumGpuCores(handle)  # CUDA cores, not SMs
-    except (pynvml.NVMLError, AttributeError):
-        sm_count = None
-    uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
-    return {
-        "index": index,
-        "name": _text(pynvml.nvmlDeviceGetName(handle)),
-        "uuid": uuid,
-        "compute_capability": f"{major}.{minor}",
-        "memory_total": pynvml.nvmlDeviceGetMemoryInfo(handle).total,
-        "mig_mode": mig,
-        "cuda_cores": sm_count,
-        "sm_count": _torch_sm_count(uuid) if sm_from_torch else None,
-    }
-
-
-def _torch_sm_count(uuid: str) -> Optional[int]:
-    """Streaming multiprocessors, which NVML does not report; torch does. Matched by UUID:
-    torch numbers the devices CUDA_VISIBLE_DEVICES shows, NVML all of them."""
-    try:
-        from harness.gpu import torch_devices
-
-        return next((d["sm_count"] for d in torch_devices() if d["uuid"] == uuid), None)
-    except (ImportError, RuntimeError, AssertionError):
-        return None
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def capture_hardware() -> Dict[str, Any]:
     """CPU, GPUs and the host's name. Inside a container, `platform.node()` is the
     container's id: the launcher passes the host's name in HARNESS_HOST_NAME, and the
     container's own name is kept apart in `container_hostname`."""
-    gpu = capture_gpus()
+    gpu = gpus.capture()
     host = os.environ.get("HARNESS_HOST_NAME")
     names = {"hostname": host, "container_hostname": platform.node()} if host else \
         {"hostname": platform.node()}
@@ -335,15 +275,13 @@ def host_facts(run_id: str, cfg: Dict[str, Any], overrides: List[str], backend_n
                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The launcher's part of the lockfile, gathered on the host before the training starts
     (`extra`: what a backend, a replay or verify hands in)."""
-    from harness.config import config_sha256
-
     return _checked({
         "schema": SCHEMA,
         "run_id": run_id,
         "created_utc": now_utc(),
         "harness": {"version": __version__, "source_sha256": harness_source_sha256()},
         "config": cfg,
-        "config_sha256": config_sha256(cfg),
+        "config_sha256": canonical_sha256(cfg),
         "seed": cfg["seed"],
         "overrides": list(overrides),
         "backend": {"name": backend_name},

@@ -255,7 +255,7 @@ def confirm_gpus(device: torch.device) -> None:
         raise EnvironmentProblem(f"trainer.device={device} but torch sees "
                                  f"{torch.cuda.device_count()} CUDA device(s) here "
                                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
-    nvml = lockfile.capture_gpus(sm_from_torch=False)
+    nvml = gpu.capture(sm_from_torch=False)
     if nvml["nvml_error"] or any(g["mig_mode"] for g in nvml["gpus"]):
         why = nvml["nvml_error"] or "MIG slices have UUIDs of their own"
         print(f"harness: the GPUs torch sees are recorded without NVML's confirmation "

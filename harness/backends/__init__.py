@@ -29,7 +29,7 @@ def _auto(cfg=None) -> Backend:
     which and why."""
     import sys
 
-    from harness import image
+    from harness import engine as docker_engine
     from harness.errors import EnvironmentProblem
 
     profile = (cfg or {}).get("image") or {}
@@ -39,7 +39,7 @@ def _auto(cfg=None) -> Backend:
               file=sys.stderr, flush=True)
         return get("local")
     try:
-        engine = image.client(timeout=5)
+        engine = docker_engine.client(timeout=5)
     except EnvironmentProblem as exc:
         print(f"harness: backend=auto chose local: {exc}", file=sys.stderr, flush=True)
         return get("local")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness.progress import Console
-from harness import image, rundir, sandbox
+from harness import engine as docker_engine, image, rundir, sandbox
 from harness.backends.base import Backend, LaunchSpec
 from harness.config import load_yaml
 from harness.errors import EnvironmentProblem, first_line
@@ -245,7 +245,7 @@ class DockerBackend(Backend):
     @property
     def engine(self):
         if self._engine is None:
-            self._engine = image.client()
+            self._engine = docker_engine.client()
         return self._engine
 
     def lock_facts(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -256,7 +256,7 @@ class DockerBackend(Backend):
         if gpu_requested(cfg):  # with the pinned base, before building anything
             self._probe_gpu(cfg, image.check_base(cfg["image"]))
         facts = image.build(cfg["image"], engine=engine)
-        return {"image": facts, "container_runtime": image.engine_facts(engine)}
+        return {"image": facts, "container_runtime": docker_engine.facts(engine)}
 
     def _probe_gpu(self, cfg: Dict[str, Any], reference: str) -> None:
         from docker.errors import APIError, ImageNotFound
