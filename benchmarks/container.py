@@ -141,6 +141,61 @@ def cached_build_s() -> float:
     return elapsed
 
 
+def export_rootfs(engine, image_id: str, rootfs: Path) -> None:
+    """The image's files, unpacked into `rootfs` (to run the same bits without a container)."""
+    rootfs.mkdir()
+    exporter = engine.containers.create(image_id, command=["true"])
+    try:
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-x"], stdin=subprocess.PIPE)
+        for chunk in exporter.export():
+            tar.stdin.write(chunk)
+        tar.stdin.close()
+        tar.wait()
+    finally:
+        exporter.remove(force=True)
+
+
+def throughput(engine, image_id: str, cfg, data_root, env, args, tmp: Path) -> dict:
+    """Steps per second in the container and from the same image's files without one,
+    interleaved pairs."""
+    export_rootfs(engine, image_id, tmp / "rootfs")
+    run_dir = tmp / "bench-run"
+    run_dir.mkdir()
+    os.chown(run_dir, 10001, 10001)
+    boxed, plain = interleave(
+        lambda: in_container(engine, image_id, cfg, data_root, run_dir, env, args),
+        lambda: bare(tmp / "rootfs", cfg, data_root, env, args), args.repeats)
+    ratio = summary(paired_ratios([r["steps_per_s"] for r in boxed],
+                                  [r["steps_per_s"] for r in plain]), 3)
+    return {
+        "container_steps_per_s": round(statistics.median(r["steps_per_s"] for r in boxed), 3),
+        "bare_same_image_steps_per_s": round(
+            statistics.median(r["steps_per_s"] for r in plain), 3),
+        "container_vs_bare_ratio": ratio["median"],
+        "container_vs_bare_ratio_spread": ratio,
+        "container_steps_per_s_all": [round(r["steps_per_s"], 3) for r in boxed],
+        "bare_steps_per_s_all": [round(r["steps_per_s"], 3) for r in plain],
+        "threads": boxed[0]["threads"],
+    }
+
+
+def start_times(engine, cfg, data_root, data_files, repeats: int, tmp: Path) -> dict:
+    """Launch to first step with the docker backend and, for scale, the local one (most of
+    either is `import torch` and reading the dataset, not the container)."""
+    from harness.backends.docker import DockerBackend
+    from harness.backends.local import LocalBackend
+
+    local_cfg = {**cfg, "backend": {**cfg["backend"], "name": "local"}}
+    result = {}
+    for name, backend, run_cfg in (("container", DockerBackend(engine), cfg),
+                                   ("local", LocalBackend(), local_cfg)):
+        starts = [start_to_first_step(backend, run_cfg, data_root, data_files, tmp / "runs")
+                  for _ in range(repeats)]
+        result[f"{name}_start_to_first_step_s"] = round(statistics.median(starts), 3)
+        result[f"{name}_start_to_first_step_s_all"] = [round(t, 3) for t in starts]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
@@ -154,7 +209,6 @@ def main() -> None:
 
     from harness import data, image
     from harness import engine as docker_engine
-    from harness.backends.docker import DockerBackend
     from harness.determinism import pinned_environment
 
     cfg = compose([f"trainer.max_steps={args.warmup + 2}", "trainer.eval_limit=100"])
@@ -168,50 +222,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
         tmp = Path(tmp)
-        rootfs = tmp / "rootfs"
-        rootfs.mkdir()
-        exporter = engine.containers.create(built["id"], command=["true"])
-        try:
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-x"], stdin=subprocess.PIPE)
-            for chunk in exporter.export():
-                tar.stdin.write(chunk)
-            tar.stdin.close()
-            tar.wait()
-        finally:
-            exporter.remove(force=True)
-        run_dir = tmp / "bench-run"
-        run_dir.mkdir()
-        os.chown(run_dir, 10001, 10001)
-        boxed, plain = interleave(
-            lambda: in_container(engine, built["id"], cfg, data_root, run_dir, env, args),
-            lambda: bare(rootfs, cfg, data_root, env, args), args.repeats)
-        boxed_rate = statistics.median(r["steps_per_s"] for r in boxed)
-        plain_rate = statistics.median(r["steps_per_s"] for r in plain)
-        ratio = summary(paired_ratios([r["steps_per_s"] for r in boxed],
-                                      [r["steps_per_s"] for r in plain]), 3)
-        result.update({
-            "container_steps_per_s": round(boxed_rate, 3),
-            "bare_same_image_steps_per_s": round(plain_rate, 3),
-            "container_vs_bare_ratio": ratio["median"],
-            "container_vs_bare_ratio_spread": ratio,
-            "container_steps_per_s_all": [round(r["steps_per_s"], 3) for r in boxed],
-            "bare_steps_per_s_all": [round(r["steps_per_s"], 3) for r in plain],
-            "threads": boxed[0]["threads"],
-        })
-        backend = DockerBackend(engine)
-        starts = [start_to_first_step(backend, cfg, data_root, data_files, tmp / "runs")
-                  for _ in range(args.repeats)]
-        result["container_start_to_first_step_s"] = round(statistics.median(starts), 3)
-        result["container_start_to_first_step_s_all"] = [round(s, 3) for s in starts]
-        # For scale: the same launch-to-first-step on the host (local backend, host venv);
-        # most of either is `import torch` and reading the dataset, not the container.
-        from harness.backends.local import LocalBackend
-
-        local = [start_to_first_step(LocalBackend(), {**cfg, "backend": {
-            **cfg["backend"], "name": "local"}}, data_root, data_files, tmp / "runs")
-            for _ in range(args.repeats)]
-        result["local_start_to_first_step_s"] = round(statistics.median(local), 3)
-        result["local_start_to_first_step_s_all"] = [round(s, 3) for s in local]
+        result.update(throughput(engine, built["id"], cfg, data_root, env, args, tmp))
+        result.update(start_times(engine, cfg, data_root, data_files, args.repeats, tmp))
     builds = [cached_build_s() for _ in range(args.repeats)]
     result["cached_build_s"] = round(statistics.median(builds), 3)
     result["cached_build_s_all"] = [round(b, 3) for b in builds]

@@ -17,38 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from spread import interleave, paired_ratios, summary
 
-
-def start_server(base: Path) -> tuple:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-         "--artifacts-destination", str(base / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                return process, uri
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit("mlflow server did not start")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+import mlflow_server  # noqa: E402  (the tests' server starter)
 
 
 def train(runs: Path, steps: int, tracking: list) -> dict:
@@ -74,8 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     steps, pairs = (20, 1) if args.quick else (300, 5)
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
-        server, uri = start_server(Path(tmp))
-        try:
+        with mlflow_server.running(Path(tmp)) as (uri, _):
             # A fresh server imports its handlers on its first requests (seconds of CPU on
             # the cores the training uses): a real one is long-running, so warm it first.
             train(Path(tmp) / "runs", 10, ["tracker=mlflow", f"tracker.mlflow.tracking_uri={uri}"])
@@ -83,9 +60,6 @@ def main() -> None:
                 lambda: train(Path(tmp) / "runs", steps,
                               ["tracker=mlflow", f"tracker.mlflow.tracking_uri={uri}"]),
                 lambda: train(Path(tmp) / "runs", steps, ["tracker=none"]), pairs)
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
     costs = [r - 1 for r in paired_ratios([t["step_s"] for t in tracked],
                                           [p["step_s"] for p in plain])]
     ends = [t["tail_s"] - p["tail_s"] for t, p in zip(tracked, plain)]

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from harness.digest import tensor_bytes
+from harness.rundir import AUDIT as AUDIT_FILE
 
-AUDIT_FILE = "audit.jsonl"
 ENV_SWITCH = "HARNESS_AUDIT"
 ROOT = "(model)"
 

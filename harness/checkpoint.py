@@ -13,6 +13,9 @@ from it continues bit for bit as if it had never stopped:
     environment_sha256      hash of the environment facts that change the math
     environment             those facts, so that a refusal can name what differs
     resumes                 the resumes that led to this state (from_step, checkpoint)
+    world_size, rank_rngs   data-parallel runs only: the number of ranks that wrote it
+                            and each rank's RNG state (`rng` is rank 0's); a resume
+                            needs the same world size
     state_sha256            hash over everything above (digest.state_sha256), checked on
                             load: a damaged file is skipped like a torn one
 
@@ -58,14 +61,11 @@ def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
 
     import torch
 
-    from harness import lockfile
+    from harness import gpu, lockfile
 
-    gpus = []
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            gpus.append({"name": props.name, "capability": f"{props.major}.{props.minor}",
-                         "sm_count": props.multi_processor_count})
+    gpus = [{"name": seen["name"], "capability": seen["compute_capability"],
+             "sm_count": seen["sm_count"]}
+            for seen in (gpu.torch_devices() if torch.cuda.is_available() else [])]
     cpu = lockfile.capture_cpu()
     return {
         **lockfile.math_software(),
@@ -85,6 +85,41 @@ def facts_sha256(facts: Dict[str, Any]) -> str:
 def differing_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     """The keys whose values differ between two sets of environment facts, sorted."""
     return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
+# ---------------------------------------------------------------- the state
+
+
+def make_state(step: int, epoch: int, position: int, config_sha256: str,
+               facts: Dict[str, Any], model, optimizer, scheduler, rank_rngs: List[Any],
+               resumes: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A checkpoint's state (the module docstring lists it): `rank_rngs` holds every rank's
+    RNG state, in rank order (one entry for a single process)."""
+    state = {
+        "step": step, "epoch": epoch, "position": position, "config_sha256": config_sha256,
+        "environment_sha256": facts_sha256(facts), "environment": facts,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rank_rngs[0], "resumes": resumes}
+    if len(rank_rngs) > 1:
+        state.update(world_size=len(rank_rngs), rank_rngs=rank_rngs)
+    return state
+
+
+def rng_of_rank(state: Dict[str, Any], rank: int) -> Any:
+    """The RNG state rank `rank` saved (a single process's is `rng`)."""
+    return (state.get("rank_rngs") or [state["rng"]])[rank]
+
+
+def check_world_size(state: Dict[str, Any], path: Path, world_size: int) -> None:
+    """Refuse a checkpoint written by another number of ranks."""
+    written_by = state.get("world_size", 1)
+    if written_by != world_size:
+        raise CheckpointRefused(
+            f"checkpoint {path} was written by {written_by} rank(s), but this run has "
+            f"{world_size}: every rank's RNG state and data shard depend on the world size, "
+            f"so it cannot resume bit for bit. Resume with the world it was written with "
+            f"(trainer.devices × trainer.nodes = {written_by}).")
 
 
 # ---------------------------------------------------------------- save / load / validate

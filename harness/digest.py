@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Dict
 
 
 def canonical_json(data: Any) -> str:
     """The one JSON form that hashes are computed over: sorted keys, no spaces."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def source_sha256(package: Path) -> str:
+    """sha256 over a package's .py files, in path order, each as its relative path, NUL,
+    and its bytes: the harness source hash of both the image content hash and the lockfile."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(package).rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def file_sha256(path) -> str:

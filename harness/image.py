@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from harness import config, oci, progress
 from harness.engine import client as engine_client
-from harness.digest import canonical_sha256, file_sha256
+from harness.digest import canonical_sha256, file_sha256, source_sha256
 from harness.errors import (ConfigError, EnvironmentProblem, HarnessError, ReplayRefused,
                             first_line)
 
@@ -108,16 +108,12 @@ def identity(image: Dict[str, Any]) -> Dict[str, str]:
     if not lock_path.is_file():
         raise ConfigError(f"requirements lock {lock_path} does not exist; create it with "
                           f"`harness image lock --profile {image['profile']}`.")
-    source = hashlib.sha256()
-    package = project_root() / "harness"
-    for path in harness_sources():
-        source.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     parts = {
         "profile": image["profile"],
         "base": image["base"],
         "dockerfile_sha256": hashlib.sha256(dockerfile.encode()).hexdigest(),
         "requirements_lock_sha256": file_sha256(lock_path),
-        "harness_source_sha256": source.hexdigest(),
+        "harness_source_sha256": source_sha256(project_root() / "harness"),
     }
     content = canonical_sha256(parts)
     return {**parts, "content_hash": content,

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+from harness import seeding
 from harness.rundir import SCRIPT_REPORTS as REPORTS  # RUN_DIR/.script/<pid>.json
 
 RUN_DIR_ENV = "HARNESS_RUN_DIR"
@@ -37,7 +38,6 @@ SEED_ENV = "HARNESS_SEED"
 DETERMINISM_ENV = "HARNESS_DETERMINISM"  # the run's determinism section, as JSON
 INJECT_ENV = "HARNESS_INJECT"
 SRC_ENV = "HARNESS_SRC"
-EXTRA_OUTPUTS = "outputs.txt"  # RUN_DIR/.script/outputs.txt: harness.runtime.record_output
 
 # Settings a script can change after the harness applied them, and what a change means.
 WATCHED = {
@@ -59,7 +59,7 @@ def install() -> None:
     seed = int(os.environ[SEED_ENV])
     det = json.loads(os.environ[DETERMINISM_ENV])
     random.seed(seed)
-    after_import("numpy", lambda np: np.random.seed(seed % 2**32))
+    after_import("numpy", lambda np: seeding.seed_numpy(np, seed))
     after_import("torch", lambda torch: _pin_torch(torch, seed, det))
     atexit.register(_report, at_exit=True)
 
@@ -129,7 +129,7 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
     from harness import determinism
 
     determinism.apply(det)
-    torch.manual_seed(seed)  # every device's generator too
+    seeding.seed_torch(torch, seed)
     applied = determinism.audit()
     wrong = [f"{key}={applied.get(key)!r}, expected {want!r}"
              for key, want in determinism.expected_audit(det).items()
@@ -148,8 +148,6 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
 def _patch_dataloader(torch) -> None:
     import inspect
 
-    from harness import seeding
-
     loader_class = torch.utils.data.DataLoader
     original = loader_class.__init__
     signature = inspect.signature(original)
@@ -159,12 +157,7 @@ def _patch_dataloader(torch) -> None:
     def __init__(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         if bound.arguments.get("generator") is None:
-            # From torch's seed when the loader is made: the run's seed, or the script's own
-            # torch.manual_seed(...) if it sets one (a sweep over the script's --seed).
-            generator = torch.Generator()
-            generator.manual_seed(seeding.stream_seed(torch.initial_seed(), "dataloader",
-                                              next(counter)))
-            bound.arguments["generator"] = generator
+            bound.arguments["generator"] = seeding.script_loader_generator(torch, next(counter))
         if bound.arguments.get("worker_init_fn") is None:
             bound.arguments["worker_init_fn"] = seeding.worker_init
         _state["dataloaders"] += 1

@@ -18,7 +18,8 @@ from harness.errors import (REQUEUE_EXIT, CheckpointRefused, ConfigError, DataEr
 
 
 # Exit codes of the training process that are a user-facing error, passed on as such.
-PASSED_ON = {2: ConfigError, 3: DataError, 4: EnvironmentProblem, 6: CheckpointRefused}
+PASSED_ON = {error.exit_code: error
+             for error in (ConfigError, DataError, EnvironmentProblem, CheckpointRefused)}
 
 
 def train(name: str, overrides: List[str], config_dir: Optional[Path] = None,
@@ -199,7 +200,7 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return finish(run_dir, code, follower)
+    return finish(run_dir, cfg, code, follower)
 
 
 def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_name: str,
@@ -257,17 +258,17 @@ def _findable(program: str, workdir: Path) -> bool:
     return shutil.which(program, path=search) is not None
 
 
-def finish(run_dir: Path, code: int, follower: tracking.Follower) -> Path:
+def finish(run_dir: Path, cfg: Dict[str, Any], code: int, follower: tracking.Follower) -> Path:
     """Record how the run ended, then let the trackers record it too (the run's status
     never waits on a tracker)."""
     lock_written = (run_dir / rundir.LOCK).exists()
     try:
-        return _record_end(run_dir, code, lock_written)
+        return _record_end(run_dir, code, lock_written, config.is_script(cfg))
     finally:
         follower.close(tracking.outcome(code, lock_written))
 
 
-def _record_end(run_dir: Path, code: int, lock_written: bool) -> Path:
+def _record_end(run_dir: Path, code: int, lock_written: bool, is_script: bool) -> Path:
     if code == REQUEUE_EXIT:
         rundir.write_status(run_dir, "preempted", exit_code=code, finished_utc=rundir.now_utc(),
                             reason="stopped on a signal after writing a checkpoint")
@@ -283,7 +284,7 @@ def _record_end(run_dir: Path, code: int, lock_written: bool) -> Path:
     rundir.write_status(run_dir, "failed", exit_code=code or 1, reason=reason,
                         finished_utc=rundir.now_utc())
     said = rundir.recorded_error(run_dir)
-    if config.is_script(config.load_yaml(run_dir / rundir.CONFIG)):
+    if is_script:
         # The user's command: its exit code is the run's, whatever it means to the command.
         raise RunFailed(f"run {run_dir.name} failed: {said or reason}; see "
                         f"{run_dir / rundir.LOG}", exit_code=code or 1)

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness.digest import canonical_sha256
+from harness.digest import canonical_sha256, source_sha256
 from harness.errors import LockfileError
 from harness import __version__
 from harness import gpu as gpus
@@ -169,12 +169,7 @@ def capture_source(directory: Path) -> Dict[str, Any]:
 
 def harness_source_sha256() -> str:
     """sha256 over the harness package's own source files, in path order."""
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return source_sha256(Path(__file__).resolve().parent)
 
 
 # ---------------------------------------------------------------- write / read

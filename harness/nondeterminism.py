@@ -15,8 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
+from harness.rundir import NONDETERMINISTIC as FILE
+
 ENV_SWITCH = "HARNESS_WATCH_NONDETERMINISM"
-FILE = "nondeterministic.json"
 
 
 def watch(model, run_dir: Path) -> None:

@@ -13,7 +13,14 @@
     replay.json      a replay's comparison with the run it replays
     verify.json      `harness verify`'s comparison of its two runs
     outputs/         a `harness run` command's declared outputs, as it left them
-    .script/         reports of the command's Python processes (harness.injection)
+    .script/         reports of the command's Python processes (harness.injection), and
+                     outputs.txt: the outputs the command recorded (runtime.record_output)
+    audit.jsonl      `harness verify`: per-module tensor digests at audited steps
+    nondeterministic.json  the nondeterministic ops torch warned about (determinism warn/off)
+    tensorboard/     TensorBoard event files (tracker.tensorboard=true)
+    tracking.json    the trackers' state (MLflow run id, last step sent)
+    job.sbatch       a Slurm run's batch script
+    slurm.out        what its Slurm job printed
 
 Every file is written atomically (temp file + rename), so a reader never sees half of one.
 """
@@ -48,6 +55,12 @@ VERIFY = "verify.json"
 OUTPUTS = "outputs"
 TRACKING = "tracking.json"  # the trackers' state: MLflow run id, last step sent
 SCRIPT_REPORTS = ".script"
+SCRIPT_OUTPUTS = "outputs.txt"  # in .script/: what harness.runtime.record_output recorded
+AUDIT = "audit.jsonl"  # per-module tensor digests of a `harness verify` run (harness.audit)
+NONDETERMINISTIC = "nondeterministic.json"  # nondeterministic ops torch warned about
+TENSORBOARD = "tensorboard"  # event files of tracker.tensorboard=true
+SLURM_SCRIPT = "job.sbatch"  # the batch script of a Slurm run
+SLURM_LOG = "slurm.out"  # what the Slurm job printed
 STATUS_CHECK = "status check"  # the WriterLock purpose of a reader that only looks
 
 

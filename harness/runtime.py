@@ -65,14 +65,14 @@ def worker_init_fn(worker_id: int) -> None:
 def record_output(path) -> None:
     """Declare an output from inside the script (as `--output PATH` would): it is kept in
     the run directory, hashed into the lockfile and compared by `harness replay`."""
-    from harness.injection import EXTRA_OUTPUTS, REPORTS, RUN_DIR_ENV
+    from harness.injection import REPORTS, RUN_DIR_ENV
 
     run_dir = os.environ.get(RUN_DIR_ENV)
     if not run_dir:
         return  # not under `harness run`: nothing to record into
     directory = Path(run_dir) / REPORTS
     directory.mkdir(exist_ok=True)
-    with open(directory / EXTRA_OUTPUTS, "a") as handle:
+    with open(directory / rundir.SCRIPT_OUTPUTS, "a") as handle:
         handle.write(f"{os.path.abspath(path)}\n")
 
 

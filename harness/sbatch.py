@@ -23,12 +23,11 @@ from harness import __version__
 
 from harness.distributed import RANK_SOURCE_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError
+from harness.rundir import SLURM_LOG as LOG_NAME
 from harness.sandbox import DATA_MOUNT, RUN_MOUNT, docker_cli_flags
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
 RUNTIMES = ("none", "docker", "apptainer", "pyxis")
-SCRIPT_NAME = "job.sbatch"
-LOG_NAME = "slurm.out"
 # Slurm variables the training reads (SLURM_RESTART_COUNT: resume) and records.
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
               "SLURM_RESTART_COUNT")

@@ -220,7 +220,7 @@ def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dic
 
 def recorded_outputs(run_dir: Path, workdir: Path) -> List[str]:
     """Outputs the script declared itself (harness.runtime.record_output)."""
-    path = Path(run_dir) / injection.REPORTS / injection.EXTRA_OUTPUTS
+    path = Path(run_dir) / injection.REPORTS / rundir.SCRIPT_OUTPUTS
     if not path.exists():
         return []
     names = []

@@ -60,10 +60,30 @@ def seed_everything(seed: int) -> None:
     import torch
 
     random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    seed_numpy(np, seed)
+    seed_torch(torch, seed)
+
+
+# One function per library, so that a user's command (harness/injection.py) seeds each one
+# as it is imported, the same way the built-in loop seeds them all at once.
+
+def seed_numpy(np, seed: int) -> None:
+    np.random.seed(seed % 2**32)  # numpy's legacy global generator takes 32 bits
+
+
+def seed_torch(torch, seed: int) -> None:
+    # torch.manual_seed seeds every CUDA device too (queued until CUDA starts), without
+    # asking for a device here: a user's command may fork DataLoader workers after this.
+    torch.manual_seed(seed)
+
+
+def script_loader_generator(torch, index: int):
+    """The generator of a user's DataLoader made without one (its `index`-th): from torch's
+    seed when the loader is made, which is the run's seed, or the script's own
+    torch.manual_seed(...) if it sets one (a sweep over the script's --seed)."""
+    generator = torch.Generator()
+    generator.manual_seed(stream_seed(torch.initial_seed(), "dataloader", index))
+    return generator
 
 
 def worker_init(worker_id: int) -> None:

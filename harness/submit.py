@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness import (backends, config, data, distributed, launch, rundir, sbatch, sweep,
+from harness import (backends, config, data, distributed, launch, rundir, sweep,
                      tracking)
 from harness.backends import slurm as slurm_backend
 from harness.backends.base import LaunchSpec
 from harness.determinism import pinned_environment
 from harness.errors import ConfigError, RunFailed
 
-BATCH_BACKENDS = ("slurm",)  # backends with submit(specs): a batch of runs, one job
 
 
 def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bool = False,
@@ -47,9 +46,10 @@ def submit_combos(name: str, combos: List[List[str]], backend: str,
                   outputs: Sequence[str] = ()) -> Tuple[List[Path], str, List[Dict[str, Any]]]:
     """One run per combination of overrides, as one job (a job array for several):
     (run directories, job id, resolved configs)."""
-    if backend not in BATCH_BACKENDS:
+    batch_backends = [name for name, cls in backends.classes().items() if cls.batch]
+    if backend not in batch_backends:
         raise ConfigError(f"harness submit: unknown backend '{backend}'; valid: "
-                          f"{', '.join(BATCH_BACKENDS)} (for local or docker runs use harness "
+                          f"{', '.join(batch_backends)} (for local or docker runs use harness "
                           f"train)")
     batch = backends.get(backend)
     slurm_backend.tool("sbatch")  # fail before preparing anything when Slurm is missing
@@ -62,7 +62,7 @@ def submit_combos(name: str, combos: List[List[str]], backend: str,
     job_id = batch.submit(specs, log_dir=runs_dir.resolve() / ".slurm")
     array = len(run_dirs) > 1
     kind = f"job array {job_id} ({len(run_dirs)} tasks)" if array else f"job {job_id}"
-    print(f"harness: submitted {kind}; script {run_dirs[0] / sbatch.SCRIPT_NAME}", flush=True)
+    print(f"harness: submitted {kind}; script {run_dirs[0] / rundir.SLURM_SCRIPT}", flush=True)
     for index, run_dir in enumerate(run_dirs):
         label = f"{job_id}_{index}" if array else job_id
         print(f"harness: run {run_dir.name} = Slurm {label}: {' '.join(combos[index])}",

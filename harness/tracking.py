@@ -32,7 +32,7 @@ from harness.errors import ConfigError, EnvironmentProblem, LockfileError, first
 POLL_S = 1.0
 SEND_BATCH = 500  # records per send: one MLflow call (at most 1000 metrics)
 CLOSE_TIMEOUT_S = 60
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = rundir.TENSORBOARD
 MLFLOW_DIR = ".mlflow"  # the default MLflow store, in the runs directory
 ARTIFACT_DIR = "harness"  # where a run's files go among its MLflow artifacts
 ARTIFACTS = (rundir.LOCK, rundir.CONFIG, rundir.OVERRIDES, rundir.METRICS, rundir.WEIGHTS,

@@ -12,7 +12,6 @@ Read top to bottom: setup, loop, evaluation, results.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -27,8 +26,8 @@ from torch.utils.data import DataLoader, Subset
 from harness import (audit, checkpoint, distributed, metrics, nondeterminism, rundir,
                      seeding)
 from harness.config import is_script, load_yaml
-from harness.digest import tensor_digests, weights_sha256
-from harness.errors import REQUEUE_EXIT, CheckpointRefused, ConfigError, HarnessError
+from harness.digest import file_sha256, tensor_digests, weights_sha256
+from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
 from harness.progress import INTERVAL_ENV
 from harness.runtime import Runtime
 
@@ -186,7 +185,7 @@ def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookk
         "test_accuracy": evaluation["accuracy"],
         "test_loss_hex": evaluation["loss_hex"],
         "weights_sha256": weights_sha256(state),
-        "metrics_sha256": hashlib.sha256((run_dir / rundir.METRICS).read_bytes()).hexdigest(),
+        "metrics_sha256": file_sha256(run_dir / rundir.METRICS),
     }
     rt.write_lock(results, progress.resumes, timing={
         "first_step_unix": book.first_step_at,
@@ -219,8 +218,7 @@ def restore(rt: Runtime, model, optimizer, scheduler) -> Progress:
     if rt.rank.is_main:
         metrics.truncate(rt.run_dir, progress.step)
     if restored is not None:
-        rngs = restored.get("rank_rngs") or [restored["rng"]]
-        seeding.set_rng_state(rngs[rt.rank.rank])
+        seeding.set_rng_state(checkpoint.rng_of_rank(restored, rt.rank.rank))
     return progress
 
 
@@ -234,13 +232,8 @@ def pick_checkpoint(rt: Runtime):
             rt.run_dir, rt.launch["config_sha256"], rt.checkpoint_facts())
         for note in notes:
             rt.say(f"harness: {note}")
-        written_by = restored.get("world_size", 1) if restored else rt.rank.world_size
-        if written_by != rt.rank.world_size:
-            raise CheckpointRefused(
-                f"checkpoint {path} was written by {written_by} rank(s), but this run has "
-                f"{rt.rank.world_size}: every rank's RNG state and data shard depend on the "
-                f"world size, so it cannot resume bit for bit. Resume with the world it was "
-                f"written with (trainer.devices × trainer.nodes = {written_by}).")
+        if restored is not None:
+            checkpoint.check_world_size(restored, path, rt.rank.world_size)
     path = distributed.broadcast_from_main(path, rt.rank)
     if path is not None and restored is None:
         restored = checkpoint.load(path)
@@ -302,16 +295,11 @@ def save_checkpoint(rt: Runtime, model, optimizer, scheduler, progress: Progress
     rngs = distributed.gather_to_main(seeding.rng_state(), rt.rank)
     path = checkpoint.path_for(rt.run_dir, progress.step)
     if rt.rank.is_main:
-        facts = rt.checkpoint_facts()
-        state = {
-            "step": progress.step, "epoch": progress.epoch, "position": progress.position,
-            "config_sha256": rt.launch["config_sha256"],
-            "environment_sha256": checkpoint.facts_sha256(facts), "environment": facts,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler else None,
-            "rng": rngs[0], "resumes": progress.resumes}
-        if rt.rank.distributed:
-            state.update(world_size=rt.rank.world_size, rank_rngs=rngs)
+        state = checkpoint.make_state(
+            step=progress.step, epoch=progress.epoch, position=progress.position,
+            config_sha256=rt.launch["config_sha256"], facts=rt.checkpoint_facts(),
+            model=model, optimizer=optimizer, scheduler=scheduler, rank_rngs=rngs,
+            resumes=progress.resumes)
         path = checkpoint.save(rt.run_dir, state)
     distributed.barrier()
     return path

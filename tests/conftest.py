@@ -3,19 +3,16 @@ Debian's Fashion-MNIST and small IDX files generated here."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 IN_CI = os.environ.get("CI") == "true"
+
+sys.path.insert(0, str(TESTS / "fixtures"))
+import mlflow_server as mlflow_server_fixture  # noqa: E402  (tests/fixtures/mlflow_server.py)
 
 # Short real-data runs: enough steps for weights to depend on everything pinned. The
 # bundled configs default to backend=auto; these tests are about the local process.
@@ -264,40 +264,8 @@ def project(cache_home):
 
 # ---------------------------------------------------------------- MLflow (tracker=mlflow)
 
-@contextlib.contextmanager
-def running_mlflow_server(base: Path):
-    """A real MLflow tracking server (SQLite store, proxied artifacts) on a free port,
-    stopped on exit; yields (its URI, its process)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    log = open(base / "server.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-         "--artifacts-destination", str(base / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert process.poll() is None, (base / "server.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not start:\n" + \
-                (base / "server.log").read_text()
-            time.sleep(0.3)
-        yield uri, process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        log.close()
+# One server starter for the tests and the tracking benchmark: tests/fixtures/mlflow_server.py
+running_mlflow_server = mlflow_server_fixture.running
 
 
 @pytest.fixture(scope="module")

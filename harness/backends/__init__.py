@@ -7,7 +7,9 @@ from harness.errors import ConfigError
 NAMES = ("local", "docker", "auto", "slurm")
 
 
-def _classes():
+def classes():
+    """The name -> class table of the backends (imported when asked: docker-py and Slurm's
+    helpers load only for a run that uses them)."""
     from harness.backends.docker import DockerBackend
     from harness.backends.local import LocalBackend
     from harness.backends.slurm import SlurmBackend
@@ -21,7 +23,7 @@ def get(name: str, cfg=None) -> Backend:
         return _auto(cfg)
     if name not in NAMES:
         raise ConfigError(f"unknown backend '{name}'; valid backends: {', '.join(NAMES)}")
-    return _classes()[name]()
+    return classes()[name]()
 
 
 def _auto(cfg=None) -> Backend:
@@ -50,4 +52,4 @@ def _auto(cfg=None) -> Backend:
     return DockerBackend(engine)
 
 
-__all__ = ["Backend", "Handle", "LaunchSpec", "get", "NAMES"]
+__all__ = ["Backend", "Handle", "LaunchSpec", "classes", "get", "NAMES"]

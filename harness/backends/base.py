@@ -1,7 +1,7 @@
 """The backend interface: check and describe where a run will train (`lock_facts`), launch
 a prepared run directory, and clean up what a killed launcher left running. A launch
-returns a handle to wait on, signal or stop. `harness.backends.BACKENDS` maps names to
-classes.
+returns a handle to wait on, signal or stop; a batch backend also submits several prepared
+runs as one job (`harness submit`). `harness.backends.classes()` maps names to classes.
 
 The launcher hands a backend everything in a LaunchSpec (the resolved config and the
 launch facts included), so no backend reads the run directory's files back."""
@@ -45,6 +45,8 @@ class Backend:
     # The backend's job sends the run to its trackers itself (a batch job outlives the
     # command that submitted it); otherwise the launcher follows the run while it waits.
     tracks_itself = False
+    # The backend can submit a batch of prepared runs as one job (`harness submit`).
+    batch = False
 
     def lock_facts(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
         """Before any run directory exists: check that the backend can run `cfg` (engine up,
@@ -52,6 +54,11 @@ class Backend:
         return {}
 
     def launch(self, spec: LaunchSpec) -> Handle:
+        raise NotImplementedError
+
+    def submit(self, specs: List[LaunchSpec], log_dir: Optional[Path] = None) -> str:
+        """A batch backend: submit prepared runs as one job (several: a job array), mark
+        them queued, return the job id."""
         raise NotImplementedError
 
     def clean_up(self, run_dir: Path) -> List[str]:

@@ -232,6 +232,7 @@ class SlurmBackend(Backend):
     name = "slurm"
     trains_elsewhere = True  # on a batch node (in its image, for a container runtime)
     tracks_itself = True  # the job script starts the tracking follower (harness/tracking.py)
+    batch = True
 
     def lock_facts(self, cfg: Dict) -> Dict:
         return job_image_facts(cfg)
@@ -263,9 +264,9 @@ class SlurmBackend(Backend):
         if len(specs) > 1 and log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
         for spec in specs:
-            rundir.atomic_write_text(spec.run_dir / sbatch.SCRIPT_NAME, text)
+            rundir.atomic_write_text(spec.run_dir / rundir.SLURM_SCRIPT, text)
         try:
-            job_id = submit_script(first.run_dir / sbatch.SCRIPT_NAME)
+            job_id = submit_script(first.run_dir / rundir.SLURM_SCRIPT)
         except BaseException:
             for spec in specs:
                 rundir.write_status(spec.run_dir, "failed", backend=self.name,
@@ -275,6 +276,6 @@ class SlurmBackend(Backend):
             rundir.write_status(
                 spec.run_dir, "queued", backend=self.name, submitted_utc=rundir.now_utc(),
                 slurm_job_id=job_id, slurm_array_task_id=index if len(specs) > 1 else None,
-                slurm_state="PENDING", slurm_script=str(spec.run_dir / sbatch.SCRIPT_NAME),
+                slurm_state="PENDING", slurm_script=str(spec.run_dir / rundir.SLURM_SCRIPT),
                 slurm_log=str(spec.run_dir / sbatch.LOG_NAME))
         return job_id
