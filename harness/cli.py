@@ -339,9 +339,9 @@ def add_data(sub) -> None:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from harness import data
+    from harness import config, data
 
-    data_cfg = _data_config(args.name, args.config_dir)
+    data_cfg = config.group_option("data", args.name, args.config_dir)
     dest = Path(args.dest) if args.dest else data.user_cache_dir() / (
         data_cfg.get("dirname") or data_cfg["name"])
     print(f"fetching {data_cfg['name']} into {dest}", file=sys.stderr)
@@ -351,21 +351,14 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_data_where(args: argparse.Namespace) -> int:
-    from harness import data
+    from harness import config, data
 
-    data_cfg = _data_config(args.name, args.config_dir)
+    data_cfg = config.group_option("data", args.name, args.config_dir)
     located = data.locate(data_cfg)
     if located is None:
         raise DataError(data.missing_message(data_cfg))
     print(located[0])
     return 0
-
-
-def _data_config(name: str, config_dir: Optional[Path]):
-    """conf/data/<name>.yaml from the config directory, else the bundled one."""
-    from harness import config
-
-    return config.group_option("data", name, config_dir)
 
 
 # ---------------------------------------------------------------- lock

@@ -120,7 +120,7 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
     if str(cfg["trainer"]["device"]).startswith("cuda"):
         gpu.require_gpus(backend.name)
     data_root = None if config.is_script(cfg) else data.prepare(cfg["data"])[0]
-    for line in backend.clean_up(run_dir):
+    for line in backend.clean_up(run_dir, cfg):
         print(f"harness: {line}", flush=True)
     if previous.get("state") == "running":  # we hold the lock: its writer is gone
         print(f"harness: run {run_dir.name} was left 'running' by a launcher that is gone",

@@ -61,7 +61,8 @@ class Backend:
         them queued, return the job id."""
         raise NotImplementedError
 
-    def clean_up(self, run_dir: Path) -> List[str]:
+    def clean_up(self, run_dir: Path, cfg: Dict[str, Any]) -> List[str]:
         """Before a resume, with the run's WriterLock held: stop what a killed launcher left
-        running for this run; return what was done, one line each."""
+        running for this run (`cfg`: its resolved config); return what was done, one line
+        each."""
         return []

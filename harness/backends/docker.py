@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Optional
 from harness.progress import Console
 from harness import engine as docker_engine, image, rundir, sandbox
 from harness.backends.base import Backend, LaunchSpec
-from harness.config import load_yaml
 from harness.errors import EnvironmentProblem, first_line
 from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 
@@ -305,12 +304,11 @@ class DockerBackend(Backend):
         return DockerHandle(container, run_dir / rundir.LOG,
                             int(cfg["backend"]["docker"]["stop_timeout_s"]), stdin)
 
-    def clean_up(self, run_dir: Path) -> List[str]:
+    def clean_up(self, run_dir: Path, cfg: Dict[str, Any]) -> List[str]:
         """Stop (SIGTERM: the training checkpoints first) and remove every container of
         this run that a killed launcher left behind."""
         from docker.errors import APIError, NotFound
 
-        cfg = load_yaml(run_dir / rundir.CONFIG)
         timeout = int(cfg["backend"]["docker"]["stop_timeout_s"])
         done = []
         for container in self.engine.containers.list(
