@@ -108,16 +108,16 @@ def bare(rootfs: Path, cfg, data_root, env, args) -> dict:
 
 def start_to_first_step(backend, cfg, data_root, data_files, runs: Path) -> float:
     """Backend launch (container create + start) to the first optimizer step."""
-    from harness import backends, launch, rundir
+    from harness import backends, config, launch, rundir
     from harness.determinism import pinned_environment
 
-    facts = backend.lock_facts(cfg) if hasattr(backend, "lock_facts") else {}
+    facts = backend.lock_facts(config.typed(cfg))
     run_dir = rundir.create(runs, cfg["name"])
     launch.prepare(run_dir, cfg, [], backend.name, data_root, data_files, time.time(), facts)
     rundir.write_status(run_dir, "running", backend=backend.name)
     started = time.time()
     handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, cfg=cfg, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+        run_dir=run_dir, conf=config.typed(cfg), lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
         env=pinned_environment(cfg["determinism"]), data_root=data_root))
     with open(os.devnull, "w") as sink:
         saved, sys.stdout = sys.stdout, sink

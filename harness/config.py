@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import MISSING, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -221,6 +221,28 @@ class ScriptRunConf:
     backend: BackendConf = field(default_factory=BackendConf)
     tracker: TrackerConf = field(default_factory=TrackerConf)
     image: ImageConf = field(default_factory=ImageConf)
+
+
+RunConfig = Union[RunConf, ScriptRunConf]
+
+
+def typed(cfg: Dict[str, Any]) -> RunConfig:
+    """A resolved config (what config.yaml holds) as the schema's dataclasses: what the
+    launcher hands the backends (LaunchSpec.conf). Sections that are hashed, written or
+    sent on (the image, backend.slurm, the trackers) go back to plain data with `plain`."""
+    schema = ScriptRunConf if is_script(cfg) else RunConf
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {_first_line(exc)}. The run's config.yaml does "
+                          f"not fit this harness's schema: use the harness version that "
+                          f"wrote it.") from None
+
+
+def plain(section: Any) -> Any:
+    """A typed config (or section of one) as plain data, enums as their names: the form
+    config.yaml holds and config_sha256 hashes."""
+    return OmegaConf.to_container(OmegaConf.structured(section), enum_to_str=True)
 
 
 def is_script(cfg: Dict[str, Any]) -> bool:

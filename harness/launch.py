@@ -53,7 +53,8 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     """Launch a resolved config as a new run and wait for it. Returns the run directory;
     raises RunFailed (with the log path) when training did not succeed."""
     launched = time.time()
-    backend = backends.get(cfg["backend"]["name"], cfg)
+    conf = config.typed(cfg)
+    backend = backends.get(conf.backend.name, conf)
     distributed.check_world(cfg, backend.name)
     if str(cfg["trainer"]["device"]).startswith("cuda"):
         gpu.require_gpus(backend.name)  # before any data, image or run directory
@@ -66,7 +67,7 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
         data_root, data_files = data.prepare(cfg["data"])
     # A backend may add lock facts (docker: image and engine) and check that it can run
     # at all (engine up, image built, GPUs available) before anything is written.
-    lock_extra = {**backend.lock_facts(cfg), **(lock_extra or {})}
+    lock_extra = {**backend.lock_facts(conf), **(lock_extra or {})}
     runs_dir = runs_dir or rundir.default_runs_dir()
     tracking.check(cfg, runs_dir)
     run_dir = rundir.create(runs_dir, cfg["name"])
@@ -120,7 +121,7 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
     if str(cfg["trainer"]["device"]).startswith("cuda"):
         gpu.require_gpus(backend.name)
     data_root = None if config.is_script(cfg) else data.prepare(cfg["data"])[0]
-    for line in backend.clean_up(run_dir, cfg):
+    for line in backend.clean_up(run_dir, config.typed(cfg)):
         print(f"harness: {line}", flush=True)
     if previous.get("state") == "running":  # we hold the lock: its writer is gone
         print(f"harness: run {run_dir.name} was left 'running' by a launcher that is gone",
@@ -175,7 +176,7 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
         raise
     try:
         handle = backend.launch(backends.LaunchSpec(
-            run_dir=run_dir, cfg=cfg, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+            run_dir=run_dir, conf=config.typed(cfg), lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
             env=env, data_root=data_root, extra_args=extra_args, lock_fd=lock.fd))
     except BaseException:
         follower.close("failed")

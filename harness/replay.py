@@ -57,7 +57,7 @@ def current_environment(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]
     env["harness"] = {"version": __version__,
                       "source_sha256": lockfile.harness_source_sha256()}
     backend = backends.get(cfg["backend"]["name"])
-    env.update(backend.lock_facts(cfg))
+    env.update(backend.lock_facts(config.typed(cfg)))
     skip: List[str] = ["software", "environment"] if backend.trains_elsewhere else []
     return env, skip
 

@@ -12,7 +12,10 @@ PID 1, so signals reach the training and its DataLoader workers are reaped.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
+
+if TYPE_CHECKING:
+    from harness.config import DockerConf
 
 RUN_MOUNT = "/harness/run"
 DATA_MOUNT = "/harness/data"
@@ -22,17 +25,17 @@ CAP_DROP = ["ALL"]
 SECURITY_OPT = ["no-new-privileges"]
 
 
-def docker_py_options(opts: Dict[str, Any], user: str) -> Dict[str, Any]:
+def docker_py_options(opts: DockerConf, user: str) -> Dict[str, Any]:
     """containers.create keyword arguments of the sandbox (`opts`: backend.docker)."""
-    return dict(user=user, network_mode=opts["network"], read_only=True, tmpfs=dict(TMPFS),
+    return dict(user=user, network_mode=opts.network, read_only=True, tmpfs=dict(TMPFS),
                 cap_drop=list(CAP_DROP), security_opt=list(SECURITY_OPT),
-                shm_size=opts["shm_size"], init=True)
+                shm_size=opts.shm_size, init=True)
 
 
-def docker_cli_flags(opts: Dict[str, Any], user: str) -> List[str]:
+def docker_cli_flags(opts: DockerConf, user: str) -> List[str]:
     """The same sandbox as `docker run` flags (a Slurm job's docker runtime); `user` may be
     a shell expression, quoted by the caller."""
     tmpfs = [f"--tmpfs {path}:{options}" for path, options in TMPFS.items()]
-    return ["--init", f"--network {opts['network']}", "--read-only", *tmpfs,
+    return ["--init", f"--network {opts.network}", "--read-only", *tmpfs,
             f"--user {user}", *(f"--cap-drop {c}" for c in CAP_DROP),
-            *(f"--security-opt {o}" for o in SECURITY_OPT), f"--shm-size {opts['shm_size']}"]
+            *(f"--security-opt {o}" for o in SECURITY_OPT), f"--shm-size {opts.shm_size}"]

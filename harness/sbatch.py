@@ -21,6 +21,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from harness import __version__
 
+from harness.config import DockerConf
 from harness.distributed import RANK_SOURCE_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError
 from harness.rundir import SLURM_LOG as LOG_NAME
@@ -57,7 +58,7 @@ class JobSpec:
     log_dir: Optional[Path] = None  # arrays: where Slurm writes before the script redirects
     extra_train_args: List[str] = field(default_factory=list)
     # backend.docker of the config: the container sandbox (harness/sandbox.py)
-    sandbox: Dict = field(default_factory=lambda: {"network": "none", "shm_size": "1g"})
+    sandbox: DockerConf = field(default_factory=DockerConf)
     job_env: Dict[str, str] = field(default_factory=dict)  # job_environment(): JOB_ENV values
     devices: int = 1  # trainer.devices: ranks per node (one srun task each)
     nodes: int = 1  # trainer.nodes

@@ -108,7 +108,7 @@ def prepare_all(cfgs: List[Dict[str, Any]], combos: List[List[str]], batch,
                 for cfg in cfgs]
     scripts = [{"script": launch.script_facts(cfg, batch.name)} if config.is_script(cfg)
                else {} for cfg in cfgs]
-    image_facts = batch.lock_facts(cfgs[0])  # one image for the whole array
+    image_facts = batch.lock_facts(config.typed(cfgs[0]))  # one image for the whole array
     env = {**pinned_environment(cfgs[0]["determinism"]),
            **distributed.pinned_environment(cfgs[0])}
     specs = []
@@ -116,7 +116,7 @@ def prepare_all(cfgs: List[Dict[str, Any]], combos: List[List[str]], batch,
         run_dir = rundir.create(runs_dir, cfg["name"])
         launch.prepare(run_dir, cfg, combo, batch.name, data_root, data_files, launched,
                        {**image_facts, **script})
-        specs.append(LaunchSpec(run_dir=run_dir, cfg=cfg,
+        specs.append(LaunchSpec(run_dir=run_dir, conf=config.typed(cfg),
                                 lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
                                 env=env, data_root=data_root))
     return specs

@@ -34,6 +34,10 @@ def test_old_lockfile_passes_its_checks_and_hashes_its_config_as_recorded(old_ru
         lock["config_sha256"]
     missing = [f for f in lockfile.required_fields() if f not in lock]
     assert not missing, f"required fields today that the old lock lacks: {missing}"
+    # The launcher hands backends the typed config (config.typed); back as plain data it is
+    # the same config, to the byte of its hash.
+    typed = config.typed(config.load_yaml(old_run / "config.yaml"))
+    assert config.config_sha256(config.plain(typed)) == lock["config_sha256"]
 
 
 def test_old_run_is_listed_and_replays_identical(cli, old_run, fashion):

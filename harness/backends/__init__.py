@@ -17,16 +17,17 @@ def classes():
     return {"local": LocalBackend, "docker": DockerBackend, "slurm": SlurmBackend}
 
 
-def get(name: str, cfg=None) -> Backend:
-    """The backend called `name`; `auto` also looks at the run's config (`cfg`), if given."""
+def get(name: str, conf=None) -> Backend:
+    """The backend called `name`; `auto` also looks at the run's typed config (`conf`), if
+    given."""
     if name == "auto":
-        return _auto(cfg)
+        return _auto(conf)
     if name not in NAMES:
         raise ConfigError(f"unknown backend '{name}'; valid backends: {', '.join(NAMES)}")
     return classes()[name]()
 
 
-def _auto(cfg=None) -> Backend:
+def _auto(conf=None) -> Backend:
     """docker when an engine answers and the image has a pinned base, else local; says
     which and why."""
     import sys
@@ -34,9 +35,8 @@ def _auto(cfg=None) -> Backend:
     from harness import engine as docker_engine
     from harness.errors import EnvironmentProblem
 
-    profile = (cfg or {}).get("image") or {}
-    if cfg is not None and not profile.get("base"):
-        print(f"harness: backend=auto chose local: the '{profile.get('profile')}' image has no "
+    if conf is not None and not conf.image.base:
+        print(f"harness: backend=auto chose local: the '{conf.image.profile}' image has no "
               f"base pinned on this machine (run `make docker-env` for containers)",
               file=sys.stderr, flush=True)
         return get("local")

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol
 
+from harness.config import RunConfig
+
 
 @dataclass
 class LaunchSpec:
     run_dir: Path  # prepared: config.yaml and launch.json are in it
-    cfg: Dict[str, Any]  # the resolved config (what config.yaml holds)
+    conf: RunConfig  # the resolved config, typed (config.typed of what config.yaml holds)
     lock: Dict[str, Any]  # the launcher's lock facts (launch.json's `lock`)
     env: Dict[str, str]  # the pinned environment the training process must start with
     data_root: Optional[Path] = None  # verified dataset directory (read-only for training)
@@ -48,9 +50,9 @@ class Backend:
     # The backend can submit a batch of prepared runs as one job (`harness submit`).
     batch = False
 
-    def lock_facts(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
-        """Before any run directory exists: check that the backend can run `cfg` (engine up,
-        image built, GPUs reachable) and return the lockfile sections it adds."""
+    def lock_facts(self, conf: RunConfig) -> Dict[str, Any]:
+        """Before any run directory exists: check that the backend can run `conf` (engine
+        up, image built, GPUs reachable) and return the lockfile sections it adds."""
         return {}
 
     def launch(self, spec: LaunchSpec) -> Handle:
@@ -61,8 +63,7 @@ class Backend:
         them queued, return the job id."""
         raise NotImplementedError
 
-    def clean_up(self, run_dir: Path, cfg: Dict[str, Any]) -> List[str]:
+    def clean_up(self, run_dir: Path, conf: RunConfig) -> List[str]:
         """Before a resume, with the run's WriterLock held: stop what a killed launcher left
-        running for this run (`cfg`: its resolved config); return what was done, one line
-        each."""
+        running for this run (`conf`: its config); return what was done, one line each."""
         return []

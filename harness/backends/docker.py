@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness.progress import Console
-from harness import engine as docker_engine, image, rundir, sandbox
+from harness import config, engine as docker_engine, image, rundir, sandbox
 from harness.backends.base import Backend, LaunchSpec
+from harness.config import RunConfig
 from harness.errors import EnvironmentProblem, first_line
 from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 
@@ -111,8 +112,8 @@ class DockerHandle:
         self.stdin.close()
 
 
-def gpu_requested(cfg: Dict[str, Any]) -> bool:
-    return str(cfg["trainer"]["device"]).startswith("cuda")
+def gpu_requested(conf: RunConfig) -> bool:
+    return conf.trainer.device.startswith("cuda")
 
 
 def gpu_request(gpus: str, engine_info: Dict[str, Any]):
@@ -140,7 +141,7 @@ def _nvidia_cdi_spec(directories: List[str]) -> bool:
     return False
 
 
-def command_mounts(cfg: Dict[str, Any], run_dir: Path, script: Dict[str, Any]
+def command_mounts(conf: RunConfig, run_dir: Path, script: Dict[str, Any]
                    ) -> Dict[str, Dict[str, str]]:
     """A `harness run` command's view of the host, at the same paths as on the host: the
     working directory (the user's project) and inputs outside it read-only; each top-level
@@ -154,7 +155,7 @@ def command_mounts(cfg: Dict[str, Any], run_dir: Path, script: Dict[str, Any]
         path = (workdir / name).resolve()
         if not path.is_relative_to(workdir):
             volumes[str(path)] = {"bind": str(path), "mode": "ro"}
-    for top in output_dirs(cfg["command"]["outputs"], workdir):
+    for top in output_dirs(conf.command.outputs, workdir):
         (workdir / top).mkdir(exist_ok=True)  # the mount point, inside the read-only project
         kept = run_dir.resolve() / OUTPUTS_DIR / top
         kept.mkdir(parents=True, exist_ok=True)
@@ -162,19 +163,19 @@ def command_mounts(cfg: Dict[str, Any], run_dir: Path, script: Dict[str, Any]
     return volumes
 
 
-def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Path],
+def container_options(conf: RunConfig, run_dir: Path, data_root: Optional[Path],
                       env: Dict[str, str], engine_info: Optional[Dict[str, Any]] = None,
                       script: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Keyword arguments for containers.create: the sandbox every training container gets
     (`script`: a `harness run` command's launch facts)."""
-    opts = cfg["backend"]["docker"]
+    opts = conf.backend.docker
     volumes = {str(run_dir.resolve()): {"bind": RUN_MOUNT, "mode": "rw"}}
     if script:
-        volumes.update(command_mounts(cfg, run_dir, script))
+        volumes.update(command_mounts(conf, run_dir, script))
     if data_root:
         volumes[str(Path(data_root).resolve())] = {"bind": DATA_MOUNT, "mode": "ro"}
     pythonpath = ["/opt/harness/src"]
-    for i, directory in enumerate(opts.get("pythonpath") or []):
+    for i, directory in enumerate(opts.pythonpath):
         target = f"{CODE_MOUNT}/{i}"
         volumes[str(Path(directory).resolve())] = {"bind": target, "mode": "ro"}
         pythonpath.append(target)
@@ -188,14 +189,14 @@ def container_options(cfg: Dict[str, Any], run_dir: Path, data_root: Optional[Pa
                      HOST_NAME_ENV: platform.node()},
         working_dir=script["workdir"] if script else RUN_MOUNT,
         volumes=volumes,
-        labels={LABEL: run_dir.name, **(opts.get("labels") or {})},
+        labels={LABEL: run_dir.name, **opts.labels},
         # stdin open and attachable once: its end tells the training its launcher is gone.
         stdin_open=True,
         detach=False,
-        **sandbox.docker_py_options(opts, _user(opts["user"])),
+        **sandbox.docker_py_options(opts, _user(opts.user)),
     )
-    if gpu_requested(cfg):
-        kwargs["device_requests"] = [gpu_request(str(opts["gpus"]), engine_info or {})]
+    if gpu_requested(conf):
+        kwargs["device_requests"] = [gpu_request(str(opts.gpus), engine_info or {})]
     return kwargs
 
 
@@ -214,7 +215,7 @@ def _hand_over(run_dir: Path, user: str) -> None:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
-def start_or_explain(container, cfg: Dict[str, Any]) -> None:
+def start_or_explain(container, conf: RunConfig) -> None:
     """Start a created container; on a GPU request the engine cannot satisfy, remove the
     container (the engine leaves it in Created state) and say what is missing."""
     from docker.errors import APIError
@@ -227,8 +228,8 @@ def start_or_explain(container, cfg: Dict[str, Any]) -> None:
         except APIError:
             pass
         text = str(exc)
-        if gpu_requested(cfg) and ("device driver" in text or "gpu" in text.lower()):
-            raise EnvironmentProblem(f"trainer.device={cfg['trainer']['device']} asks for GPUs "
+        if gpu_requested(conf) and ("device driver" in text or "gpu" in text.lower()):
+            raise EnvironmentProblem(f"trainer.device={conf.trainer.device} asks for GPUs "
                                      f"but the Docker engine cannot provide them ({first_line(text, 400)}). "
                                      f"{GPU_HINT}") from None
         raise EnvironmentProblem(f"the training container did not start: {first_line(text, 400)}") from None
@@ -247,20 +248,21 @@ class DockerBackend(Backend):
             self._engine = docker_engine.client()
         return self._engine
 
-    def lock_facts(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    def lock_facts(self, conf: RunConfig) -> Dict[str, Any]:
         """Before any run directory exists: an engine answers, the image is there (built if
         needed), a GPU request can be met. Returns the lockfile's `image` and
         `container_runtime` sections."""
         engine = self.engine
-        if gpu_requested(cfg):  # with the pinned base, before building anything
-            self._probe_gpu(cfg, image.check_base(cfg["image"]))
-        facts = image.build(cfg["image"], engine=engine)
+        profile = config.plain(conf.image)
+        if gpu_requested(conf):  # with the pinned base, before building anything
+            self._probe_gpu(conf, image.check_base(profile))
+        facts = image.build(profile, engine=engine)
         return {"image": facts, "container_runtime": docker_engine.facts(engine)}
 
-    def _probe_gpu(self, cfg: Dict[str, Any], reference: str) -> None:
+    def _probe_gpu(self, conf: RunConfig, reference: str) -> None:
         from docker.errors import APIError, ImageNotFound
 
-        request = gpu_request(str(cfg["backend"]["docker"]["gpus"]), self.engine.info())
+        request = gpu_request(str(conf.backend.docker.gpus), self.engine.info())
         try:
             probe = self.engine.containers.create(
                 reference, command=["true"], network_mode="none",
@@ -274,7 +276,7 @@ class DockerBackend(Backend):
             raise EnvironmentProblem(f"the GPU probe container could not be created: "
                                      f"{first_line(exc, 400)}") from None
         try:
-            start_or_explain(probe, cfg)
+            start_or_explain(probe, conf)
             probe.wait()
         finally:
             try:
@@ -283,11 +285,11 @@ class DockerBackend(Backend):
                 pass  # start_or_explain removed it already
 
     def launch(self, spec: LaunchSpec) -> DockerHandle:
-        run_dir, cfg, lock = spec.run_dir, spec.cfg, spec.lock
+        run_dir, conf, lock = spec.run_dir, spec.conf, spec.lock
         reference = (lock.get("image") or {}).get("id") or \
-            image.build(cfg["image"], engine=self.engine)["id"]
-        info = self.engine.info() if gpu_requested(cfg) else {}
-        options = container_options(cfg, run_dir, spec.data_root, spec.env, info,
+            image.build(config.plain(conf.image), engine=self.engine)["id"]
+        info = self.engine.info() if gpu_requested(conf) else {}
+        options = container_options(conf, run_dir, spec.data_root, spec.env, info,
                                     script=lock.get("script"))
         if spec.extra_args:
             options["command"] = options["command"] + list(spec.extra_args)
@@ -295,28 +297,27 @@ class DockerBackend(Backend):
         container = self.engine.containers.create(reference, **options)
         stdin = self.engine.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
         try:
-            start_or_explain(container, cfg)
+            start_or_explain(container, conf)
         except EnvironmentProblem as exc:
             stdin.close()
             rundir.write_status(run_dir, "failed", exit_code=exc.exit_code, reason=str(exc),
                                 finished_utc=rundir.now_utc())
             raise
         return DockerHandle(container, run_dir / rundir.LOG,
-                            int(cfg["backend"]["docker"]["stop_timeout_s"]), stdin)
+                            conf.backend.docker.stop_timeout_s, stdin)
 
-    def clean_up(self, run_dir: Path, cfg: Dict[str, Any]) -> List[str]:
+    def clean_up(self, run_dir: Path, conf: RunConfig) -> List[str]:
         """Stop (SIGTERM: the training checkpoints first) and remove every container of
         this run that a killed launcher left behind."""
         from docker.errors import APIError, NotFound
 
-        timeout = int(cfg["backend"]["docker"]["stop_timeout_s"])
         done = []
         for container in self.engine.containers.list(
                 all=True, filters={"label": f"{LABEL}={run_dir.name}"}):
             state = container.status
             try:
                 if state == "running":
-                    container.stop(timeout=timeout)
+                    container.stop(timeout=conf.backend.docker.stop_timeout_s)
                 container.remove(force=True)
             except (NotFound, APIError):
                 continue

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from harness import rundir, sbatch, tracking
+from harness import config, rundir, sbatch, tracking
 from harness.backends.base import Backend, LaunchSpec
+from harness.config import RunConfig
 
 from harness.errors import REQUEUE_EXIT, EnvironmentProblem, RunFailed
 
@@ -200,21 +201,21 @@ class SlurmHandle:
         cancel(rundir.read_json(self.run_dir / rundir.STATUS))
 
 
-def job_image_facts(cfg: Dict) -> Dict:
+def job_image_facts(conf: RunConfig) -> Dict:
     """The lockfile's `image` section for a containerized job (runtime docker, apptainer or
     pyxis), {} otherwise. With backend.slurm.image unset, the config's own image profile
     (cuda for GPU runs on a GPU host, else cpu) is built or found, and pushed to
     image.registry: the job pulls it by that repo digest, never by a tag."""
     from harness import image
 
-    slurm = cfg["backend"]["slurm"]
-    if str(slurm.get("runtime") or "none") == "none" or slurm.get("image"):
+    slurm = conf.backend.slurm
+    if slurm.runtime.value == "none" or slurm.image:
         return {}
-    facts = image.build(cfg["image"], push=True)
+    facts = image.build(config.plain(conf.image), push=True)
     if not facts["repo_digest"]:
         raise EnvironmentProblem(
-            f"the {cfg['image']['profile']} image was pushed but the engine reports no repo "
-            f"digest for {cfg['image']['registry']}; set backend.slurm.image=REPO@sha256:... "
+            f"the {conf.image.profile} image was pushed but the engine reports no repo "
+            f"digest for {conf.image.registry}; set backend.slurm.image=REPO@sha256:... "
             f"to an image the nodes can pull.")
     return {"image": facts}
 
@@ -234,14 +235,14 @@ class SlurmBackend(Backend):
     tracks_itself = True  # the job script starts the tracking follower (harness/tracking.py)
     batch = True
 
-    def lock_facts(self, cfg: Dict) -> Dict:
-        return job_image_facts(cfg)
+    def lock_facts(self, conf: RunConfig) -> Dict:
+        return job_image_facts(conf)
 
     def launch(self, spec: LaunchSpec) -> SlurmHandle:
         job_id = self.submit([spec])
         print(f"harness: submitted Slurm job {job_id}; log {spec.run_dir / sbatch.LOG_NAME}",
               flush=True)
-        poll_s = float(spec.cfg["backend"]["slurm"].get("poll_s") or 2.0)
+        poll_s = float(spec.conf.backend.slurm.poll_s or 2.0)
         return SlurmHandle(spec.run_dir, poll_s)
 
     def submit(self, specs: List[LaunchSpec], log_dir: Optional[Path] = None) -> str:
@@ -250,16 +251,16 @@ class SlurmBackend(Backend):
         submitted; each run is marked queued. Returns the job id. A submission that fails
         leaves every run marked failed, none claiming to be queued."""
         first = specs[0]
-        slurm = job_image(first.cfg["backend"]["slurm"], first.lock)
+        slurm = job_image(config.plain(first.conf.backend.slurm), first.lock)
+        trainer = first.conf.trainer
         job = sbatch.JobSpec(
-            job_name=f"harness-{first.cfg['name']}", run_dirs=[s.run_dir for s in specs],
+            job_name=f"harness-{first.conf.name}", run_dirs=[s.run_dir for s in specs],
             data_roots=[s.data_root for s in specs], env=first.env, slurm=slurm,
-            device=first.cfg["trainer"]["device"],
-            python=slurm.get("python") or sys.executable, log_dir=log_dir,
-            sandbox=first.cfg["backend"]["docker"], extra_train_args=list(first.extra_args),
-            job_env=sbatch.job_environment(), devices=first.cfg["trainer"].get("devices", 1),
-            nodes=first.cfg["trainer"].get("nodes", 1),
-            tracked=any(tracking.selected(s.cfg) for s in specs))
+            device=trainer.device, python=slurm.get("python") or sys.executable,
+            log_dir=log_dir, sandbox=first.conf.backend.docker,
+            extra_train_args=list(first.extra_args), job_env=sbatch.job_environment(),
+            devices=getattr(trainer, "devices", 1), nodes=getattr(trainer, "nodes", 1),
+            tracked=any(tracking.selected(config.plain(s.conf)) for s in specs))
         text = sbatch.render(job)
         if len(specs) > 1 and log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
