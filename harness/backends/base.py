@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol
 
-from harness.config import RunConfig
+if TYPE_CHECKING:  # annotations only: the training process imports backends.local
+    from harness.config import RunConfig
 
 
 @dataclass
