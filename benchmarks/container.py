@@ -70,9 +70,10 @@ def compose(overrides):
 
 def in_container(engine, reference, cfg, data_root, run_dir, env, args) -> dict:
     """The steps in a container with exactly the training sandbox (container_options)."""
+    from harness import config
     from harness.backends.docker import DATA_MOUNT, container_options
 
-    options = container_options(cfg, run_dir, data_root, env)
+    options = container_options(config.typed(cfg), run_dir, data_root, env)
     options["command"] = ["python", "-c", STEPS, DATA_MOUNT, str(args.warmup), str(args.steps),
                           json.dumps(cfg)]
     container = engine.containers.create(reference, **options)

@@ -232,11 +232,22 @@ def typed(cfg: Dict[str, Any]) -> RunConfig:
     sent on (the image, backend.slurm, the trackers) go back to plain data with `plain`."""
     schema = ScriptRunConf if is_script(cfg) else RunConf
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
+                                                   _escaped(cfg)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config: {_first_line(exc)}. The run's config.yaml does "
                           f"not fit this harness's schema: use the harness version that "
                           f"wrote it.") from None
+
+
+def _escaped(value: Any) -> Any:
+    """A resolved config's strings with `${` escaped: a literal `${HOME}` that the config
+    resolved from `\\${HOME}` (a shell command, a Dockerfile line) stays text."""
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    return value.replace("${", "\\${") if isinstance(value, str) else value
 
 
 def plain(section: Any) -> Any:
@@ -276,29 +287,22 @@ GROUP_SCHEMAS = {"trainer": TrainerConf, "determinism": DeterminismConf,
 RUN_SCHEMAS = {"train_schema": RunConf, "run_schema": ScriptRunConf}
 
 
-def register_schemas(image_profile: str = "cpu") -> None:
+def register_schemas() -> None:
     """The typed schemas in Hydra's ConfigStore, as what the bundled configs extend:
     `<group>/schema` for each group option (it writes only what it changes, so each default
     lives once, in the dataclasses above) and `train_schema` / `run_schema` for the primary
-    configs. The primary schemas select `image: IMAGE_PROFILE` in their defaults list: the
-    machine's default profile, registered again by `compose` before each composition."""
+    configs, so that Hydra checks them against the schema while it composes.
+
+    The image profile is not a default of the primary schemas: a config of the user's that
+    extends a bundled one and lists `image: cuda` itself would then need `override image:`.
+    `_image_overrides` adds the machine's profile where a config's defaults tree has none."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for group, node in GROUP_SCHEMAS.items():
         store.store(group=group, name="schema", node=node)
-    for name, schema in RUN_SCHEMAS.items():
-        store.store(name=name, node=_with_defaults(schema, ["_self_", {"image": image_profile}]))
-
-
-def _with_defaults(schema: type, defaults: List[Any]) -> type:
-    """`schema` with a Hydra defaults list (Hydra reads it from a `defaults` field). `_self_`
-    comes first: the schema's own values are the base the selected options merge over."""
-    from dataclasses import make_dataclass
-
-    return make_dataclass(f"{schema.__name__}WithDefaults",
-                          [("defaults", List[Any], field(default_factory=lambda: list(defaults)))],
-                          bases=(schema,))
+    for name, node in RUN_SCHEMAS.items():
+        store.store(name=name, node=node)
 
 
 register_schemas()
@@ -313,10 +317,11 @@ def default_image_profile() -> str:
 
 
 def _image_overrides(name: str, overrides: List[str]) -> List[str]:
-    """Every run has an `image` group. A config that extends train_schema or run_schema (or
-    lists `image:` itself) has it in its defaults tree, where `image=NAME` selects another;
-    for one that does not, the image is added (`+image=NAME`, as typed, else the machine's
-    default). Hydra's own defaults list of the config says which case this is."""
+    """Every run has an `image` group. A config that lists `image:` (itself, or through a
+    config it extends) has it in its defaults tree, where `image=NAME` selects another; for
+    one that does not (the bundled configs), it is added: `+image=NAME` as typed, else the
+    machine's default profile. Hydra's own defaults tree of the config says which case this
+    is."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
@@ -368,13 +373,15 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
     if config_dir != BUILTIN_CONFIG_DIR:
         # The user's configs can build on the bundled groups (model=cnn, data=mnist, ...).
         hydra_overrides.append(f"hydra.searchpath=[file://{BUILTIN_CONFIG_DIR}]")
-    register_schemas(image_profile=default_image_profile())
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             hydra_overrides = _image_overrides(name, hydra_overrides)
             composed = hydra_compose(config_name=name, overrides=hydra_overrides)
     except HydraException as exc:
-        raise ConfigError(f"cannot compose config '{name}': {exc}") from None
+        # Hydra's own line ("Error merging override seed=abc") and, under it, the schema's
+        # reason (the value, the type it must have, the key).
+        cause = f" ({_first_line(exc.__cause__)})" if exc.__cause__ else ""
+        raise ConfigError(f"cannot compose config '{name}': {exc}{cause}") from None
     if "name" not in composed or OmegaConf.is_missing(composed, "name"):
         with open_dict(composed):
             composed.name = name
@@ -398,6 +405,8 @@ def group_option(group: str, option: str, config_dir: Optional[Path] = None) -> 
     from hydra.errors import HydraException
 
     config_dir = Path(config_dir).absolute() if config_dir else default_config_dir()
+    if not config_dir.is_dir():  # as before: the bundled options still answer
+        config_dir = BUILTIN_CONFIG_DIR
     dirs = [config_dir, BUILTIN_CONFIG_DIR]
     valid = sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")} - {"schema"})
     if option not in valid:
@@ -413,7 +422,7 @@ def group_option(group: str, option: str, config_dir: Optional[Path] = None) -> 
         typed = OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), composed[group])
         return OmegaConf.to_container(typed, resolve=True, enum_to_str=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"invalid {group} option '{option}': {_first_line(exc)}. Fix "
+        raise ConfigError(f"invalid {group} option '{option}': {_first_line(exc)}; fix "
                           f"conf/{group}/{option}.yaml.") from None
 
 
@@ -435,11 +444,15 @@ def check_override_syntax(overrides: List[str]) -> None:
     parser = OverridesParser.create()
     for override in overrides:
         try:
-            parser.parse_overrides([override])
+            parsed = parser.parse_overrides([override])[0]
         except OverrideParseException as exc:
             raise ConfigError(f"cannot parse override '{override}': {_first_line(exc)}. "
                               f"Overrides look like key=value, +new_key=value or "
                               f"group=option.") from None
+        group = parsed.key_or_group
+        if group in GROUP_SCHEMAS and parsed.value() == "schema":
+            raise ConfigError(f"invalid override '{override}': {group}/schema is the typed base every {group} "
+                              f"option extends, not an option; pick one of conf/{group}/.")
 
 
 def validate(raw: Dict[str, Any]) -> Dict[str, Any]:

@@ -243,7 +243,7 @@ def test_gpu_probe_on_an_engine_without_the_nvidia_runtime_says_what_is_missing(
         pytest.skip("this engine has the NVIDIA runtime")
     cfg = config.compose("fashion_mnist", ["backend=docker", "trainer.device=cuda"])
     with pytest.raises(EnvironmentProblem, match="NVIDIA Container Toolkit"):
-        DockerBackend(engine)._probe_gpu(cfg, cfg["image"]["base"])
+        DockerBackend(engine)._probe_gpu(config.typed(cfg), cfg["image"]["base"])
     assert engine.containers.list(all=True, filters={"label": f"{LABEL}=gpu-probe"}) == []
 
 

@@ -85,16 +85,20 @@ USER_CONFIGS = {
     "lists": "defaults: [{model: cnn}, {data: mnist}, {optim: adam}, {image: cuda}, _self_]\n"
              "name: lists\n",
     "extends_mnist": "defaults: [mnist, _self_]\nname: extends_mnist\ntrainer: {epochs: 1}\n",
+    "extends_mnist_lists": "defaults: [mnist, {image: cuda}, _self_]\nname: extends_mnist_lists\n",
     "extends_schema": "defaults: [train_schema, {model: cnn}, {data: mnist}, {optim: adam},\n"
-                      "  {override image: cuda}, _self_]\nname: extends_schema\n",
+                      "  {image: cuda}, _self_]\nname: extends_schema\n",
 }
 
 
 @pytest.mark.parametrize("name, default", [("bare", None), ("lists", "cuda"),
-                                           ("extends_mnist", None), ("extends_schema", "cuda")])
+                                           ("extends_mnist", None),
+                                           ("extends_mnist_lists", "cuda"),
+                                           ("extends_schema", "cuda")])
 def test_a_users_config_gets_an_image_however_it_is_written(tmp_path, name, default):
     """Hydra's own defaults tree says whether a config selects an image (itself, or through
-    train_schema); one that does not gets the machine's profile. `image=NAME` works on all."""
+    a config it extends); one that does not gets the machine's profile. `image=NAME` works
+    on all."""
     (tmp_path / f"{name}.yaml").write_text(USER_CONFIGS[name])
     cfg = config.compose(name, [], tmp_path)
     assert cfg["image"]["profile"] == (default or config.default_image_profile())
@@ -110,6 +114,20 @@ def test_a_group_option_alone_is_composed_over_its_schema():
     assert config.group_option("data", "mnist")["root"] is None
     with pytest.raises(ConfigError, match="unknown image option 'nope'; valid options: cpu, cuda"):
         config.group_option("image", "nope")
+    with pytest.raises(ConfigError, match="image/schema is the typed base"):
+        config.compose("fashion_mnist", ["image=schema"])
+
+
+def test_typed_config_keeps_literal_interpolation_text():
+    """A command or Dockerfile line with a literal `${...}` (escaped in the config) stays
+    text in the typed config the backends get, and plain() gives the config back."""
+    cfg = config.compose("run", [])
+    cfg["command"]["argv"] = ["sh", "-c", "echo ${HOME}"]
+    cfg["image"]["system_setup"] = "ENV PATH=/opt/x:${PATH}"
+    typed = config.typed(cfg)
+    assert typed.command.argv[2] == "echo ${HOME}"
+    assert typed.image.system_setup == "ENV PATH=/opt/x:${PATH}"
+    assert config.plain(typed) == cfg
 
 
 def test_identity_changes_with_each_input(tmp_path, monkeypatch):
