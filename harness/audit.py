@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from harness.digest import tensor_bytes
-from harness.rundir import AUDIT as AUDIT_FILE
+from harness.rundir import AUDIT
 
 ENV_SWITCH = "HARNESS_AUDIT"
 ROOT = "(model)"
@@ -32,7 +32,7 @@ def attach(model, run_dir: Path) -> Optional["Auditor"]:
     """Hook `model` when the audit is switched on; the one call train.py makes."""
     if not enabled():
         return None
-    return Auditor(model, Path(run_dir) / AUDIT_FILE)
+    return Auditor(model, Path(run_dir) / AUDIT)
 
 
 def _digest(value: Any) -> Optional[str]:
@@ -106,7 +106,7 @@ class Auditor:
 # ---------------------------------------------------------------- comparing two audits
 
 def read(run_dir: Path) -> Iterator[Dict[str, Any]]:
-    path = Path(run_dir) / AUDIT_FILE
+    path = Path(run_dir) / AUDIT
     with open(path) as handle:
         for line in handle:
             if line.strip():

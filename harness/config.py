@@ -387,7 +387,6 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
             composed.name = name
     composed = OmegaConf.to_container(composed, resolve=False)
     composed.pop("hydra", None)
-    composed.pop("defaults", None)
     resolved = validate(composed)
     check_targets(resolved, ConfigError, "Install the package, put its directory on "
                   "PYTHONPATH (and in backend.docker.pythonpath for container runs), or fix "
@@ -451,8 +450,9 @@ def check_override_syntax(overrides: List[str]) -> None:
                               f"group=option.") from None
         group = parsed.key_or_group
         if group in GROUP_SCHEMAS and parsed.value() == "schema":
-            raise ConfigError(f"invalid override '{override}': {group}/schema is the typed base every {group} "
-                              f"option extends, not an option; pick one of conf/{group}/.")
+            raise ConfigError(f"invalid override '{override}': {group}/schema is the typed "
+                              f"base every {group} option extends, not an option; pick one "
+                              f"of conf/{group}/.")
 
 
 def validate(raw: Dict[str, Any]) -> Dict[str, Any]:

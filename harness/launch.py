@@ -77,7 +77,7 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
         print(f"harness: run {run_dir.name} ({backend.name} backend) -> {run_dir}", flush=True)
         rundir.write_status(run_dir, "running", backend=backend.name,
                             started_utc=rundir.now_utc(), host_pid=os.getpid())
-        return _run(run_dir, cfg, backend, data_root, [], lock)
+        return _run(run_dir, cfg, conf, backend, data_root, [], lock)
 
 
 def resume(ref: str, name: Optional[str], overrides: List[str],
@@ -121,7 +121,8 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
     if str(cfg["trainer"]["device"]).startswith("cuda"):
         gpu.require_gpus(backend.name)
     data_root = None if config.is_script(cfg) else data.prepare(cfg["data"])[0]
-    for line in backend.clean_up(run_dir, config.typed(cfg)):
+    conf = config.typed(cfg)
+    for line in backend.clean_up(run_dir, conf):
         print(f"harness: {line}", flush=True)
     if previous.get("state") == "running":  # we hold the lock: its writer is gone
         print(f"harness: run {run_dir.name} was left 'running' by a launcher that is gone",
@@ -131,7 +132,7 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
     rundir.write_status(run_dir, "running", backend=backend.name, host_pid=os.getpid(),
                         resumed_utc=rundir.now_utc(), resumes=previous.get("resumes", 0) + 1,
                         error=None)  # an earlier attempt's error is not this one's
-    return _run(run_dir, cfg, backend, data_root, ["--resume"], lock)
+    return _run(run_dir, cfg, conf, backend, data_root, ["--resume"], lock)
 
 
 def _refuse_while_slurm_owns(run_dir: Path, status: Dict[str, Any]) -> None:
@@ -158,7 +159,8 @@ def _resume_backend(name: str) -> str:
     return "local" if name == "slurm" else name
 
 
-def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
+def _run(run_dir: Path, cfg: Dict[str, Any], conf: config.RunConfig, backend,
+         data_root: Optional[Path],
          extra_args: List[str], lock: rundir.WriterLock) -> Path:
     env = {**pinned_environment(cfg["determinism"]), **distributed.pinned_environment(cfg)}
     if os.environ.get(audit.ENV_SWITCH):  # `harness verify`'s module audit, on any backend
@@ -176,7 +178,7 @@ def _run(run_dir: Path, cfg: Dict[str, Any], backend, data_root: Optional[Path],
         raise
     try:
         handle = backend.launch(backends.LaunchSpec(
-            run_dir=run_dir, conf=config.typed(cfg), lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+            run_dir=run_dir, conf=conf, lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
             env=env, data_root=data_root, extra_args=extra_args, lock_fd=lock.fd))
     except BaseException:
         follower.close("failed")

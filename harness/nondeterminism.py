@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-from harness.rundir import NONDETERMINISTIC as FILE
+from harness.rundir import NONDETERMINISTIC
 
 ENV_SWITCH = "HARNESS_WATCH_NONDETERMINISM"
 
@@ -26,7 +26,7 @@ def watch(model, run_dir: Path) -> None:
         return
     stack: List[str] = []
     found: Dict[tuple, Dict[str, Any]] = {}
-    path = Path(run_dir) / FILE
+    path = Path(run_dir) / NONDETERMINISTIC
 
     def entered(label):
         def hook(module, args) -> None:
@@ -59,5 +59,5 @@ def watch(model, run_dir: Path) -> None:
 
 
 def read(run_dir: Path) -> List[Dict[str, Any]]:
-    path = Path(run_dir) / FILE
+    path = Path(run_dir) / NONDETERMINISTIC
     return json.loads(path.read_text()) if path.exists() else []

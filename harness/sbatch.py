@@ -24,7 +24,7 @@ from harness import __version__
 from harness.config import DockerConf
 from harness.distributed import RANK_SOURCE_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError
-from harness.rundir import SLURM_LOG as LOG_NAME
+from harness.rundir import SLURM_LOG
 from harness.sandbox import DATA_MOUNT, RUN_MOUNT, docker_cli_flags
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
@@ -117,7 +117,7 @@ def sbatch_options(spec: JobSpec) -> List[str]:
     options.append("--open-mode=append")
     options.append("--export=NONE")  # the script exports what the job needs (JOB_ENV)
     if len(spec.run_dirs) == 1:
-        options.append(f"--output={spec.run_dirs[0] / LOG_NAME}")
+        options.append(f"--output={spec.run_dirs[0] / SLURM_LOG}")
     else:
         log_dir = spec.log_dir or spec.run_dirs[0].parent / ".slurm"
         options.append(f"--output={log_dir / (spec.job_name + '-%A_%a.out')}")
@@ -270,8 +270,8 @@ def render(spec: JobSpec) -> str:
         "SBATCH": "\n".join(f"#SBATCH {o}" for o in sbatch_options(spec)),
         "RUN_DIRS": "\n".join(f"    {q(d)}" for d in spec.run_dirs),
         "DATA_ROOTS": "\n".join(f"    {q(d) if d else q('')}" for d in spec.data_roots),
-        "REDIRECT": (f'exec >>"$RUN_DIR/{LOG_NAME}" 2>&1  # each array task logs into its '
-                     f'own run directory') if array else f"# log: $RUN_DIR/{LOG_NAME}",
+        "REDIRECT": (f'exec >>"$RUN_DIR/{SLURM_LOG}" 2>&1  # each array task logs into its '
+                     f'own run directory') if array else f"# log: $RUN_DIR/{SLURM_LOG}",
         "EXPORTS": exports(spec),
         "COMMAND": train_command(spec),
     }

@@ -19,7 +19,6 @@ from harness.determinism import pinned_environment
 from harness.errors import ConfigError, RunFailed
 
 
-
 def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bool = False,
            wait: bool = False, config_dir: Optional[Path] = None,
            runs_dir: Optional[Path] = None, command: Optional[List[str]] = None,
@@ -108,15 +107,17 @@ def prepare_all(cfgs: List[Dict[str, Any]], combos: List[List[str]], batch,
                 for cfg in cfgs]
     scripts = [{"script": launch.script_facts(cfg, batch.name)} if config.is_script(cfg)
                else {} for cfg in cfgs]
-    image_facts = batch.lock_facts(config.typed(cfgs[0]))  # one image for the whole array
+    confs = [config.typed(cfg) for cfg in cfgs]
+    image_facts = batch.lock_facts(confs[0])  # one image for the whole array
     env = {**pinned_environment(cfgs[0]["determinism"]),
            **distributed.pinned_environment(cfgs[0])}
     specs = []
-    for cfg, combo, (data_root, data_files), script in zip(cfgs, combos, prepared, scripts):
+    for cfg, conf, combo, (data_root, data_files), script in zip(cfgs, confs, combos, prepared,
+                                                                scripts):
         run_dir = rundir.create(runs_dir, cfg["name"])
         launch.prepare(run_dir, cfg, combo, batch.name, data_root, data_files, launched,
                        {**image_facts, **script})
-        specs.append(LaunchSpec(run_dir=run_dir, conf=config.typed(cfg),
+        specs.append(LaunchSpec(run_dir=run_dir, conf=conf,
                                 lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
                                 env=env, data_root=data_root))
     return specs

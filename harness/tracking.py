@@ -32,7 +32,6 @@ from harness.errors import ConfigError, EnvironmentProblem, LockfileError, first
 POLL_S = 1.0
 SEND_BATCH = 500  # records per send: one MLflow call (at most 1000 metrics)
 CLOSE_TIMEOUT_S = 60
-TENSORBOARD_DIR = rundir.TENSORBOARD
 MLFLOW_DIR = ".mlflow"  # the default MLflow store, in the runs directory
 ARTIFACT_DIR = "harness"  # where a run's files go among its MLflow artifacts
 ARTIFACTS = (rundir.LOCK, rundir.CONFIG, rundir.OVERRIDES, rundir.METRICS, rundir.WEIGHTS,
@@ -200,7 +199,7 @@ class TensorBoard:
                                      f"where harness runs ({exc}): pip install tensorboard, "
                                      f"or set tracker.tensorboard=false.") from None
 
-        self.out = run_dir / TENSORBOARD_DIR
+        self.out = run_dir / rundir.TENSORBOARD
         self.writer = SummaryWriter(log_dir=str(self.out))
 
     def send(self, records: List[Dict[str, Any]]) -> None:

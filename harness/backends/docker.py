@@ -227,12 +227,12 @@ def start_or_explain(container, conf: RunConfig) -> None:
             container.remove(force=True)
         except APIError:
             pass
-        text = str(exc)
+        text, said = str(exc), first_line(exc, 400)
         if gpu_requested(conf) and ("device driver" in text or "gpu" in text.lower()):
             raise EnvironmentProblem(f"trainer.device={conf.trainer.device} asks for GPUs "
-                                     f"but the Docker engine cannot provide them ({first_line(text, 400)}). "
+                                     f"but the Docker engine cannot provide them ({said}). "
                                      f"{GPU_HINT}") from None
-        raise EnvironmentProblem(f"the training container did not start: {first_line(text, 400)}") from None
+        raise EnvironmentProblem(f"the training container did not start: {said}") from None
 
 
 class DockerBackend(Backend):

@@ -108,7 +108,7 @@ def update(run_dir: Path) -> Dict:
     if status.get("state") in TERMINAL:
         return status
     info = query(job_ref(status))
-    log = run_dir / sbatch.LOG_NAME
+    log = run_dir / rundir.SLURM_LOG
     if info is None:
         return rundir.write_status(run_dir, status.get("state", "unknown"),
                                    slurm_state="UNKNOWN")
@@ -147,7 +147,7 @@ def update(run_dir: Path) -> Dict:
 
 
 def failure_message(run_dir: Path, status: Dict, tail: int = 12) -> str:
-    log = run_dir / sbatch.LOG_NAME
+    log = run_dir / rundir.SLURM_LOG
     lines = []
     try:
         lines = log.read_text(errors="replace").splitlines()[-tail:]
@@ -240,7 +240,7 @@ class SlurmBackend(Backend):
 
     def launch(self, spec: LaunchSpec) -> SlurmHandle:
         job_id = self.submit([spec])
-        print(f"harness: submitted Slurm job {job_id}; log {spec.run_dir / sbatch.LOG_NAME}",
+        print(f"harness: submitted Slurm job {job_id}; log {spec.run_dir / rundir.SLURM_LOG}",
               flush=True)
         poll_s = float(spec.conf.backend.slurm.poll_s or 2.0)
         return SlurmHandle(spec.run_dir, poll_s)
@@ -278,5 +278,5 @@ class SlurmBackend(Backend):
                 spec.run_dir, "queued", backend=self.name, submitted_utc=rundir.now_utc(),
                 slurm_job_id=job_id, slurm_array_task_id=index if len(specs) > 1 else None,
                 slurm_state="PENDING", slurm_script=str(spec.run_dir / rundir.SLURM_SCRIPT),
-                slurm_log=str(spec.run_dir / sbatch.LOG_NAME))
+                slurm_log=str(spec.run_dir / rundir.SLURM_LOG))
         return job_id
