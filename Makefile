@@ -7,7 +7,7 @@ CONF ?= fashion_mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test docker-env slurm-env data bench clean
+.PHONY: venv train test docker-env slurm-env data bench record-machine clean
 
 # The venv is rebuilt when the dependency pins or the package metadata change.
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
@@ -40,6 +40,11 @@ data:
 # writes benchmarks/results.json and the table in benchmarks/README.md.
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
+
+# Add this machine's class to the corpus of recorded classes (tests/golden/machines/): the
+# golden config in every CPU mode it can run, and its per-op table. Needs make data.
+record-machine: venv data
+	$(BIN)/harness machine record
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,6 +23,7 @@ SCRIPTS = {
     "images": ["images.py"],
     "data_parallel": ["data_parallel.py"],
     "tracking": ["tracking.py"],
+    "cpu_modes": ["cpu_modes.py"],
 }
 
 
@@ -84,6 +85,9 @@ TABLE = [
      "tracking.mlflow_step_cost", "", "<= 0.02"),
     ("tracker=mlflow: time added after the training ends (artifacts, last metrics)",
      "tracking.mlflow_end_s", "s", ""),
+    ("cpu_isa=portable over native, steps/s (bundled config, on cpu_modes.machine_class)",
+     "cpu_modes.portable.over_native", "x", ">= 0.7"),
+    ("cpu_isa=avx2 over native, steps/s (same machine)", "cpu_modes.avx2.over_native", "x", ""),
 ]
 
 

@@ -376,7 +376,7 @@ def add_lock(sub) -> None:
     diff = actions.add_parser(
         "diff", help="what differs between two runs' lockfiles",
         description="Compare two lockfiles field by field, grouped: blocking for bitwise "
-                    "replay, informational, results, config.")
+                    "replay, unproven (another machine class), informational, results, config.")
     diff.add_argument("run_a", help="run id, unique prefix of one, or run directory")
     diff.add_argument("run_b", help="run id, unique prefix of one, or run directory")
     add_runs_dir(diff)
@@ -621,11 +621,107 @@ def cmd_image_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- machine
+
+
+def add_machine(sub) -> None:
+    machine = sub.add_parser(
+        "machine", help="machine classes: this CPU's class, its per-op table, record it",
+        description="A machine class is the CPU facts that decide which math kernels run: "
+                    "vendor, family, model number, math ISA flags. Golden bits are compared "
+                    "only within a class; the corpus (tests/golden/machines/, or "
+                    "$HARNESS_CORPUS) holds the recorded ones.")
+    actions = machine.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("class", help="this machine's class, and whether it is recorded")
+    show.add_argument("--json", action="store_true", help="print the class facts as JSON")
+    show.set_defaults(handler=cmd_machine_class)
+    ops = actions.add_parser(
+        "ops", help="hash each training op's output under each CPU-kernel setting",
+        description="Runs gemm, convolution forward and backward, batch norm, linear "
+                    "backward, vector math, a reduction, an Adam step, dropout, layer norm "
+                    "and softmax under each setting of ATEN_CPU_CAPABILITY, "
+                    "ONEDNN_MAX_CPU_ISA, MKL_CBWR, oneDNN on/off and thread count, and "
+                    "prints the table (JSON). Compare two machines' tables with "
+                    "--compare: a setting whose ops agree computes them alike on both.")
+    ops.add_argument("--out", type=Path, default=None, help="also write the table here")
+    ops.add_argument("--setting", action="append", default=None, metavar="NAME",
+                     help="measure only this setting (repeatable; default: all of them, "
+                          "about a minute on 2 cores); `--setting list` names them")
+    ops.add_argument("--compare", type=Path, default=None, metavar="TABLE",
+                     help="a table from another machine: print, per setting, the ops that "
+                          "differ from this machine's")
+    ops.set_defaults(handler=cmd_machine_ops)
+    record = actions.add_parser(
+        "record", help="add this machine's class to the corpus (make record-machine)",
+        description="Trains the golden config (fashion_mnist, small and short) once per "
+                    "CPU mode this CPU can run, with `harness train`, and keeps the run "
+                    "directories and the per-op table under CORPUS/<class>/. Modes already "
+                    "recorded for this class are kept, never regenerated.")
+    record.add_argument("--corpus", type=Path, default=None,
+                        help="corpus folder (default: $HARNESS_CORPUS or tests/golden/machines)")
+    record.add_argument("--mode", action="append", default=None, metavar="CPU_ISA",
+                        help="record only this mode (repeatable; default: every mode this "
+                             "CPU can run)")
+    record.set_defaults(handler=cmd_machine_record)
+
+
+def cmd_machine_class(args: argparse.Namespace) -> int:
+    from harness import corpus, machine
+
+    facts = machine.this_machine()
+    entry = corpus.entry_for(facts)
+    if args.json:
+        print(json.dumps({"class_id": machine.class_id(facts), "class": facts,
+                          "recorded": str(entry.path) if entry else None}, indent=2))
+        return 0
+    print(f"machine class: {machine.class_id(facts)}")
+    for key, value in facts.items():
+        print(f"  {key}: {value}")
+    print(f"recorded: {entry.path} (modes: {', '.join(entry.modes()) or 'none'})" if entry
+          else "recorded: no (make record-machine adds it)")
+    return 0
+
+
+def cmd_machine_ops(args: argparse.Namespace) -> int:
+    from harness import cpu_ops
+
+    if args.compare is not None and not args.compare.is_file():
+        raise ConfigError(f"--compare {args.compare}: no such file.")
+    if args.setting == ["list"]:
+        print("\n".join(cpu_ops.SETTINGS))
+        return 0
+    unknown = [name for name in args.setting or [] if name not in cpu_ops.SETTINGS]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(map(repr, unknown))}: "
+                          f"`harness machine ops --setting list` names them.")
+    found = cpu_ops.table(names=args.setting,
+                          progress=lambda name: print(f"  {name} ...", file=sys.stderr))
+    text = json.dumps(found, indent=1, sort_keys=True)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.compare is None:
+        print(text)
+        return 0
+    other = json.loads(args.compare.read_text())
+    for setting, ops in cpu_ops.compare(found, other).items():
+        print(f"{setting:45s} {'same' if not ops else 'differ: ' + ', '.join(ops)}")
+    return 0
+
+
+def cmd_machine_record(args: argparse.Namespace) -> int:
+    from harness import machine_record
+
+    folder = machine_record.record(args.corpus, args.mode)
+    print(f"recorded: {folder}")
+    return 0
+
+
 # ---------------------------------------------------------------- the command
 
 
 SUBCOMMANDS = (add_train, add_run, add_summary, add_variance, add_compare, add_submit, add_slurm, add_data,
-               add_lock, add_replay, add_verify, add_doctor, add_runs, add_build, add_image)
+               add_lock, add_replay, add_verify, add_doctor, add_runs, add_build, add_image,
+               add_machine)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,9 @@ class DeterminismConf:
     threads: int = 2  # torch intra-op threads and OMP/MKL_NUM_THREADS
     pythonhashseed: Optional[int] = 0  # None: not pinned (PYTHONHASHSEED=random)
     cublas_workspace_config: str = ":4096:8"
-    # CPU kernels: native (what torch picks for this CPU), or a pin (default, avx2, avx512)
-    # that makes results independent of a newer ISA the machine may have.
+    # CPU kernels: native (what torch picks for this CPU), a pin (default, avx2, avx512)
+    # that makes results independent of a newer ISA the machine may have, or portable: the
+    # same bits on any x86-64 CPU with AVX2, Intel or AMD (harness/determinism.py).
     cpu_isa: str = "native"
 
 

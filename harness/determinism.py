@@ -30,6 +30,19 @@ CPU_ISA: Dict[str, Dict[str, Any]] = {
     "avx512": {"env": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
                        "MKL_CBWR": "AVX512"},
                "capability": "AVX512", "needs": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]},
+    # portable: the same bits on any x86-64 CPU with AVX2 and FMA, Intel or AMD. The avx2
+    # pin is not that: MKL honours MKL_CBWR=AVX2 on Intel CPUs only (elsewhere it runs its
+    # AUTO branch), and oneDNN sizes its blocking by the caches it finds. So, op by op
+    # (measured with `harness machine ops`, docs/replay.md):
+    # - ATen's own kernels at the AVX2 capability: the same code and the same IEEE
+    #   operations (FMA included) on either vendor;
+    # - MKL on its COMPATIBLE branch, which MKL documents as the one code path it runs on
+    #   Intel and non-Intel CPUs alike, STRICT so that gemm does not depend on threads;
+    # - oneDNN off (torch.backends.mkldnn.enabled=False, set in `apply`): convolutions run
+    #   ATen's im2col + MKL gemm instead of kernels blocked per CPU.
+    "portable": {"env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                         "MKL_CBWR": "COMPATIBLE,STRICT"},
+                 "capability": "AVX2", "needs": ["avx2", "fma"], "mkldnn": False},
 }
 CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
@@ -63,6 +76,8 @@ def apply(det: Dict[str, Any]) -> None:
 
     mode = det["mode"]
     torch.set_num_threads(det["threads"])
+    if CPU_ISA.get(det.get("cpu_isa") or "native", {}).get("mkldnn") is False:
+        torch.backends.mkldnn.enabled = False  # cpu_isa=portable: see CPU_ISA
     # Inter-op parallelism reorders independent ops; one thread keeps the order fixed.
     try:
         torch.set_num_interop_threads(1)
@@ -99,6 +114,8 @@ def audit() -> Dict[str, Any]:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
+        # Only where switched off: a run that never touched it records what it always did.
+        **({} if torch.backends.mkldnn.enabled else {"mkldnn_enabled": False}),
         "env": {**{name: os.environ.get(name) for name in
                    ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
                     "MKL_NUM_THREADS")},
@@ -114,6 +131,8 @@ def expected_audit(det: Dict[str, Any]) -> Dict[str, Any]:
         "torch_num_interop_threads": 1,
         "env": pinned_environment(det),
     }
+    if CPU_ISA.get(det.get("cpu_isa") or "native", {}).get("mkldnn") is False:
+        expected["mkldnn_enabled"] = False
     if det["mode"] != "off":
         expected.update({
             "deterministic_algorithms": True,

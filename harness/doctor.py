@@ -2,7 +2,8 @@
 this machine and this config.
 
 For each setting — determinism strict, warn and off; strict with one thread against the
-configured count; strict with the CPU kernels pinned (determinism.cpu_isa) against native —
+configured count; strict with the CPU kernels pinned (determinism.cpu_isa avx2, and
+portable: the same bits on Intel and AMD) against native —
 it trains two short prefixes of the config, one after the other, on the local backend
 (the same machinery as `harness verify`, without its audit). It reports each setting's
 throughput (optimizer steps per second over the training loop, from the lockfiles'
@@ -38,6 +39,8 @@ def settings(cfg: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
     pin = pinnable_isa()
     if pin and cfg["determinism"]["cpu_isa"] == "native":
         found.append((f"strict, cpu_isa={pin}", {"mode": "strict", "cpu_isa": pin}))
+        # What replaying on any x86-64 CPU, Intel or AMD, costs against native.
+        found.append(("strict, cpu_isa=portable", {"mode": "strict", "cpu_isa": "portable"}))
     return found
 
 

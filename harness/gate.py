@@ -17,6 +17,7 @@ from harness.lockfile import flatten
 from harness.progress import table
 
 BLOCKING = "blocking"
+UNPROVEN = "unproven"  # no recording says whether this difference changes the bits
 INFO = "informational"
 RESULTS = "results"
 CONFIG = "config"
@@ -45,7 +46,11 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
     ("hardware.cpu.isa_flags", BLOCKING, "CPU math kernels are selected by ISA"),
     ("hardware.cpu.supports_pinned_isa", BLOCKING, "this CPU cannot run the pinned kernels"),
     ("hardware.cpu.architecture", BLOCKING, "another CPU architecture runs other kernels"),
-    ("hardware.cpu.*", INFO, "threads are pinned; the ISA flags decide the kernels"),
+    ("hardware.cpu.logical_cores", INFO, "threads are pinned"),
+    # Vendor, family, model: the machine class. The replay gate decides a class difference
+    # from the corpus of recordings (machine_class_difference); lock diff cannot.
+    ("hardware.cpu.*", UNPROVEN, "another machine class: MKL and oneDNN pick kernels per "
+                                 "CPU; only a recording of both classes decides"),
     ("hardware.hostname", INFO, "another machine of the same kind"),
     # Software seen by the training process.
     ("software.python", BLOCKING, "the interpreter version"),
@@ -60,6 +65,7 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
     ("software.packages.torch", BLOCKING, "torch kernels change between versions"),
     ("software.packages.numpy", BLOCKING, "numpy draws seeded random numbers"),
     ("software.packages.*", INFO, "not on the math path of training"),
+    ("software.math_libraries.*", INFO, "built into torch: its build (torch_git_version) decides"),
     ("software.platform", INFO, "kernel and libc string"),
     # Determinism settings actually in effect, and the variables that set them.
     ("determinism.*", BLOCKING, "a determinism setting or thread count differs"),
@@ -195,9 +201,45 @@ def gate(lock: Dict[str, Any], current: Dict[str, Any],
         for side in (locked, here):
             (side.get("determinism") or {}).pop("in_effect", None)
     _unknown_sm_counts_are_not_differences(locked, here)
+    found = machine_class_difference(lock, locked, here)
     _pinned_isa_decides(lock, locked, here)
     _same_image_id_decides(locked, here)
-    return differences(locked, here, grouper=classify, ignore=())
+    return differences(locked, here, grouper=classify, ignore=()) + found
+
+
+CLASS_KEY = "hardware.cpu.class"
+
+
+def machine_class_difference(lock: Dict[str, Any], locked: Dict[str, Any],
+                             here: Dict[str, Any]) -> List[Difference]:
+    """The machine class, decided from evidence: the class fields (vendor, family, model
+    number, model name) leave the field by field comparison, and a class difference becomes
+    one row whose group the corpus decides (corpus.agreement) for the run's CPU mode:
+    informational where the two classes were recorded to give the same bits, blocking where
+    recorded to differ, unproven where no recording covers the pair. The ISA flags and the
+    architecture stay compared as before (they are facts about kernels, not guesses)."""
+    from harness import corpus, machine
+
+    cpus = [(side.get("hardware") or {}).get("cpu") for side in (locked, here)]
+    if not all(isinstance(cpu, dict) for cpu in cpus):
+        return []
+    classes = [machine.cpu_class(cpu) for cpu in cpus]
+    for cpu in cpus:
+        for field in ("vendor", "family", "model_number", "model"):
+            cpu.pop(field, None)
+    if machine.same_class(*classes):
+        return []
+    mode = (((lock.get("config") or {}).get("determinism") or {}).get("cpu_isa")) or "native"
+    names = [machine.class_id(c) for c in classes]
+    agree = corpus.agreement(classes[0], classes[1], mode)
+    if agree is True:
+        group, why = INFO, f"recorded: the same bits on both classes in cpu_isa={mode}"
+    elif agree is False:
+        group, why = BLOCKING, f"recorded: other bits on these classes in cpu_isa={mode}"
+    else:
+        group, why = UNPROVEN, (f"no recording of both classes in cpu_isa={mode} "
+                                f"(make record-machine on each adds one)")
+    return [Difference(CLASS_KEY, names[0], names[1], group, why)]
 
 
 def _pinned_isa_decides(lock: Dict[str, Any], locked: Dict[str, Any],
@@ -272,7 +314,7 @@ def render(diffs: List[Difference], label_a: str = "locked", label_b: str = "cur
     return "\n".join(out)
 
 
-GROUP_ORDER = (BLOCKING, INFO, RESULTS, CONFIG)
+GROUP_ORDER = (BLOCKING, UNPROVEN, INFO, RESULTS, CONFIG)
 
 
 def render_grouped(diffs: List[Difference], label_a: str, label_b: str) -> str:
@@ -280,13 +322,15 @@ def render_grouped(diffs: List[Difference], label_a: str, label_b: str) -> str:
     parts = []
     for name in GROUP_ORDER:
         members = [d for d in diffs if d.group == name]
-        title = {BLOCKING: "blocking for bitwise replay", INFO: "informational",
-                 RESULTS: "results", CONFIG: "config"}[name]
+        title = {BLOCKING: "blocking for bitwise replay",
+                 UNPROVEN: "unproven (no recording says whether these change the bits)",
+                 INFO: "informational", RESULTS: "results", CONFIG: "config"}[name]
         if not members:
             parts.append(f"== {title}: none")
             continue
         parts.append(f"== {title} ({len(members)})\n" +
-                     render(members, label_a, label_b, with_why=name in (BLOCKING, INFO)))
+                     render(members, label_a, label_b,
+                            with_why=name in (BLOCKING, UNPROVEN, INFO)))
     return "\n\n".join(parts)
 
 

@@ -32,14 +32,6 @@ ENV_ALLOWLIST = (
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
 )
 
-# CPU features that decide which math kernels (and so which rounding) a library selects.
-MATH_ISA_FLAGS = (
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw",
-    "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
-    "amx_bf16", "asimd", "sve", "sve2",
-)
-
-
 # ---------------------------------------------------------------- capture
 
 def capture_environment() -> Dict[str, str]:
@@ -64,8 +56,26 @@ def capture_software() -> Dict[str, Any]:
         "platform": platform.platform(),
         "cuda_available": cuda_available,
         "nccl": _nccl_version(torch),
+        "math_libraries": math_libraries(torch),
         "packages": dict(sorted(packages.items())),
     }
+
+
+def math_libraries(torch) -> Dict[str, Optional[str]]:
+    """The BLAS and oneDNN builds inside torch, as torch.__config__.show() names them: part
+    of the machine class question (MKL picks its code path per CPU vendor, oneDNN its
+    blocking per cache), recorded so that a lock says which builds a recording used."""
+    import re
+
+    try:
+        shown = torch.__config__.show()
+    except (AttributeError, RuntimeError):
+        shown = ""
+    mkl = re.search(r"Math Kernel Library Version (\S+)", shown)
+    blas = re.search(r"BLAS_INFO=(\w+)", shown)
+    onednn = re.search(r"MKL-DNN (v[\d.]+)", shown)
+    return {"blas": f"MKL {mkl.group(1)}" if mkl else (blas.group(1) if blas else None),
+            "onednn": onednn.group(1) if onednn else None}
 
 
 def math_software() -> Dict[str, Any]:
@@ -111,23 +121,11 @@ def cpu_capability(torch) -> Optional[str]:
 
 
 def capture_cpu() -> Dict[str, Any]:
-    model, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and model is None:
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {
-        "model": model or platform.processor() or None,
-        "architecture": platform.machine(),
-        "isa_flags": sorted(flags.intersection(MATH_ISA_FLAGS)),
-        "logical_cores": os.cpu_count(),
-    }
+    """hardware.cpu: the CPU's name, vendor, family, model number and math ISA flags (the
+    class facts, harness/machine.py), and its logical cores."""
+    from harness import machine
+
+    return {**machine.read_cpuinfo(), "logical_cores": os.cpu_count()}
 
 
 def capture_hardware() -> Dict[str, Any]:

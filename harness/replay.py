@@ -91,17 +91,37 @@ def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
     current, skip = current_environment(cfg)
     diffs = gate.gate(lock, current, skip)
     blocking = [d for d in diffs if d.blocking]
-    informational = [d for d in diffs if not d.blocking]
+    unproven = [d for d in diffs if d.group == gate.UNPROVEN]
+    informational = [d for d in diffs if d.group == gate.INFO]
     if blocking and not allow_mismatch:
         raise ReplayRefused(refusal(run_id, blocking))
     if blocking:
         print(f"harness: --allow-mismatch: replaying despite {len(blocking)} blocking "
               f"difference(s):\n{gate.render(blocking)}", flush=True)
+    if unproven:
+        print(f"harness: unproven: {len(unproven)} difference(s) that no recording covers; "
+              f"this replay will show whether they change the bits:\n"
+              f"{gate.render(unproven)}", flush=True)
     if informational:
-        print(f"harness: {len(informational)} informational difference(s) (no effect "
-              f"expected): {', '.join(d.key for d in informational[:6])}"
+        print(f"harness: {len(informational)} informational difference(s) (each with its "
+              f"reason in the new lock's replay_mismatches): "
+              f"{', '.join(d.key for d in informational[:6])}"
               f"{' ...' if len(informational) > 6 else ''}", flush=True)
     return diffs
+
+
+def likely_cause(diffs: List[gate.Difference]) -> str:
+    """For a DIVERGED verdict: the machine class difference, where there was one."""
+    found = gate.find(diffs, gate.CLASS_KEY)
+    if found is None:
+        return ""
+    evidence = {gate.BLOCKING: "recorded to give other bits",
+                gate.UNPROVEN: "never recorded together",
+                gate.INFO: "recorded to give the same bits"}[found.group]
+    return (f" The run was recorded on machine class {found.a} and replayed on {found.b} "
+            f"({evidence} in this CPU mode): the likely cause is the machine, not the code. "
+            f"Replay on a machine of class {found.a}, or train with "
+            f"determinism.cpu_isa=portable for runs that replay on any x86-64 CPU.")
 
 
 def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
@@ -138,6 +158,12 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
                          "compare_s": round(compare_s, 3)}}
     rundir.write_json(new_dir / rundir.REPLAY, record)
     print(compare.render(report), flush=True)
+    unproven_class = gate.find(diffs, gate.CLASS_KEY)
+    if unproven_class and unproven_class.group == gate.UNPROVEN and \
+            report["verdict"] == compare.IDENTICAL:
+        print(f"harness: machine classes {unproven_class.a} and {unproven_class.b} gave the "
+              f"same bits for this run; `make record-machine` on both records it as "
+              f"evidence for every run of this CPU mode.", flush=True)
     if report["verdict"] != compare.IDENTICAL and config.is_script(cfg):
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED: "
@@ -148,7 +174,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     if report["verdict"] != compare.IDENTICAL:
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED at step "
-            f"{report['first_diverging_step']} (report in {new_dir / rundir.REPLAY}). "
-            f"Run `harness verify {cfg['name']}` here to see whether the config is "
-            f"deterministic and which module differs first.")
+            f"{report['first_diverging_step']} (report in {new_dir / rundir.REPLAY})."
+            f"{likely_cause(diffs) or ''} Run `harness verify {cfg['name']}` here to see "
+            f"whether the config is deterministic and which module differs first.")
     return 0

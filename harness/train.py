@@ -23,8 +23,8 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import (audit, checkpoint, distributed, metrics, nondeterminism, rundir,
-                     seeding)
+from harness import (audit, checkpoint, distributed, metrics, nondeterminism, portable,
+                     rundir, seeding)
 from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
@@ -261,8 +261,9 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
         for (images, labels), global_batch in zip(loader, shards.global_sizes):
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            loss.backward()  # data-parallel: gradients are averaged over the ranks here
+            with portable.first_step_check(cfg, progress.step):  # cpu_isa=portable only
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss.backward()  # data-parallel: gradients are averaged over the ranks here
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

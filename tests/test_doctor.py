@@ -35,3 +35,20 @@ def test_doctor_table_says_the_cheapest_setting(cli, tmp_path):
     assert "cheapest setting that reproduces here: " in done.stdout
     assert "strict, threads=1" in done.stdout
     assert "nondeterministic operations the model hits (warn mode): none" in done.stdout
+
+
+def test_doctor_measures_the_portable_mode_where_the_cpu_has_avx2(cli, tmp_path):
+    from harness import machine
+    from harness.determinism import cpu_supports
+
+    if not cpu_supports("portable", machine.this_machine()["isa_flags"]):
+        import pytest
+        pytest.skip("this CPU has no AVX2")
+    runs = tmp_path / "runs"
+    done = cli("doctor", "hashy", "--config-dir", CONF, "--steps", "4", "trainer.epochs=1",
+               "--runs-dir", str(runs), "--json", check_rc=0)
+    report = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
+    rows = {row["setting"]: row for row in report["settings"]}
+    portable = rows["strict, cpu_isa=portable"]
+    assert portable["identical"] is True and portable["steps_per_s"] > 0
+    assert portable["determinism"]["cpu_isa"] == "portable"

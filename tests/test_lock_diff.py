@@ -21,7 +21,10 @@ CONF = str(TESTS / "conf")
     ("hardware.gpus", gate.BLOCKING),
     ("hardware.driver", gate.BLOCKING),
     ("hardware.cpu.isa_flags", gate.BLOCKING),
-    ("hardware.cpu.model", gate.INFO),
+    ("hardware.cpu.model", gate.UNPROVEN),
+    ("hardware.cpu.vendor", gate.UNPROVEN),
+    ("hardware.cpu.model_number", gate.UNPROVEN),
+    ("hardware.cpu.logical_cores", gate.INFO),
     ("hardware.hostname", gate.INFO),
     ("software.torch", gate.BLOCKING),
     ("software.torch_git_version", gate.BLOCKING),
@@ -75,10 +78,11 @@ def test_render_grouped():
     sections = text.split("\n\n")
     assert sections[0].startswith("== blocking for bitwise replay (1)")
     assert "software.torch" in sections[0] and "2.1" in sections[0] and "2.2" in sections[0]
-    assert sections[1].startswith("== informational (2)")
-    assert "hardware.hostname" in sections[1] and "(absent)" in sections[1]
-    assert sections[2] == "== results: none"
-    assert sections[3].startswith("== config (1)") and "config.optim.lr" in sections[3]
+    assert sections[1] == "== unproven (no recording says whether these change the bits): none"
+    assert sections[2].startswith("== informational (2)")
+    assert "hardware.hostname" in sections[2] and "(absent)" in sections[2]
+    assert sections[3] == "== results: none"
+    assert sections[4].startswith("== config (1)") and "config.optim.lr" in sections[4]
 
 
 ISA_A = ["avx", "avx2", "avx512bw", "avx512dq", "avx512vl", "f16c", "fma", "sse4_1", "sse4_2",

@@ -1,0 +1,59 @@
+"""`harness machine class / ops / record`: this machine's class, its per-op table, and a
+corpus entry made by the project's own CLI (a corpus of its own in a temporary folder)."""
+
+import json
+
+from conftest import run_dir_of  # noqa: F401  (conftest puts tests/fixtures on the path)
+from harness import corpus, cpu_ops, machine
+
+
+def test_machine_class_names_this_cpu(cli):
+    shown = json.loads(cli("machine", "class", "--json", check_rc=0).stdout)
+    assert shown["class"] == machine.this_machine()
+    assert shown["class_id"] == machine.class_id(machine.this_machine())
+
+
+def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_pins(
+        cli, tmp_path):
+    from harness.determinism import CPU_ISA
+
+    setting = cpu_ops.SETTINGS[cpu_ops.PORTABLE]
+    assert {k: v for k, v in setting.items() if not k.startswith("_")} == \
+        CPU_ISA["portable"]["env"] and setting["_MKLDNN"] == "0"
+    out = tmp_path / "ops.json"
+    first = json.loads(cli("machine", "ops", "--setting", cpu_ops.PORTABLE, "--out", str(out),
+                           check_rc=0).stdout)
+    ops = first["settings"][cpu_ops.PORTABLE]
+    assert ops["_capability"] == "AVX2" and len([k for k in ops if not k.startswith("_")]) == 13
+    compared = cli("machine", "ops", "--setting", cpu_ops.PORTABLE, "--compare", str(out),
+                   check_rc=0).stdout
+    assert f"{cpu_ops.PORTABLE}" in compared and "same" in compared
+    # One op changed in the other table is named.
+    other = json.loads(out.read_text())
+    other["settings"][cpu_ops.PORTABLE]["gemm"] = "0" * 16
+    out.write_text(json.dumps(other))
+    compared = cli("machine", "ops", "--setting", cpu_ops.PORTABLE, "--compare", str(out),
+                   check_rc=0).stdout
+    assert "differ: gemm" in compared
+    bad = cli("machine", "ops", "--setting", "avx9")
+    assert bad.returncode == 2 and "--setting list" in bad.stderr
+
+
+def test_record_adds_this_class_once_and_keeps_what_is_recorded(cli, tmp_path, fashion):
+    root = tmp_path / "corpus"
+    folder = root / machine.class_id(machine.this_machine())
+    folder.mkdir(parents=True)
+    (folder / corpus.OPS_FILE).write_text("{}\n")  # measured by the test above
+    done = cli("machine", "record", "--corpus", str(root), "--mode", "avx2", check_rc=0)
+    assert f"recorded: {folder}" in done.stdout
+    [entry] = corpus.entries(root)
+    assert entry.modes() == ["avx2"] and machine.same_class(entry.facts, machine.this_machine())
+    [run] = entry.runs("avx2")
+    assert not (run / "checkpoints").exists()
+    assert sorted((run / "overrides.txt").read_text().split()) == sorted(
+        [*corpus.GOLDEN_OVERRIDES, "determinism.cpu_isa=avx2"])
+    before = corpus.result_of(run)
+    again = cli("machine", "record", "--corpus", str(root), "--mode", "avx2", check_rc=0)
+    assert "already recorded, kept" in again.stdout
+    assert corpus.entries(root)[0].runs("avx2") == [run] and corpus.result_of(run) == before
+    assert [p.name for p in root.iterdir()] == [folder.name]  # no scratch left behind

@@ -1,0 +1,59 @@
+"""determinism.cpu_isa=portable: its pins are in effect, and a model whose ops it cannot pin
+stops before the first update, naming the op. (Its bits across machine classes:
+tests/test_golden_loss.py.)"""
+
+import json
+
+import pytest
+
+from conftest import TESTS, read_lock, run_dir_of
+from harness import machine, portable
+from harness.determinism import cpu_supports
+
+CONF = str(TESTS / "conf")
+pytestmark = pytest.mark.skipif(not cpu_supports("portable", machine.this_machine()["isa_flags"]),
+                                reason="this CPU has no AVX2 and FMA")
+
+
+def test_a_portable_run_records_its_pins_and_repeats(cli, tmp_path):
+    runs = [run_dir_of(cli("train", "hashy", "determinism.cpu_isa=portable", "--config-dir",
+                           CONF, "--runs-dir", str(tmp_path / "runs"), check_rc=0))
+            for _ in range(2)]
+    lock = read_lock(runs[0])
+    in_effect = lock["determinism"]["in_effect"]
+    assert in_effect["mkldnn_enabled"] is False
+    assert in_effect["env"]["MKL_CBWR"] == "COMPATIBLE,STRICT"
+    assert in_effect["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert lock["software"]["torch_cpu_capability"] == "AVX2"
+    assert lock["hardware"]["cpu"]["vendor"] == machine.this_machine()["vendor"]
+    assert read_lock(runs[1])["results"]["weights_sha256"] == lock["results"]["weights_sha256"]
+    native = run_dir_of(cli("train", "hashy", "--config-dir", CONF, "--runs-dir",
+                            str(tmp_path / "runs"), check_rc=0))
+    assert "mkldnn_enabled" not in read_lock(native)["determinism"]["in_effect"]
+
+
+def test_an_op_portable_mode_cannot_pin_stops_the_run_before_training(cli, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("train", "hashy", "model._target_=harness_testkit.SpectralMLP",
+               "determinism.cpu_isa=portable", "--config-dir", CONF, "--runs-dir", str(runs))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "aten::_fft_r2c runs in MKL's FFT" in done.stderr
+    assert "determinism.cpu_isa=native or avx2" in done.stderr
+    [run] = [p for p in runs.iterdir() if p.is_dir()]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and not (run / "model.pt").exists()
+    assert not (run / "metrics.jsonl").exists() or not [
+        line for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("kind") == "train"], "a step was logged"
+    # The same model trains where the op is allowed: the check, not the model, stopped it.
+    cli("train", "hashy", "model._target_=harness_testkit.SpectralMLP",
+        "determinism.cpu_isa=avx2", "--config-dir", CONF, "--runs-dir", str(runs), check_rc=0)
+
+
+@pytest.mark.parametrize("name, library", [
+    ("aten::_fft_r2c", "MKL's FFT"), ("aten::linalg_svd", "LAPACK"),
+    ("aten::_linalg_eigh.default", "LAPACK"), ("aten::mkldnn_convolution", "oneDNN"),
+    ("quantized::linear", "FBGEMM"), ("aten::mm", ""), ("aten::convolution_backward", ""),
+    ("aten::addmm.default", ""), ("aten::native_batch_norm", "")])
+def test_which_ops_portable_mode_refuses(name, library):
+    assert portable.blocked(name) == library
