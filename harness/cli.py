@@ -426,6 +426,10 @@ def add_replay(sub) -> None:
                               "or ./runs; a RUN path puts the replay beside it)")
     replay.add_argument("--allow-mismatch", action="store_true",
                         help="replay despite blocking differences (they are recorded)")
+    replay.add_argument("--negative-control", action="store_true",
+                        help="after an IDENTICAL verdict, replay once more with one weight bit "
+                             "flipped after its first step: it must come out DIVERGED, or the verdict "
+                             "is UNVERIFIED (exit 8). Built-in training loop only")
     replay.add_argument("--tracking-uri",
                         help="where to find an MLflow RUN (default: $MLFLOW_TRACKING_URI, "
                              "else the default store in the runs directory); its lockfile, "
@@ -438,7 +442,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from harness import replay
 
     return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch,
-                         tracking_uri=args.tracking_uri)
+                         tracking_uri=args.tracking_uri,
+                         negative_control=args.negative_control)
 
 
 def add_verify(sub) -> None:

@@ -14,6 +14,7 @@ from harness import metrics, rundir
 
 IDENTICAL = "IDENTICAL"
 DIVERGED = "DIVERGED"
+UNVERIFIED = "UNVERIFIED"  # nothing real was compared: no verdict either way
 
 
 def _first_differences(train_a, train_b) -> Dict[str, Any]:
@@ -94,7 +95,9 @@ def compare_outputs(a_dir: Path, b_dir: Path, lock_a: Dict[str, Any],
 
     found = outputs.compare(Path(a_dir), Path(b_dir), lock_a["results"]["outputs"],
                             lock_b["results"]["outputs"])
-    return {"verdict": DIVERGED if found["differing"] else IDENTICAL, "kind": "outputs",
+    verdict = DIVERGED if found["differing"] else \
+        IDENTICAL if found["outputs_compared"] else UNVERIFIED  # no file: nothing compared
+    return {"verdict": verdict, "kind": "outputs",
             "a": Path(a_dir).name, "b": Path(b_dir).name, **found}
 
 

@@ -14,6 +14,7 @@ EXIT_CODES = (
     (5, "damaged lockfile"),
     (6, "replay or resume refused"),
     (7, "diverged"),
+    (8, "unverified (the comparison could not tell a perturbed run apart: it proves nothing)"),
     (75, "preempted (a checkpoint was written; continue with `harness train --resume RUN`)"),
 )
 
@@ -85,6 +86,12 @@ class RunBusy(HarnessError):
 
 class Diverged(HarnessError):
     exit_code = 7
+
+
+class Unverified(HarnessError):
+    """A comparison that its negative control shows cannot fail."""
+
+    exit_code = 8
 
 
 class Preempted(HarnessError):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness import (audit, backends, config, data, distributed, gate, gpu, lockfile,
-                     progress, rundir, tracking)
+                     perturb, progress, rundir, tracking)
 from harness.determinism import pinned_environment
 from harness.errors import (REQUEUE_EXIT, CheckpointRefused, ConfigError, DataError,
                             EnvironmentProblem, HarnessError, Preempted, RunBusy, RunFailed)
@@ -165,6 +165,7 @@ def _run(run_dir: Path, cfg: Dict[str, Any], conf: config.RunConfig, backend,
     env = {**pinned_environment(cfg["determinism"]), **distributed.pinned_environment(cfg)}
     if os.environ.get(audit.ENV_SWITCH):  # `harness verify`'s module audit, on any backend
         env[audit.ENV_SWITCH] = os.environ[audit.ENV_SWITCH]
+    env.update(perturb.environment())  # `harness replay --negative-control`, on any backend
     interval = progress.live_interval()
     if interval:  # a terminal: ask the training for frequent lines to draw a live bar
         env[progress.INTERVAL_ENV] = interval

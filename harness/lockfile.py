@@ -245,6 +245,7 @@ FIELDS: Dict[str, Tuple[str, bool]] = {
     "script": (HOST, False),  # a `harness run` command (the process adds what it saw)
     "replay_of": (HOST, False),  # a replay: the run it replays
     "replay_mismatches": (HOST, False),  # a replay: the gate's differences
+    "negative_control_of": (HOST, False),  # replay --negative-control: {run_id, perturbation}
     "verify": (HOST, False),  # a `harness verify` run: which of the two
     "determinism": (PROCESS, True),
     "software": (PROCESS, True),

@@ -244,6 +244,9 @@ def _flatten(data: Any, prefix: str, flat: Dict[str, Any], torch) -> None:
 
 
 def render(report: Dict[str, Any]) -> str:
+    if not report["outputs_compared"]:
+        return ("UNVERIFIED: no declared output file was written by either run, so nothing "
+                "was compared (an IDENTICAL verdict here would be about nothing).")
     if not report["differing"]:
         return (f"IDENTICAL: all {report['outputs_compared']} declared output file(s) match "
                 f"byte for byte.")

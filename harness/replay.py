@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness import (__version__, capture, compare, config, gate, image, lockfile, outputs,
-                     rundir, tracking)
-from harness.errors import ConfigError, Diverged, EnvironmentProblem, ReplayRefused
+                     perturb, rundir, tracking)
+from harness.errors import (ConfigError, Diverged, EnvironmentProblem, ReplayRefused,
+                            Unverified)
 
 
 def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, Any],
@@ -125,11 +126,15 @@ def likely_cause(diffs: List[gate.Difference]) -> str:
 
 
 def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
-           tracking_uri: Optional[str] = None) -> int:
+           tracking_uri: Optional[str] = None, negative_control: bool = False) -> int:
     from harness import launch
 
     started = time.perf_counter()
     orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir)
+    if negative_control and config.is_script(cfg):
+        raise ConfigError(f"--negative-control perturbs the built-in training loop; "
+                          f"{orig_dir.name} ran a command of its own. Replay it without "
+                          f"--negative-control.")
     diffs = checked_environment(orig_dir.name, lock, cfg, allow_mismatch)
     blocking = [d for d in diffs if d.blocking]
     if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
@@ -152,18 +157,35 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     else:
         report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
     compare_s = time.perf_counter() - compare_started
+    print(compare.render(report), flush=True)
+    if negative_control and report["verdict"] == compare.IDENTICAL:
+        report["negative_control"] = control(cfg, lock, orig_dir, runs_dir or orig_dir.parent)
     record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),
               "blocking_differences": [d.to_json() for d in blocking],
               "timing": {"gate_s": round(gate_s, 3), "train_s": round(train_s, 3),
                          "compare_s": round(compare_s, 3)}}
     rundir.write_json(new_dir / rundir.REPLAY, record)
-    print(compare.render(report), flush=True)
+    if "negative_control" in report:  # the replay's directory is the last one named
+        print(f"run dir: {new_dir}", flush=True)
     unproven_class = gate.find(diffs, gate.CLASS_KEY)
     if unproven_class and unproven_class.group == gate.UNPROVEN and \
             report["verdict"] == compare.IDENTICAL:
         print(f"harness: machine classes {unproven_class.a} and {unproven_class.b} gave the "
               f"same bits for this run; `make record-machine` on both records it as "
               f"evidence for every run of this CPU mode.", flush=True)
+    checked = report.get("negative_control")
+    if checked and checked["verdict"] == compare.IDENTICAL:
+        raise Unverified(
+            f"replay {new_dir.name} of {orig_dir.name} is UNVERIFIED: the negative control "
+            f"({perturb.DESCRIPTION}; run {checked['run']}) compared IDENTICAL too, so this "
+            f"comparison cannot tell a changed run apart. Log and fingerprint more often "
+            f"(trainer.log_every, trainer.fingerprint_every) or train longer.")
+    if report["verdict"] == compare.UNVERIFIED:
+        raise Unverified(
+            f"replay {new_dir.name} of {orig_dir.name} is UNVERIFIED: the command declared "
+            f"no output file that a run wrote, so there was nothing to compare. Run it again "
+            f"with --output naming what it writes (a file, a directory or a glob, e.g. "
+            f"--output 'out/*'), then replay that run.")
     if report["verdict"] != compare.IDENTICAL and config.is_script(cfg):
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED: "
@@ -178,3 +200,30 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
             f"{likely_cause(diffs) or ''} Run `harness verify {cfg['name']}` here to see "
             f"whether the config is deterministic and which module differs first.")
     return 0
+
+
+def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
+            runs_dir: Path) -> Dict[str, Any]:
+    """The negative control: the same config once more, one weight bit flipped after step 1
+    (harness/perturb.py), compared with the original. It must come out DIVERGED."""
+    import os
+
+    from harness import launch
+
+    print(f"harness: negative control: replaying with {perturb.DESCRIPTION} ...", flush=True)
+    os.environ[perturb.ENV] = perturb.WEIGHT_BIT
+    try:
+        control_dir = launch.start(cfg, lock.get("overrides", []), runs_dir,
+                                   {"negative_control_of": {
+                                       "run_id": lock["run_id"],
+                                       "perturbation": perturb.DESCRIPTION}})
+    finally:
+        os.environ.pop(perturb.ENV, None)
+    report = compare.compare_runs(orig_dir, control_dir, lock,
+                                  lockfile.read(control_dir / rundir.LOCK))
+    print(f"harness: negative control {control_dir.name}: {report['verdict']}"
+          + (f" at step {report['first_diverging_step']}: the comparison can fail"
+             if report["verdict"] != compare.IDENTICAL else ""), flush=True)
+    return {"run": control_dir.name, "perturbation": perturb.DESCRIPTION,
+            "verdict": report["verdict"],
+            "first_diverging_step": report["first_diverging_step"]}

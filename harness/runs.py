@@ -34,7 +34,8 @@ def summary(run_dir: Path) -> Dict[str, Any]:
     row.update(config=cfg_name, steps=results.get("steps", metrics.train_steps(run_dir)),
                final_loss=results.get("final_loss"), accuracy=results.get("test_accuracy"),
                weights=(results.get("weights_sha256") or "")[:12] or None,
-               replay_of=(lock.get("replay_of") or {}).get("run_id"))
+               replay_of=(lock.get("replay_of") or {}).get("run_id"),
+               negative_control_of=(lock.get("negative_control_of") or {}).get("run_id"))
     row["backend"] = row["backend"] or (lock.get("backend") or {}).get("name")
     row["ranks"] = (lock.get("distributed") or {}).get("world_size", 1)
     script = lock.get("script") or _read_optional(run_dir / rundir.LAUNCH).get(
@@ -73,6 +74,8 @@ def _replay_cell(row: Dict[str, Any]) -> str:
     parts = []
     if row["replay_of"]:
         parts.append(f"replay of {row['replay_of']}: {row['replay_verdict'] or '?'}")
+    if row["negative_control_of"]:
+        parts.append(f"negative control of {row['negative_control_of']} (one bit flipped)")
     if row["replayed"]:
         counts = {v: row["replayed"].count(v) for v in sorted(set(row["replayed"]))}
         parts.append("replayed: " + ", ".join(f"{v} x{n}" for v, n in counts.items()))

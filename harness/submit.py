@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from harness import (backends, config, data, distributed, launch, rundir, sweep,
+from harness import (backends, config, data, distributed, launch, perturb, rundir, sweep,
                      tracking)
 from harness.backends import slurm as slurm_backend
 from harness.backends.base import LaunchSpec
@@ -110,7 +110,8 @@ def prepare_all(cfgs: List[Dict[str, Any]], combos: List[List[str]], batch,
     confs = [config.typed(cfg) for cfg in cfgs]
     image_facts = batch.lock_facts(confs[0])  # one image for the whole array
     env = {**pinned_environment(cfgs[0]["determinism"]),
-           **distributed.pinned_environment(cfgs[0])}
+           **distributed.pinned_environment(cfgs[0]),
+           **perturb.environment()}  # a negative control, where asked (harness/perturb.py)
     specs = []
     for cfg, conf, combo, (data_root, data_files), script in zip(cfgs, confs, combos, prepared,
                                                                 scripts):

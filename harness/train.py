@@ -23,8 +23,8 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import (audit, checkpoint, distributed, metrics, nondeterminism, portable,
-                     rundir, seeding)
+from harness import (audit, checkpoint, distributed, metrics, nondeterminism, perturb,
+                     portable, rundir, seeding)
 from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
@@ -268,6 +268,7 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
             if scheduler is not None:
                 scheduler.step()
             progress.step += 1
+            perturb.after_step(bare_model)  # replay --negative-control only
             progress.position = position = position + global_batch
             with book.stopwatch:  # the harness's own work per step: timing.harness_s
                 # The loss over all ranks, and whether any rank was asked to stop: every

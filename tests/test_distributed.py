@@ -78,6 +78,11 @@ def test_two_ranks_repeat_bit_for_bit_and_replay_is_identical(setup):
         lookup(lock, field)  # fails naming the documented field the lockfile lacks
     again = run_dir_of(harness(setup, *TRAIN, check_rc=0))
     assert_same_as_reference(setup, again)
+    # Negative control: both ranks flip one weight bit after step 1; the comparison sees it.
+    perturbed = {**setup, "env": {**setup["env"], "HARNESS_PERTURB": "weight-bit"}}
+    flipped = run_dir_of(harness(perturbed, *TRAIN, check_rc=0))
+    with pytest.raises(AssertionError):
+        assert_same_as_reference(setup, flipped)
     listed = subprocess.run([sys.executable, "-m", "harness", "runs", "--runs-dir",
                              str(setup["runs"])], env=setup["env"], capture_output=True,
                             text=True, check=True).stdout

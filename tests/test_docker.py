@@ -104,6 +104,10 @@ def test_local_and_docker_train_bit_identical(cli, tiny_conf, engine, built):
         b["determinism"]["in_effect"]["torch_num_threads"]
     assert loss_bits(local) == loss_bits(boxed)
     assert a["results"]["weights_sha256"] == b["results"]["weights_sha256"]
+    # Negative control: one weight bit flipped in the container after step 1 is told apart.
+    flipped = read_lock(run_dir_of(docker_train(cli, tiny_conf,
+                                                env={"HARNESS_PERTURB": "weight-bit"})))
+    assert flipped["results"]["weights_sha256"] != a["results"]["weights_sha256"]
     # The host's name, not the container's id (which is recorded apart).
     assert b["hardware"]["hostname"] == a["hardware"]["hostname"]
     assert b["hardware"]["container_hostname"] != b["hardware"]["hostname"]
@@ -279,6 +283,20 @@ def test_auto_backend_picks_docker_when_an_engine_answers(cli, tiny_conf, engine
     done = cli("train", "tiny", "--config-dir", str(tiny_conf), "backend=auto", check_rc=0)
     assert "backend=auto chose docker" in done.stderr
     assert read_lock(run_dir_of(done))["backend"]["name"] == "docker"
+
+
+@pytest.mark.docker
+def test_auto_backend_talks_to_the_engine_without_the_pings_short_timeout(engine, tiny_conf,
+                                                                          built):
+    """backend=auto asks with a 5-second timeout whether an engine answers; the image's
+    export and load, which take longer on a busy machine, must not inherit it (they failed
+    with 'Read timed out. (read timeout=5)' under a load of 5 on 2 cores)."""
+    from harness import backends, config, engine as docker_engine
+
+    conf = config.typed(config.compose("tiny", ["backend=auto"], tiny_conf))
+    chosen = backends.get("auto", conf)
+    assert chosen.name == "docker"
+    assert chosen.engine.api.timeout == docker_engine.client().api.timeout >= 60
 
 
 def test_engine_down_fails_with_how_to_start_one(cli, tiny_conf, tmp_path):

@@ -18,11 +18,14 @@ import pytest
 
 from conftest import read_lock, run_dir_of
 from harness import corpus, machine
+from harness.determinism import cpu_supports
 
 HERE = machine.this_machine()
 MODE = "avx2"
 FOREIGN = [e for e in corpus.entries()
            if not machine.same_class(e.facts, HERE) and e.runs(MODE)]
+pytestmark = pytest.mark.skipif(not cpu_supports(MODE, HERE["isa_flags"]),
+                                reason=f"this CPU cannot run cpu_isa={MODE}")
 
 
 @pytest.fixture(scope="module")

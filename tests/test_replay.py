@@ -65,8 +65,10 @@ def edit_lock(run_dir, change, reseal=True):
 def test_replay_of_fashion_run_is_identical(harness, fashion):
     original = run_dir_of(harness("train", "fashion_mnist", *FAST, "--runs-dir", "runs",
                                   check_rc=0))
-    # by unique prefix of the run id (with the runs dir), as a user types it
-    done = harness("replay", original.name[:26], "--runs-dir", "runs", check_rc=0)
+    # by unique prefix of the run id (with the runs dir), as a user types it; the negative
+    # control replays once more with one weight bit flipped, which must be DIVERGED
+    done = harness("replay", original.name[:26], "--runs-dir", "runs", "--negative-control",
+                   check_rc=0)
     replay = new_run_dir(done)
     assert replay != original
     assert "IDENTICAL: 24 steps of loss bits, 3 parameter fingerprints" in done.stdout
@@ -78,6 +80,24 @@ def test_replay_of_fashion_run_is_identical(harness, fashion):
     record = json.loads((replay / "replay.json").read_text())
     assert record["verdict"] == "IDENTICAL" and record["first_diverging_step"] is None
     assert not [d for d in new["replay_mismatches"] if d["group"] == "blocking"]
+    control = record["negative_control"]
+    assert control["verdict"] == "DIVERGED" and 2 <= control["first_diverging_step"] <= 8, control
+    assert "the comparison can fail" in done.stdout
+    flipped = read_lock(original.parent / control["run"])
+    assert flipped["negative_control_of"]["run_id"] == lock["run_id"]
+    assert flipped["results"]["weights_sha256"] != lock["results"]["weights_sha256"]
+
+
+def test_a_comparison_its_negative_control_cannot_fail_is_unverified(harness):
+    """The model's first parameter is reset at every forward: a bit flipped in it after step
+    1 leaves no trace, so the comparison cannot tell the control apart: UNVERIFIED."""
+    original = run_dir_of(harness("train", "hashy", "model._target_=harness_testkit.ResettingMLP",
+                                  "--config-dir", CONF, "--runs-dir", "runs", check_rc=0))
+    done = harness("replay", str(original), "--negative-control")
+    assert done.returncode == 8, done.stdout + done.stderr
+    assert "IDENTICAL" in done.stdout and "UNVERIFIED" in done.stderr
+    record = json.loads((new_run_dir(done) / "replay.json").read_text())
+    assert record["negative_control"]["verdict"] == "IDENTICAL"
 
 
 def test_replay_of_run_with_drawn_seed_reproduces_it(harness):

@@ -65,6 +65,12 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(setup):
     assert_same_as_reference(setup, run_dir)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "succeeded" and status["resumes"] == 1
+    # Negative control: the same, with one weight bit flipped after the first resumed step.
+    flipped, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=13)
+    perturbed = {**setup, "env": {**setup["env"], "HARNESS_PERTURB": "weight-bit"}}
+    harness(perturbed, "train", "--resume", flipped.name, check_rc=0)
+    with pytest.raises(AssertionError):
+        assert_same_as_reference(setup, flipped)
 
 
 def test_sigterm_checkpoints_at_step_boundary_exits_requeue_code_and_resumes(setup):

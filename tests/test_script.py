@@ -56,6 +56,19 @@ def test_unmodified_script_repeats_and_replays_identical(project):
     assert f"replay of {first.name}: IDENTICAL" in listed
 
 
+def test_a_command_with_no_output_replays_unverified_not_identical(project):
+    """Nothing compared is no proof: a command that declares no output replays UNVERIFIED,
+    exit 8. (A declared output the command did not write fails the run itself.)"""
+    directory, harness = project
+    silent = run_dir_of(harness("run", "backend=local", "--", "python", "-c", "print(2 + 2)",
+                                check_rc=0))
+    done = harness("replay", silent.name)
+    assert done.returncode == 8, done.stdout + done.stderr
+    assert "UNVERIFIED: " in done.stdout and "IDENTICAL: " not in done.stdout
+    assert "--output" in done.stderr
+    assert "replay of " + silent.name + ": UNVERIFIED" in harness("runs", check_rc=0).stdout
+
+
 def test_without_the_injection_the_same_script_does_not_repeat(project):
     """The control: what the harness adds is what makes the script repeat."""
     _, harness = project

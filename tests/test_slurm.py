@@ -160,6 +160,12 @@ def test_slurm_job_matches_local_run(cluster):
     script = (run_dir / "job.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@" in script and "#SBATCH --requeue" in script
     assert f"--output={run_dir}/slurm.out" in script
+    # Negative control: the same job with one weight bit flipped after step 1 is told apart.
+    perturbed = {**cluster, "env": {**cluster["env"], "HARNESS_PERTURB": "weight-bit"}}
+    flipped = run_dir_of(harness(perturbed, "submit", "tiny", *OVERRIDES, "--wait",
+                                 check_rc=0))
+    with pytest.raises(AssertionError):
+        same_results(flipped, cluster["reference"])
 
 
 def wait_for_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:

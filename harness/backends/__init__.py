@@ -41,7 +41,7 @@ def _auto(conf=None) -> Backend:
               file=sys.stderr, flush=True)
         return get("local")
     try:
-        engine = docker_engine.client(timeout=5)
+        docker_engine.client(timeout=5)  # a quick question: does an engine answer?
     except EnvironmentProblem as exc:
         print(f"harness: backend=auto chose local: {exc}", file=sys.stderr, flush=True)
         return get("local")
@@ -49,7 +49,9 @@ def _auto(conf=None) -> Backend:
 
     print("harness: backend=auto chose docker (a Docker engine answers)", file=sys.stderr,
           flush=True)
-    return DockerBackend(engine)
+    # Not the pinging client: its 5-second read timeout would also cut the image's export
+    # and load, which take longer on a busy machine (and far longer for the CUDA image).
+    return DockerBackend()
 
 
 __all__ = ["Backend", "Handle", "LaunchSpec", "classes", "get", "NAMES"]
