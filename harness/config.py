@@ -36,8 +36,8 @@ class DeterminismConf:
     pythonhashseed: Optional[int] = 0  # None: not pinned (PYTHONHASHSEED=random)
     cublas_workspace_config: str = ":4096:8"
     # CPU kernels: native (what torch picks for this CPU), a pin (default, avx2, avx512)
-    # that makes results independent of a newer ISA the machine may have, or portable: the
-    # same bits on any x86-64 CPU with AVX2, Intel or AMD (harness/determinism.py).
+    # that makes results independent of a newer ISA the machine may have, or portable:
+    # built for the same bits on any x86-64 CPU with AVX2, Intel or AMD (determinism.py).
     cpu_isa: str = "native"
 
 

@@ -72,9 +72,10 @@ def entries(root: Optional[Path] = None) -> List[Entry]:
     return found
 
 
-def entry_for(facts: Dict[str, Any], root: Optional[Path] = None) -> Optional[Entry]:
-    """The recorded entry of the class with these facts, if any."""
-    return next((e for e in entries(root) if machine.same_class(e.facts, facts)), None)
+def entry_for(facts: Dict[str, Any], root: Optional[Path] = None,
+              exact: bool = False) -> Optional[Entry]:
+    """The recorded entry of the class with these facts, if any (machine.same_class)."""
+    return next((e for e in entries(root) if machine.same_class(e.facts, facts, exact)), None)
 
 
 def result_of(run_dir: Path) -> Dict[str, Any]:
@@ -115,4 +116,8 @@ def agreement(a: Dict[str, Any], b: Dict[str, Any], mode: str,
     runs = [entry.runs(mode) if entry else [] for entry in found]
     if not all(runs):
         return None
-    return first_difference(result_of(runs[0][0]), result_of(runs[1][0])) is None
+    try:
+        results = [result_of(mode_runs[0]) for mode_runs in runs]
+    except (OSError, ValueError, KeyError):  # a damaged recording is no evidence
+        return None
+    return first_difference(*results) is None

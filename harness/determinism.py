@@ -30,14 +30,15 @@ CPU_ISA: Dict[str, Dict[str, Any]] = {
     "avx512": {"env": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
                        "MKL_CBWR": "AVX512"},
                "capability": "AVX512", "needs": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]},
-    # portable: the same bits on any x86-64 CPU with AVX2 and FMA, Intel or AMD. The avx2
-    # pin is not that: MKL honours MKL_CBWR=AVX2 on Intel CPUs only (elsewhere it runs its
-    # AUTO branch), and oneDNN sizes its blocking by the caches it finds. So, op by op
-    # (measured with `harness machine ops`, docs/replay.md):
+    # portable: built for the same bits on any x86-64 CPU with AVX2 and FMA, Intel or AMD
+    # (measured so far across AMD Zen 3 and Zen 4 only; docs/replay.md). The avx2 pin is
+    # not that: MKL honours MKL_CBWR=AVX2 on Intel CPUs only (elsewhere it runs its AUTO
+    # branch), and oneDNN sizes its blocking by the caches it finds. So, op by op:
     # - ATen's own kernels at the AVX2 capability: the same code and the same IEEE
     #   operations (FMA included) on either vendor;
     # - MKL on its COMPATIBLE branch, which MKL documents as the one code path it runs on
-    #   Intel and non-Intel CPUs alike, STRICT so that gemm does not depend on threads;
+    #   Intel and non-Intel CPUs alike (STRICT asks for thread-count independence where MKL
+    #   offers it; the thread count is pinned in any case);
     # - oneDNN off (torch.backends.mkldnn.enabled=False, set in `apply`): convolutions run
     #   ATen's im2col + MKL gemm instead of kernels blocked per CPU.
     "portable": {"env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",

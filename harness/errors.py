@@ -14,7 +14,8 @@ EXIT_CODES = (
     (5, "damaged lockfile"),
     (6, "replay or resume refused"),
     (7, "diverged"),
-    (8, "unverified (the comparison could not tell a perturbed run apart: it proves nothing)"),
+    (8, "unverified (nothing was compared, or the comparison could not tell a perturbed run "
+        "apart)"),
     (75, "preempted (a checkpoint was written; continue with `harness train --resume RUN`)"),
 )
 

@@ -76,6 +76,7 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
     ("environment.NCCL_*", BLOCKING, "changes collective algorithms"),
     ("environment.TORCH_CUDNN_V8_API_DISABLED", BLOCKING, "changes cuDNN algorithm choice"),
     ("environment.LD_PRELOAD", BLOCKING, "a preloaded library can replace math routines"),
+    ("environment.HARNESS_PERTURB", BLOCKING, "a negative control: a bit flipped on purpose"),
     ("environment.*", INFO, "scheduling and device visibility"),
     ("container_runtime.*", INFO, "engine version; the image pins the userland"),
     ("harness.*", INFO, "harness code changed; the comparison will show any effect"),
@@ -231,6 +232,10 @@ def machine_class_difference(lock: Dict[str, Any], locked: Dict[str, Any],
         return []
     mode = (((lock.get("config") or {}).get("determinism") or {}).get("cpu_isa")) or "native"
     names = [machine.class_id(c) for c in classes]
+    device = str(((lock.get("config") or {}).get("trainer") or {}).get("device") or "cpu")
+    if device.startswith("cuda"):  # the CPU recordings speak for CPU math only
+        return [Difference(CLASS_KEY, names[0], names[1], INFO,
+                           "a GPU run: the GPU fields decide (its CPU only feeds it)")]
     agree = corpus.agreement(classes[0], classes[1], mode)
     if agree is True:
         group, why = INFO, f"recorded: the same bits on both classes in cpu_isa={mode}"

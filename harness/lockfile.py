@@ -30,6 +30,7 @@ ENV_ALLOWLIST = (
     "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING",
     "NCCL_ALGO", "NCCL_PROTO", "TORCH_CUDNN_V8_API_DISABLED", "LD_PRELOAD",
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+    "HARNESS_PERTURB",  # a negative control (harness/perturb.py): a bit flipped on purpose
 )
 
 # ---------------------------------------------------------------- capture

@@ -76,12 +76,17 @@ def cpu_class(cpu: Dict[str, Any]) -> Dict[str, Any]:
     return facts
 
 
-def same_class(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    """Whether two class facts (cpu_class) are one class: every field equal, where family
-    and model number count only when both sides know them (an older lock's recording)."""
+# Fields an older lock may not know (None): they count only where both sides know them.
+MAYBE_UNKNOWN = ("vendor", "family", "model_number")
+
+
+def same_class(a: Dict[str, Any], b: Dict[str, Any], exact: bool = False) -> bool:
+    """Whether two class facts (cpu_class) are one class: every field equal, where vendor,
+    family and model number count only when both sides know them (an older lock's
+    recording), unless `exact` (recording a class: an unknown is not a match)."""
     for field in CLASS_FIELDS:
         known = a.get(field) is not None and b.get(field) is not None
-        if field in ("family", "model_number") and not known:
+        if field in MAYBE_UNKNOWN and not known and not exact:
             continue
         if a.get(field) != b.get(field):
             return False
@@ -113,7 +118,7 @@ def differing_fields(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     """{field: (a, b)} for the class fields that make two classes differ."""
     out = {}
     for field in CLASS_FIELDS:
-        if field in ("family", "model_number") and (a.get(field) is None or b.get(field) is None):
+        if field in MAYBE_UNKNOWN and (a.get(field) is None or b.get(field) is None):
             continue
         if a.get(field) != b.get(field):
             out[field] = (a.get(field), b.get(field))

@@ -33,7 +33,7 @@ def modes_here(facts: dict) -> List[str]:
 def entry_folder(root: Path, facts: dict) -> Path:
     """This class's folder: the recorded one, else a new one named by its class id (with a
     number added where another class already holds that name)."""
-    found = corpus.entry_for(facts, root)
+    found = corpus.entry_for(facts, root, exact=True)  # not an older, vaguer recording
     if found:
         return found.path
     name, number = machine.class_id(facts), 2

@@ -26,6 +26,11 @@ NOT_PORTABLE: Dict[str, str] = {
 }
 
 
+# linalg ops that are ATen reductions or elementwise math, not LAPACK (F.normalize and
+# torch.norm use the first).
+ATEN_LINALG = ("linalg_vector_norm", "linalg_cross")
+
+
 def blocked(op_name: str) -> str:
     """The library behind an op (`aten::_fft_r2c`, or a packet's name) that portable mode
     cannot pin, else ''."""
@@ -33,6 +38,8 @@ def blocked(op_name: str) -> str:
     if namespace == "quantized":
         return "FBGEMM"
     name = name.split(".")[0]
+    if name in ATEN_LINALG:
+        return ""
     return next((lib for prefix, lib in NOT_PORTABLE.items() if name.startswith(prefix)), "")
 
 

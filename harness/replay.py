@@ -111,18 +111,20 @@ def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
     return diffs
 
 
-def likely_cause(diffs: List[gate.Difference]) -> str:
-    """For a DIVERGED verdict: the machine class difference, where there was one."""
+def likely_cause(diffs: List[gate.Difference], cpu_isa: str) -> str:
+    """For a DIVERGED verdict: the machine class difference, where one may be the cause."""
     found = gate.find(diffs, gate.CLASS_KEY)
-    if found is None:
+    if found is None or found.group == gate.INFO:  # none, or recorded to give the same bits
         return ""
     evidence = {gate.BLOCKING: "recorded to give other bits",
-                gate.UNPROVEN: "never recorded together",
-                gate.INFO: "recorded to give the same bits"}[found.group]
+                gate.UNPROVEN: "never recorded together"}[found.group]
+    advice = f"Replay on a machine of class {found.a}"
+    if cpu_isa != "portable" and found.b.startswith(("amd", "intel")):
+        advice += (", or train with determinism.cpu_isa=portable (built for replays on any "
+                   "x86-64 CPU with AVX2)")
     return (f" The run was recorded on machine class {found.a} and replayed on {found.b} "
-            f"({evidence} in this CPU mode): the likely cause is the machine, not the code. "
-            f"Replay on a machine of class {found.a}, or train with "
-            f"determinism.cpu_isa=portable for runs that replay on any x86-64 CPU.")
+            f"({evidence} in cpu_isa={cpu_isa}): the likely cause is the machine, not the "
+            f"code. {advice}.")
 
 
 def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
@@ -158,13 +160,15 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
     compare_s = time.perf_counter() - compare_started
     print(compare.render(report), flush=True)
-    if negative_control and report["verdict"] == compare.IDENTICAL:
-        report["negative_control"] = control(cfg, lock, orig_dir, runs_dir or orig_dir.parent)
     record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),
               "blocking_differences": [d.to_json() for d in blocking],
               "timing": {"gate_s": round(gate_s, 3), "train_s": round(train_s, 3),
                          "compare_s": round(compare_s, 3)}}
-    rundir.write_json(new_dir / rundir.REPLAY, record)
+    rundir.write_json(new_dir / rundir.REPLAY, record)  # kept even if the control fails
+    if negative_control and report["verdict"] == compare.IDENTICAL:
+        report["negative_control"] = record["negative_control"] = \
+            control(cfg, lock, orig_dir, runs_dir or orig_dir.parent)
+        rundir.write_json(new_dir / rundir.REPLAY, record)
     if "negative_control" in report:  # the replay's directory is the last one named
         print(f"run dir: {new_dir}", flush=True)
     unproven_class = gate.find(diffs, gate.CLASS_KEY)
@@ -178,8 +182,10 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         raise Unverified(
             f"replay {new_dir.name} of {orig_dir.name} is UNVERIFIED: the negative control "
             f"({perturb.DESCRIPTION}; run {checked['run']}) compared IDENTICAL too, so this "
-            f"comparison cannot tell a changed run apart. Log and fingerprint more often "
-            f"(trainer.log_every, trainer.fingerprint_every) or train longer.")
+            f"comparison cannot tell a changed run apart: its losses, fingerprints and final "
+            f"weights did not see the flipped weight. Something resets or ignores the "
+            f"model's first parameter; until the comparison can see a change, its IDENTICAL "
+            f"proves nothing.")
     if report["verdict"] == compare.UNVERIFIED:
         raise Unverified(
             f"replay {new_dir.name} of {orig_dir.name} is UNVERIFIED: the command declared "
@@ -197,7 +203,8 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED at step "
             f"{report['first_diverging_step']} (report in {new_dir / rundir.REPLAY})."
-            f"{likely_cause(diffs) or ''} Run `harness verify {cfg['name']}` here to see "
+            f"{likely_cause(diffs, cfg['determinism']['cpu_isa'])} Run "
+            f"`harness verify {cfg['name']}` here to see "
             f"whether the config is deterministic and which module differs first.")
     return 0
 

@@ -3,8 +3,13 @@ corpus entry made by the project's own CLI (a corpus of its own in a temporary f
 
 import json
 
-from conftest import run_dir_of  # noqa: F401  (conftest puts tests/fixtures on the path)
+import pytest
+
 from harness import corpus, cpu_ops, machine
+from harness.determinism import cpu_supports
+
+AVX2 = pytest.mark.skipif(not cpu_supports("portable", machine.this_machine()["isa_flags"]),
+                          reason="this CPU has no AVX2 and FMA")
 
 
 def test_machine_class_names_this_cpu(cli):
@@ -13,6 +18,7 @@ def test_machine_class_names_this_cpu(cli):
     assert shown["class_id"] == machine.class_id(machine.this_machine())
 
 
+@AVX2
 def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_pins(
         cli, tmp_path):
     from harness.determinism import CPU_ISA
@@ -39,6 +45,7 @@ def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_p
     assert bad.returncode == 2 and "--setting list" in bad.stderr
 
 
+@AVX2
 def test_record_adds_this_class_once_and_keeps_what_is_recorded(cli, tmp_path, fashion):
     root = tmp_path / "corpus"
     folder = root / machine.class_id(machine.this_machine())

@@ -54,6 +54,7 @@ def test_an_op_portable_mode_cannot_pin_stops_the_run_before_training(cli, tmp_p
     ("aten::_fft_r2c", "MKL's FFT"), ("aten::linalg_svd", "LAPACK"),
     ("aten::_linalg_eigh.default", "LAPACK"), ("aten::mkldnn_convolution", "oneDNN"),
     ("quantized::linear", "FBGEMM"), ("aten::mm", ""), ("aten::convolution_backward", ""),
-    ("aten::addmm.default", ""), ("aten::native_batch_norm", "")])
+    ("aten::addmm.default", ""), ("aten::native_batch_norm", ""),
+    ("aten::linalg_vector_norm", "")])
 def test_which_ops_portable_mode_refuses(name, library):
     assert portable.blocked(name) == library
