@@ -66,8 +66,8 @@ def gate_seconds(original: Path, repeat: int) -> list:
     from harness import gate, replay
 
     def call():
-        _, lock, cfg = replay.load_original(str(original), original.parent)
-        current, skip = replay.current_environment(cfg)
+        run_dir, lock, cfg = replay.load_original(str(original), original.parent)
+        current, skip = replay.current_environment(cfg, replay.captured(run_dir, lock, cfg))
         gate.gate(lock, current, skip)
 
     return timed(call, repeat)

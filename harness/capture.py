@@ -1,5 +1,7 @@
-"""`python -m harness.capture [DETERMINISM_JSON]`: print, as JSON, the environment a training
-process would record in its lockfile, captured the way training sees it.
+"""`python -m harness.capture [DETERMINISM_JSON [RUN_DIR]]`: print, as JSON, the environment a
+training process would record in its lockfile, captured the way training sees it; with
+RUN_DIR also the weights digest of its model.pt (`run_weights_sha256`, for the integrity
+check, harness/integrity.py, which then needs no torch of its own).
 
 Replay runs this in a child process started exactly like the training process (same
 interpreter, the pinned environment of the run's determinism settings, the settings applied
@@ -13,7 +15,8 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 from harness.errors import EnvironmentProblem
 
@@ -31,13 +34,17 @@ def capture(det: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def current(det: Dict[str, Any], timeout_s: float = 300) -> Dict[str, Any]:
-    """Run the capture in a child started like a local training process; return its JSON."""
+def current(det: Dict[str, Any], run_dir: Optional[Path] = None,
+            timeout_s: float = 300) -> Dict[str, Any]:
+    """Run the capture in a child started like a local training process; return its JSON
+    (with `run_weights_sha256` of `run_dir`'s model.pt when one is given)."""
     from harness.determinism import pinned_environment
 
     env = {**os.environ, **pinned_environment(det)}
+    extra = [str(run_dir)] if run_dir is not None else []
     try:
-        done = subprocess.run([sys.executable, "-m", "harness.capture", json.dumps(det)],
+        done = subprocess.run([sys.executable, "-m", "harness.capture", json.dumps(det),
+                               *extra],
                               env=env, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EnvironmentProblem(f"could not capture the current environment ({exc}); check "
@@ -53,7 +60,12 @@ def current(det: Dict[str, Any], timeout_s: float = 300) -> Dict[str, Any]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     det = json.loads(argv[0]) if argv else {"mode": "strict", "threads": 2}
-    print(json.dumps(capture(det), sort_keys=True))
+    facts = capture(det)
+    if len(argv) > 1:
+        from harness import integrity
+
+        facts["run_weights_sha256"] = integrity.weights_digest(Path(argv[1]))
+    print(json.dumps(facts, sort_keys=True))
     return 0
 
 

@@ -368,8 +368,13 @@ def add_lock(sub) -> None:
     lock = sub.add_parser("lock", help="lockfiles: check integrity, diff two")
     actions = lock.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
     check = actions.add_parser(
-        "check", help="verify a run's lockfile against its lock_sha256",
-        description="Exit 0 when RUN's harness.lock is intact, 5 when it was edited or damaged.")
+        "check", help="verify a run's lockfile and that its results match the run's files",
+        description="Exit 0 when RUN's harness.lock is intact (its lock_sha256), its "
+                    "signature (if any) verifies, and its results describe the run "
+                    "directory's files (model.pt, metrics.jsonl, declared outputs, "
+                    "re-hashed); 5 when the lock was edited or damaged, the signature fails "
+                    "or a file does not match; 6 when the run never finished. Names the "
+                    "signer's key and whether you trust it.")
     check.add_argument("run", help="run id, unique prefix of one, or run directory")
     add_runs_dir(check)
     check.set_defaults(handler=cmd_lock_check)
@@ -385,11 +390,22 @@ def add_lock(sub) -> None:
 
 
 def cmd_lock_check(args: argparse.Namespace) -> int:
-    from harness import lockfile, rundir
+    from harness import integrity, lockfile, rundir, signing
+    from harness.errors import LockfileError
 
     run_dir = rundir.resolve(args.run, args.runs_dir)
+    integrity.refuse_unfinished(run_dir)
     lock = lockfile.read(run_dir / rundir.LOCK)
-    print(f"{run_dir.name}: lockfile intact (lock_sha256 {lock['lock_sha256'][:16]}...)")
+    is_command = "outputs" in lock["results"]
+    integrity.check(run_dir, lock, None if is_command else integrity.weights_digest(run_dir))
+    signature = signing.verify(run_dir, lock)
+    if signature.state == signing.INVALID:
+        raise LockfileError(f"{run_dir.name}: {signature.describe()}. The run directory was "
+                            f"changed after its launcher signed it.")
+    checked = f"{len(lock['results']['outputs'])} output file(s)" if is_command else \
+        f"{rundir.WEIGHTS}, {rundir.METRICS} and the evaluation"
+    print(f"{run_dir.name}: lockfile intact (lock_sha256 {lock['lock_sha256'][:16]}...); "
+          f"its results match the run's files ({checked}); {signature.describe()}")
     return 0
 
 
@@ -411,6 +427,59 @@ def cmd_lock_diff(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- replay, verify, runs
 
 
+def add_keys(sub) -> None:
+    keys = sub.add_parser(
+        "keys", help="the key your runs are signed with, and the keys you trust",
+        description="Every finished run is signed with your Ed25519 key (in-toto statement, "
+                    "DSSE, Sigstore bundle: harness.lock.sigstore.json). A replay runs a "
+                    "run's code only when you or a key you trust signed it, or with --trust. "
+                    "Keys live in $XDG_CONFIG_HOME/harness (default ~/.config/harness); "
+                    "$HARNESS_SIGNING_KEY points at a key of your own instead.")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    actions.add_parser("init", help="make your signing key (the first run makes it too)"
+                       ).set_defaults(handler=cmd_keys_init)
+    show = actions.add_parser("show", help="print your public key line, for others to trust")
+    show.add_argument("--name", help="the name in the line (default: user@host)")
+    show.set_defaults(handler=cmd_keys_show)
+    trust = actions.add_parser("trust", help="trust runs signed by a public key line")
+    trust.add_argument("key", help="a line `ed25519 BASE64 NAME` (as `harness keys show` "
+                                   "prints it), or a file holding one")
+    trust.add_argument("--name", help="your name for the key (default: the line's)")
+    trust.set_defaults(handler=cmd_keys_trust)
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from harness import signing
+
+    path, made = signing.init_key()
+    print(f"{'made' if made else 'already there'}: {path} (key "
+          f"{signing.own_key_id()[:16]}); `harness keys show` prints its public key")
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    import getpass
+    import platform
+
+    from harness import signing
+
+    path, _ = signing.init_key()
+    name = args.name or f"{getpass.getuser()}@{platform.node()}"
+    print(signing.public_line(signing.public_raw(signing.load_private(path)), name))
+    return 0
+
+
+def cmd_keys_trust(args: argparse.Namespace) -> int:
+    from harness import signing
+
+    line = args.key
+    if not line.startswith("ed25519 ") and Path(line).is_file():
+        line = Path(line).read_text().strip()
+    keyid, path = signing.trust(line, args.name)
+    print(f"trusted key {keyid[:16]} (in {path})")
+    return 0
+
+
 def add_replay(sub) -> None:
     replay = sub.add_parser(
         "replay", epilog=EPILOG, help="re-run a run and compare it bit for bit",
@@ -430,6 +499,10 @@ def add_replay(sub) -> None:
                         help="after an IDENTICAL verdict, replay once more with one weight bit "
                              "flipped after its first step: it must come out DIVERGED, or the verdict "
                              "is UNVERIFIED (exit 8). Built-in training loop only")
+    replay.add_argument("--trust", action="store_true",
+                        help="replay a run that is not signed by you or a key you trust "
+                             "(copied from a colleague, downloaded with a paper): without it "
+                             "the replay lists the code it would run and refuses (exit 6)")
     replay.add_argument("--tracking-uri",
                         help="where to find an MLflow RUN (default: $MLFLOW_TRACKING_URI, "
                              "else the default store in the runs directory); its lockfile, "
@@ -443,7 +516,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch,
                          tracking_uri=args.tracking_uri,
-                         negative_control=args.negative_control)
+                         negative_control=args.negative_control, trust=args.trust)
 
 
 def add_verify(sub) -> None:
@@ -612,7 +685,8 @@ def cmd_image_rebuild(args: argparse.Namespace) -> int:
     from harness import image, replay
     from harness.errors import Diverged
 
-    run_dir, lock, cfg = replay.load_original(args.run, args.runs_dir)
+    # Rebuilding runs the recorded image build, not the run's own code.
+    run_dir, lock, cfg = replay.load_original(args.run, args.runs_dir, trust=True)
     if not lock.get("image"):
         raise ConfigError(f"run {run_dir.name} trained without an image (backend="
                           f"{lock['backend']['name']}): there is no image to rebuild.")
@@ -725,7 +799,8 @@ def cmd_machine_record(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS = (add_train, add_run, add_summary, add_variance, add_compare, add_submit, add_slurm, add_data,
-               add_lock, add_replay, add_verify, add_doctor, add_runs, add_build, add_image,
+               add_lock, add_keys, add_replay, add_verify, add_doctor, add_runs, add_build,
+               add_image,
                add_machine)
 
 

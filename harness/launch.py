@@ -272,6 +272,23 @@ def finish(run_dir: Path, cfg: Dict[str, Any], code: int, follower: tracking.Fol
         follower.close(tracking.outcome(code, lock_written))
 
 
+def sign(run_dir: Path) -> None:
+    """Sign a finished run with this user's key (made on first use). A run that cannot be
+    signed still succeeded: it is said, and a replay of it will ask for --trust."""
+    from harness import signing
+
+    try:
+        keyid, path, made = signing.sign(run_dir, lockfile.read(run_dir / rundir.LOCK))
+    except HarnessError as exc:
+        print(f"harness: warning: run {run_dir.name} is not signed: {exc}", flush=True)
+        return
+    if made:
+        print(f"harness: made a signing key for your runs: {path} (keep it private; "
+              f"`harness keys show` prints its public key for others to trust)", flush=True)
+    print(f"harness: signed {run_dir.name} with key {keyid[:16]} ({signing.BUNDLE})",
+          flush=True)
+
+
 def _record_end(run_dir: Path, code: int, lock_written: bool, is_script: bool) -> Path:
     if code == REQUEUE_EXIT:
         rundir.write_status(run_dir, "preempted", exit_code=code, finished_utc=rundir.now_utc(),
@@ -280,6 +297,7 @@ def _record_end(run_dir: Path, code: int, lock_written: bool, is_script: bool) -
                         f"(exit code {REQUEUE_EXIT}). Continue it with `harness train --resume "
                         f"{run_dir.name}`.")
     if code == 0 and lock_written:
+        sign(run_dir)
         rundir.write_status(run_dir, "succeeded", exit_code=0, finished_utc=rundir.now_utc())
         print(f"harness: run {run_dir.name} succeeded", flush=True)
         print(f"run id:  {run_dir.name}\nrun dir: {run_dir}", flush=True)

@@ -165,13 +165,15 @@ def collect(patterns: List[str], workdir: Path, run_dir: Path,
     files, warnings = {}, []
     for name in _matches(patterns, workdir):
         source, kept = workdir / name, run_dir / OUTPUTS_DIR / name
-        if before.get(name) == _stamp(source):
+        unwritten = before.get(name) == _stamp(source)
+        if unwritten:
             warnings.append(f"output {name} was not written by this run (unchanged since "
-                            f"before the command started)")
+                            f"before the command started): a replay does not count it")
         kept.parent.mkdir(parents=True, exist_ok=True)
         if not (kept.exists() and os.path.samefile(source, kept)):
             shutil.copy2(source, kept)
-        files[name] = {"sha256": file_sha256(kept), "bytes": kept.stat().st_size}
+        files[name] = {"sha256": file_sha256(kept), "bytes": kept.stat().st_size,
+                       **({"unwritten": True} if unwritten else {})}
     return files, warnings
 
 
@@ -181,8 +183,11 @@ def collect(patterns: List[str], workdir: Path, run_dir: Path,
 def compare(a_dir: Path, b_dir: Path, a_files: Dict[str, Dict[str, Any]],
             b_files: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Every declared output of two runs, byte for byte; for differing tensor files the
-    first differing tensor and its largest absolute difference."""
+    first differing tensor and its largest absolute difference. A file that one of the runs
+    did not write (left from before it started) proves nothing when it matches: it is
+    listed in `unwritten`, not counted in `outputs_compared`."""
     differing: List[Dict[str, Any]] = []
+    unwritten: List[str] = []
     for name in sorted(set(a_files) | set(b_files)):
         a, b = a_files.get(name), b_files.get(name)
         if a is None or b is None:
@@ -193,7 +198,10 @@ def compare(a_dir: Path, b_dir: Path, a_files: Dict[str, Dict[str, Any]],
                 entry["tensor"] = first_tensor_difference(
                     a_dir / OUTPUTS_DIR / name, b_dir / OUTPUTS_DIR / name)
             differing.append(entry)
-    return {"outputs_compared": len(set(a_files) | set(b_files)), "differing": differing}
+        elif a.get("unwritten") or b.get("unwritten"):
+            unwritten.append(name)
+    compared = len(set(a_files) | set(b_files)) - len(unwritten)
+    return {"outputs_compared": compared, "differing": differing, "unwritten": unwritten}
 
 
 def first_tensor_difference(a_path: Path, b_path: Path) -> Optional[Dict[str, Any]]:
@@ -244,12 +252,16 @@ def _flatten(data: Any, prefix: str, flat: Dict[str, Any], torch) -> None:
 
 
 def render(report: Dict[str, Any]) -> str:
+    unwritten = report.get("unwritten") or []
+    not_counted = (f" Not counted: {len(unwritten)} file(s) that a run did not write "
+                   f"({', '.join(unwritten[:5])}{' ...' if len(unwritten) > 5 else ''}).") \
+        if unwritten else ""
     if not report["outputs_compared"]:
-        return ("UNVERIFIED: no declared output file was written by either run, so nothing "
-                "was compared (an IDENTICAL verdict here would be about nothing).")
+        return ("UNVERIFIED: no declared output file was written by both runs, so nothing "
+                "was compared (an IDENTICAL verdict here would be about nothing)." + not_counted)
     if not report["differing"]:
-        return (f"IDENTICAL: all {report['outputs_compared']} declared output file(s) match "
-                f"byte for byte.")
+        return (f"IDENTICAL: all {report['outputs_compared']} declared output file(s) written "
+                f"by both runs match byte for byte." + not_counted)
     lines = [f"DIVERGED: {len(report['differing'])} of {report['outputs_compared']} declared "
              f"output file(s) differ:"]
     for entry in report["differing"]:

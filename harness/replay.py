@@ -11,17 +11,32 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import (__version__, capture, compare, config, gate, image, lockfile, outputs,
-                     perturb, rundir, tracking)
-from harness.errors import (ConfigError, Diverged, EnvironmentProblem, ReplayRefused,
-                            Unverified)
+from harness import (__version__, capture, compare, config, gate, image, integrity, lockfile,
+                     outputs, perturb, rundir, signing, tracking)
+from harness.errors import (ConfigError, Diverged, EnvironmentProblem, LockfileError,
+                            ReplayRefused, Unverified)
 
 
-def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, Any],
-                                                                Dict[str, Any]]:
-    """(run dir, verified lockfile, validated config) of the run to replay."""
+def load_original(ref: str, runs_dir: Optional[Path], trust: bool = False
+                  ) -> Tuple[Path, Dict[str, Any], Dict[str, Any]]:
+    """(run dir, verified lockfile, validated config) of the run to replay. The lock must
+    be intact, its signature valid, and describe the run's metrics and outputs (its weights
+    are checked by `captured`, which has torch). A run not signed by a key this user trusts
+    is refused unless `trust`: nothing of its code is imported before that."""
     run_dir = rundir.resolve(ref, runs_dir)
+    integrity.refuse_unfinished(run_dir)
     lock = lockfile.read(run_dir / rundir.LOCK)
+    integrity.check(run_dir, lock)
+    signature = signing.verify(run_dir, lock)
+    if signature.state == signing.INVALID:
+        raise LockfileError(f"run {run_dir.name}: {signature.describe()}. The run directory "
+                            f"was changed after its launcher signed it; nothing was run. "
+                            f"Copy it again from where it came from.")
+    if not signature.trusted:
+        if not trust:
+            raise ReplayRefused(untrusted(run_dir, lock, signature))
+        print(f"harness: --trust: replaying {run_dir.name}, {signature.describe()}",
+              flush=True)
     cfg = config.validate(lock["config"])
     diffs = gate.differences({"config": lock["config"]}, {"config": cfg})
     changed = [d.key for d in diffs if d.a != gate.MISSING]
@@ -45,16 +60,57 @@ def load_original(ref: str, runs_dir: Optional[Path]) -> Tuple[Path, Dict[str, A
     return run_dir, lock, cfg
 
 
-def current_environment(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
-    """(the environment a new training process would record, sections the gate must skip).
+def captured(run_dir: Path, lock: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """This host's environment, captured by a child started like a training process (it
+    imports torch, so it also digests the run's model.pt: the last integrity check, done
+    before anything is built, pulled or run)."""
+    env = capture.current(cfg["determinism"], run_dir)
+    integrity.check(run_dir, lock, env.pop("run_weights_sha256", None))
+    return env
 
-    The capture child runs on this host. A backend contributes its lock facts (docker: the
-    image it would use). One that trains elsewhere (in an image, on a batch node) recorded
-    the software and environment variables there, pinned by the image's id and digests, so
-    this host's are not compared."""
+
+def untrusted(run_dir: Path, lock: Dict[str, Any], signature: "signing.Signature") -> str:
+    """The refusal for a run this user did not sign: what replaying it would execute."""
+    code = [f"_target_ {value} (at {where})" for where, value in targets(lock["config"])]
+    script = lock.get("script") or {}
+    if script.get("argv"):
+        code.append(f"the command `{' '.join(script['argv'])}` in {script.get('workdir')}")
+    code += [f"its file {name}" for name in script.get("command_files") or []]
+    return (f"replay of {run_dir.name} refused: it is {signature.describe()}, so it was not "
+            f"made by you or by anyone you trust, and replaying it runs its code:\n  "
+            + "\n  ".join(code or ["(no _target_ or command: the built-in loop only)"]) +
+            f"\nRead these, then replay with --trust; or, if you trust whoever signed it, "
+            f"add their public key with `harness keys trust 'ed25519 ...'`.")
+
+
+def targets(cfg: Any, where: str = "") -> List[Tuple[str, str]]:
+    """(config path, value) of every `_target_` in a config: the code it imports and calls."""
+    found: List[Tuple[str, str]] = []
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == "_target_" and isinstance(value, str):
+                found.append((path, value))
+            else:
+                found += targets(value, path)
+    elif isinstance(cfg, list):
+        for index, value in enumerate(cfg):
+            found += targets(value, f"{where}[{index}]")
+    return found
+
+
+def current_environment(cfg: Dict[str, Any], env: Dict[str, Any]
+                        ) -> Tuple[Dict[str, Any], List[str]]:
+    """(the environment a new training process would record, sections the gate must skip),
+    from `env`, this host's capture.
+
+    A backend contributes its lock facts (docker: the image it would use). One that trains
+    elsewhere (in an image, on a batch node) recorded the software and environment
+    variables there, pinned by the image's id and digests, so this host's are not
+    compared."""
     from harness import backends
 
-    env = capture.current(cfg["determinism"])
+    env = dict(env)
     env["harness"] = {"version": __version__,
                       "source_sha256": lockfile.harness_source_sha256()}
     backend = backends.get(cfg["backend"]["name"])
@@ -83,13 +139,13 @@ def locate(ref: str, runs_dir: Optional[Path], tracking_uri: Optional[str]) -> s
 
 
 def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
-                        allow_mismatch: bool) -> List[gate.Difference]:
+                        here: Dict[str, Any], allow_mismatch: bool) -> List[gate.Difference]:
     """The gate: the differences between the run's environment and this one, or
     ReplayRefused where one would break bitwise equality (unless `allow_mismatch`). A
     docker run's image is made present first (pulled, or rebuilt and proved the same)."""
     if lock.get("image") and cfg["backend"]["name"] == "docker":
         image.ensure_recorded(lock["image"], cfg["image"], run_id, allow_mismatch)
-    current, skip = current_environment(cfg)
+    current, skip = current_environment(cfg, here)
     diffs = gate.gate(lock, current, skip)
     blocking = [d for d in diffs if d.blocking]
     unproven = [d for d in diffs if d.group == gate.UNPROVEN]
@@ -127,17 +183,30 @@ def likely_cause(diffs: List[gate.Difference], cpu_isa: str) -> str:
             f"code. {advice}.")
 
 
+def replayed(run_dir: Path, lock: Dict[str, Any]) -> Dict[str, Any]:
+    """The new lock's `replay_of`: the directory replayed, by its own name and path. A copy
+    of a run (renamed, or in another runs directory) is its own record: its verdict must not
+    be listed against the run it was copied from, named in `copy_of`."""
+    link = {"run_id": run_dir.name, "run_dir": str(run_dir.resolve()),
+            "lock_sha256": lock["lock_sha256"]}
+    if lock["run_id"] != run_dir.name:
+        link["copy_of"] = lock["run_id"]
+    return link
+
+
 def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
-           tracking_uri: Optional[str] = None, negative_control: bool = False) -> int:
+           tracking_uri: Optional[str] = None, negative_control: bool = False,
+           trust: bool = False) -> int:
     from harness import launch
 
     started = time.perf_counter()
-    orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir)
+    orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir, trust)
     if negative_control and config.is_script(cfg):
         raise ConfigError(f"--negative-control perturbs the built-in training loop; "
                           f"{orig_dir.name} ran a command of its own. Replay it without "
                           f"--negative-control.")
-    diffs = checked_environment(orig_dir.name, lock, cfg, allow_mismatch)
+    here = captured(orig_dir, lock, cfg)
+    diffs = checked_environment(orig_dir.name, lock, cfg, here, allow_mismatch)
     blocking = [d for d in diffs if d.blocking]
     if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
         outputs.check_changed(lock["script"]["inputs"], Path.cwd(), orig_dir.name)
@@ -145,7 +214,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
             print(f"harness: the original run warned: {warning}", flush=True)
     gate_s = time.perf_counter() - started
 
-    link = {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"]}
+    link = replayed(orig_dir, lock)
     extra = {"replay_of": link,
              "replay_mismatches": [d.to_json() for d in diffs]}
     train_started = time.perf_counter()
@@ -188,10 +257,11 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
             f"proves nothing.")
     if report["verdict"] == compare.UNVERIFIED:
         raise Unverified(
-            f"replay {new_dir.name} of {orig_dir.name} is UNVERIFIED: the command declared "
-            f"no output file that a run wrote, so there was nothing to compare. Run it again "
+            f"replay {new_dir.name} of {orig_dir.name} is UNVERIFIED: no declared output "
+            f"file was written by both runs, so there was nothing to compare. Run it again "
             f"with --output naming what it writes (a file, a directory or a glob, e.g. "
-            f"--output 'out/*'), then replay that run.")
+            f"--output 'out/*'), then replay that run. A file left from before a run "
+            f"started does not count: delete stale outputs before the run.")
     if report["verdict"] != compare.IDENTICAL and config.is_script(cfg):
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED: "

@@ -9,6 +9,8 @@
     checkpoints/     training state at intervals (the newest two)
     model.pt         final weights
     harness.lock     the lockfile, written last, only by a run that finished
+    harness.lock.sigstore.json  its launcher's signature over the lock, weights, metrics,
+                     outputs, image and data (harness.signing)
     .writer.lock     held (flock) by the one process writing the run, see WriterLock
     replay.json      a replay's comparison with the run it replays
     verify.json      `harness verify`'s comparison of its two runs
@@ -48,6 +50,7 @@ METRICS = "metrics.jsonl"
 LOG = "train.log"
 WEIGHTS = "model.pt"
 LOCK = "harness.lock"
+SIGNATURE = "harness.lock.sigstore.json"  # a Sigstore bundle: DSSE over an in-toto statement
 CHECKPOINTS = "checkpoints"
 WRITER_LOCK = ".writer.lock"
 REPLAY = "replay.json"

@@ -34,8 +34,8 @@ SEND_BATCH = 500  # records per send: one MLflow call (at most 1000 metrics)
 CLOSE_TIMEOUT_S = 60
 MLFLOW_DIR = ".mlflow"  # the default MLflow store, in the runs directory
 ARTIFACT_DIR = "harness"  # where a run's files go among its MLflow artifacts
-ARTIFACTS = (rundir.LOCK, rundir.CONFIG, rundir.OVERRIDES, rundir.METRICS, rundir.WEIGHTS,
-             rundir.LOG)
+ARTIFACTS = (rundir.LOCK, rundir.SIGNATURE, rundir.CONFIG, rundir.OVERRIDES, rundir.METRICS,
+             rundir.WEIGHTS, rundir.LOG)
 MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
 MAX_PARAM_LENGTH = 6000  # MLflow refuses longer parameter values
 # MLflow's HTTP client retries 7 times with backoff (minutes) before it gives up: too long

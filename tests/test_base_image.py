@@ -71,6 +71,7 @@ def test_lock_lists_the_base_packages_and_rebuild_names_those_that_differ(
     lock["image"]["base_packages"] = {**base_packages, "python3": "3.0.0-1",
                                       "gone-package": "1.0"}
     lockfile.write(run / "harness.lock", lock)
+    (run / "harness.lock.sigstore.json").unlink()  # an edited lock is no longer ours
     done = cli("image", "rebuild", str(run), check_rc=4)
     assert f"the base {gone}" in done.stderr and "is not in the Docker engine" in done.stderr
     assert f"python3 3.0.0-1 -> {base_packages['python3']}" in done.stderr

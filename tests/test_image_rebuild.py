@@ -93,6 +93,7 @@ def test_image_rebuild_refuses_a_checkout_with_other_inputs(  # noqa: F811
     lock = read_lock(run)
     lock["image"]["harness_source_sha256"] = "0" * 64
     lockfile.write(run / "harness.lock", lock)
+    (run / "harness.lock.sigstore.json").unlink()  # an edited lock is no longer ours
     done = cli("image", "rebuild", str(run), check_rc=6)
     assert "harness_source_sha256: recorded 0000" in done.stderr
     assert "source.git_commit" in done.stderr

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import FAST, TESTS, read_lock, run_dir_of
-from harness import lockfile
+from harness import lockfile, signing
 
 CONF = str(TESTS / "conf")
 
@@ -52,10 +52,13 @@ def copy_run(run_dir, tmp_path):
 
 
 def edit_lock(run_dir, change, reseal=True):
+    """Edit a copied run's lock, as on another machine: resealed, it is intact; its
+    signature no longer verifies, so it is dropped (replaying it then needs --trust)."""
     lock = read_lock(run_dir)
     change(lock)
     if reseal:
         lock = lockfile.seal(lock)
+        (run_dir / signing.BUNDLE).unlink()
     (run_dir / "harness.lock").write_text(json.dumps(lock, sort_keys=True, indent=2) + "\n")
 
 
@@ -73,7 +76,8 @@ def test_replay_of_fashion_run_is_identical(harness, fashion):
     assert replay != original
     assert "IDENTICAL: 24 steps of loss bits, 3 parameter fingerprints" in done.stdout
     lock, new = read_lock(original), read_lock(replay)
-    assert new["replay_of"] == {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"]}
+    assert new["replay_of"] == {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"],
+                                "run_dir": str(original.resolve())}
     assert new["results"]["weights_sha256"] == lock["results"]["weights_sha256"]
     assert new["config"] == lock["config"]
     assert (replay / "metrics.jsonl").read_bytes() == (original / "metrics.jsonl").read_bytes()
@@ -133,6 +137,91 @@ def test_truncated_lockfile_is_refused(harness, hashy_run, tmp_path):
     assert "truncated or damaged" in done.stderr
 
 
+# ---------------------------------------------------------------- the lock against the files
+
+def assert_refused_before_running(done, run, *phrases):
+    """Exit 5, the words a user needs, and not one new run directory."""
+    assert done.returncode == 5, done.stdout + done.stderr
+    for phrase in ("the lockfile does not describe this run", *phrases):
+        assert phrase in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "DIVERGED" not in done.stdout + done.stderr
+    assert [p.name for p in run.parent.iterdir()] == [run.name]
+
+
+def test_a_swapped_model_file_is_refused_before_anything_runs(harness, hashy_run, tmp_path):
+    import torch
+
+    run = copy_run(hashy_run, tmp_path)
+    harness("lock", "check", str(run), check_rc=0)  # the control: the untouched copy passes
+    state = torch.load(run / "model.pt", weights_only=True)
+    name = sorted(state)[0]
+    state[name] = state[name] + 1e-3
+    torch.save(state, run / "model.pt")
+    done = harness("replay", str(run))  # signed: the signature no longer verifies
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "signature INVALID: model.pt changed since the run was signed" in done.stderr
+    assert [p.name for p in run.parent.iterdir()] == [run.name]
+    checked = harness("lock", "check", str(run))
+    assert checked.returncode == 5 and "results.weights_sha256" in checked.stderr
+    # Unsigned (from before runs were signed, or its signature dropped): the lock's own
+    # results catch it, from the weights in the file.
+    (run / signing.BUNDLE).unlink()
+    done = harness("replay", str(run), "--trust")
+    assert_refused_before_running(done, run, "results.weights_sha256",
+                                  read_lock(run)["results"]["weights_sha256"])
+    assert "results.weights_sha256" in harness("lock", "check", str(run)).stderr
+
+
+def test_results_forged_and_resealed_are_refused_naming_both_values(harness, hashy_run,
+                                                                     tmp_path):
+    run = copy_run(hashy_run, tmp_path)
+    was = read_lock(run)["results"]
+
+    def forge(lock):
+        lock["results"]["final_loss"] = 0.01
+        lock["results"]["test_accuracy"] = 0.99
+
+    edit_lock(run, forge)
+    done = harness("replay", str(run))
+    assert_refused_before_running(done, run, "results.final_loss: the lock says 0.01",
+                                  f"the run directory has {was['final_loss']}",
+                                  "results.test_accuracy: the lock says 0.99")
+    checked = harness("lock", "check", str(run))
+    assert checked.returncode == 5 and "results.test_accuracy" in checked.stderr
+
+
+def test_a_forged_weights_hash_is_refused_not_reported_as_divergence(harness, hashy_run,
+                                                                      tmp_path):
+    run = copy_run(hashy_run, tmp_path)
+    edit_lock(run, lambda lock: lock["results"].update(weights_sha256="0" * 64))
+    done = harness("replay", str(run), "--trust")
+    assert_refused_before_running(done, run, "results.weights_sha256: the lock says " + "0" * 64)
+    assert "step None" not in done.stdout + done.stderr
+
+
+def test_a_truncated_metrics_file_is_refused_before_anything_runs(harness, hashy_run,
+                                                                   tmp_path):
+    run = copy_run(hashy_run, tmp_path)
+    data = (run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(data[: len(data) // 2])
+    done = harness("replay", str(run))
+    assert_refused_before_running(done, run, "results.metrics_sha256", "metrics.jsonl")
+
+
+def test_a_copied_run_is_replayed_as_itself_not_as_the_original(harness, hashy_run, tmp_path):
+    """A renamed copy's verdict belongs to the copy: `harness runs` lists the replay under
+    the copy, and the new lock says whose copy it was."""
+    copy = tmp_path / "runs" / "copy-of-hashy"
+    shutil.copytree(hashy_run, copy)
+    done = harness("replay", str(copy), check_rc=0)
+    link = read_lock(new_run_dir(done))["replay_of"]
+    assert link["run_id"] == "copy-of-hashy" and link["copy_of"] == hashy_run.name
+    assert link["run_dir"] == str(copy.resolve())
+    listed = harness("runs", "--runs-dir", str(tmp_path / "runs"), check_rc=0).stdout
+    assert "replay of copy-of-hashy: IDENTICAL" in listed
+    assert f"replay of {hashy_run.name}" not in listed
+
+
 # ---------------------------------------------------------------- gate
 
 def test_blocking_difference_is_refused_then_allowed(harness, hashy_run, tmp_path):
@@ -145,7 +234,7 @@ def test_blocking_difference_is_refused_then_allowed(harness, hashy_run, tmp_pat
 
     edit_lock(run, other_machine)
     harness("lock", "check", str(run), check_rc=0)  # integrity passes: it was re-sealed
-    done = harness("replay", str(run))
+    done = harness("replay", str(run), "--trust")
     assert done.returncode == 6, done.stdout + done.stderr
     for phrase in ("refused", "hardware.cpu.isa_flags", "software.torch", "1.13.1+cu117",
                    "--allow-mismatch"):
@@ -153,7 +242,7 @@ def test_blocking_difference_is_refused_then_allowed(harness, hashy_run, tmp_pat
     assert "Traceback" not in done.stderr
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]  # nothing ran
 
-    done = harness("replay", str(run), "--allow-mismatch", check_rc=0)
+    done = harness("replay", str(run), "--trust", "--allow-mismatch", check_rc=0)
     replay = new_run_dir(done)
     recorded = {d["key"]: d for d in read_lock(replay)["replay_mismatches"]}
     assert recorded["software.torch"]["a"] == "1.13.1+cu117"
@@ -176,7 +265,7 @@ def test_refusal_names_the_isa_flags_that_differ(harness, hashy_run, tmp_path):
         lock["hardware"]["cpu"]["isa_flags"] = ["sse4a"] + flags[:-1]
 
     edit_lock(run, other_cpu)
-    done = harness("replay", str(run))
+    done = harness("replay", str(run), "--trust")
     assert done.returncode == 6, done.stdout + done.stderr
     change = " ".join([f"+{flag}" for flag in gained] + ["-sse4a"])
     assert "hardware.cpu.isa_flags" in done.stderr
@@ -191,7 +280,7 @@ def test_informational_difference_does_not_block(harness, hashy_run, tmp_path):
         lock["software"]["packages"]["pytest"] = "0.0.1"
 
     edit_lock(run, elsewhere)
-    done = harness("replay", str(run), check_rc=0)
+    done = harness("replay", str(run), "--trust", check_rc=0)
     assert "hardware.hostname" in done.stdout and "informational" in done.stdout
     groups = {d["key"]: d["group"] for d in read_lock(new_run_dir(done))["replay_mismatches"]}
     assert groups["hardware.hostname"] == groups["software.packages.pytest"] == "informational"
@@ -282,11 +371,12 @@ def test_a_pinned_run_replays_on_a_cpu_with_other_flags(harness, avx2_run, hashy
 
     pinned = copy_run(avx2_run, tmp_path)
     edit_lock(pinned, other_cpu)
-    done = harness("replay", str(pinned), check_rc=0)
+    done = harness("replay", str(pinned), "--trust", check_rc=0)
     assert "IDENTICAL" in done.stdout
     native = copy_run(hashy_run, tmp_path)
     edit_lock(native, other_cpu)
-    assert harness("replay", str(native)).returncode == 6
+    refused = harness("replay", str(native), "--trust")
+    assert refused.returncode == 6 and "hardware.cpu.isa_flags" in refused.stderr
 
 
 def test_a_pin_this_cpu_cannot_run_blocks_the_replay():

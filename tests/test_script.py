@@ -51,7 +51,8 @@ def test_unmodified_script_repeats_and_replays_identical(project):
     assert lock["script"]["processes"][0]["dataloaders"] == 1
 
     replayed = harness("replay", first.name, check_rc=0)
-    assert "IDENTICAL: all 2 declared output file(s) match byte for byte" in replayed.stdout
+    assert "IDENTICAL: all 2 declared output file(s) written by both runs match byte for " \
+        "byte" in replayed.stdout
     listed = harness("runs", check_rc=0).stdout
     assert f"replay of {first.name}: IDENTICAL" in listed
 
@@ -67,6 +68,53 @@ def test_a_command_with_no_output_replays_unverified_not_identical(project):
     assert "UNVERIFIED: " in done.stdout and "IDENTICAL: " not in done.stdout
     assert "--output" in done.stderr
     assert "replay of " + silent.name + ": UNVERIFIED" in harness("runs", check_rc=0).stdout
+
+
+def test_an_output_left_from_before_cannot_make_a_replay_identical(project):
+    """A declared output the command never wrote matches itself in every replay: it is
+    not counted, so the verdict is UNVERIFIED. The control: once written, it is counted."""
+    directory, harness = project
+    (directory / "stale").mkdir()
+    (directory / "stale" / "result.txt").write_text("from an earlier run\n")
+    stale = run_dir_of(harness("run", "backend=local", "--output", "stale/result.txt", "--",
+                               "python", "-c", "print(2 + 2)", check_rc=0))
+    assert outputs_of(stale)["stale/result.txt"]["unwritten"] is True
+    done = harness("replay", stale.name)
+    assert done.returncode == 8, done.stdout + done.stderr
+    assert "Not counted: 1 file(s) that a run did not write (stale/result.txt)" in done.stdout
+    assert "UNVERIFIED: " in done.stdout and "IDENTICAL: " not in done.stdout
+
+    write = "open('stale/result.txt', 'w').write('4\\n')"
+    written = run_dir_of(harness("run", "backend=local", "--output", "stale/result.txt", "--",
+                                 "python", "-c", write, check_rc=0))
+    assert "unwritten" not in outputs_of(written)["stale/result.txt"]
+    assert "IDENTICAL: all 1 declared" in harness("replay", written.name, check_rc=0).stdout
+
+
+def test_a_swapped_output_file_is_refused_before_anything_runs(project):
+    directory, harness = project
+    run_dir = run_dir_of(harness("run", "backend=local", *RUN, check_rc=0))
+    harness("lock", "check", run_dir.name, check_rc=0)
+    kept = run_dir / "outputs" / "out" / "metrics.json"
+    kept.write_text(kept.read_text().replace("0", "1", 1))
+    count = len(runs_in(directory))
+    done = harness("replay", run_dir.name, check_rc=5)
+    assert "the lockfile does not describe this run" in done.stderr
+    assert "results.outputs[out/metrics.json].sha256" in done.stderr
+    assert len(runs_in(directory)) == count
+    assert "results.outputs[out/metrics.json]" in \
+        harness("lock", "check", run_dir.name, check_rc=5).stderr
+
+
+def test_a_failed_run_has_nothing_to_replay(project):
+    directory, harness = project
+    before = set(runs_in(directory))
+    harness("run", "backend=local", "--", "python", "-c", "raise SystemExit(3)", check_rc=3)
+    (name,) = set(runs_in(directory)) - before
+    run_dir = directory / "runs" / name
+    done = harness("replay", run_dir.name, check_rc=6)
+    assert f"run {run_dir.name} has nothing to replay: it failed (exit 3" in done.stderr
+    assert "damaged" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_without_the_injection_the_same_script_does_not_repeat(project):
