@@ -71,7 +71,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from harness import launch
 
     if args.resume:
-        launch.resume(args.resume, args.config, args.overrides, args.config_dir, args.runs_dir)
+        name, overrides = args.config, list(args.overrides)
+        if name and "=" in name:  # `--resume RUN key=value`: an override, not a config name
+            name, overrides = None, [name, *overrides]
+        if overrides and not name:
+            raise ConfigError(f"`harness train --resume RUN` continues the run with its own "
+                              f"config; overrides ({' '.join(overrides)}) would change it. "
+                              f"Resume without them, or give the run's config name too "
+                              f"(`harness train CONFIG {' '.join(overrides)} --resume RUN`): "
+                              f"they must then compose to the run's config.")
+        launch.resume(args.resume, name, overrides, args.config_dir, args.runs_dir)
         return 0
     if not args.config:
         raise ConfigError("harness train needs a config name (e.g. `harness train mnist`), or "

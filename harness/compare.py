@@ -95,8 +95,17 @@ def compare_outputs(a_dir: Path, b_dir: Path, lock_a: Dict[str, Any],
 
     found = outputs.compare(Path(a_dir), Path(b_dir), lock_a["results"]["outputs"],
                             lock_b["results"]["outputs"])
-    verdict = DIVERGED if found["differing"] else \
-        IDENTICAL if found["outputs_compared"] else UNVERIFIED  # no file: nothing compared
+    if not found["outputs_compared"]:  # no file compared: what the command printed, if any
+        found["console"] = outputs.compare_console(
+            Path(a_dir), Path(b_dir), lock_a["results"].get("console"),
+            lock_b["results"].get("console"))
+    console = found.get("console")
+    if found["differing"] or (console and not console["equal"]):
+        verdict = DIVERGED
+    elif found["outputs_compared"] or console:
+        verdict = IDENTICAL
+    else:
+        verdict = UNVERIFIED  # neither a file nor printed output: nothing compared
     return {"verdict": verdict, "kind": "outputs",
             "a": Path(a_dir).name, "b": Path(b_dir).name, **found}
 

@@ -360,6 +360,8 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    import yaml
+
     config_dir = Path(config_dir).absolute() if config_dir else default_config_dir()
     if not config_dir.is_dir():
         raise ConfigError(f"config directory {config_dir} does not exist; pass --config-dir DIR")
@@ -372,17 +374,24 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None) 
     check_override_syntax(overrides)
     hydra_overrides = list(overrides)
     if config_dir != BUILTIN_CONFIG_DIR:
-        # The user's configs can build on the bundled groups (model=cnn, data=mnist, ...).
-        hydra_overrides.append(f"hydra.searchpath=[file://{BUILTIN_CONFIG_DIR}]")
+        # The user's configs can build on the bundled groups (model=cnn, data=mnist, ...);
+        # a bundled config named from a directory with a ./conf of its own is composed from
+        # the bundled directory (Hydra finds a primary config in its main directory only),
+        # with the user's groups still on the search path.
+        if (config_dir / f"{name}.yaml").is_file():
+            searched = BUILTIN_CONFIG_DIR
+        else:
+            config_dir, searched = BUILTIN_CONFIG_DIR, config_dir
+        hydra_overrides.append(f"hydra.searchpath=[file://{searched}]")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             hydra_overrides = _image_overrides(name, hydra_overrides)
             composed = hydra_compose(config_name=name, overrides=hydra_overrides)
     except HydraException as exc:
-        # Hydra's own line ("Error merging override seed=abc") and, under it, the schema's
-        # reason (the value, the type it must have, the key).
-        cause = f" ({_first_line(exc.__cause__)})" if exc.__cause__ else ""
-        raise ConfigError(f"cannot compose config '{name}': {exc}{cause}") from None
+        raise ConfigError(f"cannot compose config '{name}': {_compose_error(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot compose config '{name}': a config file is not valid YAML: "
+                          f"{' '.join(str(exc).split())}. Fix the file at that line.") from None
     if "name" not in composed or OmegaConf.is_missing(composed, "name"):
         with open_dict(composed):
             composed.name = name
@@ -465,7 +474,9 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
         resolved = OmegaConf.to_container(typed, resolve=True, enum_to_str=True,
                                           throw_on_missing=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid config: {_first_line(exc)}. Fix the value in the config "
+        unknown = _unknown_key(str(exc), getattr(exc, "full_key", None))
+        raise ConfigError(f"invalid config: {unknown}" if unknown else
+                          f"invalid config: {_first_line(exc)}. Fix the value in the config "
                           f"file or the override.") from None
     _check_ranges(resolved)
     _check_interpolated_numbers(raw, resolved)
@@ -473,6 +484,35 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
     if resolved["seed"] is None:
         resolved["seed"] = draw_seed()
     return resolved
+
+
+def _compose_error(exc: Exception) -> str:
+    """Hydra's own line ("Error merging override seed=abc") and, under it, the schema's
+    reason (the value, the type it must have, the key); for a key the schema lacks, what it
+    has instead of Hydra's advice to append it with `+` (which a typed config refuses)."""
+    import re
+
+    cause = exc.__cause__
+    override = re.search(r"Could not override '([^']+)'", str(exc))
+    unknown = _unknown_key(str(cause or ""), override.group(1) if override else None)
+    return unknown or f"{exc}" + (f" ({_first_line(cause)})" if cause else "")
+
+
+def _unknown_key(text: str, full_key: Optional[str]) -> Optional[str]:
+    """For "Key 'x' not in 'SomeConf'": the fields SomeConf has, the closest first."""
+    import difflib
+    import re
+
+    found = re.search(r"Key '(\w+)' not in '(\w+)'", text)
+    schema = globals().get(found.group(2)) if found else None
+    if not full_key or not hasattr(schema, "__dataclass_fields__"):
+        return None
+    fields = list(schema.__dataclass_fields__)
+    close = difflib.get_close_matches(found.group(1), fields, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return (f"{full_key.lstrip('+')} is not a setting: {schema.__name__} has no field "
+            f"'{found.group(1)}'.{hint} Its fields: {', '.join(fields)}. The config is typed, "
+            f"so a new key cannot be added (with or without '+'): fix the name.")
 
 
 def _first_line(exc: Exception) -> str:
@@ -547,10 +587,11 @@ def _check_interpolated_numbers(raw: Any, resolved: Any, key: str = "",
             and _looks_numeric(resolved):
         inner = raw.strip()[2:-1] if raw.strip().startswith("${") else None
         hint = (f"${{oc.decode:${{{inner}}}}}" if inner else "${oc.decode:...} around it")
+        shell = f'"{key}=\'{hint}\'"'.replace("$", "\\$")
         raise ConfigError(
             f"invalid config: {key}={resolved!r} is a string (from {raw!r}), but it looks like "
-            f"a number: interpolated environment variables are strings. Write {hint} to get "
-            f"the number (quoted as an override: {key}='{hint}').")
+            f"a number: interpolated environment variables are strings. Write {hint} in a "
+            f"config file to get the number; as an override, typed in a shell: {shell}")
 
 
 def _looks_numeric(text: str) -> bool:

@@ -80,14 +80,14 @@ def entry_for(facts: Dict[str, Any], root: Optional[Path] = None,
 
 def result_of(run_dir: Path) -> Dict[str, Any]:
     """What a golden comparison compares: every logged training loss, as bits, and the
-    sha256 of the final weights."""
-    losses = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("kind") == "train":
-            losses.append(record["loss_hex"])
-    lock = json.loads((run_dir / "harness.lock").read_text())
-    return {"loss_hex": losses, "weights_sha256": lock["results"]["weights_sha256"]}
+    sha256 of the final weights (from an intact lock that describes the run's metrics)."""
+    from harness import integrity, lockfile, metrics, rundir
+
+    lock = lockfile.read(run_dir / rundir.LOCK)
+    integrity.check(run_dir, lock)
+    train, _ = metrics.read(run_dir)
+    return {"loss_hex": [record["loss_hex"] for record in train],
+            "weights_sha256": lock["results"]["weights_sha256"]}
 
 
 def first_difference(expected: Dict[str, Any], found: Dict[str, Any]) -> Optional[str]:

@@ -114,17 +114,6 @@ def class_id(facts: Dict[str, Any]) -> str:
     return "-".join(parts)
 
 
-def differing_fields(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
-    """{field: (a, b)} for the class fields that make two classes differ."""
-    out = {}
-    for field in CLASS_FIELDS:
-        if field in MAYBE_UNKNOWN and (a.get(field) is None or b.get(field) is None):
-            continue
-        if a.get(field) != b.get(field):
-            out[field] = (a.get(field), b.get(field))
-    return out
-
-
 def this_machine() -> Dict[str, Any]:
     """The class facts of the CPU this process runs on."""
     return cpu_class(read_cpuinfo())

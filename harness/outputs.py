@@ -204,6 +204,29 @@ def compare(a_dir: Path, b_dir: Path, a_files: Dict[str, Dict[str, Any]],
     return {"outputs_compared": compared, "differing": differing, "unwritten": unwritten}
 
 
+def compare_console(a_dir: Path, b_dir: Path, a: Optional[Dict[str, Any]],
+                    b: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """What two runs of a command printed (results.console), byte for byte, with the first
+    differing line; None when either run has no record or printed nothing (nothing to
+    compare)."""
+    if not a or not b or not (a["bytes"] or b["bytes"]):
+        return None
+    report: Dict[str, Any] = {"equal": a["sha256"] == b["sha256"],
+                              "bytes": [a["bytes"], b["bytes"]]}
+    if not report["equal"]:
+        from harness.rundir import SCRIPT_CONSOLE, SCRIPT_REPORTS
+
+        lines = [(d / SCRIPT_REPORTS / SCRIPT_CONSOLE).read_bytes().decode(
+            errors="replace").splitlines() if (d / SCRIPT_REPORTS / SCRIPT_CONSOLE).is_file()
+            else [] for d in (a_dir, b_dir)]
+        for number, (x, y) in enumerate(zip(lines[0] + [""] * len(lines[1]),
+                                            lines[1] + [""] * len(lines[0])), 1):
+            if x != y:
+                report["first_difference"] = {"line": number, "a": x[:200], "b": y[:200]}
+                break
+    return report
+
+
 def first_tensor_difference(a_path: Path, b_path: Path) -> Optional[Dict[str, Any]]:
     """The first tensor (in key order) that differs between two state dicts, with its max
     abs difference; None when the files hold no comparable tensors."""
@@ -256,9 +279,21 @@ def render(report: Dict[str, Any]) -> str:
     not_counted = (f" Not counted: {len(unwritten)} file(s) that a run did not write "
                    f"({', '.join(unwritten[:5])}{' ...' if len(unwritten) > 5 else ''}).") \
         if unwritten else ""
+    console = report.get("console")
+    if not report["outputs_compared"] and console and console["equal"]:
+        return (f"IDENTICAL: the command's console output ({console['bytes'][0]} bytes, "
+                f"stdout and stderr) matches byte for byte. No declared output file was "
+                f"compared: declare the files it writes (--output) to compare its results, "
+                f"not only what it printed." + not_counted)
+    if not report["outputs_compared"] and console:
+        first = console.get("first_difference") or {}
+        return (f"DIVERGED: the command's console output differs (no declared output file "
+                f"was compared): first at line {first.get('line')}:\n  a: {first.get('a')!r}"
+                f"\n  b: {first.get('b')!r}" + not_counted)
     if not report["outputs_compared"]:
-        return ("UNVERIFIED: no declared output file was written by both runs, so nothing "
-                "was compared (an IDENTICAL verdict here would be about nothing)." + not_counted)
+        return ("UNVERIFIED: no declared output file was written by both runs, and the "
+                "command printed nothing, so nothing was compared (an IDENTICAL verdict here "
+                "would be about nothing)." + not_counted)
     if not report["differing"]:
         return (f"IDENTICAL: all {report['outputs_compared']} declared output file(s) written "
                 f"by both runs match byte for byte." + not_counted)

@@ -258,14 +258,16 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     if report["verdict"] == compare.UNVERIFIED:
         raise Unverified(
             f"replay {new_dir.name} of {orig_dir.name} is UNVERIFIED: no declared output "
-            f"file was written by both runs, so there was nothing to compare. Run it again "
+            f"file was written by both runs and the command printed nothing, so there was "
+            f"nothing to compare. Run it again "
             f"with --output naming what it writes (a file, a directory or a glob, e.g. "
             f"--output 'out/*'), then replay that run. A file left from before a run "
             f"started does not count: delete stale outputs before the run.")
     if report["verdict"] != compare.IDENTICAL and config.is_script(cfg):
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED: "
-            f"{', '.join(d['file'] for d in report['differing'])} differ (report in "
+            f"{', '.join(d['file'] for d in report['differing']) or 'its console output'} "
+            f"differ (report in "
             f"{new_dir / rundir.REPLAY}). The command is not deterministic here: look for "
             f"randomness it seeds itself (from the clock, say) or settings it changes "
             f"(`harness runs` lists the warnings).")

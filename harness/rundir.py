@@ -15,8 +15,9 @@
     replay.json      a replay's comparison with the run it replays
     verify.json      `harness verify`'s comparison of its two runs
     outputs/         a `harness run` command's declared outputs, as it left them
-    .script/         reports of the command's Python processes (harness.injection), and
-                     outputs.txt: the outputs the command recorded (runtime.record_output)
+    .script/         reports of the command's Python processes (harness.injection),
+                     outputs.txt: the outputs the command recorded (runtime.record_output),
+                     and console.log: what the command printed (stdout and stderr)
     audit.jsonl      `harness verify`: per-module tensor digests at audited steps
     nondeterministic.json  the nondeterministic ops torch warned about (determinism warn/off)
     tensorboard/     TensorBoard event files (tracker.tensorboard=true)
@@ -59,6 +60,7 @@ OUTPUTS = "outputs"
 TRACKING = "tracking.json"  # the trackers' state: MLflow run id, last step sent
 SCRIPT_REPORTS = ".script"
 SCRIPT_OUTPUTS = "outputs.txt"  # in .script/: what harness.runtime.record_output recorded
+SCRIPT_CONSOLE = "console.log"  # in .script/: what the command printed (stdout and stderr)
 AUDIT = "audit.jsonl"  # per-module tensor digests of a `harness verify` run (harness.audit)
 NONDETERMINISTIC = "nondeterministic.json"  # nondeterministic ops torch warned about
 TENSORBOARD = "tensorboard"  # event files of tracker.tensorboard=true

@@ -80,8 +80,13 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                         "inside it (only the environment variables)")
     for warning in warnings:
         print(f"harness: warning: {warning}", flush=True)
+    if not files:
+        print("harness: warning: the command declared no output file (--output, or "
+              "harness.runtime.record_output): a replay can compare only what it printed. "
+              "Declare the files it writes to have its results compared.", flush=True)
     rt.in_effect = reports[0]["applied"] if reports else {}
-    results = {"exit_code": code, "outputs": files, "outputs_sha256": _digest(files)}
+    results = {"exit_code": code, "outputs": files, "outputs_sha256": _digest(files),
+               **console_result(run_dir, resume or cfg["command"].get("nproc", 1) > 1)}
     attempts = max(restarts, int(rundir.read_json(run_dir / rundir.STATUS).get("resumes", 0)))
     rt.write_lock(results, resumes=[{"attempt": n + 1} for n in range(attempts)] if resume
                   else [], timing={"first_step_unix": started,
@@ -121,7 +126,7 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
     rt.stop.forward = lambda signum: _signal(child.pid, signum)
     if rt.stop.signum:  # a stop that came while we were starting it
         _signal(child.pid, rt.stop.signum)
-    _copy_output(child.stdout, run_dir / rundir.LOG)
+    _copy_output(child.stdout, run_dir / rundir.LOG, console_path(run_dir))
     code = child.wait()
     _end_stragglers(child.pid)
     return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
@@ -153,16 +158,37 @@ def run_processes(rt: Runtime, argv: List[str], env: Dict[str, str], nproc: int,
     return code
 
 
-def _copy_output(stream, log_path: Path) -> None:
-    for chunk in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
-        try:
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            # The launcher died before its SIGTERM reached us: the log takes the rest.
-            output_to_log(log_path)
-            os.write(sys.stdout.fileno(), chunk)
+def console_path(run_dir: Path) -> Path:
+    return Path(run_dir) / injection.REPORTS / rundir.SCRIPT_CONSOLE
+
+
+def _copy_output(stream, log_path: Path, console: Path) -> None:
+    """Pass the command's output on, and keep this attempt's copy in `console` (what a
+    replay compares when no declared file is)."""
+    console.parent.mkdir(exist_ok=True)
+    with open(console, "wb") as kept:
+        for chunk in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
+            kept.write(chunk)
+            try:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The launcher died before its SIGTERM reached us: the log takes the rest.
+                output_to_log(log_path)
+                os.write(sys.stdout.fileno(), chunk)
     stream.close()
+
+
+def console_result(run_dir: Path, resumed: bool) -> Dict[str, Any]:
+    """results.console: sha256 and size of what the command printed, for a run of one
+    process in one attempt (a resumed run printed in parts, a run of several processes
+    in an order that is not fixed: neither is comparable, and neither is recorded)."""
+    from harness.digest import file_sha256
+
+    path = console_path(run_dir)
+    if resumed or not path.is_file():
+        return {}
+    return {"console": {"sha256": file_sha256(path), "bytes": path.stat().st_size}}
 
 
 def _die_with_parent() -> None:

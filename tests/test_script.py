@@ -57,11 +57,28 @@ def test_unmodified_script_repeats_and_replays_identical(project):
     assert f"replay of {first.name}: IDENTICAL" in listed
 
 
-def test_a_command_with_no_output_replays_unverified_not_identical(project):
-    """Nothing compared is no proof: a command that declares no output replays UNVERIFIED,
-    exit 8. (A declared output the command did not write fails the run itself.)"""
+def test_a_command_with_no_output_file_is_compared_by_what_it_printed(project):
+    """No declared file: the replay compares the command's console output (warned at run
+    time). A command whose printed result changes is caught; one that prints nothing and
+    declares nothing has nothing compared: UNVERIFIED, exit 8."""
     directory, harness = project
-    silent = run_dir_of(harness("run", "backend=local", "--", "python", "-c", "print(2 + 2)",
+    printing = harness("run", "backend=local", "--", "python", "-c", "print(2 + 2)",
+                       check_rc=0)
+    assert "declared no output file" in printing.stdout
+    run = run_dir_of(printing)
+    assert read_lock(run)["results"]["console"]["bytes"] == 2
+    done = harness("replay", run.name, check_rc=0)
+    assert "IDENTICAL: the command's console output (2 bytes" in done.stdout
+
+    # the control: what it prints changes from run to run (the clock, unpinned)
+    clock = "import time; print(time.time_ns())"
+    changing = run_dir_of(harness("run", "backend=local", "--", "python", "-c", clock,
+                                  check_rc=0))
+    done = harness("replay", changing.name, check_rc=7)
+    assert "DIVERGED: the command's console output differs" in done.stdout
+    assert "first at line 1" in done.stdout and "its console output differ" in done.stderr
+
+    silent = run_dir_of(harness("run", "backend=local", "--", "python", "-c", "pass",
                                 check_rc=0))
     done = harness("replay", silent.name)
     assert done.returncode == 8, done.stdout + done.stderr
@@ -77,7 +94,7 @@ def test_an_output_left_from_before_cannot_make_a_replay_identical(project):
     (directory / "stale").mkdir()
     (directory / "stale" / "result.txt").write_text("from an earlier run\n")
     stale = run_dir_of(harness("run", "backend=local", "--output", "stale/result.txt", "--",
-                               "python", "-c", "print(2 + 2)", check_rc=0))
+                               "python", "-c", "pass", check_rc=0))
     assert outputs_of(stale)["stale/result.txt"]["unwritten"] is True
     done = harness("replay", stale.name)
     assert done.returncode == 8, done.stdout + done.stderr

@@ -169,3 +169,37 @@ def test_a_key_line_that_is_not_one_is_refused(cli, users, line):
     done = cli("keys", "trust", line, env=users["bob"])
     assert done.returncode == 2 and "ed25519 BASE64 NAME" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_resuming_someone_elses_run_needs_trust(tmp_path):
+    """A run alice launched and that was preempted: bob's resume lists its code and stops
+    before running any; with --trust it goes on. An edited config fails the launch
+    signature."""
+    import signal
+
+    from conftest import harness, make_context, start_and_interrupt
+
+    alice = make_context(tmp_path / "alice")
+    alice["env"]["XDG_CONFIG_HOME"] = str(tmp_path / "alice" / "keys")
+    run_dir, code, output = start_and_interrupt(alice, ["train", "tiny"], signal.SIGTERM,
+                                                at_step=3)
+    assert code == 75, output
+    bob = {**alice, "env": {**alice["env"], "XDG_CONFIG_HOME": str(tmp_path / "bob-keys")},
+           "runs": tmp_path / "bob-runs"}
+    shutil.copytree(run_dir, bob["runs"] / run_dir.name)
+
+    done = harness(bob, "train", "--resume", run_dir.name)
+    assert done.returncode == 6, done.stdout + done.stderr
+    assert "resume of " + run_dir.name + " refused" in done.stderr
+    assert "harness.data.IdxClassification (at data.dataset._target_)" in done.stderr
+    assert not (bob["runs"] / run_dir.name / "harness.lock").exists()
+
+    edited = tmp_path / "edited"
+    shutil.copytree(bob["runs"], edited)
+    config = edited / run_dir.name / "config.yaml"
+    config.write_text(config.read_text() + "\n")
+    done = harness({**bob, "runs": edited}, "train", "--resume", run_dir.name, "--trust")
+    assert done.returncode == 6 and "signature INVALID: config.yaml changed" in done.stderr
+
+    harness(bob, "train", "--resume", run_dir.name, "--trust", check_rc=0)
+    assert (bob["runs"] / run_dir.name / "harness.lock").exists()
