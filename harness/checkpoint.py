@@ -160,8 +160,11 @@ def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = rundir.out_of_space(exc, folder, f"checkpoint {path.name}")
         tmp.unlink(missing_ok=True)
+        if full:
+            raise full from None
         raise
     _fsync_dir(folder)
     for old in listed(run_dir)[keep:]:
@@ -203,7 +206,9 @@ def load(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, garbage, unpickling error: all "damaged"
-        raise Damaged(f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+        said = (str(exc).splitlines() or [""])[0]
+        said = said if len(said) <= 300 else said[:300].rsplit(" ", 1)[0] + " ..."
+        raise Damaged(f"cannot be read ({type(exc).__name__}: {said})")
     if not isinstance(state, dict) or not str(state.get("format")).startswith(PREFIX):
         raise Damaged("is not a harness checkpoint")
     if state["format"] != FORMAT:

@@ -61,6 +61,10 @@ def add_train(sub) -> None:
                        help="continue run RUN (id, unique prefix or directory) in its own "
                             "directory from its newest intact checkpoint; a config and "
                             "overrides given too must match the run's")
+    train.add_argument("--trust", action="store_true",
+                       help="with --resume: continue a run that is not signed by you or a key "
+                            "you trust; without it the resume lists the code it would run "
+                            "and refuses (exit 6)")
     train.add_argument("-m", "--multirun", action="store_true",
                        help="sweep: run every combination of comma-separated override values "
                             "(Hydra sweep syntax, e.g. -m seed=0,1,2) in sequence")
@@ -80,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"Resume without them, or give the run's config name too "
                               f"(`harness train CONFIG {' '.join(overrides)} --resume RUN`): "
                               f"they must then compose to the run's config.")
-        launch.resume(args.resume, name, overrides, args.config_dir, args.runs_dir)
+        launch.resume(args.resume, name, overrides, args.config_dir, args.runs_dir,
+                      trust=args.trust)
         return 0
     if not args.config:
         raise ConfigError("harness train needs a config name (e.g. `harness train mnist`), or "

@@ -113,11 +113,14 @@ def docker_passes_gpus() -> bool:
     trainer.device=auto both ask during one compose."""
     if shutil.which("nvidia-container-runtime-hook"):
         return True
-    try:
-        from harness import engine
+    from docker.errors import DockerException
 
-        return "nvidia" in (engine.client(timeout=5).info().get("Runtimes") or {})
-    except HarnessError:
+    from harness import engine
+
+    try:
+        # 30 s: an absent engine refuses at once; a busy one answers slowly, not never.
+        return "nvidia" in (engine.client(timeout=30).info().get("Runtimes") or {})
+    except (HarnessError, DockerException, OSError):  # requests' errors are OSErrors
         return False
 
 

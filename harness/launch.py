@@ -4,6 +4,7 @@ and record how it ended. Torch is not imported here; it loads in the training pr
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -71,9 +72,8 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
     runs_dir = runs_dir or rundir.default_runs_dir()
     tracking.check(cfg, runs_dir)
     run_dir = rundir.create(runs_dir, cfg["name"])
-    with rundir.WriterLock(run_dir).acquire("harness train") as lock:
-        prepare(run_dir, cfg, overrides, backend.name, data_root, data_files, launched,
-                lock_extra)
+    with prepared(run_dir, cfg, overrides, backend.name, data_root, data_files, launched,
+                  lock_extra) as lock:
         print(f"harness: run {run_dir.name} ({backend.name} backend) -> {run_dir}", flush=True)
         rundir.write_status(run_dir, "running", backend=backend.name,
                             started_utc=rundir.now_utc(), host_pid=os.getpid())
@@ -81,21 +81,33 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
 
 
 def resume(ref: str, name: Optional[str], overrides: List[str],
-           config_dir: Optional[Path] = None, runs_dir: Optional[Path] = None) -> Path:
+           config_dir: Optional[Path] = None, runs_dir: Optional[Path] = None,
+           trust: bool = False) -> Path:
     """Continue run `ref` in its own directory from its newest intact checkpoint (the
     training process picks and validates it). With a config name (and overrides), refuse
-    when they do not compose to the run's recorded config."""
+    when they do not compose to the run's recorded config. A run that no trusted key
+    launched is refused unless `trust` (harness/trust.py)."""
     run_dir = rundir.resolve(ref, runs_dir)
     with rundir.WriterLock(run_dir).acquire("harness train --resume", wait_s=3) as lock:
-        return _resume_locked(run_dir, name, overrides, config_dir, lock)
+        return _resume_locked(run_dir, name, overrides, config_dir, lock, trust)
 
 
 def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
-                   config_dir: Optional[Path], lock: rundir.WriterLock) -> Path:
+                   config_dir: Optional[Path], lock: rundir.WriterLock, trust: bool) -> Path:
+    from harness import signing, trust as trust_module
+
     if (run_dir / rundir.LOCK).exists():
         raise ConfigError(f"run {run_dir.name} already finished (it has a lockfile); there is "
                           f"nothing to resume. Start a new run instead.")
     cfg = config.load_yaml(run_dir / rundir.CONFIG)
+    signature = signing.verify_launch(run_dir)
+    if signature.state == signing.INVALID:
+        raise CheckpointRefused(f"run {run_dir.name}: launch {signature.describe()}. Its "
+                                f"config or launch facts were changed after it was launched; "
+                                f"restore them, or start a new run.")
+    trust_module.require(run_dir.name, signature, cfg,
+                         rundir.read_json(run_dir / rundir.LAUNCH)["lock"].get("script"),
+                         "resume", trust)
     recorded_sha = rundir.read_json(run_dir / rundir.LAUNCH)["config_sha256"]
     if config.config_sha256(cfg) != recorded_sha:
         raise CheckpointRefused(f"{run_dir / rundir.CONFIG} no longer matches the config the "
@@ -207,6 +219,28 @@ def _run(run_dir: Path, cfg: Dict[str, Any], conf: config.RunConfig, backend,
     return finish(run_dir, cfg, code, follower)
 
 
+def prepared(run_dir: Path, *facts) -> rundir.WriterLock:
+    """The new run directory held (WriterLock) and prepared (`prepare(run_dir, *facts)`).
+    On a full disk nothing half-made is left: the directory is removed, and the error
+    says so."""
+    lock = None
+    try:
+        lock = rundir.WriterLock(run_dir).acquire("harness train")
+        prepare(run_dir, *facts)
+        return lock
+    except OSError as exc:
+        if lock is not None:
+            lock.release()
+        full = rundir.out_of_space(exc, run_dir, "the new run's config and launch facts",
+                                   "Nothing was started, and the half-made run directory was "
+                                   "removed. Free space there, or pass --runs-dir on a "
+                                   "larger disk.")
+        if full is None:
+            raise
+    shutil.rmtree(run_dir, ignore_errors=True)
+    raise full
+
+
 def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_name: str,
             data_root: Optional[Path], data_files: Dict, launched: float,
             lock_extra: Optional[Dict[str, Any]]) -> None:
@@ -217,6 +251,7 @@ def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_na
                                data_files, lock_extra)
     rundir.write_json(run_dir / rundir.LAUNCH, {
         "launched_unix": launched, "config_sha256": lock["config_sha256"], "lock": lock})
+    sign(run_dir, launching=True)
 
 
 def script_facts(cfg: Dict[str, Any], backend_name: str) -> Dict[str, Any]:
@@ -272,21 +307,26 @@ def finish(run_dir: Path, cfg: Dict[str, Any], code: int, follower: tracking.Fol
         follower.close(tracking.outcome(code, lock_written))
 
 
-def sign(run_dir: Path) -> None:
-    """Sign a finished run with this user's key (made on first use). A run that cannot be
-    signed still succeeded: it is said, and a replay of it will ask for --trust."""
+def sign(run_dir: Path, launching: bool = False) -> None:
+    """Sign a run with this user's key (made on first use): as launched, or as finished.
+    A run that cannot be signed still runs: it is said, and a resume or replay of it will
+    ask for --trust."""
     from harness import signing
 
     try:
-        keyid, path, made = signing.sign(run_dir, lockfile.read(run_dir / rundir.LOCK))
+        if launching:
+            keyid, path, made = signing.sign_launch(run_dir)
+        else:
+            keyid, path, made = signing.sign(run_dir, lockfile.read(run_dir / rundir.LOCK))
     except HarnessError as exc:
         print(f"harness: warning: run {run_dir.name} is not signed: {exc}", flush=True)
         return
     if made:
         print(f"harness: made a signing key for your runs: {path} (keep it private; "
               f"`harness keys show` prints its public key for others to trust)", flush=True)
-    print(f"harness: signed {run_dir.name} with key {keyid[:16]} ({signing.BUNDLE})",
-          flush=True)
+    if not launching:
+        print(f"harness: signed {run_dir.name} with key {keyid[:16]} ({signing.BUNDLE})",
+              flush=True)
 
 
 def _record_end(run_dir: Path, code: int, lock_written: bool, is_script: bool) -> Path:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from harness import (__version__, capture, compare, config, gate, image, integrity, lockfile,
                      outputs, perturb, rundir, signing, tracking)
+from harness import trust as trust_module
 from harness.errors import (ConfigError, Diverged, EnvironmentProblem, LockfileError,
                             ReplayRefused, Unverified)
 
@@ -32,11 +33,8 @@ def load_original(ref: str, runs_dir: Optional[Path], trust: bool = False
         raise LockfileError(f"run {run_dir.name}: {signature.describe()}. The run directory "
                             f"was changed after its launcher signed it; nothing was run. "
                             f"Copy it again from where it came from.")
-    if not signature.trusted:
-        if not trust:
-            raise ReplayRefused(untrusted(run_dir, lock, signature))
-        print(f"harness: --trust: replaying {run_dir.name}, {signature.describe()}",
-              flush=True)
+    trust_module.require(run_dir.name, signature, lock["config"], lock.get("script"),
+                         "replay", trust)
     cfg = config.validate(lock["config"])
     diffs = gate.differences({"config": lock["config"]}, {"config": cfg})
     changed = [d.key for d in diffs if d.a != gate.MISSING]
@@ -67,36 +65,6 @@ def captured(run_dir: Path, lock: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[s
     env = capture.current(cfg["determinism"], run_dir)
     integrity.check(run_dir, lock, env.pop("run_weights_sha256", None))
     return env
-
-
-def untrusted(run_dir: Path, lock: Dict[str, Any], signature: "signing.Signature") -> str:
-    """The refusal for a run this user did not sign: what replaying it would execute."""
-    code = [f"_target_ {value} (at {where})" for where, value in targets(lock["config"])]
-    script = lock.get("script") or {}
-    if script.get("argv"):
-        code.append(f"the command `{' '.join(script['argv'])}` in {script.get('workdir')}")
-    code += [f"its file {name}" for name in script.get("command_files") or []]
-    return (f"replay of {run_dir.name} refused: it is {signature.describe()}, so it was not "
-            f"made by you or by anyone you trust, and replaying it runs its code:\n  "
-            + "\n  ".join(code or ["(no _target_ or command: the built-in loop only)"]) +
-            f"\nRead these, then replay with --trust; or, if you trust whoever signed it, "
-            f"add their public key with `harness keys trust 'ed25519 ...'`.")
-
-
-def targets(cfg: Any, where: str = "") -> List[Tuple[str, str]]:
-    """(config path, value) of every `_target_` in a config: the code it imports and calls."""
-    found: List[Tuple[str, str]] = []
-    if isinstance(cfg, dict):
-        for key, value in cfg.items():
-            path = f"{where}.{key}" if where else str(key)
-            if key == "_target_" and isinstance(value, str):
-                found.append((path, value))
-            else:
-                found += targets(value, path)
-    elif isinstance(cfg, list):
-        for index, value in enumerate(cfg):
-            found += targets(value, f"{where}[{index}]")
-    return found
 
 
 def current_environment(cfg: Dict[str, Any], env: Dict[str, Any]

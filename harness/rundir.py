@@ -3,6 +3,7 @@
     config.yaml      resolved config (no interpolations left)
     overrides.txt    the overrides the user typed, one per line
     launch.json      facts gathered on the host before launch (source, data, image)
+    launch.sigstore.json  the launcher's signature over config, overrides and launch.json
     status.json      running | succeeded | failed, exit code, times, pid
     metrics.jsonl    one record per step (loss also as float.hex) and per evaluation
     train.log        what the training printed
@@ -52,6 +53,7 @@ LOG = "train.log"
 WEIGHTS = "model.pt"
 LOCK = "harness.lock"
 SIGNATURE = "harness.lock.sigstore.json"  # a Sigstore bundle: DSSE over an in-toto statement
+LAUNCH_SIGNATURE = "launch.sigstore.json"  # the same over config, overrides, launch.json
 CHECKPOINTS = "checkpoints"
 WRITER_LOCK = ".writer.lock"
 REPLAY = "replay.json"
@@ -85,6 +87,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def out_of_space(exc: BaseException, path: Path, what: str,
+                 advice: Optional[str] = None) -> Optional[EnvironmentProblem]:
+    """The harness's account of a write that failed for lack of space (ENOSPC, EDQUOT; or
+    a RuntimeError of torch's writer, which does not say why, when the disk is then full),
+    else None. Call it before removing the partial file: its size is the space
+    that was missing."""
+    import errno
+    import shutil
+
+    try:
+        usage = shutil.disk_usage(path if Path(path).is_dir() else Path(path).parent)
+    except OSError:
+        return None
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or (isinstance(exc, RuntimeError) and usage.free < 1 << 20)
+    if not full:
+        return None
+    advice = advice or ("Nothing written before it was lost: the run's newest complete "
+                        "checkpoint is intact. Free space there (or move the runs directory "
+                        "to a larger disk), then continue the run with `harness train "
+                        "--resume RUN`.")
+    return EnvironmentProblem(
+        f"no space left on the device of {path}: writing {what} failed with "
+        f"{usage.free >> 20} MiB free of {usage.total >> 20} MiB. {advice}")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -73,6 +73,13 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
         return code
     files, warnings = outputs.collect(patterns + recorded_outputs(run_dir, workdir), workdir,
                                       run_dir, before)
+    if before and not resume:
+        warnings.append(
+            f"declared output(s) {', '.join(sorted(before)[:5])}"
+            f"{' ...' if len(before) > 5 else ''} existed before the command started (from "
+            f"an earlier run?): a command that resumes from its own files (a snapshot.pt, "
+            f"say) started from them, and so will a replay. Delete them before a run that "
+            f"must start fresh.")
     reports = injection.read_reports(run_dir)
     warnings += injection.changes(reports)
     if cfg["command"]["inject"] and not reports:

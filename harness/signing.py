@@ -2,8 +2,9 @@
 run that finishes is signed by its launcher with the user's own Ed25519 key, and a replay
 asks whose key signed a run before it runs that run's code.
 
-What is signed: an in-toto Statement (v1) whose subjects are the run's files and what it
-used — `harness.lock` (its bytes: any edit, resealed or not, changes it), `model.pt`,
+A run is signed twice. At launch, its config, overrides and launch facts
+(`launch.sigstore.json`): a resume checks who launched it. At the end, an in-toto Statement
+(v1) whose subjects are the run's files and what it used — `harness.lock` (its bytes: any edit, resealed or not, changes it), `model.pt`,
 `metrics.jsonl`, a command's kept outputs, the image id and digest, the data files and the
 inputs a command read. It goes in a DSSE envelope in a Sigstore bundle (v0.3, key-based:
 the key is named by its `hint`), beside the lock as `harness.lock.sigstore.json`. These are
@@ -37,6 +38,8 @@ from harness.digest import file_sha256
 from harness.errors import ConfigError, EnvironmentProblem
 
 BUNDLE = rundir.SIGNATURE
+LAUNCH_BUNDLE = rundir.LAUNCH_SIGNATURE
+LAUNCH_FILES = (rundir.CONFIG, rundir.OVERRIDES, rundir.LAUNCH)
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -200,16 +203,33 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 def sign(run_dir: Path, lock: Dict[str, Any]) -> Tuple[str, Path, bool]:
     """Sign a finished run: (key id, key path, whether the key was made now)."""
-    path, made = init_key()
-    private = load_private(path)
+    return _sign(Path(run_dir) / BUNDLE, subjects(run_dir, lock),
+                 {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"]})
+
+
+def sign_launch(run_dir: Path) -> Tuple[str, Path, bool]:
+    """Sign a run as it is launched (its config and launch facts): a resume checks who
+    launched it before running its code, as a replay checks who finished it."""
+    return _sign(Path(run_dir) / LAUNCH_BUNDLE, launch_subjects(run_dir),
+                 {"run_id": Path(run_dir).name, "stage": "launch"})
+
+
+def launch_subjects(run_dir: Path) -> List[Dict[str, Any]]:
+    return [{"name": name, "digest": {"sha256": file_sha256(Path(run_dir) / name)}}
+            for name in LAUNCH_FILES if (Path(run_dir) / name).is_file()]
+
+
+def _sign(path: Path, signed: List[Dict[str, Any]],
+          predicate: Dict[str, Any]) -> Tuple[str, Path, bool]:
+    key_file, made = init_key()
+    private = load_private(key_file)
     raw = public_raw(private)
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": subjects(run_dir, lock),
+        "subject": signed,
         "predicateType": PREDICATE_TYPE,
-        "predicate": {"run_id": lock["run_id"], "lock_sha256": lock["lock_sha256"],
-                      "signer": {"keyid": key_id(raw),
-                                 "public_key": base64.b64encode(raw).decode()}},
+        "predicate": {**predicate, "signer": {"keyid": key_id(raw),
+                                               "public_key": base64.b64encode(raw).decode()}},
     }
     payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
     signature = private.sign(pae(PAYLOAD_TYPE, payload))
@@ -221,8 +241,8 @@ def sign(run_dir: Path, lock: Dict[str, Any]) -> Tuple[str, Path, bool]:
                          "signatures": [{"keyid": key_id(raw),
                                          "sig": base64.b64encode(signature).decode()}]},
     }
-    rundir.write_json(Path(run_dir) / BUNDLE, bundle)
-    return key_id(raw), path, made
+    rundir.write_json(path, bundle)
+    return key_id(raw), key_file, made
 
 
 # ---------------------------------------------------------------- verify
@@ -251,14 +271,22 @@ class Signature:
 def verify(run_dir: Path, lock: Dict[str, Any]) -> Signature:
     """Whether the run's bundle is a valid signature over its files as they are now, and
     by whom."""
-    path = Path(run_dir) / BUNDLE
+    return _verify(Path(run_dir) / BUNDLE, subjects(run_dir, lock))
+
+
+def verify_launch(run_dir: Path) -> Signature:
+    """The same for the signature made at launch (config and launch facts)."""
+    return _verify(Path(run_dir) / LAUNCH_BUNDLE, launch_subjects(run_dir))
+
+
+def _verify(path: Path, current: List[Dict[str, Any]]) -> Signature:
     if not path.exists():
         return Signature(UNSIGNED)
     try:
         statement, keyid = _verified_statement(path)
     except (ValueError, KeyError, TypeError) as exc:
         return Signature(INVALID, problem=str(exc))
-    now = {s["name"]: s["digest"]["sha256"] for s in subjects(run_dir, lock)}
+    now = {s["name"]: s["digest"]["sha256"] for s in current}
     then = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
     changed = sorted(name for name in set(now) | set(then) if now.get(name) != then.get(name))
     if changed:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from torch.utils.data import DataLoader, Subset
 
 from harness import (audit, checkpoint, distributed, metrics, nondeterminism, perturb,
@@ -71,6 +72,24 @@ def epoch_loader(dataset, cfg: Dict, epoch: int, shards: EpochShards) -> DataLoa
         worker_init_fn=seeding.worker_init,
         generator=seeding.worker_generator(cfg["seed"], epoch),
     )
+
+
+def instantiate(node: Dict, **kwargs):
+    """Hydra's instantiate. The launcher found every `_target_` before the launch, on its
+    own path; one that does not import in this process (a container without its package)
+    is a ConfigError naming it, not a traceback."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        if "Error locating target" not in str(exc):
+            raise
+        raise ConfigError(
+            f"_target_ {node.get('_target_')} cannot be imported in the training process "
+            f"({sys.executable}), although the launcher found it: "
+            f"{str(exc.__cause__ or exc).splitlines()[0]}. In a container the training sees "
+            f"only the image's packages and the directories of backend.docker.pythonpath: "
+            f"add the code's directory there (backend.docker.pythonpath=[DIR]), or install "
+            f"the package in the image.") from None
 
 
 def limited(dataset, limit):
@@ -176,7 +195,14 @@ def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookk
           f"on {evaluation['samples']} test samples", flush=True)
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, run_dir / rundir.WEIGHTS)
+    try:
+        torch.save(state, run_dir / rundir.WEIGHTS)
+    except (OSError, RuntimeError) as exc:
+        full = rundir.out_of_space(exc, run_dir, f"the final weights {rundir.WEIGHTS}")
+        (run_dir / rundir.WEIGHTS).unlink(missing_ok=True)
+        if full:
+            raise full from None
+        raise
     results = {
         "steps": progress.step,
         "epochs_started": progress.epoch + 1,
@@ -414,6 +440,13 @@ def main(argv: List[str] | None = None) -> int:
                                cfg, args.watch_stdin)
         results = run(args.run_dir, args.data_root, resume=args.resume,
                       watch_stdin=args.watch_stdin)
+    except OSError as exc:  # metrics, the lockfile: a full disk is said as such
+        full = rundir.out_of_space(exc, args.run_dir, exc.filename or "the run directory")
+        if full is None:
+            raise
+        print(f"harness: error: {full}", file=sys.stderr, flush=True)
+        rundir.record_error(args.run_dir, str(full), full.exit_code)
+        return full.exit_code
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr, flush=True)
         rundir.record_error(args.run_dir, str(exc), exc.exit_code)

@@ -197,6 +197,21 @@ trainer: {epochs: 1, batch_size: 16, log_every: 2}
 
 
 @pytest.mark.docker
+def test_code_the_image_cannot_import_is_bad_input_not_a_traceback(cli, tmp_path, engine,
+                                                                   built):
+    """The launcher finds the test's own modules (PYTHONPATH); the container does not,
+    without backend.docker.pythonpath: exit 2, naming the target and the fix."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "probe.yaml").write_text(PROBE_CONF)
+    done = cli("train", "probe", "--config-dir", str(conf), "--runs-dir",
+               str(tmp_path / "runs"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cannot be imported in the training process" in done.stderr
+    assert "backend.docker.pythonpath" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.docker
 def test_container_sandbox_seen_from_inside(cli, tmp_path, engine, built):
     conf = tmp_path / "conf"
     conf.mkdir()

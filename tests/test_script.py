@@ -49,6 +49,9 @@ def test_unmodified_script_repeats_and_replays_identical(project):
     assert lock["determinism"]["in_effect"]["deterministic_algorithms"] is True
     assert lock["script"]["warnings"] == []
     assert lock["script"]["processes"][0]["dataloaders"] == 1
+    # the second run found the first one's outputs in place: said, in its lock too
+    assert any("out/metrics.json, out/model.pt existed before the command started" in w
+               for w in read_lock(second)["script"]["warnings"])
 
     replayed = harness("replay", first.name, check_rc=0)
     assert "IDENTICAL: all 2 declared output file(s) written by both runs match byte for " \

@@ -41,7 +41,9 @@ def _auto(conf=None) -> Backend:
               file=sys.stderr, flush=True)
         return get("local")
     try:
-        docker_engine.client(timeout=5)  # a quick question: does an engine answer?
+        # Does an engine answer? An absent one refuses at once; 30 s lets a busy one
+        # (load 5 on 2 cores) answer rather than be taken for absent.
+        docker_engine.client(timeout=30)
     except EnvironmentProblem as exc:
         print(f"harness: backend=auto chose local: {exc}", file=sys.stderr, flush=True)
         return get("local")
@@ -49,8 +51,8 @@ def _auto(conf=None) -> Backend:
 
     print("harness: backend=auto chose docker (a Docker engine answers)", file=sys.stderr,
           flush=True)
-    # Not the pinging client: its 5-second read timeout would also cut the image's export
-    # and load, which take longer on a busy machine (and far longer for the CUDA image).
+    # Not the pinging client: its read timeout is sized for a ping, not for the image's
+    # export and load, which take longer on a busy machine (and far longer for CUDA).
     return DockerBackend()
 
 
