@@ -20,7 +20,7 @@ from harness import config, rundir, sbatch, tracking
 from harness.backends.base import Backend, LaunchSpec
 from harness.config import RunConfig
 
-from harness.errors import REQUEUE_EXIT, EnvironmentProblem, RunFailed
+from harness.errors import REQUEUE_EXIT, EnvironmentProblem, HarnessError, RunFailed
 
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STAGE_OUT", "SIGNALING",
            "RESIZING"}
@@ -102,6 +102,17 @@ def exit_code_of(text: str) -> int:
         return 1
 
 
+def sign_finished(run_dir: Path) -> None:
+    """A job's run is signed when its end is first seen here, by the user who launched it
+    (harness.signing.sign_own_finished)."""
+    from harness import signing
+
+    try:
+        signing.sign_own_finished(run_dir)
+    except HarnessError as exc:
+        print(f"harness: warning: run {run_dir.name} is not signed: {exc}", flush=True)
+
+
 def update(run_dir: Path) -> Dict:
     """Ask the scheduler about the run's job and record it in status.json."""
     status = rundir.read_json(run_dir / rundir.STATUS)
@@ -123,6 +134,7 @@ def update(run_dir: Path) -> Dict:
         state = "preempted"
     elif slurm_state == "COMPLETED":
         if (run_dir / rundir.LOCK).exists():
+            sign_finished(run_dir)
             return rundir.write_status(run_dir, "succeeded", exit_code=0,
                                        finished_utc=rundir.now_utc(), **fields)
         return rundir.write_status(run_dir, "failed", exit_code=1, finished_utc=rundir.now_utc(),
