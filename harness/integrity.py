@@ -50,19 +50,31 @@ def mismatches(run_dir: Path, lock: Dict[str, Any],
     results = lock.get("results") or {}
     if "outputs" in results:  # a `harness run` command: its declared outputs
         return _output_mismatches(Path(run_dir), results)
-    found = _metrics_mismatches(Path(run_dir), results)
+    return _metrics_mismatches(Path(run_dir), results) + \
+        weights_mismatches(run_dir, lock, weights_sha256)
+
+
+def weights_mismatches(run_dir: Path, lock: Dict[str, Any],
+                       weights_sha256: Optional[str]) -> List[str]:
+    """The weights part of `mismatches` alone: model.pt missing, or (given its digest)
+    other weights than the lock's."""
+    results = lock.get("results") or {}
     if "weights_sha256" in results and not (Path(run_dir) / rundir.WEIGHTS).is_file():
-        found.append(_line("results.weights_sha256", results["weights_sha256"],
-                           f"no {rundir.WEIGHTS}"))
-    elif weights_sha256 is not None and weights_sha256 != results.get("weights_sha256"):
-        found.append(_line("results.weights_sha256", results.get("weights_sha256"),
-                           f"{weights_sha256} (the weights in {rundir.WEIGHTS})"))
-    return found
+        return [_line("results.weights_sha256", results["weights_sha256"],
+                      f"no {rundir.WEIGHTS}")]
+    if weights_sha256 is not None and weights_sha256 != results.get("weights_sha256"):
+        return [_line("results.weights_sha256", results.get("weights_sha256"),
+                      f"{weights_sha256} (the weights in {rundir.WEIGHTS})")]
+    return []
 
 
 def check(run_dir: Path, lock: Dict[str, Any], weights_sha256: Optional[str] = None) -> None:
     """Refuse (LockfileError) a run directory whose files its lock does not describe."""
-    found = mismatches(run_dir, lock, weights_sha256)
+    refuse(run_dir, mismatches(run_dir, lock, weights_sha256))
+
+
+def refuse(run_dir: Path, found: List[str]) -> None:
+    """LockfileError listing `found` (mismatches), when there are any."""
     if found:
         raise LockfileError(
             f"the lockfile does not describe this run: {Path(run_dir).name}'s files disagree "
@@ -104,9 +116,10 @@ def _metrics_mismatches(run_dir: Path, results: Dict[str, Any]) -> List[str]:
         return [_line("results.metrics_sha256", results.get("metrics_sha256"),
                       f"no {rundir.METRICS}")]
     found = []
-    if "metrics_sha256" in results and file_sha256(path) != results["metrics_sha256"]:
+    digest = file_sha256(path) if "metrics_sha256" in results else None
+    if digest is not None and digest != results["metrics_sha256"]:
         found.append(_line("results.metrics_sha256", results["metrics_sha256"],
-                           f"{file_sha256(path)} (sha256 of {rundir.METRICS})"))
+                           f"{digest} (sha256 of {rundir.METRICS})"))
     try:
         train, evaluation = metrics.read(run_dir)
     except (ValueError, UnicodeDecodeError) as exc:

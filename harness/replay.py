@@ -60,10 +60,12 @@ def load_original(ref: str, runs_dir: Optional[Path], trust: bool = False
 
 def captured(run_dir: Path, lock: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
     """This host's environment, captured by a child started like a training process (it
-    imports torch, so it also digests the run's model.pt: the last integrity check, done
-    before anything is built, pulled or run)."""
+    imports torch, so it also digests the run's model.pt: the integrity check's last part,
+    the weights, done before anything is built, pulled or run; load_original checked the
+    rest)."""
     env = capture.current(cfg["determinism"], run_dir)
-    integrity.check(run_dir, lock, env.pop("run_weights_sha256", None))
+    integrity.refuse(run_dir, integrity.weights_mismatches(
+        run_dir, lock, env.pop("run_weights_sha256", None)))
     return env
 
 
