@@ -39,6 +39,10 @@ def add_command_files(parser: argparse.ArgumentParser, context: str) -> None:
                         help=f"{context}a file, directory or glob the command writes, relative "
                              f"to the working directory (repeatable): kept in "
                              f"RUN_DIR/outputs/ and hashed after it ends")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                        help=f"{context}a variable the command needs (repeatable; NAME alone "
+                             f"takes this shell's value): set for it, recorded in the config, "
+                             f"and set again on replay (command.env)")
 
 
 # ---------------------------------------------------------------- train
@@ -141,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         overrides.append(f"command.nproc={args.nproc}")
     launch.run_command(name, overrides, args.command_argv, args.input, args.output,
-                       args.config_dir, args.runs_dir)
+                       args.config_dir, args.runs_dir, env=args.env)
     return 0
 
 
@@ -306,7 +310,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                           "or a command after `--` (harness submit -- python train.py).")
     submit.submit(name, overrides, args.backend, args.multirun, args.wait,
                   args.config_dir, args.runs_dir, command=args.command_argv,
-                  inputs=args.input, outputs=args.output)
+                  inputs=args.input, outputs=args.output, env=args.env)
     return 0
 
 

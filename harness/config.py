@@ -203,6 +203,16 @@ class CommandConf:
     # LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, for a script that calls
     # init_process_group itself.
     nproc: int = 1
+    # --env NAME=VALUE: variables the command needs, set for it and set again on replay
+    # (the launcher's other variables are passed on, but only their names are recorded).
+    env: Dict[str, str] = field(default_factory=dict)
+    # SOURCE_DATE_EPOCH for the command: tools that embed a date (matplotlib's PDF and SVG,
+    # Sphinx, reproducible tar/gzip builds) write this one, so a replay writes the same
+    # bytes. null: this shell's SOURCE_DATE_EPOCH, else the launch time, drawn once.
+    source_date_epoch: Optional[int] = None
+    # With --nproc: once one process exited 0, how long the others may take to exit before
+    # they are stopped and named with their stacks (a hang in a teardown, say).
+    exit_grace_s: float = 30.0
 
 
 @dataclass

@@ -45,6 +45,10 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_R
 # How long ranks that agreed to stop (exit 75) may take to finish their checkpoint
 # before the launcher kills them.
 STOP_GRACE_S = 120.0
+# How long the other ranks may take to exit once one rank exited 0 (the work is done;
+# a rank still running is most likely stuck in its teardown) before they are stopped.
+EXIT_GRACE_S = 30.0
+STACK_WAIT_S = 3.0  # how long a hung rank gets to write its stack before it is killed
 
 
 # Settings that decide the reduction order of collectives (recorded per run).
@@ -351,12 +355,18 @@ def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env
 class RankGroup:
     """The rank processes of one machine: output passed through, failures contained."""
 
-    def __init__(self, processes: List[subprocess.Popen], log_path: Path):
+    def __init__(self, processes: List[subprocess.Popen], log_path: Path,
+                 exit_grace_s: float = EXIT_GRACE_S,
+                 stack_of: Optional[Callable[[int], Optional[str]]] = None):
         self.processes, self.log_path = processes, log_path
         self.lock = threading.Lock()
         self.readers: List[threading.Thread] = []
         self.failure = ""  # why the run failed, once a rank did
         self.stop_signal: Optional[int] = None  # a stop signal already passed on
+        self.exit_grace_s = exit_grace_s
+        # stack_of(pid): the Python stack a rank wrote on STACK_SIGNAL, once it has
+        self.stack_of = stack_of
+        self.hung: List[Dict[str, Any]] = []  # ranks stopped after the others exited 0
 
     def start(self, ranks: List[Rank], start_one: Callable[[Rank], subprocess.Popen]) -> None:
         """A process per rank; if one cannot start, those started are killed (they would
@@ -400,7 +410,11 @@ class RankGroup:
                 process.send_signal(signum)
 
     def wait(self) -> int:
+        """The group's exit code once every rank ended. Once a rank exited 0, the others
+        get exit_grace_s to follow; those that do not are stopped (their stacks kept in
+        `hung`) and the group counts as done: no run waits forever on a rank."""
         stopping_since: Optional[float] = None
+        done_since: Optional[float] = None
         while True:
             codes = [p.poll() for p in self.processes]
             if any(c not in (None, 0, REQUEUE_EXIT) for c in codes):
@@ -414,9 +428,39 @@ class RankGroup:
                     return self._contain(
                         f"rank(s) {', '.join(late)} did not stop within "
                         f"{STOP_GRACE_S:.0f} s after the others checkpointed; killed")
+            elif 0 in codes:
+                done_since = done_since or time.monotonic()
+                if time.monotonic() - done_since > self.exit_grace_s:
+                    self._stop_hung([i for i, c in enumerate(codes) if c is None], codes)
+                    break
             time.sleep(0.05)
         self._drain()
         return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
+
+    def _stop_hung(self, late: List[int], codes: List[Optional[int]]) -> None:
+        """Ranks still running exit_grace_s after another exited 0: their stacks (where
+        they hung), then SIGKILL."""
+        from harness.rundir import STACK_SIGNAL
+
+        first = codes.index(0)
+        for index in late:
+            if self.stack_of is not None:
+                self.processes[index].send_signal(STACK_SIGNAL)
+        deadline = time.monotonic() + STACK_WAIT_S
+        stacks: Dict[int, Optional[str]] = {}
+        for index in late:
+            pid = self.processes[index].pid
+            while self.stack_of is not None and time.monotonic() < deadline and \
+                    not self.stack_of(pid):
+                time.sleep(0.1)
+            stacks[index] = self.stack_of(pid) if self.stack_of is not None else None
+        self.kill_all()
+        for index in late:
+            self.hung.append({"rank": index, "stack": stacks[index]})
+            self.say(f"rank {index} did not exit within {self.exit_grace_s:g} s after rank "
+                     f"{first} exited 0: stopped (a hang in its teardown; "
+                     f"{'its stack is below' if stacks[index] else 'no stack was written'})"
+                     + (f"\n{stacks[index]}" if stacks[index] else ""))
 
     def kill_all(self) -> None:
         for process in self.processes:

@@ -67,6 +67,17 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
     ("software.packages.*", INFO, "not on the math path of training"),
     ("software.math_libraries.*", INFO, "built into torch: its build (torch_git_version) decides"),
     ("software.platform", INFO, "kernel and libc string"),
+    # The interpreters a command ran with (a `harness run`), read inside its processes.
+    ("interpreters", BLOCKING, "other interpreters ran the command"),
+    ("interpreters[].python", INFO, "where the interpreter is; its version decides"),
+    ("interpreters[].version", BLOCKING, "the interpreter version"),
+    ("interpreters[].implementation", BLOCKING, "the interpreter"),
+    ("interpreters[].torch_cuda", INFO, "follows the torch version"),
+    ("interpreters[].imported.nvidia-ml-py", INFO, "the harness reads GPU facts with it"),
+    ("interpreters[].imported.setuptools", INFO, "imported for its distutils shim"),
+    ("interpreters[].imported.*", BLOCKING, "the command imported it: its code computed "
+                                            "the result"),
+    ("interpreters[].installed.*", INFO, "installed, but the command did not import it"),
     # Determinism settings actually in effect, and the variables that set them.
     ("determinism.*", BLOCKING, "a determinism setting or thread count differs"),
     ("environment.PYTHONHASHSEED", BLOCKING, "changes set/dict iteration orders"),
@@ -85,7 +96,8 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
 )
 
 # Lockfile sections that describe the environment (compared by the replay gate).
-ENVIRONMENT_SECTIONS = ("image", "software", "hardware", "environment", "determinism")
+ENVIRONMENT_SECTIONS = ("image", "software", "hardware", "environment", "determinism",
+                        "interpreters")
 RESULT_PREFIXES = ("results.", "timing.")
 CONFIG_KEYS = ("config", "config_sha256", "seed", "overrides")
 

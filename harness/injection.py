@@ -28,10 +28,11 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from harness import seeding
 from harness.rundir import SCRIPT_REPORTS as REPORTS  # RUN_DIR/.script/<pid>.json
+from harness.rundir import SCRIPT_STACK, STACK_SIGNAL
 
 RUN_DIR_ENV = "HARNESS_RUN_DIR"
 SEED_ENV = "HARNESS_SEED"
@@ -51,17 +52,53 @@ WATCHED = {
     "torch_num_threads": "torch intra-op threads",
 }
 
-_state: Dict[str, Any] = {"applied": None, "compiled": 0, "dataloaders": 0, "started": 0.0}
+_state: Dict[str, Any] = {"applied": None, "compiled": 0, "dataloaders": 0, "started": 0.0,
+                          "cwd": ""}
 
 
 def install() -> None:
-    _state["started"] = time.time()
+    _state["started"], _state["cwd"] = time.time(), os.getcwd()
     seed = int(os.environ[SEED_ENV])
     det = json.loads(os.environ[DETERMINISM_ENV])
     random.seed(seed)
     after_import("numpy", lambda np: seeding.seed_numpy(np, seed))
     after_import("torch", lambda torch: _pin_torch(torch, seed, det))
     atexit.register(_report, at_exit=True)
+    _dump_stack_on_signal()
+    _note_failed_open()
+
+
+def _note_failed_open() -> None:
+    """Remember the path of an uncaught FileNotFoundError (or a refused one): in a container,
+    the runner says whether that path is outside what the container sees."""
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        if isinstance(value, (FileNotFoundError, NotADirectoryError, PermissionError)) and \
+                value.filename is not None:
+            _state["failed_open"] = os.fsdecode(value.filename)
+        previous(kind, value, traceback)
+
+    sys.excepthook = excepthook
+
+
+def stack_path(run_dir: Path, pid: int) -> Path:
+    return Path(run_dir) / REPORTS / SCRIPT_STACK.format(pid=pid)
+
+
+def _dump_stack_on_signal() -> None:
+    """STACK_SIGNAL writes this process's threads' stacks to RUN_DIR/.script/stack-PID.txt
+    (faulthandler: it works while the process is stuck in native code). The runner sends it
+    to a rank that does not exit, before it kills it, to say where it hung."""
+    import faulthandler
+
+    directory = Path(os.environ[RUN_DIR_ENV]) / REPORTS
+    try:
+        directory.mkdir(exist_ok=True)
+        _state["stack_file"] = open(stack_path(directory.parent, os.getpid()), "w")
+    except OSError:
+        return  # a read-only run directory: no stack, the rest works
+    faulthandler.register(STACK_SIGNAL, file=_state["stack_file"], all_threads=True)
 
 
 def after_import(name: str, hook: Callable[[Any], None]) -> None:
@@ -178,23 +215,28 @@ def _watch_compile(torch) -> None:
 
 
 def _report(at_exit: bool) -> None:
+    """This process's report: what it imported and what was in effect (once torch is
+    imported, and again at exit)."""
     run_dir = os.environ.get(RUN_DIR_ENV)
-    if not run_dir or _state["applied"] is None:
-        return  # torch was never imported: nothing of it to report
-    import torch
+    if not run_dir:
+        return
+    torch = sys.modules.get("torch") if _state["applied"] is not None else None
+    if torch is not None and torch.utils.data.get_worker_info() is not None:
+        return  # a DataLoader worker: its parent's report speaks for it
+    from harness import imports
 
-    if torch.utils.data.get_worker_info() is not None:
-        return  # a spawned DataLoader worker: torch itself set its threads to 1
-    from harness import determinism
-
+    directory = Path(run_dir) / REPORTS
+    directory.mkdir(exist_ok=True)
     record = {"pid": os.getpid(), "argv": sys.argv, "python": sys.executable,
               "applied": _state["applied"], "dataloaders": _state["dataloaders"],
               "torch_compile_calls": _state["compiled"], "exited": at_exit,
-              "started": _state["started"]}
-    if at_exit:
+              "started": _state["started"], "failed_open": _state.get("failed_open"),
+              "imported_files": imports.hashed_files(sys.modules.values(), _state["cwd"]),
+              "interpreter": imports.interpreter(sys.modules, directory)}
+    if at_exit and torch is not None:
+        from harness import determinism
+
         record["at_exit"] = determinism.audit()
-    directory = Path(run_dir) / REPORTS
-    directory.mkdir(exist_ok=True)
     tmp = directory / f".{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, sort_keys=True))
     os.replace(tmp, directory / f"{os.getpid()}.json")
@@ -211,10 +253,33 @@ def read_reports(run_dir: Path) -> List[Dict[str, Any]]:
     return sorted(reports, key=lambda r: (r["started"], r["pid"]))
 
 
+def clear_reports(run_dir: Path, keep_reports: bool = False) -> None:
+    """Remove the reports, stack files and caches of the command's processes (all but the
+    reports, once the lock holds them)."""
+    directory = Path(run_dir) / REPORTS
+    for pattern in ("stack-*.txt", "*.cache", *(() if keep_reports else ("*.json",))):
+        for path in directory.glob(pattern):
+            path.unlink()
+
+
+def stack(run_dir: Path, pid: int) -> Optional[str]:
+    """The stack process `pid` dumped on STACK_SIGNAL; None before it has."""
+    try:
+        text = stack_path(run_dir, pid).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def pinned(reports: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The reports of processes that imported torch (and so were pinned)."""
+    return [report for report in reports if report.get("applied") is not None]
+
+
 def changes(reports: List[Dict[str, Any]]) -> List[str]:
     """What each process changed after the harness pinned it, as warnings."""
     warnings = []
-    for report in reports:
+    for report in pinned(reports):
         who = f"pid {report['pid']} ({' '.join(report['argv'])[:80]})"
         if not report["exited"]:
             warnings.append(f"{who} did not exit normally: what it changed is not known")

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from harness import (audit, backends, config, data, distributed, gate, gpu, lockfile,
                      perturb, progress, rundir, tracking)
@@ -31,22 +31,70 @@ def train(name: str, overrides: List[str], config_dir: Optional[Path] = None,
 
 def run_command(name: str, overrides: List[str], argv: List[str], inputs: List[str],
                 outputs: List[str], config_dir: Optional[Path] = None,
-                runs_dir: Optional[Path] = None) -> Path:
+                runs_dir: Optional[Path] = None, env: Sequence[str] = ()) -> Path:
     """`harness run`: the user's command as a run of config `name` (default: run)."""
-    cfg = with_command(config.compose(name, overrides, config_dir), argv, inputs, outputs)
+    cfg = with_command(config.compose(name, overrides, config_dir), argv, inputs, outputs,
+                       env)
     return start(cfg, overrides, runs_dir)
 
 
 def with_command(cfg: Dict[str, Any], argv: List[str], inputs: List[str],
-                 outputs: List[str]) -> Dict[str, Any]:
-    """A composed command config with the command line's command, inputs and outputs."""
+                 outputs: List[str], env: Sequence[str] = ()) -> Dict[str, Any]:
+    """A composed command config with the command line's command, inputs, outputs and
+    --env NAME[=VALUE] variables."""
     if not config.is_script(cfg):
         raise ConfigError(f"config '{cfg['name']}' trains the built-in loop (it has no "
                           f"`command` section): train it without a command, or use a config "
                           f"made for commands (the bundled `run`, or one that extends it).")
     cfg["command"].update(argv=list(argv), inputs=[*cfg["command"]["inputs"], *inputs],
-                          outputs=[*cfg["command"]["outputs"], *outputs])
-    return config.validate(cfg)
+                          outputs=[*cfg["command"]["outputs"], *outputs],
+                          env={**cfg["command"].get("env", {}), **declared_env(env)})
+    cfg = config.validate(cfg)
+    check_declared_env(cfg)
+    return cfg
+
+
+def declared_env(items: Sequence[str]) -> Dict[str, str]:
+    """--env NAME=VALUE, or --env NAME for this shell's value."""
+    declared = {}
+    for item in items:
+        name, has_value, value = item.partition("=")
+        if not has_value:
+            if name not in os.environ:
+                raise ConfigError(f"--env {name}: {name} is not set in this shell. Give its "
+                                  f"value: --env {name}=VALUE.")
+            value = os.environ[name]
+        declared[name] = value
+    return declared
+
+
+def check_declared_env(cfg: Dict[str, Any]) -> None:
+    """A declared variable must be a name, and not one the harness sets itself."""
+    import re
+
+    from harness import determinism
+
+    pinned = determinism.pinned_environment(cfg["determinism"])
+    for name in cfg["command"]["env"]:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"--env {name!r}: not a variable name (letters, digits and _, "
+                              f"not starting with a digit), e.g. --env "
+                              f"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1.")
+        if name in pinned or name.startswith("HARNESS_"):
+            raise ConfigError(f"--env {name}: the harness sets {name} itself (from the "
+                              f"determinism settings); change those instead, e.g. "
+                              f"determinism.threads for OMP_NUM_THREADS.")
+        if name == "SOURCE_DATE_EPOCH":
+            raise ConfigError("--env SOURCE_DATE_EPOCH: the harness sets it for every "
+                              "command; give it as command.source_date_epoch=SECONDS.")
+
+
+def source_date_epoch() -> int:
+    """A new command run's SOURCE_DATE_EPOCH: this shell's, else now."""
+    given = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if given.isdigit():
+        return int(given)
+    return int(time.time())
 
 
 def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = None,
@@ -127,6 +175,15 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
                 f"Resume with the run's own config: `harness train --resume {run_dir.name}`.")
     previous = rundir.read_status(run_dir, check_writer=False)
     _refuse_while_slurm_owns(run_dir, previous)
+    if config.is_script(cfg) and previous.get("state") != "preempted":
+        raise CheckpointRefused(
+            f"run {run_dir.name} ran a command that was not preempted (its status: "
+            f"{previous.get('state', 'unknown')}"
+            f"{', exit code ' + str(previous['exit_code']) if previous.get('exit_code') else ''}"
+            f"): a resume would start the command again from its beginning, over what the "
+            f"killed attempt left, and no replay could repeat that. Start a new run. A "
+            f"command resumes only after it exited {REQUEUE_EXIT} (it checkpointed on SIGTERM "
+            f"or SIGUSR1 and asked to go on; see docs/your-script.md).")
     # The backend the run started on (status.json), not a new choice by backend=auto: the
     # checkpoint's environment must match.
     backend = backends.get(_resume_backend(previous.get("backend") or cfg["backend"]["name"]))
@@ -256,9 +313,12 @@ def prepare(run_dir: Path, cfg: Dict[str, Any], overrides: List[str], backend_na
 
 def script_facts(cfg: Dict[str, Any], backend_name: str) -> Dict[str, Any]:
     """A command run's launch facts: where it runs and what it reads (hashed now, before it
-    starts). Checks the command line first: nothing is written for one that cannot run."""
+    starts). Checks the command line first: nothing is written for one that cannot run.
+    A new run's command.source_date_epoch is drawn here, once, like its seed."""
     from harness import outputs
 
+    if cfg["command"].get("source_date_epoch") is None:
+        cfg["command"]["source_date_epoch"] = source_date_epoch()
     argv = cfg["command"]["argv"]
     if not argv:
         raise ConfigError("no command to run: give it after `--`, e.g. "
@@ -284,7 +344,9 @@ def script_facts(cfg: Dict[str, Any], backend_name: str) -> Dict[str, Any]:
                                         [*cfg["command"]["inputs"], *files], workdir)
     return {"argv": list(argv), "workdir": str(workdir),
             "inputs": outputs.hash_inputs([*cfg["command"]["inputs"], *files], workdir),
-            "command_files": files}
+            "command_files": files,
+            # Names only: values can be secrets. A failed replay names what differs.
+            "environment_names": sorted(os.environ)}
 
 
 def _findable(program: str, workdir: Path) -> bool:

@@ -256,6 +256,7 @@ FIELDS: Dict[str, Tuple[str, bool]] = {
     "resumes": (PROCESS, True),
     "timing": (PROCESS, True),
     "distributed": (PROCESS, False),  # a data-parallel run: its world and ranks
+    "interpreters": (PROCESS, False),  # a command run: each Python that ran, its packages
     "lock_sha256": (SEAL, True),
 }
 

@@ -68,19 +68,27 @@ def command_files(argv: List[str], workdir: Path, output_patterns: List[str]) ->
     return found
 
 
-def check_changed(recorded: Dict[str, Dict[str, Any]], workdir: Path, run_id: str) -> None:
-    """Refuse (DataError) when an input of the run differs from what it was."""
+def check_changed(recorded: Dict[str, Dict[str, Any]], workdir: Path, run_id: str,
+                  what: str = "input") -> None:
+    """Refuse (DataError) when an input of the run (or a file it imported: `what`) differs
+    from what it was."""
     for name, was in recorded.items():
         path = workdir / name
         if not path.exists():
-            raise DataError(f"input {name} of run {run_id} is missing here (looked in "
+            raise DataError(f"{what} {name} of run {run_id} is missing here (looked in "
                             f"{workdir}); restore it, or replay from the directory the run "
                             f"was started in.")
         now = hash_input(path)
         if now["sha256"] != was["sha256"]:
-            raise DataError(f"input {name} changed since run {run_id}: sha256 "
+            raise DataError(f"{what} {name} changed since run {run_id}: sha256 "
                             f"{was['sha256']} then, {now['sha256']} now. Restore the file "
-                            f"the run used (replay proves only the same inputs).")
+                            f"the run used (replay proves only the same inputs and code).")
+
+
+def check_command_unchanged(script: Dict[str, Any], workdir: Path, run_id: str) -> None:
+    """A command run's inputs, and every file its processes imported, as they were."""
+    check_changed(script["inputs"], workdir, run_id)
+    check_changed(script.get("imported") or {}, workdir, run_id, what="imported file")
 
 
 def check_output_patterns(patterns: List[str]) -> None:
@@ -123,6 +131,29 @@ def check_container_outputs(patterns: List[str], inputs: List[str], workdir: Pat
                 raise ConfigError(f"--input {name} is inside {top}/, where outputs go: in a "
                                   f"container {top}/ starts empty (it is the run's output "
                                   f"directory). Keep inputs outside the output directories.")
+
+
+def move_aside(patterns: List[str], workdir: Path, keep: List[str],
+               destination: Path) -> List[str]:
+    """Move what the declared outputs match before the command starts (an earlier run's
+    files) into `destination`, so the command starts without them: a script that resumes
+    from its own snapshot.pt would otherwise go on from the earlier run's, and a replay from
+    the original's. Declared inputs (and files under them) stay. Returns the names moved."""
+    kept = [os.path.normpath(name) for name in keep]
+    moved = []
+    for name in _matches(patterns, workdir):
+        if any(name == k or name.startswith(k + os.sep) for k in kept):
+            continue
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.move(str(workdir / name), str(target))
+        except OSError as exc:
+            raise RunFailed(f"declared output {name} exists from before the run and cannot be "
+                            f"moved aside to {target} ({exc.strerror}): delete it, or make it "
+                            f"writable, and run again.") from None
+        moved.append(name)
+    return moved
 
 
 def snapshot(patterns: List[str], workdir: Path) -> Dict[str, Tuple[int, int]]:
@@ -197,6 +228,9 @@ def compare(a_dir: Path, b_dir: Path, a_files: Dict[str, Dict[str, Any]],
             if name.endswith(TENSOR_FILES):
                 entry["tensor"] = first_tensor_difference(
                     a_dir / OUTPUTS_DIR / name, b_dir / OUTPUTS_DIR / name)
+            else:
+                entry.update(first_byte_difference(
+                    a_dir / OUTPUTS_DIR / name, b_dir / OUTPUTS_DIR / name))
             differing.append(entry)
         elif a.get("unwritten") or b.get("unwritten"):
             unwritten.append(name)
@@ -225,6 +259,50 @@ def compare_console(a_dir: Path, b_dir: Path, a: Optional[Dict[str, Any]],
                 report["first_difference"] = {"line": number, "a": x[:200], "b": y[:200]}
                 break
     return report
+
+
+# What a date or time looks like inside a file: ISO 8601 and its relatives, a PDF date
+# (D:20261207...), an HTTP/ctime date, a time of day, a Unix time of this century.
+DATE_PATTERNS = (
+    rb"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?", rb"D:\d{12}", rb"\d{8}T?\d{6}",
+    rb"(Mon|Tue|Wed|Thu|Fri|Sat|Sun),? [\d ]\d? ?\w{3}", rb"\d{2}:\d{2}:\d{2}",
+    rb"\b1[6-9]\d{8}(\.\d+)?\b",
+)
+
+
+def first_byte_difference(a_path: Path, b_path: Path, context: int = 24) -> Dict[str, Any]:
+    """Where two files first differ: the offset, the bytes around it in each, and, when
+    those bytes form a date or time in both, `looks_like_date` (the file embeds when it was
+    written: a PDF's /CreationDate, a timestamp in a log or archive header)."""
+    with open(a_path, "rb") as a_file, open(b_path, "rb") as b_file:
+        offset = 0
+        while True:
+            a, b = a_file.read(1 << 20), b_file.read(1 << 20)
+            size = min(len(a), len(b))
+            at = next((i for i in range(size) if a[i] != b[i]), None) if a[:size] != b[:size] \
+                else None
+            if at is not None or not a or not b or len(a) != len(b):
+                offset += at if at is not None else size
+                break
+            offset += size
+    windows = []
+    for path in (a_path, b_path):
+        with open(path, "rb") as handle:
+            handle.seek(max(0, offset - context))
+            windows.append(handle.read(2 * context))
+    found = {"first_differing_byte": offset,
+             "around": [w.decode("latin-1") for w in windows]}
+    if all(_has_date(w, min(offset, context)) for w in windows):
+        found["looks_like_date"] = True
+    return found
+
+
+def _has_date(window: bytes, at: int) -> bool:
+    """A date or time in `window` that covers the byte at `at`."""
+    import re
+
+    return any(match.start() <= at < match.end() for pattern in DATE_PATTERNS
+               for match in re.finditer(pattern, window))
 
 
 def first_tensor_difference(a_path: Path, b_path: Path) -> Optional[Dict[str, Any]]:
@@ -311,5 +389,13 @@ def render(report: Dict[str, Any]) -> str:
                     f"{tensor['max_abs_diff']:.3e}"
         elif tensor:
             line += f"; first differing tensor {tensor['name']}"
+        elif "first_differing_byte" in entry:
+            line += f"; first differing byte at {entry['first_differing_byte']}"
+        if entry.get("looks_like_date"):
+            around = [text.strip() for text in entry["around"]]
+            line += (f"\n    the differing bytes form a date or time ({around[0]!r} vs "
+                     f"{around[1]!r}): the file embeds when it was written. Write it with "
+                     f"the date from SOURCE_DATE_EPOCH (set for every command), or without "
+                     f"one")
         lines.append(line)
     return "\n".join(lines)

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import (__version__, capture, compare, config, gate, image, integrity, lockfile,
-                     outputs, perturb, rundir, signing, tracking)
+from harness import (__version__, capture, compare, config, gate, image, imports, integrity,
+                     lockfile, outputs, perturb, rundir, signing, tracking)
 from harness import trust as trust_module
 from harness.errors import (ConfigError, Diverged, EnvironmentProblem, LockfileError,
-                            ReplayRefused, Unverified)
+                            ReplayRefused, RunFailed, Unverified)
 
 
 def load_original(ref: str, runs_dir: Optional[Path], trust: bool = False
@@ -69,10 +69,11 @@ def captured(run_dir: Path, lock: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[s
     return env
 
 
-def current_environment(cfg: Dict[str, Any], env: Dict[str, Any]
+def current_environment(cfg: Dict[str, Any], env: Dict[str, Any],
+                        recorded_interpreters: Optional[List[Dict[str, Any]]] = None
                         ) -> Tuple[Dict[str, Any], List[str]]:
     """(the environment a new training process would record, sections the gate must skip),
-    from `env`, this host's capture.
+    from `env`, this host's capture, and the command's interpreters as they are now.
 
     A backend contributes its lock facts (docker: the image it would use). One that trains
     elsewhere (in an image, on a batch node) recorded the software and environment
@@ -85,7 +86,10 @@ def current_environment(cfg: Dict[str, Any], env: Dict[str, Any]
                       "source_sha256": lockfile.harness_source_sha256()}
     backend = backends.get(cfg["backend"]["name"])
     env.update(backend.lock_facts(config.typed(cfg)))
-    skip: List[str] = ["software", "environment"] if backend.trains_elsewhere else []
+    skip: List[str] = ["software", "environment", "interpreters"] \
+        if backend.trains_elsewhere else []
+    if recorded_interpreters and not backend.trains_elsewhere:
+        env["interpreters"] = imports.current_interpreters(recorded_interpreters)
     return env, skip
 
 
@@ -115,7 +119,7 @@ def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
     docker run's image is made present first (pulled, or rebuilt and proved the same)."""
     if lock.get("image") and cfg["backend"]["name"] == "docker":
         image.ensure_recorded(lock["image"], cfg["image"], run_id, allow_mismatch)
-    current, skip = current_environment(cfg, here)
+    current, skip = current_environment(cfg, here, lock.get("interpreters"))
     diffs = gate.gate(lock, current, skip)
     blocking = [d for d in diffs if d.blocking]
     unproven = [d for d in diffs if d.group == gate.UNPROVEN]
@@ -153,6 +157,28 @@ def likely_cause(diffs: List[gate.Difference], cpu_isa: str) -> str:
             f"code. {advice}.")
 
 
+def environment_hint(lock: Dict[str, Any]) -> str:
+    """For a command that failed in its replay: the variables set when it ran and not now,
+    and the other way round (names only: the lock keeps no values but --env's)."""
+    import os
+
+    then = set((lock.get("script") or {}).get("environment_names") or ())
+    if not then:
+        return ""
+    now = set(os.environ)
+    gone, new = sorted(then - now), sorted(now - then)
+    if not gone and not new:
+        return ""
+    parts = [f"set when it ran, not now: {', '.join(gone[:8])}{' ...' if len(gone) > 8 else ''}"
+             if gone else "",
+             f"set now, not when it ran: {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}"
+             if new else ""]
+    return (f"\nThe environment differs from the original run's (variables "
+            f"{'; '.join(p for p in parts if p)}). If the command needs one, set it, or run "
+            f"it again with --env NAME=VALUE so that the run records it and its replays set "
+            f"it.")
+
+
 def replayed(run_dir: Path, lock: Dict[str, Any]) -> Dict[str, Any]:
     """The new lock's `replay_of`: the directory replayed, by its own name and path. A copy
     of a run (renamed, or in another runs directory) is its own record: its verdict must not
@@ -179,7 +205,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     diffs = checked_environment(orig_dir.name, lock, cfg, here, allow_mismatch)
     blocking = [d for d in diffs if d.blocking]
     if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
-        outputs.check_changed(lock["script"]["inputs"], Path.cwd(), orig_dir.name)
+        outputs.check_command_unchanged(lock["script"], Path.cwd(), orig_dir.name)
         for warning in lock["script"]["warnings"]:
             print(f"harness: the original run warned: {warning}", flush=True)
     gate_s = time.perf_counter() - started
@@ -188,7 +214,13 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     extra = {"replay_of": link,
              "replay_mismatches": [d.to_json() for d in diffs]}
     train_started = time.perf_counter()
-    new_dir = launch.start(cfg, lock.get("overrides", []), runs_dir or orig_dir.parent, extra)
+    try:
+        new_dir = launch.start(cfg, lock.get("overrides", []), runs_dir or orig_dir.parent,
+                               extra)
+    except RunFailed as failed:
+        if not config.is_script(cfg):
+            raise
+        raise RunFailed(f"{failed}{environment_hint(lock)}", failed.exit_code) from None
     train_s = time.perf_counter() - train_started
 
     compare_started = time.perf_counter()

@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import secrets
+import signal
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -59,9 +60,12 @@ WRITER_LOCK = ".writer.lock"
 REPLAY = "replay.json"
 VERIFY = "verify.json"
 OUTPUTS = "outputs"
+DISPLACED = "displaced"  # declared outputs that existed before a command run started
 TRACKING = "tracking.json"  # the trackers' state: MLflow run id, last step sent
 SCRIPT_REPORTS = ".script"
 SCRIPT_OUTPUTS = "outputs.txt"  # in .script/: what harness.runtime.record_output recorded
+SCRIPT_STACK = "stack-{pid}.txt"  # in .script/: a process's stack, dumped on STACK_SIGNAL
+STACK_SIGNAL = signal.SIGUSR2  # asks a rank that does not exit where it is stuck
 SCRIPT_CONSOLE = "console.log"  # in .script/: what the command printed (stdout and stderr)
 AUDIT = "audit.jsonl"  # per-module tensor digests of a `harness verify` run (harness.audit)
 NONDETERMINISTIC = "nondeterministic.json"  # nondeterministic ops torch warned about

@@ -22,9 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
-from harness import distributed, injection, outputs, rundir
+from harness import distributed, imports, injection, outputs, rundir
 from harness.backends.local import LAUNCHER_PID_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus, output_to_log
@@ -52,14 +52,19 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                                  f"be able to read it.") from None
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # a requeued batch job
     resume = resume or restarts > 0
-    if resume:  # the run must go on with the inputs it started with
-        outputs.check_changed(facts["inputs"], workdir, run_dir.name)
+    if resume:  # the run must go on with the inputs and code it started with
+        outputs.check_command_unchanged(
+            {**facts, "imported": imports.merge_files(injection.read_reports(run_dir), workdir,
+                                                      facts["inputs"])},
+            workdir, run_dir.name)
     patterns = cfg["command"]["outputs"]
+    if not resume:  # a new run (or a replay) starts without an earlier run's outputs
+        say_displaced(outputs.move_aside(patterns, workdir, list(facts["inputs"]),
+                                         run_dir / rundir.DISPLACED), run_dir)
     before = outputs.snapshot(patterns, workdir)
-    for report in (run_dir / injection.REPORTS).glob("*.json"):
-        report.unlink()  # this attempt's processes only (declared outputs stay)
+    injection.clear_reports(run_dir)  # this attempt's processes only (declared outputs stay)
     started = time.time()
-    code = run_command(rt, cfg, run_dir, resume, in_container=watch_stdin)
+    code, hung = run_command(rt, cfg, run_dir, resume, in_container=watch_stdin)
     ended = time.time()
     if code == REQUEUE_EXIT:
         print(f"harness: the command exited with code {REQUEUE_EXIT} (preempted, resumable): "
@@ -68,21 +73,33 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     if code != 0:
         print(f"harness: error: the command exited with code {code}", file=sys.stderr,
               flush=True)
+        unseen = unseen_paths(injection.read_reports(run_dir), workdir) if watch_stdin else []
+        if unseen:
+            said = (f"the command failed opening {unseen[0]}, which is not in the container: "
+                    f"it sees the working directory {workdir} (read-only), the declared "
+                    f"inputs and the output directories. Declare the file or its directory "
+                    f"with --input {unseen[0]} (it is then hashed and mounted at the same "
+                    f"path), or run with backend=local.")
+            print(f"harness: error: {said}", file=sys.stderr, flush=True)
+            rundir.record_error(run_dir, said, code)
         if not rundir.recorded_error(run_dir):  # --nproc: which process failed, if said
             rundir.record_error(run_dir, f"the command exited with code {code}", code)
         return code
+    if hung and not patterns:
+        said = (f"rank(s) {', '.join(str(h['rank']) for h in hung)} did not exit and were "
+                f"stopped, and the command declares no output (--output) to show that its "
+                f"work was done: the run failed. Declare what it writes to keep such a run.")
+        print(f"harness: error: {said}", file=sys.stderr, flush=True)
+        rundir.record_error(run_dir, said, 1)
+        return 1
     files, warnings = outputs.collect(patterns + recorded_outputs(run_dir, workdir), workdir,
                                       run_dir, before)
-    if before and not resume:
-        warnings.append(
-            f"declared output(s) {', '.join(sorted(before)[:5])}"
-            f"{' ...' if len(before) > 5 else ''} existed before the command started (from "
-            f"an earlier run?): a command that resumes from its own files (a snapshot.pt, "
-            f"say) started from them, and so will a replay. Delete them before a run that "
-            f"must start fresh.")
+    warnings += [f"rank {h['rank']} did not exit within {cfg['command']['exit_grace_s']:g} s "
+                 f"after another exited 0 and was stopped (its outputs were written)"
+                 for h in hung]
     reports = injection.read_reports(run_dir)
     warnings += injection.changes(reports)
-    if cfg["command"]["inject"] and not reports:
+    if cfg["command"]["inject"] and not injection.pinned(reports):
         warnings.append("no Python process of the command imported torch: nothing was pinned "
                         "inside it (only the environment variables)")
     for warning in warnings:
@@ -91,7 +108,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
         print("harness: warning: the command declared no output file (--output, or "
               "harness.runtime.record_output): a replay can compare only what it printed. "
               "Declare the files it writes to have its results compared.", flush=True)
-    rt.in_effect = reports[0]["applied"] if reports else {}
+    rt.in_effect = injection.pinned(reports)[0]["applied"] if injection.pinned(reports) else {}
     results = {"exit_code": code, "outputs": files, "outputs_sha256": _digest(files),
                **console_result(run_dir, resume or cfg["command"].get("nproc", 1) > 1)}
     attempts = max(restarts, int(rundir.read_json(run_dir / rundir.STATUS).get("resumes", 0)))
@@ -99,15 +116,29 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                   else [], timing={"first_step_unix": started,
                                    "command_s": round(ended - started, 3)},
                   extra={"script": {**facts, "warnings": warnings,
-                                    "processes": [_process_summary(r) for r in reports]}})
+                                    "imported": imports.merge_files(reports, workdir,
+                                                                    facts["inputs"]),
+                                    "processes": [_process_summary(r) for r in reports],
+                                    **({"hung_ranks": hung} if hung else {})},
+                         "interpreters": imports.merge_interpreters(reports)})
+    injection.clear_reports(run_dir, keep_reports=True)
     print(f"harness: {len(files)} output file(s) recorded (outputs sha256 "
           f"{results['outputs_sha256'][:16]}...)", flush=True)
     return 0
 
 
+def say_displaced(moved: List[str], run_dir: Path) -> None:
+    if moved:
+        print(f"harness: moved {len(moved)} declared output(s) that existed before the "
+              f"command started ({', '.join(moved[:3])}{' ...' if len(moved) > 3 else ''}) "
+              f"to {Path(run_dir) / rundir.DISPLACED}: the command starts without an earlier "
+              f"run's files, as its replay will.", flush=True)
+
+
 def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
-                in_container: bool) -> int:
-    """Start the command, pass stop signals to it, copy its output to ours; its exit code.
+                in_container: bool) -> Tuple[int, List[Dict[str, Any]]]:
+    """Start the command, pass stop signals to it, copy its output to ours; (its exit
+    code, the processes of --nproc that hung after another exited 0 and were stopped).
 
     Its output goes through us rather than straight to the launcher's pipe: when the
     launcher dies, our stop handler moves our output to train.log, and the command's last
@@ -121,7 +152,8 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
     env = command_environment(cfg, run_dir, resume)
     try:
         if nproc > 1:
-            return run_processes(rt, argv, env, nproc, run_dir)
+            return run_processes(rt, argv, env, nproc, run_dir,
+                                 float(cfg["command"]["exit_grace_s"]))
         child = _start(argv, env)
     except (FileNotFoundError, PermissionError) as exc:
         said = (f"cannot start the command {argv[0]!r}: {exc.strerror}. Check that it is "
@@ -129,14 +161,14 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
                 f"its path.")
         print(f"harness: error: {said}", file=sys.stderr, flush=True)
         rundir.record_error(run_dir, said, 127)
-        return 127
+        return 127, []
     rt.stop.forward = lambda signum: _signal(child.pid, signum)
     if rt.stop.signum:  # a stop that came while we were starting it
         _signal(child.pid, rt.stop.signum)
     _copy_output(child.stdout, run_dir / rundir.LOG, console_path(run_dir))
     code = child.wait()
     _end_stragglers(child.pid)
-    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    return (128 - code if code < 0 else code), []  # killed by a signal: the shell's way
 
 
 def _start(argv: List[str], env: Dict[str, str]) -> subprocess.Popen:
@@ -146,12 +178,13 @@ def _start(argv: List[str], env: Dict[str, str]) -> subprocess.Popen:
 
 
 def run_processes(rt: Runtime, argv: List[str], env: Dict[str, str], nproc: int,
-                  run_dir: Path) -> int:
+                  run_dir: Path, exit_grace_s: float) -> Tuple[int, List[Dict[str, Any]]]:
     """`--nproc N`: N processes of the command, each with torchrun's variables (RANK ...),
     as the built-in loop's ranks are run (distributed.RankGroup): stop signals to each,
     output passed through (`[rank N]` before the lines of ranks above 0), and when one
     fails the others are killed at once, so none is left waiting in a collective."""
-    group = distributed.RankGroup([], run_dir / rundir.LOG)
+    group = distributed.RankGroup([], run_dir / rundir.LOG, exit_grace_s,
+                                  stack_of=lambda pid: injection.stack(run_dir, pid))
     group.start(distributed.local_ranks(nproc),
                 lambda rank: _start(argv, {**env, **rank.environment()}))
     rt.stop.forward = group.signal
@@ -162,7 +195,7 @@ def run_processes(rt: Runtime, argv: List[str], env: Dict[str, str], nproc: int,
         _end_stragglers(process.pid)
     if group.failure:
         rundir.record_error(run_dir, f"the command's {group.failure}", code)
-    return code
+    return code, group.hung
 
 
 def console_path(run_dir: Path) -> Path:
@@ -238,6 +271,9 @@ def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dic
     this interpreter's directory first on PATH (`python` is the one the harness runs
     with: in a container, the image's), and the injection unless the run opts out."""
     env = {key: value for key, value in os.environ.items() if key != LAUNCHER_PID_ENV}
+    env.update(cfg["command"].get("env") or {})  # --env: declared, recorded, replayed
+    if cfg["command"].get("source_date_epoch") is not None:
+        env["SOURCE_DATE_EPOCH"] = str(cfg["command"]["source_date_epoch"])
     env[injection.SEED_ENV] = str(cfg["seed"])
     env[injection.RUN_DIR_ENV] = str(Path(run_dir).resolve())
     env[RESUME_ENV] = "1" if resume else "0"
@@ -249,6 +285,18 @@ def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dic
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(INJECT_DIR), env.get("PYTHONPATH", "")] if p)
     return env
+
+
+def unseen_paths(reports: List[Dict[str, Any]], workdir: Path) -> List[str]:
+    """Paths a process of the command failed to open that lie outside the working
+    directory: in a container, not mounted (the host may well have them)."""
+    found = []
+    for report in reports:
+        path = report.get("failed_open")
+        if path and os.path.isabs(path) and not Path(path).is_relative_to(workdir) and \
+                path not in found:
+            found.append(path)
+    return found
 
 
 def recorded_outputs(run_dir: Path, workdir: Path) -> List[str]:

@@ -22,14 +22,15 @@ from harness.errors import ConfigError, RunFailed
 def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bool = False,
            wait: bool = False, config_dir: Optional[Path] = None,
            runs_dir: Optional[Path] = None, command: Optional[List[str]] = None,
-           inputs: Sequence[str] = (), outputs: Sequence[str] = ()) -> List[Path]:
+           inputs: Sequence[str] = (), outputs: Sequence[str] = (),
+           env: Sequence[str] = ()) -> List[Path]:
     """Submit runs of config `name` (with -m, one per sweep combination, as one job array)
     through the batch backend; with `command`, runs of the user's command (as `harness run`
     does, in a batch job)."""
     combos = sweep.expand(overrides) if multirun else [list(overrides)]
     runs_dir = runs_dir or rundir.default_runs_dir()
     run_dirs, job_id, cfgs = submit_combos(name, combos, backend, config_dir, runs_dir,
-                                           command, inputs, outputs)
+                                           command, inputs, outputs, env)
     if len(run_dirs) > 1:
         record_sweep(name, overrides, combos, run_dirs, job_id, runs_dir)
     if wait:
@@ -42,7 +43,8 @@ def submit(name: str, overrides: List[str], backend: str = "slurm", multirun: bo
 def submit_combos(name: str, combos: List[List[str]], backend: str,
                   config_dir: Optional[Path], runs_dir: Path,
                   command: Optional[List[str]] = None, inputs: Sequence[str] = (),
-                  outputs: Sequence[str] = ()) -> Tuple[List[Path], str, List[Dict[str, Any]]]:
+                  outputs: Sequence[str] = (), env: Sequence[str] = ()
+                  ) -> Tuple[List[Path], str, List[Dict[str, Any]]]:
     """One run per combination of overrides, as one job (a job array for several):
     (run directories, job id, resolved configs)."""
     batch_backends = [name for name, cls in backends.classes().items() if cls.batch]
@@ -52,7 +54,7 @@ def submit_combos(name: str, combos: List[List[str]], backend: str,
                           f"train)")
     batch = backends.get(backend)
     slurm_backend.tool("sbatch")  # fail before preparing anything when Slurm is missing
-    cfgs = compose_all(name, combos, backend, config_dir, command, inputs, outputs)
+    cfgs = compose_all(name, combos, backend, config_dir, command, inputs, outputs, env)
     trackers = {json.dumps(cfg.get("tracker"), sort_keys=True): cfg for cfg in cfgs}
     for cfg in trackers.values():  # each tracker answers, before anything is written
         tracking.check(cfg, runs_dir)
@@ -71,7 +73,8 @@ def submit_combos(name: str, combos: List[List[str]], backend: str,
 
 def compose_all(name: str, combos: List[List[str]], backend: str,
                 config_dir: Optional[Path], command: Optional[List[str]],
-                inputs: Sequence[str], outputs: Sequence[str]) -> List[Dict[str, Any]]:
+                inputs: Sequence[str], outputs: Sequence[str],
+                env: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """One resolved config per combination; those of a job array may differ only where
     its one batch script does not care."""
     cfgs = [config.compose(name, [f"backend={backend}", *combo], config_dir) for combo in combos]
@@ -80,7 +83,8 @@ def compose_all(name: str, combos: List[List[str]], backend: str,
                           "working directory, writing the same output files: submit each "
                           "setting on its own.")
     if command is not None:
-        cfgs = [launch.with_command(cfg, command, list(inputs), list(outputs)) for cfg in cfgs]
+        cfgs = [launch.with_command(cfg, command, list(inputs), list(outputs), env)
+                for cfg in cfgs]
     elif config.is_script(cfgs[0]):
         raise ConfigError(f"config '{name}' runs a command: give it after `--` "
                           f"(harness submit {name} -- python train.py).")

@@ -250,9 +250,12 @@ def project(cache_home):
     environment = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
     environment.pop("PYTHONPATH", None)
 
-    def harness(*args, check_rc=None, timeout=600):
+    def harness(*args, check_rc=None, timeout=600, env=None):
+        """`env`: variables to set for this call (a None value unsets one)."""
+        changed = {**environment, **(env or {})}
+        changed = {key: value for key, value in changed.items() if value is not None}
         done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=directory,
-                              env=environment, capture_output=True, text=True, timeout=timeout)
+                              env=changed, capture_output=True, text=True, timeout=timeout)
         if check_rc is not None and done.returncode != check_rc:
             raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
                                  f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")

@@ -49,9 +49,9 @@ def test_unmodified_script_repeats_and_replays_identical(project):
     assert lock["determinism"]["in_effect"]["deterministic_algorithms"] is True
     assert lock["script"]["warnings"] == []
     assert lock["script"]["processes"][0]["dataloaders"] == 1
-    # the second run found the first one's outputs in place: said, in its lock too
-    assert any("out/metrics.json, out/model.pt existed before the command started" in w
-               for w in read_lock(second)["script"]["warnings"])
+    # the second run found the first one's outputs in place: moved aside, and said
+    assert sorted(p.name for p in (second / "displaced" / "out").iterdir()) == \
+        ["metrics.json", "model.pt"]
 
     replayed = harness("replay", first.name, check_rc=0)
     assert "IDENTICAL: all 2 declared output file(s) written by both runs match byte for " \
@@ -91,13 +91,26 @@ def test_a_command_with_no_output_file_is_compared_by_what_it_printed(project):
 
 
 def test_an_output_left_from_before_cannot_make_a_replay_identical(project):
-    """A declared output the command never wrote matches itself in every replay: it is
-    not counted, so the verdict is UNVERIFIED. The control: once written, it is counted."""
+    """A declared output left from before the run is moved aside before the command
+    starts: a command that does not write it fails (its output matched nothing), and the
+    file is kept in the run directory. One that an input protects from being moved and
+    that the command never wrote is not counted, so the verdict is UNVERIFIED. The
+    control: once written, it is counted."""
     directory, harness = project
     (directory / "stale").mkdir()
     (directory / "stale" / "result.txt").write_text("from an earlier run\n")
-    stale = run_dir_of(harness("run", "backend=local", "--output", "stale/result.txt", "--",
-                               "python", "-c", "pass", check_rc=0))
+    before = set(runs_in(directory))
+    done = harness("run", "backend=local", "--output", "stale/result.txt", "--",
+                   "python", "-c", "pass", check_rc=1)
+    assert "moved 1 declared output(s) that existed before the command started" in done.stdout
+    assert "stale/result.txt matched no file" in done.stderr
+    (moved,) = set(runs_in(directory)) - before
+    assert (directory / "runs" / moved / "displaced" / "stale" / "result.txt").read_text() \
+        == "from an earlier run\n"
+
+    (directory / "stale" / "result.txt").write_text("from an earlier run\n")
+    stale = run_dir_of(harness("run", "backend=local", "--input", "stale", "--output",
+                               "stale/result.txt", "--", "python", "-c", "pass", check_rc=0))
     assert outputs_of(stale)["stale/result.txt"]["unwritten"] is True
     done = harness("replay", stale.name)
     assert done.returncode == 8, done.stdout + done.stderr
@@ -260,16 +273,19 @@ def test_sigterm_reaches_the_script_and_75_resumes(project, cache_home):
 # ---------------------------------------------------------------- docker and Slurm
 
 
-@pytest.mark.docker
-def test_docker_run_matches_local_and_replays_identical(project):
+def docker_engine_up() -> bool:
     import docker
 
     try:
         docker.from_env(timeout=30).ping()
-        engine_up = True
     except Exception:  # noqa: BLE001 - no engine: require() skips or (CI) fails
-        engine_up = False
-    require(engine_up, "no Docker engine answers (run `make docker-env`)")
+        return False
+    return True
+
+
+@pytest.mark.docker
+def test_docker_run_matches_local_and_replays_identical(project):
+    require(docker_engine_up(), "no Docker engine answers (run `make docker-env`)")
     directory, harness = project
     local = run_dir_of(harness("run", "backend=local", *RUN, check_rc=0))
     shutil.rmtree(directory / "out")
