@@ -33,7 +33,6 @@ from pathlib import Path
 from spread import summary, timed
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def harness(*args: str, cwd: Path):
@@ -106,12 +105,13 @@ def fingerprint_figures(repeat: int) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from harness.config import load_yaml
+    from harness.config import compose
     from harness.train import tensor_digests
 
     torch.set_num_threads(2)
-    model = instantiate(load_yaml(CONF / "model" / "cnn.yaml"))
-    every = load_yaml(CONF / "trainer" / "default.yaml")["fingerprint_every"]
+    bundled = compose("fashion_mnist", [])  # defaults live in the typed schema, not YAML
+    model = instantiate(bundled["model"])
+    every = bundled["trainer"]["fingerprint_every"]
     call_ms = summary([1000 * s for s in timed(lambda: tensor_digests(model.state_dict()),
                                                 repeat)])
     return {"default_every": every, "digest_call_ms": call_ms,

@@ -409,17 +409,14 @@ def add_lock(sub) -> None:
 
 def cmd_lock_check(args: argparse.Namespace) -> int:
     from harness import integrity, lockfile, rundir, signing
-    from harness.errors import LockfileError
 
     run_dir = rundir.resolve(args.run, args.runs_dir)
     integrity.refuse_unfinished(run_dir)
     lock = lockfile.read(run_dir / rundir.LOCK)
     is_command = "outputs" in lock["results"]
     integrity.check(run_dir, lock, None if is_command else integrity.weights_digest(run_dir))
-    signature = signing.verify(run_dir, lock)
-    if signature.state == signing.INVALID:
-        raise LockfileError(f"{run_dir.name}: {signature.describe()}. The run directory was "
-                            f"changed after its launcher signed it.")
+    signature = signing.intact(run_dir, lock, "The run directory was changed after its "
+                               "launcher signed it.")
     checked = f"{len(lock['results']['outputs'])} output file(s)" if is_command else \
         f"{rundir.WEIGHTS}, {rundir.METRICS} and the evaluation"
     print(f"{run_dir.name}: lockfile intact (lock_sha256 {lock['lock_sha256'][:16]}...); "

@@ -148,11 +148,9 @@ def _resume_locked(run_dir: Path, name: Optional[str], overrides: List[str],
         raise ConfigError(f"run {run_dir.name} already finished (it has a lockfile); there is "
                           f"nothing to resume. Start a new run instead.")
     cfg = config.load_yaml(run_dir / rundir.CONFIG)
-    signature = signing.verify_launch(run_dir)
-    if signature.state == signing.INVALID:
-        raise CheckpointRefused(f"run {run_dir.name}: launch {signature.describe()}. Its "
-                                f"config or launch facts were changed after it was launched; "
-                                f"restore them, or start a new run.")
+    signature = signing.intact(run_dir, None, "Its config or launch facts were changed "
+                               "after it was launched; restore them, or start a new run.",
+                               refusal=CheckpointRefused)
     trust_module.require(run_dir.name, signature, cfg,
                          rundir.read_json(run_dir / rundir.LAUNCH)["lock"].get("script"),
                          "resume", trust)

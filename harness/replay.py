@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness import (__version__, capture, compare, config, gate, image, imports, integrity,
                      lockfile, outputs, perturb, rundir, signing, tracking)
 from harness import trust as trust_module
-from harness.errors import (ConfigError, Diverged, EnvironmentProblem, LockfileError,
+from harness.errors import (ConfigError, Diverged, EnvironmentProblem,
                             ReplayRefused, RunFailed, Unverified)
 
 
@@ -28,11 +28,9 @@ def load_original(ref: str, runs_dir: Optional[Path], trust: bool = False
     integrity.refuse_unfinished(run_dir)
     lock = lockfile.read(run_dir / rundir.LOCK)
     integrity.check(run_dir, lock)
-    signature = signing.verify(run_dir, lock)
-    if signature.state == signing.INVALID:
-        raise LockfileError(f"run {run_dir.name}: {signature.describe()}. The run directory "
-                            f"was changed after its launcher signed it; nothing was run. "
-                            f"Copy it again from where it came from.")
+    signature = signing.intact(run_dir, lock, "The run directory was changed after its "
+                               "launcher signed it; nothing was run. Copy it again from where "
+                               "it came from.")
     trust_module.require(run_dir.name, signature, lock["config"], lock.get("script"),
                          "replay", trust)
     cfg = config.validate(lock["config"])

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from harness import rundir
 from harness.digest import file_sha256
-from harness.errors import ConfigError, EnvironmentProblem
+from harness.errors import ConfigError, EnvironmentProblem, LockfileError
 
 BUNDLE = rundir.SIGNATURE
 LAUNCH_BUNDLE = rundir.LAUNCH_SIGNATURE
@@ -295,6 +295,18 @@ def verify(run_dir: Path, lock: Dict[str, Any]) -> Signature:
 def verify_launch(run_dir: Path) -> Signature:
     """The same for the signature made at launch (config and launch facts)."""
     return _verify(Path(run_dir) / LAUNCH_BUNDLE, launch_subjects(run_dir))
+
+
+def intact(run_dir: Path, lock: Optional[Dict[str, Any]], then: str,
+           refusal: type = LockfileError) -> Signature:
+    """The run's signature (its lock's; its launch's when `lock` is None), or `refusal`
+    when the files changed after they were signed: `then` says what that means here. An
+    unsigned or untrusted run passes: trust.require decides about those."""
+    signature = verify(run_dir, lock) if lock is not None else verify_launch(run_dir)
+    if signature.state == INVALID:
+        what = "" if lock is not None else "launch "
+        raise refusal(f"run {Path(run_dir).name}: {what}{signature.describe()}. {then}")
+    return signature
 
 
 def _verify(path: Path, current: List[Dict[str, Any]]) -> Signature:
