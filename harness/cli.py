@@ -338,7 +338,7 @@ def cmd_slurm_status(args: argparse.Namespace) -> int:
 
 
 def add_data(sub) -> None:
-    data = sub.add_parser("data", help="datasets: fetch, locate")
+    data = sub.add_parser("data", help="datasets: fetch, locate, verify")
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     fetch = actions.add_parser(
         "fetch", help="download a dataset from its pinned mirrors",
@@ -354,6 +354,16 @@ def add_data(sub) -> None:
     where.add_argument("name")
     add_config_dir(where)
     where.set_defaults(handler=cmd_data_where)
+    verify = actions.add_parser(
+        "verify", help="re-hash every file of a dataset against its pins",
+        description="Read every file of conf/data/NAME.yaml again and check its content "
+                    "sha256 against the pin, ignoring the digests remembered for unchanged "
+                    "files (launches re-hash only files whose device, inode, size, mtime or "
+                    "ctime changed). Exit 3 on a mismatch. HARNESS_REHASH=1 does the same "
+                    "for any launch, replay or resume, and for a command's --input files.")
+    verify.add_argument("name", help="dataset name, e.g. mnist or fashion_mnist")
+    add_config_dir(verify)
+    verify.set_defaults(handler=cmd_data_verify)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -376,6 +386,20 @@ def cmd_data_where(args: argparse.Namespace) -> int:
     if located is None:
         raise DataError(data.missing_message(data_cfg))
     print(located[0])
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from harness import config, data
+
+    data_cfg = config.group_option("data", args.name, args.config_dir)
+    located = data.locate(data_cfg)
+    if located is None:
+        raise DataError(data.missing_message(data_cfg))
+    directory, paths = located
+    record = data.verify(data_cfg, paths, rehash=True)
+    print(f"{data_cfg['name']}: {len(record)} file(s) in {directory} re-hashed, each matches "
+          f"its pin")
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from harness import hash_cache
 from harness.errors import DataError
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")
@@ -112,11 +113,10 @@ class IdxClassification:
 # ---------------------------------------------------------------- identity
 
 def content_sha256(path: Path, fix: str = "") -> str:
-    """sha256 of the file's content, decompressed when it is gzip. Always computed from the
-    bytes: a lockfile and a replay check hold only hashes of what is on disk now (a cache
-    keyed by size and mtime would miss an edit whose mtime was restored). Hashing
-    Fashion-MNIST takes about 0.4 s on the development machines. `fix` says how to
-    replace the file if it cannot be read."""
+    """sha256 of the file's content, decompressed when it is gzip, computed from the bytes.
+    `verify` remembers it per file (harness/hash_cache.py: keyed on ctime too, so an edit
+    whose mtime was restored is still seen). Hashing Fashion-MNIST takes about 0.4 s on
+    the development machines. `fix` says how to replace the file if it cannot be read."""
     digest = hashlib.sha256()
     with open_maybe_gzip(path) as stream:
         for chunk in iter(lambda: _read_chunk(stream, path, fix), b""):
@@ -167,12 +167,16 @@ def locate(data_cfg: Dict) -> Optional[Tuple[Path, Dict[str, Path]]]:
     return None
 
 
-def verify(data_cfg: Dict, paths: Dict[str, Path]) -> Dict[str, Dict[str, str]]:
-    """Check each file's content hash against its pin; return what the lockfile records."""
+def verify(data_cfg: Dict, paths: Dict[str, Path],
+           rehash: bool = False) -> Dict[str, Dict[str, str]]:
+    """Check each file's content hash against its pin (remembered for an unchanged file,
+    unless `rehash`); return what the lockfile records."""
     record = {}
-    for key, path in sorted(paths.items()):
-        pinned = data_cfg["files"][key]["sha256"]
-        actual = content_sha256(path, fix=refetch_hint(data_cfg))
+    keys = sorted(paths)
+    hashed = hash_cache.digests([paths[k] for k in keys], "content-sha256",
+                                lambda p: content_sha256(p, fix=refetch_hint(data_cfg)), rehash)
+    for key, actual in zip(keys, hashed):
+        path, pinned = paths[key], data_cfg["files"][key]["sha256"]
         if actual != pinned:
             raise DataError(
                 f"{path} has content sha256 {actual}, but conf/data/{data_cfg['name']}.yaml "

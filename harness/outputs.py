@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from harness import hash_cache
 from harness.digest import file_sha256
 from harness.errors import ConfigError, DataError, RunFailed
 
@@ -25,14 +26,17 @@ TENSOR_FILES = (".pt", ".pth", ".safetensors")
 
 
 def hash_input(path: Path) -> Dict[str, Any]:
-    """sha256 and size of a file; of a directory, over its files' relative paths and hashes."""
+    """sha256 and size of a file; of a directory, over its files' relative paths and hashes.
+    A file unchanged since it was last hashed is not read again (harness/hash_cache.py)."""
     if path.is_file():
-        return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-    digest, total, count = hashlib.sha256(), 0, 0
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(path)}\0{file_sha256(file)}\n".encode())
-        total, count = total + file.stat().st_size, count + 1
-    return {"sha256": digest.hexdigest(), "bytes": total, "files": count}
+        return {"sha256": hash_cache.digest(path, "sha256", file_sha256),
+                "bytes": path.stat().st_size}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    digest, total = hashlib.sha256(), 0
+    for file, sha in zip(files, hash_cache.digests(files, "sha256", file_sha256)):
+        digest.update(f"{file.relative_to(path)}\0{sha}\n".encode())
+        total += file.stat().st_size
+    return {"sha256": digest.hexdigest(), "bytes": total, "files": len(files)}
 
 
 def hash_inputs(paths: List[str], workdir: Path) -> Dict[str, Dict[str, Any]]:

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import FAST, IN_CI, ROOT, make_tiny_idx, require, run_dir_of, write_idx
+from conftest import (FAST, IN_CI, ROOT, make_tiny_idx, read_lock, require, run_dir_of,
+                      write_idx)
 from harness import data
 from harness.errors import DataError
 
@@ -74,17 +76,34 @@ def test_dataset_found_through_harness_data(cli, tiny_conf, tmp_path):
     assert lock["data"]["root"] == str(tmp_path / "store" / "tiny")
 
 
-def test_edited_data_with_its_mtime_restored_is_refused_by_replay(cli, tiny_conf, tmp_path):
-    """A one-byte edit of a raw IDX file, with size, inode and mtime kept: the data check
-    hashes the bytes, so the replay refuses the data (exit 3) instead of training on it."""
+def remembered_digests(cache_home: Path, path: Path) -> list:
+    """The rows harness/hash_cache.py keeps for `path`."""
+    import sqlite3
+
+    with sqlite3.connect(cache_home / "harness" / "file-digests.sqlite") as cache:
+        return cache.execute("SELECT kind, digest FROM digests WHERE path = ?",
+                             (os.path.realpath(path),)).fetchall()
+
+
+def test_edited_data_with_its_mtime_restored_is_refused_by_replay(cli, tiny_conf, tmp_path,
+                                                                  cache_home):
+    """A one-byte edit of a raw IDX file, with size, inode and mtime kept: the launch
+    remembered the file's digest (keyed on its ctime too, which no call can restore), so
+    the replay re-hashes it and refuses the data (exit 3) instead of training on it."""
+    from harness.hash_cache import FRESH_S
+
     data_dir = tmp_path / "tinydata"
     for packed in data_dir.glob("*.gz"):  # raw IDX files, as a user may keep them
         (data_dir / packed.name[:-3]).write_bytes(gzip.decompress(packed.read_bytes()))
         packed.unlink()
+    time.sleep(FRESH_S + 0.2)  # older than a timestamp tick: their digests are remembered
     runs = str(tmp_path / "runs")
     original = run_dir_of(cli("train", "tiny", "trainer.max_steps=2", "--config-dir",
                               str(tiny_conf), "--runs-dir", runs, check_rc=0))
     images = data_dir / "train-images-idx3-ubyte"
+    [(kind, remembered)] = remembered_digests(cache_home, images)
+    assert kind == "content-sha256"
+    assert remembered == read_lock(original)["data"]["files"]["train_images"]["sha256"]
     before = images.stat()
     with open(images, "r+b") as handle:
         handle.seek(1000)

@@ -255,3 +255,39 @@ def test_a_file_outside_what_the_container_sees_is_named(project, tmp_path):
     ran = harness("run", "backend=docker", "--input", str(data), "--output", "out/n.txt",
                   "--", "python", "-c", read, check_rc=0)
     assert (run_dir_of(ran) / "outputs" / "out" / "n.txt").read_text() == "1,2,3\n"
+
+
+def test_an_input_edited_with_its_mtime_restored_is_still_refused(project, cache_home):
+    """A launch remembers each --input file's digest (harness/hash_cache.py) and later
+    launches read only changed files. The trap: an edit that keeps the size and restores
+    the mtime. The digest is keyed on ctime too, which no call sets back, so the replay
+    re-hashes the file and refuses it (exit 3). The control: untouched, it replays."""
+    import os
+    import sqlite3
+    import time
+
+    from harness.hash_cache import FRESH_S
+
+    directory, harness = project
+    shards = directory / "shards"
+    shards.mkdir()
+    for index in range(3):
+        (shards / f"part-{index}.bin").write_bytes(bytes([index]) * 4096)
+    time.sleep(FRESH_S + 0.2)  # older than a timestamp tick: their digests are remembered
+    read = ("import os; os.makedirs('out', exist_ok=True); open('out/n.txt', 'w').write("
+            "str(sum(len(open('shards/' + f, 'rb').read()) for f in sorted(os.listdir("
+            "'shards')))))")
+    run = run_dir_of(harness("run", "backend=local", "--input", "shards", "--output",
+                             "out/n.txt", "--", "python", "-c", read, check_rc=0))
+    edited = shards / "part-1.bin"
+    with sqlite3.connect(cache_home / "harness" / "file-digests.sqlite") as cache:
+        assert cache.execute("SELECT count(*) FROM digests WHERE path = ?",
+                             (os.path.realpath(edited),)).fetchone() == (1,)
+    assert "IDENTICAL" in harness("replay", run.name, check_rc=0).stdout
+
+    before = edited.stat()
+    edited.write_bytes(bytes([9]) * 4096)  # same size
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert edited.stat().st_mtime_ns == before.st_mtime_ns
+    done = harness("replay", run.name, check_rc=3)
+    assert "input shards changed since run " + run.name in done.stderr

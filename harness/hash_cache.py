@@ -1,0 +1,117 @@
+"""File digests remembered across launches, so that a launch, replay or resume re-hashes
+only the files that changed (a dataset's, a command's --input files).
+
+A remembered digest is used only when the file's (device, inode, size, mtime_ns, ctime_ns)
+are what they were when it was hashed. `touch -d` or `os.utime` can restore a file's
+mtime after an edit, but not its ctime: the kernel sets ctime to now on every change,
+and no call sets it back. So an edit with its mtime restored is still re-hashed and
+refused. Two more guards, as git's index has them:
+- a file whose mtime or ctime is within FRESH_S of the moment it was hashed is not
+  remembered: an edit within the same timestamp tick would leave both unchanged;
+- a file whose stat changed while it was being hashed is not remembered.
+
+The cache is one SQLite file, $XDG_CACHE_HOME/harness/file-digests.sqlite (WAL, so two
+launches at once share it). It is an optimisation only: when it cannot be opened or
+written, every file is hashed, as before. HARNESS_REHASH=1 (and `harness data verify`)
+ignores it and hashes everything once more.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+REHASH_ENV = "HARNESS_REHASH"
+FRESH_S = 2.0
+Stamp = Tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "harness" / "file-digests.sqlite"
+
+
+def stamp(path: Path) -> Stamp:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def digests(paths: Iterable[Path], kind: str, compute: Callable[[Path], str],
+            rehash: bool = False) -> List[str]:
+    """compute(path) for each path (its digest of `kind`), from the cache where the file is
+    unchanged; the others (all of them with `rehash`) computed on every core (hashlib
+    releases the GIL) and remembered."""
+    paths = [Path(p) for p in paths]
+    names = [os.path.realpath(p) for p in paths]
+    stamps = [stamp(p) for p in paths]
+    cache = _open()
+    rehash = rehash or os.environ.get(REHASH_ENV) == "1"
+    known = _lookup(cache, kind, names, stamps) if cache is not None and not rehash else {}
+    todo = [i for i in range(len(paths)) if i not in known]
+    if todo:
+        workers = min(len(todo), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            computed = dict(zip(todo, pool.map(lambda i: compute(paths[i]), todo)))
+        known.update(computed)
+        if cache is not None:
+            _remember(cache, kind, [(names[i], stamps[i], computed[i], paths[i]) for i in todo])
+    if cache is not None:
+        cache.close()
+    return [known[i] for i in range(len(paths))]
+
+
+def digest(path: Path, kind: str, compute: Callable[[Path], str],
+           rehash: bool = False) -> str:
+    return digests([path], kind, compute, rehash)[0]
+
+
+def _open() -> Optional[sqlite3.Connection]:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache = sqlite3.connect(path, timeout=30)
+        cache.execute("PRAGMA journal_mode=WAL")
+        cache.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, kind TEXT, dev INT, "
+                      "ino INT, size INT, mtime_ns INT, ctime_ns INT, digest TEXT, "
+                      "PRIMARY KEY (path, kind))")
+    except (OSError, sqlite3.Error):
+        return None  # no cache: everything is hashed
+    return cache
+
+
+def _lookup(cache: sqlite3.Connection, kind: str, names: List[str],
+            stamps: List[Stamp]) -> Dict[int, str]:
+    found: Dict[int, str] = {}
+    try:
+        for index, (name, now) in enumerate(zip(names, stamps)):
+            row = cache.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, digest FROM "
+                                "digests WHERE path = ? AND kind = ?", (name, kind)).fetchone()
+            if row is not None and tuple(row[:5]) == now:
+                found[index] = row[5]
+    except sqlite3.Error:
+        return {}
+    return found
+
+
+def _remember(cache: sqlite3.Connection, kind: str,
+              hashed: List[Tuple[str, Stamp, str, Path]]) -> None:
+    now_ns = time.time_ns()
+    rows = []
+    for name, before, value, path in hashed:
+        try:
+            after = stamp(path)
+        except OSError:
+            continue
+        fresh = now_ns - max(after[3], after[4]) < FRESH_S * 1e9
+        if after == before and not fresh:
+            rows.append((name, kind, *after, value))
+    try:
+        with cache:
+            cache.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                              rows)
+    except sqlite3.Error:
+        pass  # not remembered: hashed again next time
