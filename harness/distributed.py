@@ -364,7 +364,8 @@ class RankGroup:
         self.failure = ""  # why the run failed, once a rank did
         self.stop_signal: Optional[int] = None  # a stop signal already passed on
         self.exit_grace_s = exit_grace_s
-        # stack_of(pid): the Python stack a rank wrote on STACK_SIGNAL, once it has
+        # stack_of(pid): the stack a rank wrote on STACK_SIGNAL; "" before it has, None
+        # for a process that cannot write one (it did not register for the signal)
         self.stack_of = stack_of
         self.hung: List[Dict[str, Any]] = []  # ranks stopped after the others exited 0
 
@@ -410,9 +411,10 @@ class RankGroup:
                 process.send_signal(signum)
 
     def wait(self) -> int:
-        """The group's exit code once every rank ended. Once a rank exited 0, the others
-        get exit_grace_s to follow; those that do not are stopped (their stacks kept in
-        `hung`) and the group counts as done: no run waits forever on a rank."""
+        """The group's exit code once every rank ended. Once rank 0 exited 0 (it ends last
+        in a run that went well: it writes the results), the others get exit_grace_s to
+        follow; those that do not are stopped (their stacks kept in `hung`) and the group
+        counts as done: no run waits forever on a rank."""
         stopping_since: Optional[float] = None
         done_since: Optional[float] = None
         while True:
@@ -428,37 +430,42 @@ class RankGroup:
                     return self._contain(
                         f"rank(s) {', '.join(late)} did not stop within "
                         f"{STOP_GRACE_S:.0f} s after the others checkpointed; killed")
-            elif 0 in codes:
+            elif codes[0] == 0:  # rank 0 writes last (weights, lock): its end is the end
                 done_since = done_since or time.monotonic()
                 if time.monotonic() - done_since > self.exit_grace_s:
-                    self._stop_hung([i for i, c in enumerate(codes) if c is None], codes)
+                    self._stop_hung([i for i, c in enumerate(codes) if c is None])
+                    codes = [p.poll() for p in self.processes]
+                    if any(c not in (None, 0, REQUEUE_EXIT) and i not in
+                           {h["rank"] for h in self.hung} for i, c in enumerate(codes)):
+                        return self._contain()
                     break
             time.sleep(0.05)
         self._drain()
         return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
 
-    def _stop_hung(self, late: List[int], codes: List[Optional[int]]) -> None:
-        """Ranks still running exit_grace_s after another exited 0: their stacks (where
-        they hung), then SIGKILL."""
+    def _stop_hung(self, late: List[int]) -> None:
+        """Ranks still running exit_grace_s after rank 0 exited 0: their stacks (where
+        they hung), asked only of a process that registered for the signal (stack_of gives
+        "" for it), then SIGKILL. One that ended meanwhile is not hung."""
         from harness.rundir import STACK_SIGNAL
 
-        first = codes.index(0)
-        for index in late:
-            if self.stack_of is not None:
-                self.processes[index].send_signal(STACK_SIGNAL)
+        asked = [i for i in late if self.stack_of is not None and
+                 self.stack_of(self.processes[i].pid) is not None]
+        for index in asked:
+            self.processes[index].send_signal(STACK_SIGNAL)
         deadline = time.monotonic() + STACK_WAIT_S
         stacks: Dict[int, Optional[str]] = {}
         for index in late:
             pid = self.processes[index].pid
-            while self.stack_of is not None and time.monotonic() < deadline and \
-                    not self.stack_of(pid):
+            while index in asked and time.monotonic() < deadline and not self.stack_of(pid):
                 time.sleep(0.1)
-            stacks[index] = self.stack_of(pid) if self.stack_of is not None else None
+            stacks[index] = (self.stack_of(pid) or None) if index in asked else None
+        late = [i for i in late if self.processes[i].poll() is None]
         self.kill_all()
         for index in late:
             self.hung.append({"rank": index, "stack": stacks[index]})
-            self.say(f"rank {index} did not exit within {self.exit_grace_s:g} s after rank "
-                     f"{first} exited 0: stopped (a hang in its teardown; "
+            self.say(f"rank {index} did not exit within {self.exit_grace_s:g} s after rank 0 "
+                     f"exited 0: stopped (a hang in its teardown; "
                      f"{'its stack is below' if stacks[index] else 'no stack was written'})"
                      + (f"\n{stacks[index]}" if stacks[index] else ""))
 

@@ -12,8 +12,10 @@ refused. Two more guards, as git's index has them:
 
 The cache is one SQLite file, $XDG_CACHE_HOME/harness/file-digests.sqlite (WAL, so two
 launches at once share it). It is an optimisation only: when it cannot be opened or
-written, every file is hashed, as before. HARNESS_REHASH=1 (and `harness data verify`)
-ignores it and hashes everything once more.
+written (a home directory on NFS, where WAL does not work), every file is hashed, as
+before. HARNESS_REHASH=1 (and `harness data verify`) ignores it and hashes everything once
+more. On a filesystem whose ctime follows a settable mtime (vfat, exFAT, some FUSE
+mounts), the ctime argument does not hold: set HARNESS_REHASH=1 there.
 """
 
 from __future__ import annotations
@@ -48,19 +50,23 @@ def digests(paths: Iterable[Path], kind: str, compute: Callable[[Path], str],
     paths = [Path(p) for p in paths]
     names = [os.path.realpath(p) for p in paths]
     stamps = [stamp(p) for p in paths]
-    cache = _open()
     rehash = rehash or os.environ.get(REHASH_ENV) == "1"
-    known = _lookup(cache, kind, names, stamps) if cache is not None and not rehash else {}
-    todo = [i for i in range(len(paths)) if i not in known]
-    if todo:
-        workers = min(len(todo), os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            computed = dict(zip(todo, pool.map(lambda i: compute(paths[i]), todo)))
-        known.update(computed)
+    cache = _open()
+    try:
+        known = _lookup(cache, kind, names, stamps) if cache is not None and not rehash \
+            else {}
+        todo = [i for i in range(len(paths)) if i not in known]
+        if todo:
+            workers = min(len(todo), os.cpu_count() or 1)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                computed = dict(zip(todo, pool.map(lambda i: compute(paths[i]), todo)))
+            known.update(computed)
+            if cache is not None:
+                _remember(cache, kind,
+                          [(names[i], stamps[i], computed[i], paths[i]) for i in todo])
+    finally:
         if cache is not None:
-            _remember(cache, kind, [(names[i], stamps[i], computed[i], paths[i]) for i in todo])
-    if cache is not None:
-        cache.close()
+            cache.close()
     return [known[i] for i in range(len(paths))]
 
 
@@ -73,7 +79,7 @@ def _open() -> Optional[sqlite3.Connection]:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        cache = sqlite3.connect(path, timeout=30)
+        cache = sqlite3.connect(path, timeout=5)
         cache.execute("PRAGMA journal_mode=WAL")
         cache.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, kind TEXT, dev INT, "
                       "ino INT, size INT, mtime_ns INT, ctime_ns INT, digest TEXT, "

@@ -30,14 +30,21 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Directories of code that torch generates at run time (/tmp/torchinductor_USER/...):
+# not the user's code, and gone on another machine.
+GENERATED = ("torchinductor_", "torch_extensions", "triton")
 
 
 # ---------------------------------------------------------------- inside the process
 
 
 def system_roots() -> Tuple[str, ...]:
-    """Directories whose files belong to the interpreter or its installed packages."""
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, HARNESS_DIR}
+    """Directories whose files belong to the interpreter or its installed packages, or are
+    generated (torch.compile's and torch extensions' caches, the user cache)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, HARNESS_DIR,
+             cache, os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""),
+             os.environ.get("TORCH_EXTENSIONS_DIR", ""), os.environ.get("TRITON_CACHE_DIR", "")}
     roots.update(sysconfig.get_paths().get(key, "") for key in
                  ("stdlib", "platstdlib", "purelib", "platlib"))
     try:
@@ -54,14 +61,17 @@ def module_files(modules: Iterable[Any], start_dir: str) -> List[str]:
     The script is sys.argv[0]: by the time atexit runs, __main__ has lost its __file__."""
     roots = system_roots()
     found = set()
-    names = [getattr(module, "__file__", None) for module in list(modules)]
+    # From the module's __dict__: getattr would load a lazily imported module.
+    names = [(getattr(module, "__dict__", None) or {}).get("__file__")
+             for module in list(modules)]
     for name in [*names, sys.argv[0] if sys.argv else None]:
         if not isinstance(name, str) or not name or name in ("-c", "-m", "-"):
             continue
         path = os.path.realpath(os.path.join(start_dir, name))
         if path.endswith(".pyc") and "__pycache__" not in path:
             continue  # a sourceless module: its bytes are in the package it came from
-        if not path.startswith(roots) and os.path.isfile(path):
+        generated = any(part.startswith(GENERATED) for part in Path(path).parts)
+        if not path.startswith(roots) and not generated and os.path.isfile(path):
             found.add(path)
     return sorted(found)
 
@@ -159,8 +169,14 @@ QUERY = ("import importlib.metadata as m, json, platform; print(json.dumps({'ver
          "'packages': {(d.metadata.get('Name') or '').lower(): d.version "
          "for d in reversed(list(m.distributions())) if d.metadata.get('Name') not in "
          "(None, 'harness')}}))")
-"""What `harness replay` runs with a recorded interpreter (`python -I -c QUERY`) to read
-its version and packages now, without importing any of the command's code."""
+"""What `harness replay` runs with a recorded interpreter (`python -c QUERY`, from /, so
+that none of the command's modules shadow the standard library) to read its version and
+packages now, as the command will see them (PYTHONPATH and the user site included)."""
+
+
+def query_env() -> Dict[str, str]:
+    """This environment without the harness's own variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
 
 
 # ---------------------------------------------------------------- in the runner
@@ -211,8 +227,8 @@ def current_interpreters(recorded: List[Dict[str, Any]]) -> List[Dict[str, Any]]
         facts: Dict[str, Any] = {"python": entry["python"]}
         try:
             found = json.loads(subprocess.run(
-                [entry["python"], "-I", "-c", QUERY], capture_output=True, text=True,
-                timeout=60, check=True).stdout)
+                [entry["python"], "-c", QUERY], capture_output=True, text=True, timeout=60,
+                check=True, cwd="/", env=query_env()).stdout)
         except (OSError, subprocess.SubprocessError, ValueError):
             facts.update(version="(gone)", implementation="(gone)", imported={},
                          installed={})

@@ -75,7 +75,7 @@ def _note_failed_open() -> None:
 
     def excepthook(kind, value, traceback):
         if isinstance(value, (FileNotFoundError, NotADirectoryError, PermissionError)) and \
-                value.filename is not None:
+                isinstance(value.filename, (str, bytes)):  # not a file descriptor
             _state["failed_open"] = os.fsdecode(value.filename)
         previous(kind, value, traceback)
 
@@ -216,16 +216,28 @@ def _watch_compile(torch) -> None:
 
 def _report(at_exit: bool) -> None:
     """This process's report: what it imported and what was in effect (once torch is
-    imported, and again at exit)."""
+    imported, and again at exit). It must never break the user's process: a report that
+    cannot be written (a full disk, a read-only run directory) is said and skipped."""
     run_dir = os.environ.get(RUN_DIR_ENV)
     if not run_dir:
         return
+    try:
+        _write_report(Path(run_dir), at_exit)
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        print(f"harness: warning: this process's report was not written ({exc})",
+              file=sys.stderr, flush=True)
+
+
+def _write_report(run_dir: Path, at_exit: bool) -> None:
     torch = sys.modules.get("torch") if _state["applied"] is not None else None
+    directory = run_dir / REPORTS
     if torch is not None and torch.utils.data.get_worker_info() is not None:
-        return  # a DataLoader worker: its parent's report speaks for it
+        # A DataLoader worker: its parent's report speaks for it. A spawned one reported
+        # when it imported torch, before it knew it was a worker: that report goes.
+        (directory / f"{os.getpid()}.json").unlink(missing_ok=True)
+        return
     from harness import imports
 
-    directory = Path(run_dir) / REPORTS
     directory.mkdir(exist_ok=True)
     record = {"pid": os.getpid(), "argv": sys.argv, "python": sys.executable,
               "applied": _state["applied"], "dataloaders": _state["dataloaders"],
@@ -257,18 +269,18 @@ def clear_reports(run_dir: Path, keep_reports: bool = False) -> None:
     """Remove the reports, stack files and caches of the command's processes (all but the
     reports, once the lock holds them)."""
     directory = Path(run_dir) / REPORTS
-    for pattern in ("stack-*.txt", "*.cache", *(() if keep_reports else ("*.json",))):
+    for pattern in ("stack-*.txt", "*.cache", ".*.tmp", *(() if keep_reports else ("*.json",))):
         for path in directory.glob(pattern):
             path.unlink()
 
 
 def stack(run_dir: Path, pid: int) -> Optional[str]:
-    """The stack process `pid` dumped on STACK_SIGNAL; None before it has."""
+    """The stack process `pid` dumped on STACK_SIGNAL: "" before it has, None when it
+    cannot (no injection in it: the signal would kill it)."""
     try:
-        text = stack_path(run_dir, pid).read_text(errors="replace").strip()
+        return stack_path(run_dir, pid).read_text(errors="replace").strip()
     except OSError:
         return None
-    return text or None
 
 
 def pinned(reports: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -74,7 +74,8 @@ def check_declared_env(cfg: Dict[str, Any]) -> None:
 
     from harness import determinism
 
-    pinned = determinism.pinned_environment(cfg["determinism"])
+    pinned = {**determinism.pinned_environment(cfg["determinism"]),
+              **distributed.pinned_environment(cfg)}
     for name in cfg["command"]["env"]:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ConfigError(f"--env {name!r}: not a variable name (letters, digits and _, "

@@ -137,16 +137,19 @@ def check_container_outputs(patterns: List[str], inputs: List[str], workdir: Pat
                                   f"directory). Keep inputs outside the output directories.")
 
 
-def move_aside(patterns: List[str], workdir: Path, keep: List[str],
-               destination: Path) -> List[str]:
+def move_aside(patterns: List[str], workdir: Path, keep: List[str], destination: Path,
+               runs_dir: Path) -> List[str]:
     """Move what the declared outputs match before the command starts (an earlier run's
     files) into `destination`, so the command starts without them: a script that resumes
     from its own snapshot.pt would otherwise go on from the earlier run's, and a replay from
-    the original's. Declared inputs (and files under them) stay. Returns the names moved."""
-    kept = [os.path.normpath(name) for name in keep]
+    the original's. Declared inputs (and files under them), the runs directory and hidden
+    directories (.git, .harness) stay. Returns the names moved."""
+    kept = [os.path.realpath(workdir / name) for name in keep] + [os.path.realpath(runs_dir)]
     moved = []
     for name in _matches(patterns, workdir):
-        if any(name == k or name.startswith(k + os.sep) for k in kept):
+        real = os.path.realpath(workdir / name)
+        if any(real == k or real.startswith(k + os.sep) for k in kept) or \
+                any(part.startswith(".") for part in Path(name).parts[:-1]):
             continue
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +281,8 @@ def first_byte_difference(a_path: Path, b_path: Path, context: int = 24) -> Dict
     """Where two files first differ: the offset, the bytes around it in each, and, when
     those bytes form a date or time in both, `looks_like_date` (the file embeds when it was
     written: a PDF's /CreationDate, a timestamp in a log or archive header)."""
+    if not (a_path.is_file() and b_path.is_file()):
+        return {}  # a copied run without its kept outputs: the hashes say enough
     with open(a_path, "rb") as a_file, open(b_path, "rb") as b_file:
         offset = 0
         while True:
@@ -294,6 +299,10 @@ def first_byte_difference(a_path: Path, b_path: Path, context: int = 24) -> Dict
         with open(path, "rb") as handle:
             handle.seek(max(0, offset - context))
             windows.append(handle.read(2 * context))
+    return _described(offset, windows, context)
+
+
+def _described(offset: int, windows: List[bytes], context: int) -> Dict[str, Any]:
     found = {"first_differing_byte": offset,
              "around": [w.decode("latin-1") for w in windows]}
     if all(_has_date(w, min(offset, context)) for w in windows):

@@ -60,7 +60,8 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     patterns = cfg["command"]["outputs"]
     if not resume:  # a new run (or a replay) starts without an earlier run's outputs
         say_displaced(outputs.move_aside(patterns, workdir, list(facts["inputs"]),
-                                         run_dir / rundir.DISPLACED), run_dir)
+                                         run_dir / rundir.DISPLACED, run_dir.parent),
+                      run_dir)
     before = outputs.snapshot(patterns, workdir)
     injection.clear_reports(run_dir)  # this attempt's processes only (declared outputs stay)
     started = time.time()
@@ -95,7 +96,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     files, warnings = outputs.collect(patterns + recorded_outputs(run_dir, workdir), workdir,
                                       run_dir, before)
     warnings += [f"rank {h['rank']} did not exit within {cfg['command']['exit_grace_s']:g} s "
-                 f"after another exited 0 and was stopped (its outputs were written)"
+                 f"after rank 0 exited 0 and was stopped (the outputs were written)"
                  for h in hung]
     reports = injection.read_reports(run_dir)
     warnings += injection.changes(reports)
@@ -120,7 +121,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                                                                     facts["inputs"]),
                                     "processes": [_process_summary(r) for r in reports],
                                     **({"hung_ranks": hung} if hung else {})},
-                         "interpreters": imports.merge_interpreters(reports)})
+                         **interpreters_of(reports)})
     injection.clear_reports(run_dir, keep_reports=True)
     print(f"harness: {len(files)} output file(s) recorded (outputs sha256 "
           f"{results['outputs_sha256'][:16]}...)", flush=True)
@@ -285,6 +286,13 @@ def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dic
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(INJECT_DIR), env.get("PYTHONPATH", "")] if p)
     return env
+
+
+def interpreters_of(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The lock's `interpreters`, left out when no Python process reported (a command that
+    is not Python, or command.inject=false): nothing to compare then."""
+    merged = imports.merge_interpreters(reports)
+    return {"interpreters": merged} if merged else {}
 
 
 def unseen_paths(reports: List[Dict[str, Any]], workdir: Path) -> List[str]:

@@ -291,3 +291,15 @@ def test_an_input_edited_with_its_mtime_restored_is_still_refused(project, cache
     assert edited.stat().st_mtime_ns == before.st_mtime_ns
     done = harness("replay", run.name, check_rc=3)
     assert "input shards changed since run " + run.name in done.stderr
+
+
+def test_a_command_without_injection_records_no_interpreter_and_replays(project):
+    """command.inject=false: no process reports, so the lock has no `interpreters` and the
+    gate has nothing of them to compare (an empty list once blocked every replay)."""
+    directory, harness = project
+    write = ("import os, sys; os.makedirs('out', exist_ok=True); "
+             "open('out/v.txt', 'w').write(sys.version)")
+    run = run_dir_of(harness("run", "backend=local", "command.inject=false", "--output",
+                             "out/v.txt", "--", "python", "-c", write, check_rc=0))
+    assert "interpreters" not in read_lock(run)
+    assert "IDENTICAL" in harness("replay", run.name, check_rc=0).stdout
