@@ -378,25 +378,26 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_where(args: argparse.Namespace) -> int:
+def _located_dataset(args: argparse.Namespace):
+    """(the data config NAME, its directory, its files), or DataError when it is not here."""
     from harness import config, data
 
     data_cfg = config.group_option("data", args.name, args.config_dir)
     located = data.locate(data_cfg)
     if located is None:
         raise DataError(data.missing_message(data_cfg))
-    print(located[0])
+    return (data_cfg, *located)
+
+
+def cmd_data_where(args: argparse.Namespace) -> int:
+    print(_located_dataset(args)[1])
     return 0
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from harness import config, data
+    from harness import data
 
-    data_cfg = config.group_option("data", args.name, args.config_dir)
-    located = data.locate(data_cfg)
-    if located is None:
-        raise DataError(data.missing_message(data_cfg))
-    directory, paths = located
+    data_cfg, directory, paths = _located_dataset(args)
     record = data.verify(data_cfg, paths, rehash=True)
     print(f"{data_cfg['name']}: {len(record)} file(s) in {directory} re-hashed, each matches "
           f"its pin")

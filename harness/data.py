@@ -140,8 +140,9 @@ def unreadable(path: Path, exc: Exception, fix: str = "") -> DataError:
 # ---------------------------------------------------------------- locating
 
 def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "harness" / "data"
+    from harness.rundir import user_cache
+
+    return user_cache() / "data"
 
 
 def search_dirs(data_cfg: Dict) -> List[Path]:

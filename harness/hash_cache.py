@@ -33,8 +33,9 @@ Stamp = Tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_n
 
 
 def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "harness" / "file-digests.sqlite"
+    from harness.rundir import user_cache
+
+    return user_cache() / "file-digests.sqlite"
 
 
 def stamp(path: Path) -> Stamp:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from harness import config, oci, progress
+from harness import config, oci, progress, rundir
 from harness.engine import client as engine_client
 from harness.digest import canonical_sha256, file_sha256, source_sha256
 from harness.errors import (ConfigError, EnvironmentProblem, HarnessError, ReplayRefused,
@@ -50,8 +50,7 @@ def wheelhouse_dir() -> Path:
     ${XDG_CACHE_HOME:-~/.cache}/harness/wheelhouse."""
     if os.environ.get("HARNESS_WHEELHOUSE"):
         return Path(os.environ["HARNESS_WHEELHOUSE"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "harness" / "wheelhouse"
+    return rundir.user_cache() / "wheelhouse"
 
 
 def profile_config(profile: Optional[str] = None, config_dir: Optional[Path] = None

@@ -14,7 +14,7 @@ what it ran. The runner (harness.script) merges the processes' reports into the 
   a replay) and those merely `installed` beside them (informational).
 
 This module is imported by interpreters other than the harness's own: standard library
-only, and nothing newer than Python 3.8 needs.
+only (and harness.digest, which is too), and nothing newer than Python 3.8 needs.
 """
 
 from __future__ import annotations
@@ -76,20 +76,13 @@ def module_files(modules: Iterable[Any], start_dir: str) -> List[str]:
     return sorted(found)
 
 
-def file_digest(path: str) -> Dict[str, Any]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return {"sha256": digest.hexdigest(), "bytes": size}
-
-
 def hashed_files(modules: Iterable[Any], start_dir: str) -> Dict[str, Dict[str, Any]]:
+    from harness.digest import file_sha256
+
     hashed = {}
     for path in module_files(modules, start_dir):
         try:
-            hashed[path] = file_digest(path)
+            hashed[path] = {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
         except OSError:
             continue  # removed while the process ran: nothing left to compare
     return hashed

@@ -79,6 +79,12 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("HARNESS_RUNS") or "runs")
 
 
+def user_cache() -> Path:
+    """The harness's directory in the user's cache: ${XDG_CACHE_HOME:-~/.cache}/harness."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "harness"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -81,8 +81,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                     f"inputs and the output directories. Declare the file or its directory "
                     f"with --input {unseen[0]} (it is then hashed and mounted at the same "
                     f"path), or run with backend=local.")
-            print(f"harness: error: {said}", file=sys.stderr, flush=True)
-            rundir.record_error(run_dir, said, code)
+            _say_failed(run_dir, said, code)
         if not rundir.recorded_error(run_dir):  # --nproc: which process failed, if said
             rundir.record_error(run_dir, f"the command exited with code {code}", code)
         return code
@@ -90,8 +89,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
         said = (f"rank(s) {', '.join(str(h['rank']) for h in hung)} did not exit and were "
                 f"stopped, and the command declares no output (--output) to show that its "
                 f"work was done: the run failed. Declare what it writes to keep such a run.")
-        print(f"harness: error: {said}", file=sys.stderr, flush=True)
-        rundir.record_error(run_dir, said, 1)
+        _say_failed(run_dir, said, 1)
         return 1
     files, warnings = outputs.collect(patterns + recorded_outputs(run_dir, workdir), workdir,
                                       run_dir, before)
@@ -100,7 +98,8 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                  for h in hung]
     reports = injection.read_reports(run_dir)
     warnings += injection.changes(reports)
-    if cfg["command"]["inject"] and not injection.pinned(reports):
+    pinned = injection.pinned(reports)
+    if cfg["command"]["inject"] and not pinned:
         warnings.append("no Python process of the command imported torch: nothing was pinned "
                         "inside it (only the environment variables)")
     for warning in warnings:
@@ -109,7 +108,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
         print("harness: warning: the command declared no output file (--output, or "
               "harness.runtime.record_output): a replay can compare only what it printed. "
               "Declare the files it writes to have its results compared.", flush=True)
-    rt.in_effect = injection.pinned(reports)[0]["applied"] if injection.pinned(reports) else {}
+    rt.in_effect = pinned[0]["applied"] if pinned else {}
     results = {"exit_code": code, "outputs": files, "outputs_sha256": _digest(files),
                **console_result(run_dir, resume or cfg["command"].get("nproc", 1) > 1)}
     attempts = max(restarts, int(rundir.read_json(run_dir / rundir.STATUS).get("resumes", 0)))
@@ -126,6 +125,12 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     print(f"harness: {len(files)} output file(s) recorded (outputs sha256 "
           f"{results['outputs_sha256'][:16]}...)", flush=True)
     return 0
+
+
+def _say_failed(run_dir: Path, said: str, code: int) -> None:
+    """Why the command failed: printed, and kept in status.json as the run's error."""
+    print(f"harness: error: {said}", file=sys.stderr, flush=True)
+    rundir.record_error(run_dir, said, code)
 
 
 def say_displaced(moved: List[str], run_dir: Path) -> None:
@@ -160,8 +165,7 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
         said = (f"cannot start the command {argv[0]!r}: {exc.strerror}. Check that it is "
                 f"installed{' in the image' if in_container else ''} and on PATH, or give "
                 f"its path.")
-        print(f"harness: error: {said}", file=sys.stderr, flush=True)
-        rundir.record_error(run_dir, said, 127)
+        _say_failed(run_dir, said, 127)
         return 127, []
     rt.stop.forward = lambda signum: _signal(child.pid, signum)
     if rt.stop.signum:  # a stop that came while we were starting it
