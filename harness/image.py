@@ -374,11 +374,48 @@ def _remove_quietly(engine, reference: str) -> None:
               file=sys.stderr, flush=True)
 
 
+# A build's peak disk use, in multiples of its wheels' size (measured on the CUDA image:
+# 2.9 GB of wheels; the classic build holds them and the installed venv, 9 GB, and the
+# normalized layers are spooled to the scratch directory, 6 GB, before the load).
+ENGINE_ROOM_PER_WHEEL_BYTE = 3.5
+SCRATCH_ROOM_PER_WHEEL_BYTE = 2.5
+
+
+def check_room(engine, files: Dict[str, Path], profile: str) -> None:
+    """Refuse a build that would fill the disk (pip's ENOSPC halfway through a 9 GB build
+    names nothing useful) while there is still time to free space. Only the engine's data
+    root on this machine is checked: a remote engine's is not visible from here."""
+    wheels = sum(path.stat().st_size for path in files.values())
+    from docker.errors import DockerException
+    from requests.exceptions import RequestException
+
+    try:
+        root = (engine.info() or {}).get("DockerRootDir")
+    except (DockerException, RequestException):  # the build itself says what is wrong
+        root = None
+    places = [(tempfile.gettempdir() if scratch_dir() is None else scratch_dir(),
+               SCRATCH_ROOM_PER_WHEEL_BYTE, "the scratch directory (HARNESS_SCRATCH, else "
+               "the system's temp dir) where the layers are normalized")]
+    if root and Path(root).is_dir():
+        places.insert(0, (root, ENGINE_ROOM_PER_WHEEL_BYTE, "the Docker engine's storage"))
+    for place, factor, what in places:
+        need = int(wheels * factor) + (1 << 30)
+        free = shutil.disk_usage(place).free
+        if free < need:
+            raise EnvironmentProblem(
+                f"building the {profile} image needs about {need / 1e9:.1f} GB free in "
+                f"{what} ({place}); it has {free / 1e9:.1f} GB. Free space there: `docker "
+                f"image prune` removes untagged images, `docker images 'harness/*'` lists "
+                f"the harness's images (each change of the harness builds a new one), or "
+                f"point HARNESS_SCRATCH at a larger disk for the scratch directory.")
+
+
 def _classic_build(engine, image: Dict[str, Any], ident: Dict[str, str], tag: str, out,
                    nocache: bool) -> None:
     from docker.errors import APIError, DockerException
 
     files = ensure_wheelhouse(image, out=out)
+    check_room(engine, files, image["profile"])
     with tempfile.TemporaryDirectory(prefix="harness-build-") as tmp:
         context = Path(tmp)
         (context / "Dockerfile").write_text(render_dockerfile(image))

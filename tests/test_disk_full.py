@@ -6,10 +6,12 @@ no half-made run directory. Mounting needs root (CI runs as root)."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
 from conftest import harness, make_context, read_lock, require, run_dir_of
+from test_docker import engine  # noqa: F401 - fixture
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -77,3 +79,25 @@ def test_a_launch_on_a_full_disk_leaves_no_run_directory(tmp_path, small_disk):
     assert "No space left on device" in done.stderr or "no space left" in done.stderr
     assert "Traceback" not in done.stderr
     assert list((disk / "runs").iterdir()) == []
+
+
+def test_a_build_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, small_disk,
+                                                                      engine):  # noqa: F811
+    """The CUDA image's build peaks at about 3x its wheels; pip's ENOSPC halfway through
+    names nothing useful. With the scratch directory on 25 MiB, the build of a new image
+    (an extra ENV gives it a new tag) is refused at once, naming the place and the space,
+    and no image is left behind."""
+    disk, _ = small_disk
+    tag_env = f"+image.env.HARNESS_TEST_ROOM={os.getpid()}-{tmp_path.name}"
+    env = {**os.environ, "HARNESS_SCRATCH": str(disk)}
+    done = subprocess.run([sys.executable, "-m", "harness", "build", "fashion_mnist",
+                           "image=cpu", tag_env], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "building the cpu image needs about" in done.stderr
+    assert f"in the scratch directory (HARNESS_SCRATCH, else the system's temp dir) where " \
+           f"the layers are normalized ({disk})" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not [image for image in engine.images.list()
+                if any("HARNESS_TEST_ROOM" in str(env) for env in
+                       ((image.attrs.get("Config") or {}).get("Env") or []))]
