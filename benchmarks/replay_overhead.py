@@ -13,6 +13,9 @@ Prints JSON:
   (replay wall - the replay's own training) / original training wall; median of the pairs
   with their spread. Being a fixed cost over a run's time, it shrinks as runs get longer:
   the figure holds for runs of --steps steps.
+- op_trace: one training step traced (every op's inputs and outputs hashed, as
+  trainer.op_trace_steps does for the first step) against the same step untraced, and the
+  trace's size on disk.
 - fingerprint: the cost of one parameter fingerprint (tensor_digests of the model's state
   dict, as the training loop calls it) measured directly, median of many calls, times the
   fingerprints per step at the default interval (1 / trainer.fingerprint_every).
@@ -21,6 +24,7 @@ Prints JSON:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -119,6 +123,40 @@ def fingerprint_figures(repeat: int) -> dict:
             "per_step_ms_default_interval": round(call_ms["median"] / every, 4)}
 
 
+def op_trace_figures(repeat: int) -> dict:
+    """The op trace of the first step (trainer.op_trace_steps=1): one traced training step
+    of the bundled CNN (batch 64) against an untraced one, medians of several, and the
+    trace's size on disk."""
+    import torch
+    from hydra.utils import instantiate
+
+    from harness import op_trace
+    from harness.config import compose
+
+    torch.set_num_threads(2)
+    bundled = compose("fashion_mnist", [])
+    model = instantiate(bundled["model"])
+    optimizer = instantiate(bundled["optim"], params=model.parameters())
+    images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+
+    def step(tracer=None):
+        optimizer.zero_grad(set_to_none=True)
+        with tracer.step(1) if tracer else contextlib.nullcontext():
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+
+    plain = summary([1000 * s for s in timed(step, repeat)])
+    traced = summary([1000 * s for s in timed(lambda: step(op_trace.Tracer(model, 1)),
+                                              repeat)])
+    tracer = op_trace.Tracer(model, 1)
+    step(tracer)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = tracer.write(Path(tmp)).stat().st_size
+    return {"plain_step_ms": plain, "traced_step_ms": traced,
+            "traced_over_plain": round(traced["median"] / plain["median"], 2),
+            "ops": len(tracer.ops), "size_kb": round(size / 1024, 1)}
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +184,7 @@ def main() -> int:
         "steps": args.steps,
         "replay": replay_figures(common, work, args.pairs, args.repeat),
         "fingerprint": fingerprint_figures(args.repeat * 40),
+        "op_trace": op_trace_figures(args.repeat * 4),
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_start": round(load_start, 2),
                     "load_avg_1m_end": round(os.getloadavg()[0], 2)},
     }

@@ -74,6 +74,8 @@ TABLE = [
     ("replay overhead vs original training, 300-step run (fraction)",
      "replay.replay.overhead_vs_original_paired", "", "< 0.05"),
     ("fingerprint cost per step at default interval", "replay.fingerprint.per_step_ms_default_interval", "ms", ""),
+    ("op trace: the traced first step over an untraced step", "replay.op_trace.traced_over_plain", "x", ""),
+    ("op trace of one step: size on disk", "replay.op_trace.size_kb", "KB", ""),
     ("2 ranks × 1 thread over 1 rank × 2 threads, samples/s (global batch 64)",
      "data_parallel.two_ranks_over_one_throughput", "x", ">= 0.9"),
     ("2 ranks: share of a bare 2-rank loop's time lost to the gradient all-reduce",

@@ -464,6 +464,77 @@ def cmd_lock_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_trace(sub) -> None:
+    trace = sub.add_parser(
+        "trace", help="the ops a run's first steps dispatched, and the first op two runs "
+                      "compute differently",
+        description="Every run of the built-in loop records the ops of its first "
+                    "trainer.op_trace_steps steps (default 1) in op-trace.jsonl.gz: op, "
+                    "module, step, shapes, and a bitwise hash of every input and output.")
+    actions = trace.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
+    diff = actions.add_parser(
+        "diff", help="the first op whose output bits differ between two runs",
+        description="Walk two runs' op traces in order and name the first op whose output "
+                    "differs: its module and step, and whether its inputs were identical "
+                    "(the op computes differently: the settings that differ are listed) or "
+                    "not (a weight, the batch or optimizer state differed already). Exit 0 "
+                    "when the traced steps agree, 1 when they differ, 2 when a run has no "
+                    "trace.")
+    diff.add_argument("run_a", help="run id, unique prefix of one, or run directory")
+    diff.add_argument("run_b", help="run id, unique prefix of one, or run directory")
+    add_runs_dir(diff)
+    diff.add_argument("--json", action="store_true", help="machine-readable output")
+    diff.set_defaults(handler=cmd_trace_diff)
+    show = actions.add_parser("show", help="list a run's traced ops",
+                              description="One line per op: call, step, phase, op, module, "
+                                          "output shapes and hashes.")
+    show.add_argument("run", help="run id, unique prefix of one, or run directory")
+    add_runs_dir(show)
+    show.set_defaults(handler=cmd_trace_show)
+
+
+def _trace_of(run_dir: Path):
+    from harness import op_trace
+
+    trace = op_trace.read(run_dir)
+    if trace is None:
+        raise ConfigError(f"run {run_dir.name} has no op trace ({op_trace.FILE}): it ran "
+                          f"with trainer.op_trace_steps=0, ran a command of its own, or "
+                          f"predates op traces. Train it again with "
+                          f"trainer.op_trace_steps=1 (the default).")
+    return trace
+
+
+def cmd_trace_diff(args: argparse.Namespace) -> int:
+    from harness import gate, lockfile, op_trace, rundir
+
+    dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
+    for run_dir in dirs:
+        _trace_of(run_dir)
+    locks = [lockfile.read(d / rundir.LOCK) if (d / rundir.LOCK).is_file() else {}
+             for d in dirs]
+    found = op_trace.compare(*dirs, op_trace.environment_fields(gate.differences(*locks)))
+    if args.json:
+        print(json.dumps({"a": dirs[0].name, "b": dirs[1].name, **found}, indent=2))
+    else:
+        print(f"a: {dirs[0].name}\nb: {dirs[1].name}\n{found['line']}")
+    return 0 if found["kind"] == "same" else 1
+
+
+def cmd_trace_show(args: argparse.Namespace) -> int:
+    from harness import rundir
+
+    run_dir = rundir.resolve(args.run, args.runs_dir)
+    trace = _trace_of(run_dir)
+    print(f"{run_dir.name}: {len(trace['ops'])} ops of step(s) "
+          f"{', '.join(map(str, trace['header']['steps']))}")
+    for op in trace["ops"]:
+        outputs = " ".join(f"{'x'.join(map(str, t[1])) or 'scalar'}:{t[0]}" for t in op["out"])
+        print(f"{op['i']:>5} {op['step']:>3} {op['phase']:<9} {op['op']:<40} "
+              f"{op['module']:<24} {outputs}")
+    return 0
+
+
 # ---------------------------------------------------------------- replay, verify, runs
 
 
@@ -839,7 +910,7 @@ def cmd_machine_record(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS = (add_train, add_run, add_summary, add_variance, add_compare, add_submit, add_slurm, add_data,
-               add_lock, add_keys, add_replay, add_verify, add_doctor, add_runs, add_build,
+               add_lock, add_trace, add_keys, add_replay, add_verify, add_doctor, add_runs, add_build,
                add_image,
                add_machine)
 
@@ -881,3 +952,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `harness trace show RUN | head`: the reader has had enough
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

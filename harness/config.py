@@ -69,6 +69,9 @@ class TrainerConf:
     eval_limit: Optional[int] = None  # evaluate on the first N test samples
     log_every: int = 100  # progress line every N steps (metrics are logged every step)
     fingerprint_every: int = 100  # parameter digest every N steps, for divergence reports
+    # every op of the first N steps, hashed bit for bit (op-trace.jsonl.gz), so that a
+    # divergence is named down to the op (harness/op_trace.py); 0: off
+    op_trace_steps: int = 1
     checkpoint_every: int = 1000
     device: str = "auto"  # cpu, cuda, cuda:N, or auto: cuda where NVML sees a GPU, else cpu
     # Data-parallel training (DistributedDataParallel; docs/distributed.md): devices ranks
@@ -535,7 +538,7 @@ def _first_line(exc: Exception) -> str:
 def _check_ranges(cfg: Dict[str, Any]) -> None:
     minimums = {"epochs": 1, "max_steps": 1, "batch_size": 1, "eval_batch_size": 1,
                 "num_workers": 0, "train_limit": 1, "eval_limit": 1, "log_every": 1,
-                "fingerprint_every": 1, "checkpoint_every": 1, "devices": 1, "nodes": 1,
+                "fingerprint_every": 1, "op_trace_steps": 0, "checkpoint_every": 1, "devices": 1, "nodes": 1,
                 "bucket_cap_mb": 1, "collective_timeout_s": 1}
     rules = [(f"trainer.{key}", value, minimums[key])
              for key, value in cfg["trainer"].items() if key in minimums]

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import metrics, rundir
+from harness import metrics, op_trace, rundir
 from harness.digest import canonical_sha256, file_sha256
 from harness.errors import LockfileError, ReplayRefused
 
@@ -51,6 +51,7 @@ def mismatches(run_dir: Path, lock: Dict[str, Any],
     if "outputs" in results:  # a `harness run` command: its declared outputs
         return _output_mismatches(Path(run_dir), results)
     return _metrics_mismatches(Path(run_dir), results) + \
+        _op_trace_mismatches(Path(run_dir), results) + \
         weights_mismatches(run_dir, lock, weights_sha256)
 
 
@@ -139,6 +140,19 @@ def _metrics_mismatches(run_dir: Path, results: Dict[str, Any]) -> List[str]:
             found.append(_line(field, json.dumps(locked), f"{json.dumps(on_disk)} (from "
                                f"{rundir.METRICS})"))
     return found
+
+
+def _op_trace_mismatches(run_dir: Path, results: Dict[str, Any]) -> List[str]:
+    """The op trace is the reference a diverged replay is explained against: an edited one
+    would blame the wrong op."""
+    if "op_trace_sha256" not in results:
+        return []
+    path = run_dir / op_trace.FILE
+    found = file_sha256(path) if path.is_file() else f"no {op_trace.FILE}"
+    if found == results["op_trace_sha256"]:
+        return []
+    return [_line("results.op_trace_sha256", results["op_trace_sha256"],
+                  f"{found} (sha256 of {op_trace.FILE})" if path.is_file() else found)]
 
 
 def _float(loss_hex: Optional[str]) -> Optional[float]:

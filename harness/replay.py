@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness import (__version__, capture, compare, config, gate, image, imports, integrity,
-                     lockfile, outputs, perturb, rundir, signing, tracking)
+                     lockfile, op_trace, outputs, perturb, rundir, signing, tracking)
 from harness import trust as trust_module
 from harness.errors import (ConfigError, Diverged, EnvironmentProblem,
                             ReplayRefused, RunFailed, Unverified)
@@ -227,6 +227,9 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         report = compare.compare_outputs(orig_dir, new_dir, lock, new_lock)
     else:
         report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
+    if report["verdict"] == compare.DIVERGED and not config.is_script(cfg):
+        report["first_differing_op"] = op_trace.compare(
+            orig_dir, new_dir, op_trace.environment_fields(diffs))
     compare_s = time.perf_counter() - compare_started
     print(compare.render(report), flush=True)
     record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),
@@ -277,8 +280,18 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
             f"{report['first_diverging_step']} (report in {new_dir / rundir.REPLAY})."
             f"{likely_cause(diffs, cfg['determinism']['cpu_isa'])} Run "
             f"`harness verify {cfg['name']}` here to see "
-            f"whether the config is deterministic and which module differs first.")
+            f"whether the config is deterministic and which module differs first."
+            f"{op_line(report)}")
     return 0
+
+
+def op_line(report: Dict[str, Any]) -> str:
+    """The op trace's one line for a DIVERGED report, on a line of its own; '' without."""
+    found = report.get("first_differing_op")
+    if found is None:
+        return ("\nop trace: none to compare (a run without op-trace.jsonl.gz: "
+                "trainer.op_trace_steps=0, or recorded before op traces).")
+    return f"\n{found['line']}"
 
 
 def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
@@ -303,6 +316,9 @@ def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
     print(f"harness: negative control {control_dir.name}: {report['verdict']}"
           + (f" at step {report['first_diverging_step']}: the comparison can fail"
              if report["verdict"] != compare.IDENTICAL else ""), flush=True)
+    traced = op_trace.compare(orig_dir, control_dir)
+    if traced is not None and report["verdict"] != compare.IDENTICAL:
+        print(f"harness: negative control {traced['line']}", flush=True)
     return {"run": control_dir.name, "perturbation": perturb.DESCRIPTION,
             "verdict": report["verdict"],
             "first_diverging_step": report["first_diverging_step"]}

@@ -6,6 +6,7 @@
     launch.sigstore.json  the launcher's signature over config, overrides and launch.json
     status.json      running | succeeded | failed, exit code, times, pid
     metrics.jsonl    one record per step (loss also as float.hex) and per evaluation
+    op-trace.jsonl.gz  every op of the first steps, hashed bit for bit (harness.op_trace)
     train.log        what the training printed
     checkpoints/     training state at intervals (the newest two)
     model.pt         final weights
@@ -50,6 +51,7 @@ OVERRIDES = "overrides.txt"
 LAUNCH = "launch.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
+OP_TRACE = "op-trace.jsonl.gz"
 LOG = "train.log"
 WEIGHTS = "model.pt"
 LOCK = "harness.lock"

@@ -24,8 +24,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import (audit, checkpoint, distributed, metrics, nondeterminism, perturb,
-                     portable, rundir, seeding)
+from harness import (audit, checkpoint, distributed, metrics, nondeterminism, op_trace,
+                     perturb, portable, rundir, seeding)
 from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
@@ -213,6 +213,8 @@ def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookk
         "weights_sha256": weights_sha256(state),
         "metrics_sha256": file_sha256(run_dir / rundir.METRICS),
     }
+    if (run_dir / op_trace.FILE).is_file():
+        results["op_trace_sha256"] = file_sha256(run_dir / op_trace.FILE)
     rt.write_lock(results, progress.resumes, timing={
         "first_step_unix": book.first_step_at,
         "train_loop_s": round(loop_s, 3),
@@ -275,6 +277,7 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
     bare_model = getattr(model, "module", model)  # what is saved (without the DDP wrapper)
     order_seed = seeding.source_seeds(cfg)["order"]
     start_epoch = progress.epoch
+    tracer = op_trace.Tracer.for_run(rt, bare_model, progress.step, total_steps)
     model.train()
     for epoch in range(start_epoch, cfg["trainer"]["epochs"]):
         progress.epoch = epoch
@@ -287,13 +290,15 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
         for (images, labels), global_batch in zip(loader, shards.global_sizes):
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            with portable.first_step_check(cfg, progress.step):  # cpu_isa=portable only
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-                loss.backward()  # data-parallel: gradients are averaged over the ranks here
-            optimizer.step()
+            with tracer.step(progress.step + 1):  # the first steps' ops: trainer.op_trace_steps
+                with portable.first_step_check(cfg, progress.step):  # cpu_isa=portable only
+                    loss = torch.nn.functional.cross_entropy(model(images), labels)
+                    loss.backward()  # data-parallel: gradients are averaged over the ranks here
+                optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             progress.step += 1
+            tracer.after_step(progress.step, rt.run_dir)
             perturb.after_step(bare_model)  # replay --negative-control only
             progress.position = position = position + global_batch
             with book.stopwatch:  # the harness's own work per step: timing.harness_s
@@ -307,6 +312,7 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
                     saved = save_checkpoint(rt, bare_model, optimizer, scheduler, progress)
             if stopping:
                 book.close()
+                tracer.write_pending(rt.run_dir)
                 why = rt.stop_requested or "a stop signal (to another rank)"
                 rt.say(f"harness: {why} received: checkpoint {saved.name} written at step "
                        f"{progress.step}; exiting with code {REQUEUE_EXIT} (preempted, resume "

@@ -1,0 +1,356 @@
+"""The op trace: every op the first training step(s) dispatched, with a bitwise hash of its
+inputs and outputs, so that a divergence can be named down to the operation.
+
+A replay that diverges at step 6 says where, not why. The trace says why: walking two runs'
+traces in order, the first op whose output bits differ either got identical inputs (the op
+itself computes differently here: a kernel, a CPU mode, a library, the machine) or did not
+(a tensor from outside the traced ops differed already: a weight, the batch, optimizer
+state). The trace in the run directory is the reference, so this works after the original
+machine is gone.
+
+Recording (`Tracer`) runs in the training process and needs torch; reading and comparing
+(`read`, `first_difference`, `render`) are plain Python for the host.
+
+File: op-trace.jsonl.gz, gzip without a time stamp (the same ops give the same bytes), one
+JSON object per line: a header {"format", "steps", "ops"}, then one per op:
+  {"i": call index from 1, "step": optimizer step from 1, "phase": forward|backward|optimizer,
+   "op": "aten::convolution", "module": "model.features.0",
+   "in": [[hash, shape, dtype, name], ...], "out": [[hash, shape, dtype], ...]}
+`name` is the parameter's name where the input is one of the model's parameters or buffers.
+A hash is the first 16 hex digits of BLAKE2b over the tensor's bytes (row-major): equal
+hashes mean equal bits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness.rundir import OP_TRACE as FILE
+
+FORMAT = 1
+UNHASHABLE = "-"  # a tensor without plain memory (sparse, meta, mkldnn layout)
+
+# Ops whose outputs are random draws: a difference there with identical inputs is the RNG.
+RANDOM_OPS = ("bernoulli", "dropout", "rand", "normal", "uniform", "multinomial", "randperm",
+              "exponential", "geometric", "cauchy", "log_normal", "random_")
+
+
+# --- recording (training process) -------------------------------------------------------
+
+def tensor_hash(tensor) -> str:
+    """Bitwise identity of a tensor's values: BLAKE2b of its bytes in row-major order."""
+    import torch
+
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        return UNHASHABLE
+    data = tensor.detach()
+    if data.is_conj():
+        data = data.resolve_conj()
+    if data.is_neg():
+        data = data.resolve_neg()
+    raw = data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(raw.data, digest_size=8).hexdigest()  # no copy of the bytes
+
+
+def _storage(tensor) -> Optional[int]:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage (a wrapper subclass, say)
+        return None
+
+
+def _describe(tensor, known: Dict[int, Tuple[Any, int, Optional[int], str]]) -> List[Any]:
+    """[hash, shape, dtype]. Most inputs are an earlier op's outputs: the same tensor object,
+    unchanged since (its version counter, and no op wrote its storage: forget_written).
+    Their hash is looked up in `known`, not computed again, which halves the trace's cost."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # an inference tensor has no version counter
+        version = None
+    entry = known.get(id(tensor))
+    if entry is not None and entry[0]() is tensor and entry[1] == version is not None:
+        return [entry[3], list(tensor.shape), str(tensor.dtype).replace("torch.", "")]
+    digest = tensor_hash(tensor)
+    if version is not None:
+        known[id(tensor)] = (weakref.ref(tensor), version, _storage(tensor), digest)
+    return [digest, list(tensor.shape), str(tensor.dtype).replace("torch.", "")]
+
+
+def forget_written(func, args, kwargs, known) -> None:
+    """After an op that writes some of its arguments (in place, out=): forget the hash of
+    every tensor sharing their storage. An alias made with `.data` has a version counter
+    of its own, so the writer's counter alone would not say its base changed."""
+    import torch
+
+    if not func._schema.is_mutable:
+        return
+    schema = func._schema.arguments
+    values = [*args, *(kwargs.get(argument.name) for argument in schema[len(args):])]
+    written = {_storage(value) for argument, value in zip(schema, values)
+               if argument.alias_info is not None and argument.alias_info.is_write and
+               isinstance(value, torch.Tensor)}
+    for key in [key for key, entry in known.items() if entry[2] in written]:
+        del known[key]
+
+
+class Tracer:
+    """Records the ops of chosen optimizer steps. Use `with tracer.step(n):` around one step's
+    forward, backward and optimizer step; `write()` once the last traced step is done."""
+
+    def __init__(self, model, steps: int, first: int = 1):
+        self.first, self.steps = first, steps  # trace optimizer steps first..steps
+        self.written = False
+        self.ops: List[Dict[str, Any]] = []
+        self.traced_steps: List[int] = []
+        names = dict(model.named_parameters())
+        names.update(dict(model.named_buffers()))
+        self._names = {id(tensor): name for name, tensor in names.items()}
+        self._in_optimizer = False
+        # id -> (weakref, version counter, storage, hash) of tensors hashed so far
+        self._known: Dict[int, Tuple[Any, int, Optional[int], str]] = {}
+
+    @classmethod
+    def for_run(cls, rt, model, done_steps: int, total_steps: int) -> "Tracer":
+        """The built-in loop's tracer: steps 1..trainer.op_trace_steps, on rank 0 (the one
+        writer of the run directory). A resumed run traces only what no earlier process of
+        the run wrote (one killed before its trace was complete)."""
+        steps = min(rt.cfg["trainer"].get("op_trace_steps") or 0, total_steps)
+        if not rt.rank.is_main or done_steps >= steps or (Path(rt.run_dir) / FILE).exists():
+            steps = 0
+        return cls(model, steps, first=done_steps + 1)
+
+    def wants(self, step: int) -> bool:
+        """Whether optimizer step `step` (from 1) is traced."""
+        return self.first <= step <= self.steps
+
+    def after_step(self, step: int, run_dir: Path) -> None:
+        """After optimizer step `step`: write the trace once its last step is done."""
+        if step == self.steps:
+            self.write_pending(run_dir)
+
+    def write_pending(self, run_dir: Path) -> None:
+        """Write what was traced and not written yet (also when a stop signal ends the run
+        before the last traced step)."""
+        if self.traced_steps and not self.written:
+            self.write(run_dir)
+            self.written = True
+
+    def step(self, step: int):
+        """A context recording every op dispatched inside it as step `step`."""
+        import contextlib
+
+        if not self.wants(step):
+            return contextlib.nullcontext()
+        return self._recording(step)
+
+    def _recording(self, step: int):
+        import contextlib
+
+        import torch
+        from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                           register_optimizer_step_pre_hook)
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.module_tracker import ModuleTracker
+
+        tracer, modules = self, ModuleTracker()
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func.namespace == "profiler":
+                    return func(*args, **kwargs)
+                inputs = [t for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, torch.Tensor)]
+                before = [_describe(t, tracer._known) + [tracer._names.get(id(t), "")]
+                          for t in inputs]
+                result = func(*args, **kwargs)
+                forget_written(func, args, kwargs, tracer._known)
+                outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+                tracer.ops.append({
+                    "i": len(tracer.ops) + 1, "step": step, "phase": tracer._phase(modules),
+                    "op": func.name(), "module": _module_path(modules.parents),
+                    "in": before, "out": [_describe(t, tracer._known) for t in outputs]})
+                return result
+
+        @contextlib.contextmanager
+        def recording():
+            pre = register_optimizer_step_pre_hook(
+                lambda *_: setattr(tracer, "_in_optimizer", True))
+            post = register_optimizer_step_post_hook(
+                lambda *_: setattr(tracer, "_in_optimizer", False))
+            try:
+                with modules, Record():
+                    yield
+            finally:
+                pre.remove()
+                post.remove()
+                tracer._in_optimizer = False
+            self.traced_steps.append(step)
+
+        return recording()
+
+    def _phase(self, modules) -> str:
+        if self._in_optimizer:
+            return "optimizer"
+        return "backward" if modules.is_bw else "forward"
+
+    def write(self, run_dir: Path) -> Path:
+        """The trace as op-trace.jsonl.gz in the run directory (the same ops, the same bytes)."""
+        header = {"format": FORMAT, "steps": self.traced_steps, "ops": len(self.ops)}
+        lines = [json.dumps(header, sort_keys=True)]
+        lines += [json.dumps(op, sort_keys=True, separators=(",", ":")) for op in self.ops]
+        data = ("\n".join(lines) + "\n").encode()
+        buffer = io.BytesIO()
+        with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as packed:
+            packed.write(data)
+        path = Path(run_dir) / FILE
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(buffer.getvalue())
+        partial.replace(path)
+        return path
+
+
+def _module_path(parents) -> str:
+    """The innermost module running, as `model.<its attribute path>`; `(outside the model)`
+    for ops of the loss or the optimizer. ModuleTracker names the root by its class and a
+    data-parallel wrapper adds `module.`: both are dropped, so that a plain run and a
+    data-parallel one name modules alike."""
+    inside = [name for name in parents if name != "Global"]
+    if not inside:
+        return "(outside the model)"
+    path = max(inside, key=lambda name: name.count(".")).split(".")[1:]
+    if path[:1] == ["module"]:
+        path = path[1:]
+    return ".".join(["model", *path])
+
+
+# --- reading and comparing (host, no torch) -----------------------------------------------
+
+def read(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """{"header": ..., "ops": [...]} of a run's trace; None when the run has none."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    with gzip.open(path, "rt") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    return {"header": rows[0], "ops": rows[1:]}
+
+
+def _structure(op: Dict[str, Any]) -> tuple:
+    return (op["op"], op["step"], tuple((tuple(t[1]), t[2]) for t in op["in"]))
+
+
+def _hashes(described: List[List[Any]]) -> List[str]:
+    return [t[0] for t in described]
+
+
+def first_difference(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    """Where two traces first part, walking their common steps in order:
+    {"kind": "same"} (every common op agrees), "path" (the ops themselves differ: other code
+    or another library path), "kernel" (identical inputs, other output bits), "input" (the
+    op read a tensor that differed already and that no traced op computed: a weight, the
+    batch, optimizer state) or "random" (a random draw: the RNG state differs)."""
+    steps = sorted(set(a["header"]["steps"]) & set(b["header"]["steps"]))
+    ops_a = [op for op in a["ops"] if op["step"] in steps]
+    ops_b = [op for op in b["ops"] if op["step"] in steps]
+    found: Dict[str, Any] = {"kind": "same", "steps": steps, "ops": [len(ops_a), len(ops_b)]}
+    for index, (op_a, op_b) in enumerate(zip(ops_a, ops_b)):
+        if _structure(op_a) != _structure(op_b):
+            return {**found, "kind": "path", "a": op_a, "b": op_b, "index": index}
+        if _hashes(op_a["out"]) == _hashes(op_b["out"]):
+            continue
+        differing_inputs = [k for k, (x, y) in enumerate(zip(op_a["in"], op_b["in"]))
+                            if x[0] != y[0]]
+        kind = "input" if differing_inputs else "kernel"
+        if kind == "kernel" and any(word in op_a["op"] for word in RANDOM_OPS):
+            kind = "random"
+        return {**found, "kind": kind, "a": op_a, "b": op_b, "index": index,
+                "differing_inputs": differing_inputs,
+                "differing_outputs": [k for k, (x, y) in enumerate(zip(op_a["out"], op_b["out"]))
+                                      if x[0] != y[0]]}
+    if len(ops_a) != len(ops_b):  # one ran on where the other had stopped
+        return {**found, "kind": "path", "a": None, "b": None,
+                "index": min(len(ops_a), len(ops_b))}
+    return found
+
+
+def environment_fields(diffs) -> List[str]:
+    """The differences (gate.Difference rows) that can reach an op's kernel, as `field: a ->
+    b`: those the gate blocks on or has no recording for, and the config's determinism."""
+    from harness import gate
+
+    return [f"{d.key}: {gate.short(d.a, 24)} -> {gate.short(d.b, 24)}" for d in diffs
+            if d.group in (gate.BLOCKING, gate.UNPROVEN) or
+            d.key.startswith("config.determinism.")]
+
+
+def compare(a_dir: Path, b_dir: Path, environment: List[str] = ()) -> Optional[Dict[str, Any]]:
+    """first_difference of two runs' traces plus the one line that says it (`line`); None
+    when either run has no trace. `environment` names the recorded environment fields that
+    differ between the runs (the replay gate's rows), said where an op computes differently."""
+    a, b = read(a_dir), read(b_dir)
+    if a is None or b is None:
+        return None
+    found = first_difference(a, b)
+    found["environment"] = list(environment)
+    found["line"] = render(found)
+    return found
+
+
+def _where(op: Dict[str, Any], total: int) -> str:
+    where = op["module"]
+    if op["phase"] == "optimizer":
+        updated = [t[3] for t in op["in"] if t[3]]
+        where = "the optimizer" + (f" (updating {updated[0]})" if updated else "")
+    return f"{op['op']} ({op['phase']}) in {where}, step {op['step']}, call {op['i']} of {total}"
+
+
+def render(found: Dict[str, Any]) -> str:
+    """The one line a DIVERGED report ends with: the op, its module, its step, and whether
+    the machine (identical inputs) or the data (differing inputs) changed it."""
+    kind, steps = found["kind"], found["steps"]
+    traced = f"step{'s' if len(steps) != 1 else ''} {', '.join(map(str, steps))}"
+    if not steps:
+        return "op trace: the two runs traced no common step; nothing to compare."
+    if kind == "same":
+        return (f"op trace: all {found['ops'][0]} ops of {traced} agree bit for bit, inputs "
+                f"and outputs: a difference between the runs, if any, starts after the "
+                f"traced steps. Trace more of them with trainer.op_trace_steps=N (N at least "
+                f"the first diverging step).")
+    total = found["ops"][0]
+    a, b = found["a"], found["b"]
+    if kind == "path":
+        if a is None or b is None:
+            return (f"op trace: one run dispatched more ops than the other in {traced} "
+                    f"({found['ops'][0]} vs {found['ops'][1]}): other code, or another "
+                    f"library path.")
+        return (f"op trace: the runs dispatched different ops at call {a['i']}: "
+                f"{a['op']} in {a['module']} vs {b['op']} in {b['module']} (step "
+                f"{a['step']}): other code, or another library path, ran.")
+    count = len(a["out"])
+    outputs = ", ".join(f"output {k + 1} of {count}" for k in found["differing_outputs"])
+    if kind == "input":
+        names = [a["in"][k][3] or f"input {k + 1}" for k in found["differing_inputs"]]
+        return (f"op trace: first differing op {_where(a, total)} ({outputs}): its inputs "
+                f"differed ({', '.join(names)}) although every op before it agreed, so "
+                f"they were changed outside the traced ops: the data changed it (a weight, "
+                f"the batch or optimizer state), not the machine.")
+    if kind == "random":
+        return (f"op trace: first differing op {_where(a, total)} ({outputs}) with identical "
+                f"inputs: a random draw, so the random number generator's state differs "
+                f"(seeds, or draws made before this step).")
+    fields = found.get("environment") or []
+    cause = (f"recorded settings that differ: {'; '.join(fields[:6])}"
+             f"{' ...' if len(fields) > 6 else ''}" if fields else
+             "no recorded environment field differs, so this op is not deterministic here "
+             "(run `harness verify`)")
+    return (f"op trace: first differing op {_where(a, total)} ({outputs}) with identical "
+            f"inputs: this op computes differently in this environment, not the data; "
+            f"{cause}.")

@@ -1,0 +1,133 @@
+"""The op trace: a diverged replay, or two runs, are explained down to the first op that
+computes differently, and whether the machine or the data changed it. Real runs of the
+bundled config on real data, through the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from conftest import FAST, run_dir_of
+
+from harness import op_trace
+
+TRACE_FAST = [*FAST, "trainer.max_steps=3"]
+
+
+def _train(cli, fashion, *overrides, env=None):
+    done = cli("train", "fashion_mnist", *TRACE_FAST, *overrides,
+               env={"HARNESS_DATA": str(fashion), **(env or {})}, check_rc=0)
+    return run_dir_of(done)
+
+
+def test_replay_that_diverges_names_the_op_the_environment_changes(cli, fashion):
+    """A replay whose oneDNN is held to SSE4.1 (a setting the original run did not have)
+    ends with the op line: the first convolution, identical inputs, the setting named. The
+    plain replay of the same run is IDENTICAL: the line is not said of every run."""
+    original = _train(cli, fashion)
+    trace = op_trace.read(original)
+    assert trace["header"]["steps"] == [1]
+    assert trace["ops"][0]["op"] == "aten::convolution"
+    assert {op["phase"] for op in trace["ops"]} == {"forward", "backward", "optimizer"}
+
+    same = cli("replay", str(original), env={"HARNESS_DATA": str(fashion)})
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "IDENTICAL" in same.stdout
+
+    changed = cli("replay", str(original), "--allow-mismatch",
+                  env={"HARNESS_DATA": str(fashion), "ONEDNN_MAX_CPU_ISA": "SSE41"})
+    assert changed.returncode == 7, changed.stdout + changed.stderr
+    last = changed.stderr.strip().splitlines()[-1]
+    assert last.startswith("op trace: first differing op aten::convolution (forward) in "
+                           "model.features.0, step 1, call 1 of "), last
+    assert "with identical inputs: this op computes differently in this environment" in last
+    assert "ONEDNN_MAX_CPU_ISA: (absent) -> SSE41" in last
+    records = [json.loads(path.read_text()) for path in original.parent.glob("*/replay.json")]
+    diverged = [r for r in records if r["verdict"] == "DIVERGED"]
+    assert len(diverged) == 1 and diverged[0]["first_differing_op"]["kind"] == "kernel"
+
+
+def test_trace_diff_names_the_convolution_onednn_computes(cli, fashion):
+    """Two runs that differ only in the CPU mode (native: oneDNN convolutions; portable:
+    oneDNN off) part at the first convolution, with identical inputs; the mode is named."""
+    native = _train(cli, fashion)
+    portable = _train(cli, fashion, "determinism.cpu_isa=portable")
+    done = cli("trace", "diff", str(native), str(portable))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert ("first differing op aten::convolution (forward) in model.features.0, step 1"
+            in done.stdout), done.stdout
+    assert "with identical inputs" in done.stdout
+    assert "config.determinism.cpu_isa: native -> portable" in done.stdout
+    assert "mkldnn_enabled" in done.stdout
+
+    # The same run against a rerun of it: every op agrees (exit 0), so the line above is
+    # not what the comparison says of any two runs.
+    rerun = _train(cli, fashion)
+    agree = cli("trace", "diff", str(native), str(rerun))
+    assert agree.returncode == 0, agree.stdout + agree.stderr
+    assert "agree bit for bit" in agree.stdout
+
+
+def test_negative_control_is_an_input_difference_not_a_kernel(cli, fashion):
+    """The negative control flips a bit of the first weight after step 1. Traced over two
+    steps, the first op that reads that weight in step 2 is named, as a data difference."""
+    original = _train(cli, fashion, "trainer.op_trace_steps=2")
+    done = cli("replay", str(original), "--negative-control",
+               env={"HARNESS_DATA": str(fashion)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(line for line in done.stdout.splitlines()
+                if line.startswith("harness: negative control op trace:"))
+    assert ("first differing op aten::convolution (forward) in model.features.0, step 2"
+            in line), line
+    assert "its inputs differed (features.0.weight)" in line
+    assert "the data changed it" in line and "identical inputs" not in line
+
+
+def test_an_edited_trace_is_refused_and_a_run_without_one_says_so(cli, fashion):
+    """The trace is covered by the lock: an edited one (a hash changed to blame another op)
+    fails `harness lock check` and the replay (exit 5). trainer.op_trace_steps=0 records
+    none, and `harness trace diff` says how to get one (exit 2)."""
+    run = _train(cli, fashion)
+    assert cli("lock", "check", str(run)).returncode == 0
+    path = run / op_trace.FILE
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    op = json.loads(lines[5])
+    op["out"][0][0] = "0" * 16
+    lines[5] = json.dumps(op)
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    checked = cli("lock", "check", str(run))
+    assert checked.returncode == 5, checked.stdout + checked.stderr
+    assert "results.op_trace_sha256" in checked.stderr
+    replayed = cli("replay", str(run), env={"HARNESS_DATA": str(fashion)})
+    assert replayed.returncode == 5 and "results.op_trace_sha256" in replayed.stderr
+
+    untraced = _train(cli, fashion, "trainer.op_trace_steps=0")
+    assert not (untraced / op_trace.FILE).exists()
+    done = cli("trace", "diff", str(run), str(untraced))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "has no op trace" in done.stderr and "trainer.op_trace_steps=1" in done.stderr
+
+
+# ---------------------------------------------------------------- the comparison alone
+
+def _op(i, op, out, inputs=("x",), step=1):
+    return {"i": i, "step": step, "phase": "forward", "op": op, "module": "model.layer",
+            "in": [[h, [2], "float32", ""] for h in inputs], "out": [[out, [2], "float32"]]}
+
+
+def _trace(*ops):
+    return {"header": {"format": 1, "steps": sorted({op["step"] for op in ops}),
+                       "ops": len(ops)}, "ops": list(ops)}
+
+
+def test_first_difference_tells_other_code_and_a_random_draw_apart():
+    reference = _trace(_op(1, "aten::mm", "a"), _op(2, "aten::bernoulli_.float", "b", ("a",)))
+    other_code = _trace(_op(1, "aten::addmm", "a"), _op(2, "aten::bernoulli_.float", "b", ("a",)))
+    assert op_trace.first_difference(reference, other_code)["kind"] == "path"
+    other_draw = _trace(_op(1, "aten::mm", "a"), _op(2, "aten::bernoulli_.float", "c", ("a",)))
+    found = op_trace.first_difference(reference, other_draw)
+    assert found["kind"] == "random" and found["a"]["i"] == 2
+    assert "random number generator" in op_trace.render({**found, "environment": []})
+    longer = _trace(*reference["ops"], _op(3, "aten::relu", "d", ("b",)))
+    assert op_trace.first_difference(reference, longer)["kind"] == "path"
+    assert op_trace.first_difference(reference, reference)["kind"] == "same"
