@@ -15,7 +15,8 @@ File: op-trace.jsonl.gz, gzip without a time stamp (the same ops give the same b
 JSON object per line: a header {"format", "steps", "ops"}, then one per op:
   {"i": call index from 1, "step": optimizer step from 1, "phase": forward|backward|optimizer,
    "op": "aten::convolution", "module": "model.features.0",
-   "in": [[hash, shape, dtype, name], ...], "out": [[hash, shape, dtype], ...]}
+   "in": [[hash, shape, dtype, name], ...], "args": hash of the other arguments,
+   "out": [[hash, shape, dtype], ...]}
 `name` is the parameter's name where the input is one of the model's parameters or buffers.
 A hash is the first 16 hex digits of BLAKE2b over the tensor's bytes (row-major): equal
 hashes mean equal bits.
@@ -56,6 +57,16 @@ def tensor_hash(tensor) -> str:
         data = data.resolve_neg()
     raw = data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.blake2b(raw.data, digest_size=8).hexdigest()  # no copy of the bytes
+
+
+def _arguments_hash(leaves: List[Any]) -> str:
+    """The op's arguments other than tensors (numbers, shapes, flags), bit for bit: a
+    Python float computed outside torch changes an op's output as much as a tensor does."""
+    import torch
+
+    words = [value.hex() if isinstance(value, float) else repr(value) for value in leaves
+             if not isinstance(value, torch.Tensor)]
+    return hashlib.blake2b("\x1f".join(words).encode(), digest_size=8).hexdigest()
 
 
 def _storage(tensor) -> Optional[int]:
@@ -166,8 +177,8 @@ class Tracer:
                 kwargs = kwargs or {}
                 if func.namespace == "profiler":
                     return func(*args, **kwargs)
-                inputs = [t for t in tree_flatten((args, kwargs))[0]
-                          if isinstance(t, torch.Tensor)]
+                leaves = tree_flatten((args, kwargs))[0]
+                inputs = [t for t in leaves if isinstance(t, torch.Tensor)]
                 before = [_describe(t, tracer._known) + [tracer._names.get(id(t), "")]
                           for t in inputs]
                 result = func(*args, **kwargs)
@@ -176,7 +187,8 @@ class Tracer:
                 tracer.ops.append({
                     "i": len(tracer.ops) + 1, "step": step, "phase": tracer._phase(modules),
                     "op": func.name(), "module": _module_path(modules.parents),
-                    "in": before, "out": [_describe(t, tracer._known) for t in outputs]})
+                    "in": before, "args": _arguments_hash(leaves),
+                    "out": [_describe(t, tracer._known) for t in outputs]})
                 return result
 
         @contextlib.contextmanager
@@ -268,11 +280,12 @@ def first_difference(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
             continue
         differing_inputs = [k for k, (x, y) in enumerate(zip(op_a["in"], op_b["in"]))
                             if x[0] != y[0]]
-        kind = "input" if differing_inputs else "kernel"
+        other_arguments = op_a.get("args") != op_b.get("args")
+        kind = "input" if differing_inputs or other_arguments else "kernel"
         if kind == "kernel" and any(word in op_a["op"] for word in RANDOM_OPS):
             kind = "random"
         return {**found, "kind": kind, "a": op_a, "b": op_b, "index": index,
-                "differing_inputs": differing_inputs,
+                "differing_inputs": differing_inputs, "other_arguments": other_arguments,
                 "differing_outputs": [k for k, (x, y) in enumerate(zip(op_a["out"], op_b["out"]))
                                       if x[0] != y[0]]}
     if len(ops_a) != len(ops_b):  # one ran on where the other had stopped
@@ -338,10 +351,13 @@ def render(found: Dict[str, Any]) -> str:
     outputs = ", ".join(f"output {k + 1} of {count}" for k in found["differing_outputs"])
     if kind == "input":
         names = [a["in"][k][3] or f"input {k + 1}" for k in found["differing_inputs"]]
+        if found.get("other_arguments"):
+            names.append("a number or other argument that is not a tensor")
         return (f"op trace: first differing op {_where(a, total)} ({outputs}): its inputs "
                 f"differed ({', '.join(names)}) although every op before it agreed, so "
                 f"they were changed outside the traced ops: the data changed it (a weight, "
-                f"the batch or optimizer state), not the machine.")
+                f"the batch, optimizer state, or a number the code computed), not the "
+                f"machine.")
     if kind == "random":
         return (f"op trace: first differing op {_where(a, total)} ({outputs}) with identical "
                 f"inputs: a random draw, so the random number generator's state differs "
@@ -349,8 +365,7 @@ def render(found: Dict[str, Any]) -> str:
     fields = found.get("environment") or []
     cause = (f"recorded settings that differ: {'; '.join(fields[:6])}"
              f"{' ...' if len(fields) > 6 else ''}" if fields else
-             "no recorded environment field differs, so this op is not deterministic here "
-             "(run `harness verify`)")
+             "no recorded setting differs, so this op is not deterministic on this machine")
     return (f"op trace: first differing op {_where(a, total)} ({outputs}) with identical "
             f"inputs: this op computes differently in this environment, not the data; "
             f"{cause}.")

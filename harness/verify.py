@@ -17,8 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import audit, compare, config, lockfile, rundir
+from harness import audit, compare, config, lockfile, op_trace, rundir
 from harness.errors import Diverged, HarnessError, RunFailed
+
+
+VERIFY_TRACED_STEPS = 5
 
 
 def prefix_config(name: str, overrides: List[str], config_dir: Optional[Path], steps: int,
@@ -28,6 +31,9 @@ def prefix_config(name: str, overrides: List[str], config_dir: Optional[Path], s
     trainer["max_steps"] = min(steps, trainer["max_steps"] or steps)
     trainer["fingerprint_every"] = fingerprint_every
     trainer["checkpoint_every"] = max(trainer["checkpoint_every"], trainer["max_steps"])
+    # The op trace of the first steps names the op where the runs part (a traced step
+    # costs a few untraced ones: the first VERIFY_TRACED_STEPS only).
+    trainer["op_trace_steps"] = min(trainer["max_steps"], VERIFY_TRACED_STEPS)
     return config.validate(cfg)
 
 
@@ -116,22 +122,44 @@ def verify(name: str, overrides: List[str], config_dir: Optional[Path] = None,
     lock_b = lockfile.read(b_dir / rundir.LOCK)
     report = compare.compare_runs(a_dir, b_dir, lock_a, lock_b)
     first_module = audit.first_difference(a_dir, b_dir)
-    deterministic = report["verdict"] == compare.IDENTICAL and first_module is None
+    first_op = op_trace.compare(a_dir, b_dir)
+    deterministic = report["verdict"] == compare.IDENTICAL and first_module is None and \
+        (first_op is None or first_op["kind"] == "same")
     record = {**report, "deterministic": deterministic, "first_module": first_module,
+              "first_differing_op": first_op,
               "runs": [a_dir.name, b_dir.name], "config": name, "overrides": overrides}
     for run_dir in (a_dir, b_dir):
         rundir.write_json(run_dir / rundir.VERIFY, record)
     print(f"runs: {a_dir.name} {b_dir.name}")
     print(compare.render(report))
     print(audit.render(first_module), flush=True)
+    if first_op is not None:
+        print(first_op["line"], flush=True)
     if not deterministic:
         where = f" in module {first_module['module']}" if first_module else ""
         raise Diverged(f"{name} is NOT deterministic here: two identical runs differ{where}. "
                        f"Make that module deterministic (seed its randomness from torch, "
-                       f"avoid nondeterministic kernels), then run verify again.")
+                       f"avoid nondeterministic kernels), then run verify again."
+                       f"{_setting_for(first_op, cfg)}")
     print(f"DETERMINISTIC: {name} gives bitwise identical runs here "
           f"({cfg['trainer']['max_steps']} steps).", flush=True)
     return 0
+
+
+def _setting_for(first_op: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> str:
+    """The setting that makes the first differing op deterministic, where one exists."""
+    if first_op is None or first_op["kind"] not in ("kernel", "random"):
+        return ""
+    op = first_op["a"]["op"]
+    if first_op["kind"] == "random":
+        return (f" The first op that differs, {op}, draws random numbers: seed what it "
+                f"draws from (torch's generator, seeded by the harness), not the clock or "
+                f"os.urandom.")
+    if cfg["determinism"]["mode"] != "strict":
+        return (f" The first op that differs, {op}, got identical inputs: determinism=strict "
+                f"makes torch use a deterministic kernel for it, or stop naming it when it "
+                f"has none.")
+    return ""
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def test_default_config_is_deterministic_in_parallel(cli, tmp_path):
     assert "IDENTICAL: 10 steps of loss bits, 10 parameter fingerprints" in done.stdout
     assert "audit: every module's outputs and gradients match" in done.stdout
     assert "DETERMINISTIC: hashy" in done.stdout
+    assert "op trace: all " in done.stdout and " ops of steps 1, 2, 3, 4, 5 agree" in done.stdout
     runs = [tmp_path / "runs" / name for name in verify_runs(done)]
     for run in runs:
         record = json.loads((run / "verify.json").read_text())
@@ -41,6 +42,11 @@ def test_injected_nondeterminism_is_found_and_named(cli, tmp_path):
     assert "DIVERGED: first diverging step 4" in done.stdout
     assert "audit: first differing module: jitter (output) at step 4" in done.stdout
     assert "NOT deterministic" in done.stderr and "module jitter" in done.stderr
+    # The op: the jitter's add, whose number argument came from os.urandom.
+    assert ("op trace: first differing op aten::add.Tensor (forward) in model.jitter, step 4"
+            in done.stdout), done.stdout
+    assert "its inputs differed (a number or other argument that is not a tensor)" in \
+        done.stdout
 
 
 def test_gradient_only_nondeterminism_is_named_by_the_audit(cli, tmp_path):
@@ -50,6 +56,8 @@ def test_gradient_only_nondeterminism_is_named_by_the_audit(cli, tmp_path):
     assert ("audit: first differing module: jitter (param_grad jitter.weight) at step 3"
             in done.stdout)
     assert "parameters first differ at fingerprint step 3: jitter.weight\n" in done.stdout
+    assert "op trace: first differing op aten::add.Tensor (backward) in model.jitter, step 3" \
+        in done.stdout, done.stdout
 
 
 def test_seedless_config_uses_one_seed_for_both_runs(cli, tmp_path):
