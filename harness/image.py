@@ -279,14 +279,20 @@ def build_lock(content_hash: str, out) -> Iterator[None]:
     same content at once each made an image and the second re-tagged the content-hash tag
     with its own id, taking the first run's registry digest away; now the second waits and
     then finds the first's image (and, pushing, the first's layers in the registry)."""
-    path = Path(tempfile.gettempdir()) / f"harness-build-{content_hash[:24]}.lock"
+    with _lock(Path(tempfile.gettempdir()) / f"harness-build-{content_hash[:24]}.lock",
+               "another build of this image is running here; waiting for it", out):
+        yield
+
+
+@contextlib.contextmanager
+def _lock(path: Path, waiting: str, out) -> Iterator[None]:
+    """An exclusive flock on `path`, saying `waiting` when another process holds it."""
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print("harness: another build of this image is running here; waiting for it",
-                  file=out, flush=True)
+            print(f"harness: {waiting}", file=out, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -300,7 +306,14 @@ def _build(engine, image: Dict[str, Any], ident: Dict[str, str], out, nocache: b
     print(f"harness: building {ident['reference']} from {image['base']} ...", file=out,
           flush=True)
     scratch = f"{ident['reference']}-classic-{os.getpid()}"
-    _classic_build(engine, image, ident, scratch, out, nocache)
+    steps: List[str] = []  # the images of the steps this build ran (not those from cache)
+    with _lock(Path(tempfile.gettempdir()) / "harness-build-steps.lock",
+               "another image build is running here (the builder's steps go one build at a "
+               "time); waiting for it", out):
+        try:
+            _classic_build(engine, image, ident, scratch, out, nocache, steps)
+        finally:  # the first stage's steps: not the classic image's parents
+            _remove_step_images(engine, steps)
     try:
         built = _make_reproducible(engine, image, ident, scratch, out)
     finally:
@@ -362,6 +375,25 @@ def layer_lists_dir() -> Path:
     return config.state_dir() / "layers"
 
 
+def _remove_step_images(engine, steps: List[str]) -> None:
+    """Remove the step images a build made and left untagged. Removing the classic image
+    removes its own parents, but not the steps of the Dockerfile's first stage (the venv):
+    those stayed behind as untagged images, 1.3 GB per CPU build and 9 GB per CUDA build,
+    until the disk was full. The price: the next build of other harness sources installs
+    the wheels again instead of taking them from the builder's cache (a harness upgrade,
+    not a user's edit: a user's code is not in the image). Called under the steps lock, so
+    no other build of the harness takes one of them from the cache meanwhile; an image
+    still a parent (the classic image's own steps) is refused by the engine and left."""
+    from docker.errors import APIError, ImageNotFound
+
+    for step in reversed(steps):
+        try:
+            if not engine.images.get(step).tags:
+                engine.images.remove(step, noprune=False)
+        except (ImageNotFound, APIError):  # gone already, or still a parent: leave it
+            pass
+
+
 def _remove_quietly(engine, reference: str) -> None:
     from docker.errors import APIError, ImageNotFound
 
@@ -410,8 +442,31 @@ def check_room(engine, files: Dict[str, Path], profile: str) -> None:
                 f"point HARNESS_SCRATCH at a larger disk for the scratch directory.")
 
 
+class StepImages:
+    """The images of the steps a classic build ran, read from what it prints: each step's
+    ` ---> <id>`, except a FROM's (the base) and a step taken from the cache (`---> Using
+    cache`: an earlier build's image)."""
+
+    RESULT = re.compile(r"^ ---> ([0-9a-f]{12})$")
+
+    def __init__(self, ids: List[str]):
+        self.ids, self._not_ours = ids, False
+
+    def feed(self, text: str) -> None:
+        for line in text.splitlines():
+            result = self.RESULT.match(line)
+            if line.startswith("Step "):
+                self._not_ours = " : FROM " in line
+            elif line.strip() == "---> Using cache":
+                self._not_ours = True
+            elif result and not self._not_ours:
+                self.ids.append(result.group(1))
+
+
 def _classic_build(engine, image: Dict[str, Any], ident: Dict[str, str], tag: str, out,
-                   nocache: bool) -> None:
+                   nocache: bool, steps: List[str]) -> None:
+    """Build with the classic builder; `steps` receives the image of each step it ran
+    (those it took from its cache are not its to remove)."""
     from docker.errors import APIError, DockerException
 
     files = ensure_wheelhouse(image, out=out)
@@ -443,9 +498,11 @@ def _classic_build(engine, image: Dict[str, Any], ident: Dict[str, str], tag: st
                 labels=labels, rm=True, forcerm=True, pull=False, decode=True, nocache=nocache,
                 network_mode=image.get("build_network") or "default")
             console = progress.BuildConsole(out)
+            ran = StepImages(steps)
             for chunk in stream:
                 if "stream" in chunk:
                     console.feed(chunk["stream"])
+                    ran.feed(chunk["stream"])
                 elif "status" in chunk:
                     console.feed(chunk["status"] + "\n")
                 if "error" in chunk:
