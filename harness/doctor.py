@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import audit, compare, config, lockfile, nondeterminism, rundir, verify
+from harness import (audit, compare, config, lockfile, nondeterminism, op_trace, rundir,
+                     verify)
 from harness.determinism import cpu_supports
 from harness.errors import HarnessError
 
@@ -57,7 +58,11 @@ def variant(cfg: Dict[str, Any], changes: Dict[str, Any], steps: int) -> Dict[st
     trainer = cfg["trainer"]
     trainer["max_steps"] = min(steps, trainer["max_steps"] or steps)
     trainer["checkpoint_every"] = max(trainer["checkpoint_every"], trainer["max_steps"] + 1)
+    trainer["op_trace_steps"] = min(trainer["max_steps"], DOCTOR_TRACED_STEPS)
     return config.validate(cfg)
+
+
+DOCTOR_TRACED_STEPS = 2  # the ops each setting computes differently, from its first steps
 
 
 def measure(name: str, cfg: Dict[str, Any], overrides: List[str],
@@ -100,12 +105,32 @@ def doctor(name: str, overrides: List[str], config_dir: Optional[Path] = None,
     for label, changes in chosen:
         print(f"harness: doctor: {label} ...", flush=True)
         rows.append(measure(label, variant(cfg, changes, steps), overrides, runs_dir))
+    ops_computing_differently(rows, runs_dir)
     report = summarize(name, overrides, rows)
     path = runs_dir / f"doctor-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     rundir.write_json(path, report)
     print(json.dumps(report, indent=2) if as_json else render(report))
     print(f"report: {path}", flush=True)
     return 0
+
+
+def ops_computing_differently(rows: List[Dict[str, Any]], runs_dir: Path) -> None:
+    """Per setting, the ops of the model that compute other bits than under the first
+    setting that trained (strict, unless it stopped): same inputs, other outputs, in the
+    traced first steps (harness/op_trace.py). Set as row["ops_computing_differently"]."""
+    reference = next((row for row in rows if row["runs"]), None)
+    trace = op_trace.read(runs_dir / reference["runs"][0]) if reference else None
+    for row in rows:
+        other = op_trace.read(runs_dir / row["runs"][0]) if row["runs"] else None
+        if trace is None or other is None or row is reference:
+            row["ops_computing_differently"] = None
+            continue
+        seen: List[str] = []
+        for op in op_trace.kernel_differences(trace, other):
+            where = f"{op['op']} ({op['phase']}) in {op['module']}"
+            if where not in seen:
+                seen.append(where)
+        row["ops_computing_differently"] = seen
 
 
 def summarize(name: str, overrides: List[str], rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -161,6 +186,14 @@ def render(report: Dict[str, Any]) -> str:
                                "{}")] for r in report["settings"]]
     text = [table(lines, ["setting", "steps/s", "vs strict", "reproduces here",
                           "same result as strict"])]
+    reference = next((r["setting"] for r in report["settings"] if r["runs"]), None)
+    changed = [r for r in report["settings"] if r.get("ops_computing_differently")]
+    text.append(f"\nops that compute other bits than under {reference} (identical inputs, "
+                f"first {DOCTOR_TRACED_STEPS} steps):" + (" none" if not changed else ""))
+    for row in changed:
+        ops = row["ops_computing_differently"]
+        text.append(f"  {row['setting']}: {'; '.join(ops[:6])}"
+                    f"{f' (+{len(ops) - 6} more)' if len(ops) > 6 else ''}")
     ops = report["nondeterministic_ops"]
     text.append("\nnondeterministic operations the model hits (warn mode): " +
                 ("none" if not ops else ""))

@@ -294,6 +294,23 @@ def first_difference(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     return found
 
 
+def kernel_differences(a: Dict[str, Any], b: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every op of the two traces' common steps that got identical inputs (and arguments)
+    and gave other output bits, up to the first op that differs in kind: each computes
+    differently in its own right, wherever it is. Ops downstream of a difference got other
+    inputs and say nothing about their own kernel, so this is a lower bound."""
+    steps = set(a["header"]["steps"]) & set(b["header"]["steps"])
+    found = []
+    for op_a, op_b in zip((op for op in a["ops"] if op["step"] in steps),
+                          (op for op in b["ops"] if op["step"] in steps)):
+        if _structure(op_a) != _structure(op_b):
+            break
+        if _hashes(op_a["in"]) == _hashes(op_b["in"]) and op_a.get("args") == \
+                op_b.get("args") and _hashes(op_a["out"]) != _hashes(op_b["out"]):
+            found.append({key: op_a[key] for key in ("i", "step", "phase", "op", "module")})
+    return found
+
+
 def environment_fields(diffs) -> List[str]:
     """The differences (gate.Difference rows) that can reach an op's kernel, as `field: a ->
     b`: those the gate blocks on or has no recording for, and the config's determinism."""

@@ -52,3 +52,9 @@ def test_doctor_measures_the_portable_mode_where_the_cpu_has_avx2(cli, tmp_path)
     portable = rows["strict, cpu_isa=portable"]
     assert portable["identical"] is True and portable["steps_per_s"] > 0
     assert portable["determinism"]["cpu_isa"] == "portable"
+    # The ops that compute other bits than native strict, from the first steps' op traces:
+    # present where the weights differ (the first op to part got identical inputs).
+    assert rows["strict"]["ops_computing_differently"] is None  # the reference
+    assert rows["warn"]["ops_computing_differently"] == []  # same kernels as strict
+    if portable["same_weights_as_strict"] is False:
+        assert portable["ops_computing_differently"], portable
