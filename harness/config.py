@@ -216,6 +216,9 @@ class CommandConf:
     # With --nproc: once one process exited 0, how long the others may take to exit before
     # they are stopped and named with their stacks (a hang in a teardown, say).
     exit_grace_s: float = 30.0
+    # every op of the command's first N optimizer steps, hashed bit for bit, in its main
+    # process (harness/op_trace.py: the op a divergence starts at); 0: off
+    op_trace_steps: int = 1
 
 
 @dataclass

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from harness import seeding
+from harness import rundir, seeding
 from harness.rundir import SCRIPT_REPORTS as REPORTS  # RUN_DIR/.script/<pid>.json
 from harness.rundir import SCRIPT_STACK, STACK_SIGNAL
 
@@ -38,6 +38,7 @@ RUN_DIR_ENV = "HARNESS_RUN_DIR"
 SEED_ENV = "HARNESS_SEED"
 DETERMINISM_ENV = "HARNESS_DETERMINISM"  # the run's determinism section, as JSON
 INJECT_ENV = "HARNESS_INJECT"
+OP_TRACE_ENV = "HARNESS_OP_TRACE_STEPS"  # command.op_trace_steps
 SRC_ENV = "HARNESS_SRC"
 
 # Settings a script can change after the harness applied them, and what a change means.
@@ -179,7 +180,26 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
     _state["applied"] = applied
     _patch_dataloader(torch)
     _watch_compile(torch)
+    _trace_ops()
     _report(at_exit=False)
+
+
+def _trace_ops() -> None:
+    """The op trace of the command's first optimizer steps (harness/op_trace.py), in one
+    process: rank 0's (RANK unset or 0), and none once a process of the run wrote one (a
+    second Python process of the command, a resumed attempt)."""
+    steps = int(os.environ.get(OP_TRACE_ENV) or 0)
+    run_dir = Path(os.environ[RUN_DIR_ENV])
+    if steps <= 0 or os.environ.get("RANK", "0") != "0" or \
+            (run_dir / rundir.OP_TRACE).exists():
+        return
+    from harness import op_trace
+
+    try:
+        op_trace.CommandTrace(steps, run_dir).install()
+    except (ImportError, AttributeError, RuntimeError) as exc:  # another torch than ours
+        print(f"harness: warning: no op trace for this process: {exc}", file=sys.stderr,
+              flush=True)
 
 
 def _patch_dataloader(torch) -> None:

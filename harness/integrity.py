@@ -49,7 +49,8 @@ def mismatches(run_dir: Path, lock: Dict[str, Any],
     are compared when their digest is given (weights_digest)."""
     results = lock.get("results") or {}
     if "outputs" in results:  # a `harness run` command: its declared outputs
-        return _output_mismatches(Path(run_dir), results)
+        return _output_mismatches(Path(run_dir), results) + \
+            _op_trace_mismatches(Path(run_dir), results)
     return _metrics_mismatches(Path(run_dir), results) + \
         _op_trace_mismatches(Path(run_dir), results) + \
         weights_mismatches(run_dir, lock, weights_sha256)

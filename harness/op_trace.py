@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -116,15 +117,25 @@ class Tracer:
 
     def __init__(self, model, steps: int, first: int = 1):
         self.first, self.steps = first, steps  # trace optimizer steps first..steps
+        self.current_step = first
         self.written = False
         self.ops: List[Dict[str, Any]] = []
         self.traced_steps: List[int] = []
-        names = dict(model.named_parameters())
-        names.update(dict(model.named_buffers()))
-        self._names = {id(tensor): name for name, tensor in names.items()}
+        self._names: Dict[int, str] = {}
+        if model is not None:
+            self.name_tensors(model)
         self._in_optimizer = False
+        self._pid = os.getpid()  # a forked DataLoader worker inherits the mode: not ours
         # id -> (weakref, version counter, storage, hash) of tensors hashed so far
         self._known: Dict[int, Tuple[Any, int, Optional[int], str]] = {}
+
+    def name_tensors(self, model) -> None:
+        """Name the model's parameters and buffers where they are an op's input (without a
+        data-parallel wrapper's `module.`)."""
+        named = dict(model.named_parameters())
+        named.update(dict(model.named_buffers()))
+        self._names = {id(tensor): name[len("module."):] if name.startswith("module.") else
+                       name for name, tensor in named.items()}
 
     @classmethod
     def for_run(cls, rt, model, done_steps: int, total_steps: int) -> "Tracer":
@@ -163,50 +174,54 @@ class Tracer:
     def _recording(self, step: int):
         import contextlib
 
-        import torch
-        from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                           register_optimizer_step_pre_hook)
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
         from torch.utils.module_tracker import ModuleTracker
 
-        tracer, modules = self, ModuleTracker()
-
-        class Record(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func.namespace == "profiler":
-                    return func(*args, **kwargs)
-                leaves = tree_flatten((args, kwargs))[0]
-                inputs = [t for t in leaves if isinstance(t, torch.Tensor)]
-                before = [_describe(t, tracer._known) + [tracer._names.get(id(t), "")]
-                          for t in inputs]
-                result = func(*args, **kwargs)
-                forget_written(func, args, kwargs, tracer._known)
-                outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-                tracer.ops.append({
-                    "i": len(tracer.ops) + 1, "step": step, "phase": tracer._phase(modules),
-                    "op": func.name(), "module": _module_path(modules.parents),
-                    "in": before, "args": _arguments_hash(leaves),
-                    "out": [_describe(t, tracer._known) for t in outputs]})
-                return result
+        modules = ModuleTracker()
 
         @contextlib.contextmanager
         def recording():
-            pre = register_optimizer_step_pre_hook(
-                lambda *_: setattr(tracer, "_in_optimizer", True))
-            post = register_optimizer_step_post_hook(
-                lambda *_: setattr(tracer, "_in_optimizer", False))
+            self.current_step = step
+            hooks = self.watch_optimizers()
             try:
-                with modules, Record():
+                with modules, record_mode(self, modules):
                     yield
             finally:
-                pre.remove()
-                post.remove()
-                tracer._in_optimizer = False
+                for hook in hooks:
+                    hook.remove()
+                self._in_optimizer = False
             self.traced_steps.append(step)
 
         return recording()
+
+    def watch_optimizers(self) -> list:
+        """Hooks on every optimizer's step: its ops are the `optimizer` phase."""
+        from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                           register_optimizer_step_pre_hook)
+
+        return [register_optimizer_step_pre_hook(
+                    lambda *_: setattr(self, "_in_optimizer", True)),
+                register_optimizer_step_post_hook(
+                    lambda *_: setattr(self, "_in_optimizer", False))]
+
+    def record(self, func, args, kwargs, modules):
+        """Run one op, recording it (the dispatch mode's body)."""
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        if func.namespace == "profiler" or os.getpid() != self._pid:
+            return func(*args, **kwargs)
+        leaves = tree_flatten((args, kwargs))[0]
+        before = [_describe(t, self._known) + [self._names.get(id(t), "")]
+                  for t in leaves if isinstance(t, torch.Tensor)]
+        result = func(*args, **kwargs)
+        forget_written(func, args, kwargs, self._known)
+        self.ops.append({
+            "i": len(self.ops) + 1, "step": self.current_step, "phase": self._phase(modules),
+            "op": func.name(), "module": _module_path(modules.parents),
+            "in": before, "args": _arguments_hash(leaves),
+            "out": [_describe(t, self._known) for t in tree_flatten(result)[0]
+                    if isinstance(t, torch.Tensor)]})
+        return result
 
     def _phase(self, modules) -> str:
         if self._in_optimizer:
@@ -227,6 +242,92 @@ class Tracer:
         partial.write_bytes(buffer.getvalue())
         partial.replace(path)
         return path
+
+
+class CommandTrace:
+    """The trace of a `harness run` command, set up by the injection in its main process
+    (rank 0): from the first forward of a module in training mode with gradients on (a
+    validation pass before training is not a step) through the end of optimizer step
+    `steps`, then written to the run directory; at exit, what was traced so far. Recording
+    is the user's code's guest: an error of the tracer's own stops the trace with a
+    warning, never the command."""
+
+    def __init__(self, steps: int, run_dir: Path):
+        self.tracer, self.run_dir, self.mode = Tracer(None, steps), Path(run_dir), None
+        self.hooks: list = []
+        self.modules = None
+
+    def install(self) -> None:
+        import atexit
+
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.utils.module_tracker import ModuleTracker
+
+        self.modules = ModuleTracker()
+        self.modules.__enter__()  # from now: it must see the model's outermost forward
+        self.hooks = [register_module_forward_pre_hook(self._start),
+                      register_optimizer_step_post_hook(self._after_step)]
+        atexit.register(self.stop)
+        atexit.register(self._remove_hooks)
+
+    def _remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def _start(self, module, _args) -> None:
+        import torch
+
+        if self.mode is not None or not module.training or not torch.is_grad_enabled():
+            return
+        self.hooks.pop(0).remove()  # the forward hook: once
+        self.tracer.name_tensors(module)
+        self.hooks += self.tracer.watch_optimizers()
+        self.mode = record_mode(self.tracer, self.modules)
+        self.mode.__enter__()
+
+    def _after_step(self, *_args) -> None:
+        if self.mode is None:
+            return
+        self.tracer.traced_steps.append(self.tracer.current_step)
+        if self.tracer.current_step >= self.tracer.steps:
+            self.stop(in_optimizer_hook=True)
+        else:
+            self.tracer.current_step += 1
+
+    def stop(self, in_optimizer_hook: bool = False) -> None:
+        """End the trace and write it (once); the mode and the module hooks are taken away.
+        The optimizer's hooks stay until exit when this runs inside one of them: torch
+        iterates over them while it calls them (and then they do nothing)."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        if self.modules is None:
+            return
+        mode, self.mode = self.mode, None
+        if mode is not None and _get_current_dispatch_mode() is mode:
+            mode.__exit__(None, None, None)
+        elif mode is not None:  # another mode above ours: leave it there, recording nothing
+            self.tracer._pid = -1
+        if not in_optimizer_hook:
+            for hook in self.hooks:
+                hook.remove()
+            self.hooks = []
+        self.modules.__exit__(None, None, None)
+        self.modules = None
+        if self.tracer.ops and not (self.run_dir / FILE).exists():  # the first process's
+            self.tracer.write(self.run_dir)
+
+
+def record_mode(tracer: Tracer, modules):
+    """A TorchDispatchMode that records every op through `tracer`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return tracer.record(func, args, kwargs or {}, modules)
+
+    return Record()
 
 
 def _module_path(parents) -> str:

@@ -227,7 +227,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         report = compare.compare_outputs(orig_dir, new_dir, lock, new_lock)
     else:
         report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
-    if report["verdict"] == compare.DIVERGED and not config.is_script(cfg):
+    if report["verdict"] == compare.DIVERGED:
         report["first_differing_op"] = op_trace.compare(
             orig_dir, new_dir, op_trace.environment_fields(diffs))
     compare_s = time.perf_counter() - compare_started
@@ -273,7 +273,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
             f"differ (report in "
             f"{new_dir / rundir.REPLAY}). The command is not deterministic here: look for "
             f"randomness it seeds itself (from the clock, say) or settings it changes "
-            f"(`harness runs` lists the warnings).")
+            f"(`harness runs` lists the warnings).{op_line(report)}")
     if report["verdict"] != compare.IDENTICAL:
         raise Diverged(
             f"replay {new_dir.name} of {orig_dir.name} DIVERGED at step "
@@ -290,7 +290,8 @@ def op_line(report: Dict[str, Any]) -> str:
     found = report.get("first_differing_op")
     if found is None:
         return ("\nop trace: none to compare (a run without op-trace.jsonl.gz: "
-                "trainer.op_trace_steps=0, or recorded before op traces).")
+                "op_trace_steps=0, a command that took no optimizer step or ran without "
+                "the injection, or a run recorded before op traces).")
     return f"\n{found['line']}"
 
 

@@ -111,6 +111,10 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     rt.in_effect = pinned[0]["applied"] if pinned else {}
     results = {"exit_code": code, "outputs": files, "outputs_sha256": _digest(files),
                **console_result(run_dir, resume or cfg["command"].get("nproc", 1) > 1)}
+    if (run_dir / rundir.OP_TRACE).is_file():  # command.op_trace_steps: its first steps' ops
+        from harness.digest import file_sha256
+
+        results["op_trace_sha256"] = file_sha256(run_dir / rundir.OP_TRACE)
     attempts = max(restarts, int(rundir.read_json(run_dir / rundir.STATUS).get("resumes", 0)))
     rt.write_lock(results, resumes=[{"attempt": n + 1} for n in range(attempts)] if resume
                   else [], timing={"first_step_unix": started,
@@ -286,6 +290,7 @@ def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dic
     if cfg["command"]["inject"]:
         env[injection.INJECT_ENV] = "1"
         env[injection.DETERMINISM_ENV] = json.dumps(cfg["determinism"])
+        env[injection.OP_TRACE_ENV] = str(cfg["command"].get("op_trace_steps") or 0)
         env[injection.SRC_ENV] = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(INJECT_DIR), env.get("PYTHONPATH", "")] if p)

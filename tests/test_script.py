@@ -18,6 +18,8 @@ import pytest
 
 from conftest import read_lock, require, run_dir_of
 
+from harness import op_trace
+
 RUN = ["--input", "data.npz", "--output", "out/*", "--", "python", "train.py", "--data",
        "data.npz"]
 
@@ -52,6 +54,14 @@ def test_unmodified_script_repeats_and_replays_identical(project):
     # the second run found the first one's outputs in place: moved aside, and said
     assert sorted(p.name for p in (second / "displaced" / "out").iterdir()) == \
         ["metrics.json", "model.pt"]
+
+    # the script's first optimizer step, traced in its process through the injection
+    trace = op_trace.read(first)
+    assert trace["header"]["steps"] == [1]
+    assert {op["phase"] for op in trace["ops"]} == {"forward", "backward", "optimizer"}
+    assert lock["results"]["op_trace_sha256"]
+    assert (first / "op-trace.jsonl.gz").read_bytes() == \
+        (second / "op-trace.jsonl.gz").read_bytes()
 
     replayed = harness("replay", first.name, check_rc=0)
     assert "IDENTICAL: all 2 declared output file(s) written by both runs match byte for " \
@@ -166,6 +176,12 @@ def test_script_seeding_from_the_clock_diverges_naming_the_file(project):
     assert "out/model.pt: sha256" in done.stdout
     assert "first differing tensor 0." in done.stdout and "max abs difference" in done.stdout
     assert "out/model.pt" in done.stderr
+    # The op trace of the script's first step (through the injection): its first op reads
+    # weights the clock drew before training began: the data, not the machine.
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("op trace: first differing op aten::") and \
+        "(forward) in model.0, step 1, call 1 of " in last, last
+    assert "its inputs differed (" in last and "weight" in last and "the data changed it" in last
 
 
 def test_edited_input_is_refused_with_exit_3_naming_both_hashes(project):
