@@ -111,6 +111,11 @@ def forget_written(func, args, kwargs, known) -> None:
         del known[key]
 
 
+# What reading a tensor the tracer did not foresee can raise (a tensor subclass without
+# storage, a layout numpy cannot take): the tracer then gives up, the op runs as it would.
+TRACER_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError)
+
+
 class Tracer:
     """Records the ops of chosen optimizer steps. Use `with tracer.step(n):` around one step's
     forward, backward and optimizer step; `write()` once the last traced step is done."""
@@ -189,7 +194,8 @@ class Tracer:
                 for hook in hooks:
                     hook.remove()
                 self._in_optimizer = False
-            self.traced_steps.append(step)
+            if self._pid == os.getpid():  # not given up
+                self.traced_steps.append(step)
 
         return recording()
 
@@ -210,18 +216,35 @@ class Tracer:
 
         if func.namespace == "profiler" or os.getpid() != self._pid:
             return func(*args, **kwargs)
-        leaves = tree_flatten((args, kwargs))[0]
-        before = [_describe(t, self._known) + [self._names.get(id(t), "")]
-                  for t in leaves if isinstance(t, torch.Tensor)]
+        try:
+            leaves = tree_flatten((args, kwargs))[0]
+            before = [_describe(t, self._known) + [self._names.get(id(t), "")]
+                      for t in leaves if isinstance(t, torch.Tensor)]
+        except TRACER_ERRORS as exc:
+            self.give_up(func, exc)
+            return func(*args, **kwargs)
         result = func(*args, **kwargs)
-        forget_written(func, args, kwargs, self._known)
-        self.ops.append({
-            "i": len(self.ops) + 1, "step": self.current_step, "phase": self._phase(modules),
-            "op": func.name(), "module": _module_path(modules.parents),
-            "in": before, "args": _arguments_hash(leaves),
-            "out": [_describe(t, self._known) for t in tree_flatten(result)[0]
-                    if isinstance(t, torch.Tensor)]})
+        try:
+            forget_written(func, args, kwargs, self._known)
+            self.ops.append({
+                "i": len(self.ops) + 1, "step": self.current_step,
+                "phase": self._phase(modules), "op": func.name(),
+                "module": _module_path(modules.parents), "in": before,
+                "args": _arguments_hash(leaves),
+                "out": [_describe(t, self._known) for t in tree_flatten(result)[0]
+                        if isinstance(t, torch.Tensor)]})
+        except TRACER_ERRORS as exc:
+            self.give_up(func, exc)
         return result
+
+    def give_up(self, func, exc: Exception) -> None:
+        """The tracer failed on an op (a tensor it cannot read, say): no trace at all (half
+        of one would blame the wrong op), a warning, and the training goes on untouched."""
+        import sys
+
+        self._pid, self.ops, self.traced_steps = -1, [], []
+        print(f"harness: warning: no op trace for this run: recording {func.name()} failed "
+              f"({type(exc).__name__}: {exc}); training goes on", file=sys.stderr, flush=True)
 
     def _phase(self, modules) -> str:
         if self._in_optimizer:
@@ -290,7 +313,8 @@ class CommandTrace:
     def _after_step(self, *_args) -> None:
         if self.mode is None:
             return
-        self.tracer.traced_steps.append(self.tracer.current_step)
+        if self.tracer._pid == os.getpid():  # not given up
+            self.tracer.traced_steps.append(self.tracer.current_step)
         if self.tracer.current_step >= self.tracer.steps:
             self.stop(in_optimizer_hook=True)
         else:

@@ -4,6 +4,7 @@ bundled config on real data, through the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 
@@ -131,3 +132,30 @@ def test_first_difference_tells_other_code_and_a_random_draw_apart():
     longer = _trace(*reference["ops"], _op(3, "aten::relu", "d", ("b",)))
     assert op_trace.first_difference(reference, longer)["kind"] == "path"
     assert op_trace.first_difference(reference, reference)["kind"] == "same"
+
+
+def test_a_tracer_that_cannot_read_a_tensor_gives_up_and_training_goes_on(monkeypatch,
+                                                                           tmp_path, capsys):
+    """The tracer is a guest in the training process: its own failure (here: every tensor
+    unreadable) must leave the step's results as they would be, and write no half trace."""
+    import torch
+
+    def step(tracer):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with tracer(model).step(1) if tracer else contextlib.nullcontext():
+            model(torch.ones(3, 4)).sum().backward()
+            optimizer.step()
+        return model.weight.detach().clone()
+
+    untraced = step(None)
+    monkeypatch.setattr(op_trace, "tensor_hash", lambda t: (_ for _ in ()).throw(
+        RuntimeError("cannot read this tensor")))
+    made = []
+    traced = step(lambda model: made.append(op_trace.Tracer(model, 1)) or made[-1])
+    assert torch.equal(traced, untraced)
+    assert made[0].ops == [] and made[0].traced_steps == []
+    made[0].write_pending(tmp_path)
+    assert not (tmp_path / op_trace.FILE).exists()
+    assert "no op trace for this run" in capsys.readouterr().err
