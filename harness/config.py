@@ -566,6 +566,10 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
     if (cfg.get("command") or {}).get("nproc", 1) < 1:
         raise ConfigError(f"invalid config: command.nproc={cfg['command']['nproc']}; it must "
                           f"be >= 1.")
+    if (cfg.get("command") or {}).get("op_trace_steps", 0) < 0:
+        raise ConfigError(f"invalid config: command.op_trace_steps="
+                          f"{cfg['command']['op_trace_steps']}; it must be >= 0 (0: no op "
+                          f"trace).")
     if (cfg["determinism"]["pythonhashseed"] or 0) > 4294967295:
         raise ConfigError("invalid config: determinism.pythonhashseed must be <= 4294967295.")
 
