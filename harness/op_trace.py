@@ -49,15 +49,11 @@ def tensor_hash(tensor) -> str:
     """Bitwise identity of a tensor's values: BLAKE2b of its bytes in row-major order."""
     import torch
 
+    from harness.digest import tensor_bytes
+
     if tensor.layout != torch.strided or tensor.device.type == "meta":
         return UNHASHABLE
-    data = tensor.detach()
-    if data.is_conj():
-        data = data.resolve_conj()
-    if data.is_neg():
-        data = data.resolve_neg()
-    raw = data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(raw.data, digest_size=8).hexdigest()  # no copy of the bytes
+    return hashlib.blake2b(tensor_bytes(tensor), digest_size=8).hexdigest()
 
 
 def _arguments_hash(leaves: List[Any]) -> str:
