@@ -61,8 +61,17 @@ def _arguments_hash(leaves: List[Any]) -> str:
     Python float computed outside torch changes an op's output as much as a tensor does."""
     import torch
 
-    words = [value.hex() if isinstance(value, float) else repr(value) for value in leaves
-             if not isinstance(value, torch.Tensor)]
+    plain = (int, bool, str, complex, type(None), torch.dtype, torch.device, torch.layout,
+             torch.memory_format)
+
+    def word(value: Any) -> str:
+        if isinstance(value, float):
+            return value.hex()
+        if isinstance(value, plain):
+            return repr(value)
+        return type(value).__name__  # an object (a Generator): its type, not its address
+
+    words = [word(value) for value in leaves if not isinstance(value, torch.Tensor)]
     return hashlib.blake2b("\x1f".join(words).encode(), digest_size=8).hexdigest()
 
 

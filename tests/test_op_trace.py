@@ -159,3 +159,14 @@ def test_a_tracer_that_cannot_read_a_tensor_gives_up_and_training_goes_on(monkey
     made[0].write_pending(tmp_path)
     assert not (tmp_path / op_trace.FILE).exists()
     assert "no op trace for this run" in capsys.readouterr().err
+
+
+def test_argument_hash_sees_a_number_s_last_bit_but_not_an_object_s_address():
+    """Two identical runs pass different Generator objects (other addresses): the same
+    hash. A float one bit apart: another hash."""
+    import torch
+
+    first = op_trace._arguments_hash([3, 0.1, torch.Generator(), torch.float32, None])
+    assert first == op_trace._arguments_hash([3, 0.1, torch.Generator(), torch.float32, None])
+    assert first != op_trace._arguments_hash([3, 0.1000000000000001, torch.Generator(),
+                                              torch.float32, None])
