@@ -196,7 +196,9 @@ def _trace_ops() -> None:
     from harness import op_trace
 
     try:
-        op_trace.CommandTrace(steps, run_dir).install()
+        trace = op_trace.CommandTrace(steps, run_dir)
+        trace.install()
+        _state["op_trace"] = trace
     except (ImportError, AttributeError, RuntimeError) as exc:  # another torch than ours
         print(f"harness: warning: no op trace for this process: {exc}", file=sys.stderr,
               flush=True)
@@ -229,6 +231,10 @@ def _watch_compile(torch) -> None:
     @functools.wraps(original)
     def compile(*args, **kwargs):
         _state["compiled"] += 1
+        trace = _state.pop("op_trace", None)
+        if trace is not None:  # dynamo fails on the trace's global module hooks
+            trace.abandon("it compiles with torch.compile, which the trace's module hooks "
+                          "would break")
         return original(*args, **kwargs)
 
     torch.compile = compile

@@ -299,6 +299,17 @@ class CommandTrace:
         atexit.register(self.stop)
         atexit.register(self._remove_hooks)
 
+    def abandon(self, why: str) -> None:
+        """No trace for this process (`why` says why): hooks, mode and module tracker go
+        now, and what was recorded is dropped. torch.compile calls this: dynamo fails on
+        the global module hooks the trace needs."""
+        import sys
+
+        self.tracer.ops, self.tracer.traced_steps = [], []
+        self.stop()
+        print(f"harness: warning: no op trace for this command: {why}", file=sys.stderr,
+              flush=True)
+
     def _remove_hooks(self) -> None:
         for hook in self.hooks:
             hook.remove()

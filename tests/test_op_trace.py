@@ -170,3 +170,33 @@ def test_argument_hash_sees_a_number_s_last_bit_but_not_an_object_s_address():
     assert first == op_trace._arguments_hash([3, 0.1, torch.Generator(), torch.float32, None])
     assert first != op_trace._arguments_hash([3, 0.1000000000000001, torch.Generator(),
                                               torch.float32, None])
+
+
+COMPILED = """
+import torch
+torch.manual_seed(0)
+model = torch.compile(torch.nn.Linear(8, 2), backend="eager")
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(2):
+    torch.nn.functional.cross_entropy(model(torch.randn(16, 8)),
+                                      torch.zeros(16, dtype=torch.long)).backward()
+    optimizer.step()
+torch.save(model.state_dict(), "compiled.pt")
+"""
+
+
+def test_a_command_that_compiles_runs_untraced_and_says_so(project):
+    """dynamo fails on global module hooks, which the command's trace needs: a command
+    that calls torch.compile gives up its trace (a warning, no file) and runs as it would.
+    The control: the same command without torch.compile is traced."""
+    directory, harness = project
+    (directory / "compiled.py").write_text(COMPILED)
+    done = harness("run", "backend=local", "--output", "compiled.pt", "--", "python",
+                   "compiled.py", check_rc=0)
+    assert "no op trace for this command: it compiles with torch.compile" in done.stdout + \
+        done.stderr
+    assert not (run_dir_of(done) / op_trace.FILE).exists()
+    (directory / "eager.py").write_text(COMPILED.replace("torch.compile(", "(lambda m, **_: m)("))
+    done = harness("run", "backend=local", "--output", "compiled.pt", "--", "python",
+                   "eager.py", check_rc=0)
+    assert op_trace.read(run_dir_of(done))["header"]["steps"] == [1]
