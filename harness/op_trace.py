@@ -33,6 +33,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from harness.errors import LockfileError
 from harness.rundir import OP_TRACE as FILE
 
 FORMAT = 1
@@ -266,7 +267,7 @@ class Tracer:
         with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as packed:
             packed.write(data)
         path = Path(run_dir) / FILE
-        partial = path.with_name(path.name + ".partial")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per writer
         partial.write_bytes(buffer.getvalue())
         partial.replace(path)
         return path
@@ -391,9 +392,14 @@ def read(run_dir: Path) -> Optional[Dict[str, Any]]:
     path = Path(run_dir) / FILE
     if not path.is_file():
         return None
-    with gzip.open(path, "rt") as lines:
-        rows = [json.loads(line) for line in lines if line.strip()]
-    return {"header": rows[0], "ops": rows[1:]}
+    try:
+        with gzip.open(path, "rt") as lines:
+            rows = [json.loads(line) for line in lines if line.strip()]
+        return {"header": rows[0], "ops": rows[1:]}
+    except (OSError, EOFError, ValueError, IndexError) as exc:  # truncated, not gzip, not JSON
+        raise LockfileError(f"{path} cannot be read ({type(exc).__name__}: {exc}): the op "
+                            f"trace is damaged. Train the run again to get a trace, or "
+                            f"compare without it (trainer.op_trace_steps=0).") from None
 
 
 def _structure(op: Dict[str, Any]) -> tuple:

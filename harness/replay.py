@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness import (__version__, capture, compare, config, gate, image, imports, integrity,
                      lockfile, op_trace, outputs, perturb, rundir, signing, tracking)
 from harness import trust as trust_module
-from harness.errors import (ConfigError, Diverged, EnvironmentProblem,
+from harness.errors import (ConfigError, Diverged, EnvironmentProblem, LockfileError,
                             ReplayRefused, RunFailed, Unverified)
 
 
@@ -228,8 +228,11 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     else:
         report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
     if report["verdict"] == compare.DIVERGED:
-        report["first_differing_op"] = op_trace.compare(
-            orig_dir, new_dir, op_trace.environment_fields(diffs))
+        try:
+            report["first_differing_op"] = op_trace.compare(
+                orig_dir, new_dir, op_trace.environment_fields(diffs))
+        except LockfileError as exc:  # the verdict stands; only its explanation is lost
+            print(f"harness: warning: {exc}", flush=True)
     compare_s = time.perf_counter() - compare_started
     print(compare.render(report), flush=True)
     record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),

@@ -200,3 +200,15 @@ def test_a_command_that_compiles_runs_untraced_and_says_so(project):
     done = harness("run", "backend=local", "--output", "compiled.pt", "--", "python",
                    "eager.py", check_rc=0)
     assert op_trace.read(run_dir_of(done))["header"]["steps"] == [1]
+
+
+def test_a_damaged_trace_is_said_not_a_traceback(cli, tmp_path):
+    """A trace that is not gzip (a writer killed half-way, a disk error): `harness trace
+    show` says which file and what to do, exit 5."""
+    run = tmp_path / "runs" / "20260101T000000000000Z-x-000000"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: x\n")
+    (run / op_trace.FILE).write_bytes(b"junk")
+    done = cli("trace", "show", str(run))
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "the op trace is damaged" in done.stderr and "Traceback" not in done.stderr
