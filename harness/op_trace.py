@@ -122,6 +122,13 @@ def forget_written(func, args, kwargs, known) -> None:
 TRACER_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError)
 
 
+# A trace that grows past this many ops without its steps ending is given up: a command
+# that runs its model in training mode without ever stepping an optimizer (an inference
+# script that forgot model.eval()) would otherwise be traced, slowly, to its end. One step
+# of a 32-layer transformer is some 15 000 ops.
+MAX_OPS = 200_000
+
+
 class Tracer:
     """Records the ops of chosen optimizer steps. Use `with tracer.step(n):` around one step's
     forward, backward and optimizer step; `write()` once the last traced step is done."""
@@ -221,6 +228,11 @@ class Tracer:
         from torch.utils._pytree import tree_flatten
 
         if func.namespace == "profiler" or os.getpid() != self._pid:
+            return func(*args, **kwargs)
+        if len(self.ops) >= MAX_OPS:
+            self.give_up(func, RuntimeError(
+                f"more than {MAX_OPS} ops without finishing the traced steps (a command "
+                f"that runs a model in training mode but never steps an optimizer?)"))
             return func(*args, **kwargs)
         try:
             leaves = tree_flatten((args, kwargs))[0]

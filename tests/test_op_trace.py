@@ -212,3 +212,18 @@ def test_a_damaged_trace_is_said_not_a_traceback(cli, tmp_path):
     done = cli("trace", "show", str(run))
     assert done.returncode == 5, done.stdout + done.stderr
     assert "the op trace is damaged" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_trace_that_never_reaches_its_step_is_given_up(monkeypatch, capsys):
+    """Forward passes in training mode and no optimizer step (an inference script that
+    forgot model.eval()): past MAX_OPS the tracer stops recording and says why."""
+    import torch
+
+    monkeypatch.setattr(op_trace, "MAX_OPS", 50)
+    model = torch.nn.Linear(4, 2)
+    tracer = op_trace.Tracer(model, 1)
+    with tracer.step(1):
+        for _ in range(100):
+            model(torch.ones(3, 4))
+    assert tracer.ops == [] and tracer.traced_steps == []
+    assert "more than 50 ops without finishing the traced steps" in capsys.readouterr().err
