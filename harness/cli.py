@@ -468,9 +468,10 @@ def add_trace(sub) -> None:
     trace = sub.add_parser(
         "trace", help="the ops a run's first steps dispatched, and the first op two runs "
                       "compute differently",
-        description="Every run of the built-in loop records the ops of its first "
-                    "trainer.op_trace_steps steps (default 1) in op-trace.jsonl.gz: op, "
-                    "module, step, shapes, and a bitwise hash of every input and output.")
+        description="Every run records the ops of its first optimizer step(s) in "
+                    "op-trace.jsonl.gz (trainer.op_trace_steps for the built-in loop, "
+                    "command.op_trace_steps for `harness run`; default 1): op, module, "
+                    "step, shapes, and a bitwise hash of every input and output.")
     actions = trace.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
     diff = actions.add_parser(
         "diff", help="the first op whose output bits differ between two runs",
@@ -478,8 +479,8 @@ def add_trace(sub) -> None:
                     "differs: its module and step, and whether its inputs were identical "
                     "(the op computes differently: the settings that differ are listed) or "
                     "not (a weight, the batch or optimizer state differed already). Exit 0 "
-                    "when the traced steps agree, 1 when they differ, 2 when a run has no "
-                    "trace.")
+                    "when the traced steps agree, 7 (diverged) when they differ, 2 when a "
+                    "run has no trace, 5 when a trace is damaged.")
     diff.add_argument("run_a", help="run id, unique prefix of one, or run directory")
     diff.add_argument("run_b", help="run id, unique prefix of one, or run directory")
     add_runs_dir(diff)
@@ -507,6 +508,7 @@ def _trace_of(run_dir: Path):
 
 def cmd_trace_diff(args: argparse.Namespace) -> int:
     from harness import gate, lockfile, op_trace, rundir
+    from harness.errors import Diverged
 
     dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
     for run_dir in dirs:
@@ -518,7 +520,7 @@ def cmd_trace_diff(args: argparse.Namespace) -> int:
         print(json.dumps({"a": dirs[0].name, "b": dirs[1].name, **found}, indent=2))
     else:
         print(f"a: {dirs[0].name}\nb: {dirs[1].name}\n{found['line']}")
-    return 0 if found["kind"] == "same" else 1
+    return 0 if found["kind"] == "same" else Diverged.exit_code
 
 
 def cmd_trace_show(args: argparse.Namespace) -> int:
