@@ -479,8 +479,9 @@ def add_trace(sub) -> None:
                     "differs: its module and step, and whether its inputs were identical "
                     "(the op computes differently: the settings that differ are listed) or "
                     "not (a weight, the batch or optimizer state differed already). Exit 0 "
-                    "when the traced steps agree, 7 (diverged) when they differ, 2 when a "
-                    "run has no trace, 5 when a trace is damaged.")
+                    "when the traced steps agree, 7 (diverged) when they differ, 8 when they "
+                    "share no traced step, 2 when a run has no trace, 5 when a trace is "
+                    "damaged.")
     diff.add_argument("run_a", help="run id, unique prefix of one, or run directory")
     diff.add_argument("run_b", help="run id, unique prefix of one, or run directory")
     add_runs_dir(diff)
@@ -500,15 +501,16 @@ def _trace_of(run_dir: Path):
     trace = op_trace.read(run_dir)
     if trace is None:
         raise ConfigError(f"run {run_dir.name} has no op trace ({op_trace.FILE}): it ran "
-                          f"with trainer.op_trace_steps=0, ran a command of its own, or "
-                          f"predates op traces. Train it again with "
-                          f"trainer.op_trace_steps=1 (the default).")
+                          f"with trainer.op_trace_steps=0 (command.op_trace_steps=0 for "
+                          f"`harness run`), it is a command that took no optimizer step, "
+                          f"ran without the injection or compiled its model, or it predates "
+                          f"op traces. Run it again with op_trace_steps=1 (the default).")
     return trace
 
 
 def cmd_trace_diff(args: argparse.Namespace) -> int:
     from harness import gate, lockfile, op_trace, rundir
-    from harness.errors import Diverged
+    from harness.errors import Diverged, Unverified
 
     dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
     for run_dir in dirs:
@@ -520,6 +522,8 @@ def cmd_trace_diff(args: argparse.Namespace) -> int:
         print(json.dumps({"a": dirs[0].name, "b": dirs[1].name, **found}, indent=2))
     else:
         print(f"a: {dirs[0].name}\nb: {dirs[1].name}\n{found['line']}")
+    if not found["steps"]:  # nothing compared: neither agree nor differ
+        return Unverified.exit_code
     return 0 if found["kind"] == "same" else Diverged.exit_code
 
 

@@ -55,7 +55,10 @@ def tensor_bytes(tensor) -> memoryview:
         data = data.resolve_conj()
     if data.is_neg():
         data = data.resolve_neg()
-    return data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+    flat = data.cpu().contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # one element with an odd stride: contiguous
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)  # yet not viewable
+    return flat.view(torch.uint8).numpy().data
 
 
 def tensor_digests(state: Dict[str, Any]) -> Dict[str, str]:

@@ -188,11 +188,14 @@ def _trace_ops() -> None:
     """The op trace of the command's first optimizer steps (harness/op_trace.py), in one
     process: rank 0's (RANK unset or 0), and none once a process of the run wrote one (a
     second Python process of the command, a resumed attempt)."""
+    import multiprocessing
+
     steps = int(os.environ.get(OP_TRACE_ENV) or 0)
     run_dir = Path(os.environ[RUN_DIR_ENV])
     if steps <= 0 or os.environ.get("RANK", "0") != "0" or \
-            (run_dir / rundir.OP_TRACE).exists():
-        return
+            multiprocessing.parent_process() is not None or \
+            (run_dir / rundir.OP_TRACE).exists():  # a spawned worker or mp.spawn rank: not
+        return  # the command's main process (torchrun's ranks say RANK)
     from harness import op_trace
 
     try:

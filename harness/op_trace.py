@@ -41,7 +41,8 @@ UNHASHABLE = "-"  # a tensor without plain memory (sparse, meta, mkldnn layout)
 
 # Ops whose outputs are random draws: a difference there with identical inputs is the RNG.
 RANDOM_OPS = ("bernoulli", "dropout", "rand", "normal", "uniform", "multinomial", "randperm",
-              "exponential", "geometric", "cauchy", "log_normal", "random_")
+              "exponential", "geometric", "cauchy", "log_normal", "random_", "poisson",
+              "rrelu", "_standard_gamma", "binomial")
 
 
 # --- recording (training process) -------------------------------------------------------
@@ -83,38 +84,73 @@ def _storage(tensor) -> Optional[int]:
         return None
 
 
-def _describe(tensor, known: Dict[int, Tuple[Any, int, Optional[int], str]]) -> List[Any]:
-    """[hash, shape, dtype]. Most inputs are an earlier op's outputs: the same tensor object,
-    unchanged since (its version counter, and no op wrote its storage: forget_written).
-    Their hash is looked up in `known`, not computed again, which halves the trace's cost."""
-    try:
-        version = tensor._version
-    except RuntimeError:  # an inference tensor has no version counter
-        version = None
-    entry = known.get(id(tensor))
-    if entry is not None and entry[0]() is tensor and entry[1] == version is not None:
-        return [entry[3], list(tensor.shape), str(tensor.dtype).replace("torch.", "")]
-    digest = tensor_hash(tensor)
-    if version is not None:
-        known[id(tensor)] = (weakref.ref(tensor), version, _storage(tensor), digest)
-    return [digest, list(tensor.shape), str(tensor.dtype).replace("torch.", "")]
+class HashCache:
+    """The hashes of the tensors seen so far. Most inputs are an earlier op's outputs: the
+    same tensor object, unchanged since. Their hash is looked up, not computed again,
+    which halves the trace's cost. An entry holds while the tensor object lives, its
+    version counter is the same, and no op wrote its storage (`forget`: an alias made with
+    `.data`, and foreach ops under a dispatch mode, leave the counter as it was)."""
+
+    def __init__(self):
+        # id -> (weakref, version counter, hash, storage); storage -> ids
+        self._entries: Dict[int, Tuple[Any, Optional[int], str, Optional[int]]] = {}
+        self._by_storage: Dict[Optional[int], set] = {}
+
+    def describe(self, tensor) -> List[Any]:
+        """[hash, shape, dtype] of a tensor."""
+        try:
+            version = tensor._version
+        except RuntimeError:  # an inference tensor has no version counter
+            version = None
+        entry = self._entries.get(id(tensor))
+        if entry is not None and entry[0]() is tensor and entry[1] == version is not None:
+            digest = entry[2]
+        else:
+            digest = tensor_hash(tensor)
+            if version is not None:
+                self._remember(tensor, version, digest)
+        return [digest, list(tensor.shape), str(tensor.dtype).replace("torch.", "")]
+
+    def _remember(self, tensor, version: int, digest: str) -> None:
+        key, storage = id(tensor), _storage(tensor)
+
+        def gone(ref, key=key):  # the tensor died: its id may be reused
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] is ref:
+                self._drop(key)
+
+        self._drop(key)
+        self._entries[key] = (weakref.ref(tensor, gone), version, digest, storage)
+        self._by_storage.setdefault(storage, set()).add(key)
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._by_storage.get(entry[3], set()).discard(key)
+
+    def forget(self, tensors) -> None:
+        """Forget every tensor that shares storage with one of `tensors` (just written)."""
+        for storage in {_storage(t) for t in tensors}:
+            for key in self._by_storage.pop(storage, set()):
+                self._entries.pop(key, None)
 
 
-def forget_written(func, args, kwargs, known) -> None:
-    """After an op that writes some of its arguments (in place, out=): forget the hash of
-    every tensor sharing their storage. An alias made with `.data` has a version counter
-    of its own, so the writer's counter alone would not say its base changed."""
+def written_tensors(func, args, kwargs) -> List[Any]:
+    """The tensors an op writes (in place, out=, and each tensor of a written list: foreach
+    and fused optimizer ops write their parameters and return nothing)."""
     import torch
 
     if not func._schema.is_mutable:
-        return
+        return []
     schema = func._schema.arguments
     values = [*args, *(kwargs.get(argument.name) for argument in schema[len(args):])]
-    written = {_storage(value) for argument, value in zip(schema, values)
-               if argument.alias_info is not None and argument.alias_info.is_write and
-               isinstance(value, torch.Tensor)}
-    for key in [key for key, entry in known.items() if entry[2] in written]:
-        del known[key]
+    written = []
+    for argument, value in zip(schema, values):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        written += [item for item in items if isinstance(item, torch.Tensor)]
+    return written
 
 
 # What reading a tensor the tracer did not foresee can raise (a tensor subclass without
@@ -144,8 +180,7 @@ class Tracer:
             self.name_tensors(model)
         self._in_optimizer = False
         self._pid = os.getpid()  # a forked DataLoader worker inherits the mode: not ours
-        # id -> (weakref, version counter, storage, hash) of tensors hashed so far
-        self._known: Dict[int, Tuple[Any, int, Optional[int], str]] = {}
+        self._known = HashCache()
 
     def name_tensors(self, model) -> None:
         """Name the model's parameters and buffers where they are an op's input (without a
@@ -176,10 +211,17 @@ class Tracer:
 
     def write_pending(self, run_dir: Path) -> None:
         """Write what was traced and not written yet (also when a stop signal ends the run
-        before the last traced step)."""
-        if self.traced_steps and not self.written:
-            self.write(run_dir)
+        before the last traced step). A write that fails (a full disk) is said; the
+        training goes on without a trace."""
+        import sys
+
+        if self.traced_steps and self.ops and not self.written:
             self.written = True
+            try:
+                self.write(run_dir)
+            except OSError as exc:
+                print(f"harness: warning: no op trace for this run: writing it failed "
+                      f"({exc})", file=sys.stderr, flush=True)
 
     def step(self, step: int):
         """A context recording every op dispatched inside it as step `step`."""
@@ -227,8 +269,11 @@ class Tracer:
         import torch
         from torch.utils._pytree import tree_flatten
 
-        if func.namespace == "profiler" or os.getpid() != self._pid:
+        if not isinstance(func, torch._ops.OpOverload) or func.namespace == "profiler" or \
+                os.getpid() != self._pid:  # a higher-order op (torch.cond): its ops untraced
             return func(*args, **kwargs)
+        if func.namespace == "c10d":
+            return self._collective(func, args, kwargs, modules)
         if len(self.ops) >= MAX_OPS:
             self.give_up(func, RuntimeError(
                 f"more than {MAX_OPS} ops without finishing the traced steps (a command "
@@ -236,24 +281,42 @@ class Tracer:
             return func(*args, **kwargs)
         try:
             leaves = tree_flatten((args, kwargs))[0]
-            before = [_describe(t, self._known) + [self._names.get(id(t), "")]
+            before = [self._known.describe(t) + [self._names.get(id(t), "")]
                       for t in leaves if isinstance(t, torch.Tensor)]
         except TRACER_ERRORS as exc:
             self.give_up(func, exc)
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
         try:
-            forget_written(func, args, kwargs, self._known)
-            self.ops.append({
-                "i": len(self.ops) + 1, "step": self.current_step,
-                "phase": self._phase(modules), "op": func.name(),
-                "module": _module_path(modules.parents), "in": before,
-                "args": _arguments_hash(leaves),
-                "out": [_describe(t, self._known) for t in tree_flatten(result)[0]
-                        if isinstance(t, torch.Tensor)]})
+            written = written_tensors(func, args, kwargs)
+            self._known.forget(written)
+            outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+            returned = {id(t) for t in outputs}
+            outputs += [t for t in written if id(t) not in returned]  # written, not returned
+            self._append(func, modules, before, _arguments_hash(leaves),
+                         [self._known.describe(t) for t in outputs])
         except TRACER_ERRORS as exc:
             self.give_up(func, exc)
         return result
+
+    def _collective(self, func, args, kwargs, modules):
+        """A collective (c10d::allreduce_): it returns before the other ranks' data has
+        arrived, so its tensors are not hashed; ops that read them later hash what came."""
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        result = func(*args, **kwargs)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        self._known.forget(tensors)
+        self._append(func, modules, [[UNHASHABLE, list(t.shape), str(t.dtype), ""]
+                                     for t in tensors], _arguments_hash([]), [])
+        return result
+
+    def _append(self, func, modules, inputs, arguments: str, outputs) -> None:
+        self.ops.append({"i": len(self.ops) + 1, "step": self.current_step,
+                         "phase": self._phase(modules), "op": func.name(),
+                         "module": _module_path(modules.parents), "in": inputs,
+                         "args": arguments, "out": outputs})
 
     def give_up(self, func, exc: Exception) -> None:
         """The tracer failed on an op (a tensor it cannot read, say): no trace at all (half
@@ -280,8 +343,12 @@ class Tracer:
             packed.write(data)
         path = Path(run_dir) / FILE
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per writer
-        partial.write_bytes(buffer.getvalue())
-        partial.replace(path)
+        try:
+            partial.write_bytes(buffer.getvalue())
+            partial.replace(path)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
         return path
 
 
@@ -330,14 +397,19 @@ class CommandTrace:
 
     def _start(self, module, _args) -> None:
         import torch
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-        if self.mode is not None or not module.training or not torch.is_grad_enabled():
-            return
-        self.hooks.pop(0).remove()  # the forward hook: once
-        self.tracer.name_tensors(module)
-        self.hooks += self.tracer.watch_optimizers()
-        self.mode = record_mode(self.tracer, self.modules)
-        self.mode.__enter__()
+        if self.mode is not None or not module.training or not torch.is_grad_enabled() or \
+                _get_current_dispatch_mode() is not None:  # inside a mode of the user's:
+            return  # ours would be popped by its exit; wait for a forward outside it
+        try:
+            self.hooks.pop(0).remove()  # the forward hook: once
+            self.tracer.name_tensors(module)
+            self.hooks += self.tracer.watch_optimizers()
+            self.mode = record_mode(self.tracer, self.modules)
+            self.mode.__enter__()
+        except TRACER_ERRORS as exc:
+            self.abandon(f"starting it failed ({type(exc).__name__}: {exc})")
 
     def _after_step(self, *_args) -> None:
         if self.mode is None:
@@ -368,8 +440,8 @@ class CommandTrace:
             self.hooks = []
         self.modules.__exit__(None, None, None)
         self.modules = None
-        if self.tracer.ops and not (self.run_dir / FILE).exists():  # the first process's
-            self.tracer.write(self.run_dir)
+        if not (self.run_dir / FILE).exists():  # the first process's trace is the run's
+            self.tracer.write_pending(self.run_dir)
 
 
 def record_mode(tracer: Tracer, modules):
@@ -377,6 +449,8 @@ def record_mode(tracer: Tracer, modules):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
+        supports_higher_order_operators = True  # passed through: Tracer.record
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return tracer.record(func, args, kwargs or {}, modules)
 

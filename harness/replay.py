@@ -232,7 +232,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
             report["first_differing_op"] = op_trace.compare(
                 orig_dir, new_dir, op_trace.environment_fields(diffs))
         except LockfileError as exc:  # the verdict stands; only its explanation is lost
-            print(f"harness: warning: {exc}", flush=True)
+            report["first_differing_op"] = {"kind": "unreadable", "line": f"op trace: {exc}"}
     compare_s = time.perf_counter() - compare_started
     print(compare.render(report), flush=True)
     record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),

@@ -227,3 +227,44 @@ def test_a_trace_that_never_reaches_its_step_is_given_up(monkeypatch, capsys):
             model(torch.ones(3, 4))
     assert tracer.ops == [] and tracer.traced_steps == []
     assert "more than 50 ops without finishing the traced steps" in capsys.readouterr().err
+
+
+def _foreach_sgd_trace(lr: float, steps: int):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, foreach=True)
+    tracer = op_trace.Tracer(model, steps)
+    for step in range(1, steps + 1):
+        with tracer.step(step):
+            model(torch.ones(3, 4)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return {"header": {"steps": tracer.traced_steps}, "ops": tracer.ops}
+
+
+def test_foreach_optimizer_ops_record_what_they_write():
+    """A foreach update writes its parameters and returns nothing, and under a dispatch mode
+    leaves their version counters alone: the parameters it wrote are its outputs, and no
+    stale hash hides them. Two learning rates part at the update (its number argument), not
+    'same', and not at a later op with 'identical inputs'."""
+    for steps in (1, 2):
+        found = op_trace.first_difference(_foreach_sgd_trace(0.1, steps),
+                                           _foreach_sgd_trace(0.1000001, steps))
+        assert found["kind"] == "input", found
+        assert found["a"]["op"].startswith("aten::_foreach_add_") and found["a"]["out"]
+    same = op_trace.first_difference(_foreach_sgd_trace(0.1, 2), _foreach_sgd_trace(0.1, 2))
+    assert same["kind"] == "same"
+
+
+def test_a_higher_order_op_runs_under_the_tracer():
+    """torch.cond is passed through (its inner ops untraced), not refused."""
+    import torch
+
+    tracer = op_trace.Tracer(torch.nn.Linear(1, 1), 1)
+    x = torch.randn(3)
+    with tracer.step(1):
+        y = torch.cond(x.sum() > 0, lambda t: t.sin(), lambda t: t.cos(), (x,))
+    assert torch.equal(y, x.sin() if x.sum() > 0 else x.cos())
+    assert tracer.traced_steps == [1]
