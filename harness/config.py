@@ -70,8 +70,9 @@ class TrainerConf:
     log_every: int = 100  # progress line every N steps (metrics are logged every step)
     fingerprint_every: int = 100  # parameter digest every N steps, for divergence reports
     # every op of the first N steps, hashed bit for bit (op-trace.jsonl.gz), so that a
-    # divergence is named down to the op (harness/op_trace.py); 0: off
-    op_trace_steps: int = 1
+    # divergence is named down to the op (harness/op_trace.py); 0: off. Unset (null): the
+    # default, OP_TRACE_STEPS (see LEFT_OUT_WHILE_UNSET).
+    op_trace_steps: Optional[int] = None
     checkpoint_every: int = 1000
     device: str = "auto"  # cpu, cuda, cuda:N, or auto: cuda where NVML sees a GPU, else cpu
     # Data-parallel training (DistributedDataParallel; docs/distributed.md): devices ranks
@@ -217,8 +218,9 @@ class CommandConf:
     # they are stopped and named with their stacks (a hang in a teardown, say).
     exit_grace_s: float = 30.0
     # every op of the command's first N optimizer steps, hashed bit for bit, in its main
-    # process (harness/op_trace.py: the op a divergence starts at); 0: off
-    op_trace_steps: int = 1
+    # process (harness/op_trace.py: the op a divergence starts at); 0: off; unset: the
+    # default, OP_TRACE_STEPS
+    op_trace_steps: Optional[int] = None
 
 
 @dataclass
@@ -270,7 +272,34 @@ def _escaped(value: Any) -> Any:
 def plain(section: Any) -> Any:
     """A typed config (or section of one) as plain data, enums as their names: the form
     config.yaml holds and config_sha256 hashes."""
-    return OmegaConf.to_container(OmegaConf.structured(section), enum_to_str=True)
+    return _leave_out_unset(OmegaConf.to_container(OmegaConf.structured(section),
+                                                   enum_to_str=True))
+
+
+# The op trace's steps when a config leaves them unset.
+OP_TRACE_STEPS = 1
+
+# Fields added to the schema after run directories were first written. An older
+# config.yaml lacks them, and its config_sha256 was taken without them: while unset (null)
+# they are left out of the plain config, so that an old run's config, typed and back,
+# hashes as recorded (a resume checks its checkpoints against that hash). A reader takes
+# their absence as the default.
+LEFT_OUT_WHILE_UNSET = (("trainer", "op_trace_steps"), ("command", "op_trace_steps"))
+
+
+def _leave_out_unset(cfg: Any) -> Any:
+    if isinstance(cfg, dict):
+        for section, key in LEFT_OUT_WHILE_UNSET:
+            part = cfg.get(section)
+            if isinstance(part, dict) and key in part and part[key] is None:
+                del part[key]
+    return cfg
+
+
+def op_trace_steps(section: Dict[str, Any]) -> int:
+    """A trainer or command section's op trace steps: set, or the default."""
+    value = section.get("op_trace_steps")
+    return OP_TRACE_STEPS if value is None else value
 
 
 def is_script(cfg: Dict[str, Any]) -> bool:
@@ -494,6 +523,7 @@ def validate(raw: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"invalid config: {unknown}" if unknown else
                           f"invalid config: {_first_line(exc)}. Fix the value in the config "
                           f"file or the override.") from None
+    _leave_out_unset(resolved)
     _check_ranges(resolved)
     _check_interpolated_numbers(raw, resolved)
     _choose_device(resolved)
@@ -566,7 +596,7 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
     if (cfg.get("command") or {}).get("nproc", 1) < 1:
         raise ConfigError(f"invalid config: command.nproc={cfg['command']['nproc']}; it must "
                           f"be >= 1.")
-    if (cfg.get("command") or {}).get("op_trace_steps", 0) < 0:
+    if ((cfg.get("command") or {}).get("op_trace_steps") or 0) < 0:
         raise ConfigError(f"invalid config: command.op_trace_steps="
                           f"{cfg['command']['op_trace_steps']}; it must be >= 0 (0: no op "
                           f"trace).")

@@ -195,7 +195,9 @@ class Tracer:
         """The built-in loop's tracer: steps 1..trainer.op_trace_steps, on rank 0 (the one
         writer of the run directory). A resumed run traces only what no earlier process of
         the run wrote (one killed before its trace was complete)."""
-        steps = min(rt.cfg["trainer"].get("op_trace_steps") or 0, total_steps)
+        from harness.config import op_trace_steps
+
+        steps = min(op_trace_steps(rt.cfg["trainer"]), total_steps)
         if not rt.rank.is_main or done_steps >= steps or (Path(rt.run_dir) / FILE).exists():
             steps = 0
         return cls(model, steps, first=done_steps + 1)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from harness import distributed, imports, injection, outputs, rundir
+from harness import config, distributed, imports, injection, outputs, rundir
 from harness.backends.local import LAUNCHER_PID_ENV
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus, output_to_log
@@ -290,7 +290,7 @@ def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dic
     if cfg["command"]["inject"]:
         env[injection.INJECT_ENV] = "1"
         env[injection.DETERMINISM_ENV] = json.dumps(cfg["determinism"])
-        env[injection.OP_TRACE_ENV] = str(cfg["command"].get("op_trace_steps") or 0)
+        env[injection.OP_TRACE_ENV] = str(config.op_trace_steps(cfg["command"]))
         env[injection.SRC_ENV] = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(INJECT_DIR), env.get("PYTHONPATH", "")] if p)

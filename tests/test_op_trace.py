@@ -106,7 +106,7 @@ def test_an_edited_trace_is_refused_and_a_run_without_one_says_so(cli, fashion):
     assert not (untraced / op_trace.FILE).exists()
     done = cli("trace", "diff", str(run), str(untraced))
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "has no op trace" in done.stderr and "trainer.op_trace_steps=1" in done.stderr
+    assert "has no op trace" in done.stderr and "op_trace_steps=1 (the default)" in done.stderr
 
 
 # ---------------------------------------------------------------- the comparison alone
