@@ -35,7 +35,7 @@ CLOSE_TIMEOUT_S = 60
 MLFLOW_DIR = ".mlflow"  # the default MLflow store, in the runs directory
 ARTIFACT_DIR = "harness"  # where a run's files go among its MLflow artifacts
 ARTIFACTS = (rundir.LOCK, rundir.SIGNATURE, rundir.CONFIG, rundir.OVERRIDES, rundir.METRICS,
-             rundir.WEIGHTS, rundir.LOG)
+             rundir.OP_TRACE, rundir.WEIGHTS, rundir.LOG)
 MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
 MAX_PARAM_LENGTH = 6000  # MLflow refuses longer parameter values
 # MLflow's HTTP client retries 7 times with backoff (minutes) before it gives up: too long
