@@ -513,11 +513,10 @@ def cmd_trace_diff(args: argparse.Namespace) -> int:
     from harness.errors import Diverged, Unverified
 
     dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
-    for run_dir in dirs:
-        _trace_of(run_dir)
+    traces = [_trace_of(run_dir) for run_dir in dirs]
     locks = [lockfile.read(d / rundir.LOCK) if (d / rundir.LOCK).is_file() else {}
              for d in dirs]
-    found = op_trace.compare(*dirs, op_trace.environment_fields(gate.differences(*locks)))
+    found = op_trace.explained(*traces, op_trace.environment_fields(gate.differences(*locks)))
     if args.json:
         print(json.dumps({"a": dirs[0].name, "b": dirs[1].name, **found}, indent=2))
     else:

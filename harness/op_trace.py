@@ -563,6 +563,12 @@ def compare(a_dir: Path, b_dir: Path, environment: List[str] = ()) -> Optional[D
     a, b = read(a_dir), read(b_dir)
     if a is None or b is None:
         return None
+    return explained(a, b, environment)
+
+
+def explained(a: Dict[str, Any], b: Dict[str, Any],
+              environment: List[str] = ()) -> Dict[str, Any]:
+    """first_difference of two traces already read, with `environment` and its `line`."""
     found = first_difference(a, b)
     found["environment"] = list(environment)
     found["line"] = render(found)
