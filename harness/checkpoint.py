@@ -16,8 +16,13 @@ from it continues bit for bit as if it had never stopped:
     world_size, rank_rngs   data-parallel runs only: the number of ranks that wrote it
                             and each rank's RNG state (`rng` is rank 0's); a resume
                             needs the same world size
-    state_sha256            hash over everything above (digest.state_sha256), checked on
-                            load: a damaged file is skipped like a torn one
+
+Beside each checkpoint lies its checksum, `step-XXXXXXXX.pt.sha256`, in `sha256sum`'s format
+(`sha256sum -c` checks it). It is computed while the file is written, from the bytes
+written, and checked while the file is read: a damaged file is skipped like a torn one. A
+checkpoint without its checksum is damaged. Checkpoints of format 2 (before 2026-12) carry
+their hash inside instead (`state_sha256`, digest.state_sha256 over the entries above); they
+are still read and checked that way.
 
 A sample's randomness is a pure function of (seed, epoch, sample index)
 (seeding.SeededSamples), so DataLoader workers hold no state a resume must restore.
@@ -32,22 +37,28 @@ constants without loading torch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness import rundir
-from harness.digest import canonical_sha256
+from harness.digest import canonical_sha256, file_sha256
 from harness.errors import CheckpointRefused, HarnessError  # noqa: F401 (re-exported)
 
 PREFIX = "harness.checkpoint/"
-FORMAT = PREFIX + "2"
+FORMAT = PREFIX + "3"  # its checksum in the file beside it
+SEALED_INSIDE = PREFIX + "2"  # its hash inside the state (state_sha256): still read
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+CHECKSUM_SUFFIX = ".sha256"
 
 REQUIRED = ("format", "step", "epoch", "position", "config_sha256", "environment_sha256",
-            "environment", "model", "optimizer", "scheduler", "rng", "resumes",
-            "state_sha256")
+            "environment", "model", "optimizer", "scheduler", "rng", "resumes")
+# Blocks torch.save writes that are hashed in a second thread while the first writes them.
+# Smaller ones (headers, the pickled structure) are hashed in line.
+CONCURRENT_BLOCK = 1 << 20
 
 
 # ---------------------------------------------------------------- facts that must match
@@ -141,45 +152,97 @@ def listed(run_dir: Path) -> List[Path]:
     return sorted((p for p in folder.iterdir() if PATTERN.match(p.name)), reverse=True)
 
 
-def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
-    """Write `state` atomically as step-<step>.pt, then drop all but the newest `keep`."""
-    import torch
+def checksum_path(path: Path) -> Path:
+    """The checksum file beside checkpoint `path`."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
 
-    missing = [k for k in REQUIRED if k not in state and k not in ("format", "state_sha256")]
+
+def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` atomically as step-<step>.pt with its checksum beside it, then drop all
+    but the newest `keep`. The checksum is renamed into place first: a checkpoint file
+    that exists has its checksum."""
+    missing = [k for k in REQUIRED if k not in state and k != "format"]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
     state = {**state, "format": FORMAT}
-    state["state_sha256"] = state_sha256(state)
     folder = directory(run_dir)
     folder.mkdir(exist_ok=True)
     path = path_for(run_dir, state["step"])
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    sums = checksum_path(path)
+    sums_tmp = folder / f".{sums.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        sha256 = _write_hashed(tmp, state)
+        _write_synced(sums_tmp, f"{sha256}  {path.name}\n".encode())
+        os.replace(sums_tmp, sums)
         os.replace(tmp, path)
     except BaseException as exc:
         full = rundir.out_of_space(exc, folder, f"checkpoint {path.name}")
         tmp.unlink(missing_ok=True)
+        sums_tmp.unlink(missing_ok=True)
         if full:
             raise full from None
         raise
     _fsync_dir(folder)
     for old in listed(run_dir)[keep:]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
     return path
 
 
+def _write_hashed(path: Path, state: Dict[str, Any]) -> str:
+    """torch.save `state` to `path` (fsync'd) and return the sha256 of the bytes written.
+    Each large block is hashed in a second thread while this one writes it, and both
+    finish before torch.save goes on: a block may be a temporary buffer (a GPU tensor's
+    copy), so it is never read after its write returns."""
+    import torch
+
+    with open(path, "wb") as handle, ThreadPoolExecutor(1) as hasher:
+        writer = _HashingWriter(handle, hasher)
+        torch.save(state, writer)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return writer.sha256.hexdigest()
+
+
+class _HashingWriter:
+    """The file-like object torch.save writes through: hashes what it writes."""
+
+    def __init__(self, handle, hasher: ThreadPoolExecutor):
+        self.handle, self.hasher, self.sha256 = handle, hasher, hashlib.sha256()
+
+    def write(self, data) -> int:
+        block = memoryview(data).cast("B")
+        if block.nbytes < CONCURRENT_BLOCK:
+            self.sha256.update(block)
+            return self.handle.write(block)
+        hashed = self.hasher.submit(self.sha256.update, block)  # both release the GIL
+        written = self.handle.write(block)
+        hashed.result()
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def remove_partial_writes(run_dir: Path) -> List[str]:
-    """Delete the temp files of checkpoint writes that were killed before their rename.
-    Only while holding the run directory (rundir.WriterLock): no write is in progress."""
-    removed = []
-    for tmp in directory(run_dir).glob(".step-*.pt.*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
-    return sorted(removed)
+    """Delete the temp files of checkpoint writes that were killed before their rename,
+    and checksums whose checkpoint is gone. Only while holding the run directory
+    (rundir.WriterLock): no write is in progress."""
+    folder = directory(run_dir)
+    removed = [*folder.glob(".step-*.pt.*.tmp"),  # checkpoints' and checksums'
+               *(sums for sums in folder.glob("step-*.pt" + CHECKSUM_SUFFIX)
+                 if not sums.with_suffix("").exists())]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return sorted(path.name for path in removed)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -200,18 +263,24 @@ class Damaged(Exception):
 
 
 def load(path: Path) -> Dict[str, Any]:
-    """Read one checkpoint and check it is complete and intact; raises Damaged."""
+    """Read one checkpoint and check it is complete and intact; raises Damaged. The file
+    is hashed in a second thread while torch.load reads it. The state gains `sha256`: the
+    checksum it was checked against (a format-2 checkpoint's state_sha256)."""
     import torch
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, garbage, unpickling error: all "damaged"
-        said = (str(exc).splitlines() or [""])[0]
-        said = said if len(said) <= 300 else said[:300].rsplit(" ", 1)[0] + " ..."
-        raise Damaged(f"cannot be read ({type(exc).__name__}: {said})")
+    sums = checksum_path(path)
+    with ThreadPoolExecutor(1) as hasher:
+        hashed = hasher.submit(file_sha256, path) if sums.exists() else None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, garbage, unpickling error: all "damaged"
+            said = (str(exc).splitlines() or [""])[0]
+            said = said if len(said) <= 300 else said[:300].rsplit(" ", 1)[0] + " ..."
+            raise Damaged(f"cannot be read ({type(exc).__name__}: {said})")
+        sha256 = hashed.result() if hashed else None
     if not isinstance(state, dict) or not str(state.get("format")).startswith(PREFIX):
         raise Damaged("is not a harness checkpoint")
-    if state["format"] != FORMAT:
+    if state["format"] not in (FORMAT, SEALED_INSIDE):
         raise CheckpointRefused(
             f"checkpoint {path} has format {state['format']} (this harness writes {FORMAT}): "
             f"it lacks state an exact resume needs, so resuming from it could not reproduce the "
@@ -220,16 +289,32 @@ def load(path: Path) -> Dict[str, Any]:
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise Damaged(f"lacks {', '.join(missing)}")
-    if state_sha256(state) != state["state_sha256"]:
-        raise Damaged("fails its integrity check (state_sha256): it was damaged after writing")
+    state["sha256"] = _checked(state, path, sums, sha256)
     return state
 
 
+def _checked(state: Dict[str, Any], path: Path, sums: Path, sha256: Optional[str]) -> str:
+    """The checksum `state` (read from `path`) is intact under; raises Damaged."""
+    if state["format"] == SEALED_INSIDE:
+        if "state_sha256" not in state or state_sha256(state) != state["state_sha256"]:
+            raise Damaged("fails its integrity check (state_sha256): it was damaged after "
+                          "writing")
+        return state["state_sha256"]
+    if sha256 is None:
+        raise Damaged(f"has no checksum beside it ({sums.name}): its write was cut short, or "
+                      f"the checksum was removed")
+    recorded = sums.read_text(errors="replace").split(" ", 1)[0].strip()
+    if recorded != sha256:
+        raise Damaged(f"does not match its checksum ({sums.name}): it was damaged after "
+                      f"writing")
+    return sha256
+
+
 def state_sha256(state: Dict[str, Any]) -> str:
-    """The checkpoint's integrity hash: over every entry but itself."""
+    """A format-2 checkpoint's integrity hash: over every entry but itself."""
     from harness.digest import state_sha256 as digest
 
-    return digest({k: v for k, v in state.items() if k != "state_sha256"})
+    return digest({k: v for k, v in state.items() if k not in ("state_sha256", "sha256")})
 
 
 def validate(state: Dict[str, Any], path: Path, config_sha256: str,

@@ -112,21 +112,17 @@ def test_resume_refuses_another_config(setup):
 def test_resume_refuses_checkpoint_from_another_environment_or_config(setup):
     import torch
 
-    from harness import checkpoint
-
     run_dir, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=6)
     path = run_dir / "checkpoints" / f"step-{checkpoint_steps(run_dir)[-1]:08d}.pt"
     state = torch.load(path, weights_only=True)
     state["environment"]["torch"] = "0.0.1"
     state["environment_sha256"] = "0" * 64
-    state["state_sha256"] = checkpoint.state_sha256(state)  # re-sealed: intact, but foreign
-    torch.save(state, path)
+    reseal(path, state)  # intact, but foreign
     done = harness(setup, "train", "--resume", run_dir.name, check_rc=6)
     assert "written in another environment" in done.stderr
     assert "torch: checkpoint '0.0.1'" in done.stderr
     state["config_sha256"] = "f" * 64
-    state["state_sha256"] = checkpoint.state_sha256(state)
-    torch.save(state, path)
+    reseal(path, state)
     done = harness(setup, "train", "--resume", run_dir.name, check_rc=6)
     assert "belongs to another config" in done.stderr
 
@@ -141,10 +137,9 @@ def test_checkpoint_holds_complete_state(setup):
 
     path = sorted((setup["reference"] / "checkpoints").glob("step-*.pt"))[-1]
     state = torch.load(path, weights_only=True)
-    assert state["format"] == "harness.checkpoint/2"
+    assert state["format"] == "harness.checkpoint/3"
     assert {"model", "optimizer", "scheduler", "rng", "step", "epoch", "position",
-            "config_sha256", "environment_sha256", "environment", "resumes",
-            "state_sha256"} <= set(state)
+            "config_sha256", "environment_sha256", "environment", "resumes"} <= set(state)
     assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert state["step"] == 20 and state["epoch"] == 2 and state["position"] == 4 * 32
     assert len(list((setup["reference"] / "checkpoints").glob("step-*.pt"))) == 2
@@ -183,17 +178,25 @@ def test_resume_removes_partial_checkpoint_writes(setup):
 def test_checkpoint_of_an_older_format_is_refused_not_resumed_inexactly(setup):
     import torch
 
-    from harness import checkpoint
-
     run_dir, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=6)
     path = run_dir / "checkpoints" / f"step-{checkpoint_steps(run_dir)[-1]:08d}.pt"
     state = torch.load(path, weights_only=True)
     state["format"] = "harness.checkpoint/1"
-    state["state_sha256"] = checkpoint.state_sha256(state)
-    torch.save(state, path)
+    reseal(path, state)
     done = harness(setup, "train", "--resume", run_dir.name, check_rc=6)
     assert "harness.checkpoint/1" in done.stderr and "exact resume" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def reseal(path: Path, state: dict) -> None:
+    """Write an edited state where it was, with a matching checksum, as the harness would."""
+    import torch
+
+    from harness import checkpoint
+    from harness.digest import file_sha256
+
+    torch.save(state, path)
+    checkpoint.checksum_path(path).write_text(f"{file_sha256(path)}  {path.name}\n")
 
 
 def wait_until_unlocked(run_dir: Path, timeout: float = 60.0) -> float:
