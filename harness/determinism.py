@@ -85,12 +85,12 @@ def apply(det: Dict[str, Any]) -> None:
     except RuntimeError:
         pass  # already set in this process (only possible when called twice)
     if mode == "off":
-        torch.use_deterministic_algorithms(False)
+        use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True  # autotuning picks kernels by timing
         return
     # strict: a nondeterministic op raises; warn: it only warns.
-    torch.use_deterministic_algorithms(True, warn_only=(mode == "warn"))
+    use_deterministic_algorithms(True, warn_only=(mode == "warn"))
     # cuDNN: only deterministic convolution algorithms, and no timing-based selection.
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -99,6 +99,25 @@ def apply(det: Dict[str, Any]) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+
+
+def use_deterministic_algorithms(enabled: bool, warn_only: bool = False) -> None:
+    """torch.use_deterministic_algorithms, without its import of the compiler. The public
+    call imports torch._inductor (and with it torch._dynamo) to set the compiler's copy of
+    the flag: 1.3 s, most of the start of `harness replay`'s environment capture, which
+    never compiles. The compiler reads its copy from TORCHINDUCTOR_DETERMINISTIC when it is
+    first imported, so that variable is set instead; where the compiler is imported
+    already, or torch lacks the private setter, the public call does it."""
+    import sys
+
+    import torch
+
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        return
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1" if enabled else "0"
+    setter(enabled, warn_only=warn_only)
 
 
 def audit() -> Dict[str, Any]:

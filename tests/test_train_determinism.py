@@ -86,3 +86,21 @@ def test_seed_is_drawn_and_recorded_when_config_has_none(cli, tiny_conf):
     lock = read_lock(run_dir_of(done))
     assert isinstance(lock["seed"], int) and lock["config"]["seed"] == lock["seed"]
     assert f"seed: {lock['seed']}" in (run_dir_of(done) / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("mode, expected", [("strict", True), ("off", False)])
+def test_the_compiler_gets_the_determinism_flag_without_being_imported(mode, expected):
+    """apply() sets torch's flag without importing torch._inductor (1.3 s), and the
+    compiler, imported later (as torch.compile does), still sees the same flag."""
+    import subprocess
+    import sys
+
+    probe = (f"import sys\nfrom harness import determinism\n"
+             f"determinism.apply({{'mode': '{mode}', 'threads': 1}})\n"
+             f"print('torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules)\n"
+             f"import torch, torch._inductor.config as compiler\n"
+             f"print(torch.are_deterministic_algorithms_enabled(), compiler.deterministic)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False", str(expected), str(expected)]
