@@ -19,6 +19,7 @@ from harness.digest import canonical_sha256, source_sha256
 from harness.errors import LockfileError
 from harness import __version__
 from harness import gpu as gpus
+from harness import imports
 from harness.rundir import atomic_write_text, now_utc
 
 SCHEMA = "harness.lock/1"
@@ -48,9 +49,9 @@ def capture_software() -> Dict[str, Any]:
     cuda_available = torch.cuda.is_available()
     packages = {}
     for dist in metadata.distributions():
-        name = dist.metadata.get("Name")
+        name, version = imports.name_and_version(dist)
         if name:
-            packages[name.lower()] = dist.version
+            packages[name] = version
     return {
         **math_software(),
         "python_implementation": platform.python_implementation(),
