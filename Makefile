@@ -1,5 +1,7 @@
 # make train [CONF=fashion_mnist] [ARGS="seed=3 optim.lr=0.02"]   train a config (creates the venv first)
-# make test                                            run the test suite
+# make test                                            run the test suite (the default tier)
+# make test-long                                       the long tier: minutes-long builds and
+#                                                      the end-to-end variations
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +9,7 @@ CONF ?= fashion_mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test docker-env slurm-env data bench record-machine clean
+.PHONY: venv train test test-long test-all system docker-env slurm-env data bench record-machine clean
 
 # The venv is rebuilt when the dependency pins or the package metadata change.
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
@@ -22,8 +24,26 @@ venv: $(VENV)/.installed
 train: venv
 	$(BIN)/harness train $(CONF) $(ARGS)
 
-test: venv
+# Tests in two tiers (tests/conftest.py): `make test` runs the default one, under 20 minutes
+# on 2 cores, against the real system parts; `make test-long` the rest (marker `long`).
+test: venv system
+	$(BIN)/python -m pytest -m "not long" $(PYTEST_ARGS)
+
+test-long: venv system
+	$(BIN)/python -m pytest -m long $(PYTEST_ARGS)
+
+test-all: venv system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The system parts the tests use, installed and started where this runs as root (each script
+# is idempotent: seconds where the part runs already). Not as root, the tests that need a
+# missing part skip with the reason (in CI they fail).
+system:
+	@if [ "$$(id -u)" = 0 ]; then \
+		bash scripts/debian-data.sh && bash docker/env.sh && bash slurm/env.sh; \
+	else \
+		echo "make: not root, so the system parts are not installed here: run make data docker-env slurm-env as root, or the tests that need them skip"; \
+	fi
 
 # System parts (need root): Docker engine + local registry + base image, single-node Slurm,
 # and Debian's Fashion-MNIST package.

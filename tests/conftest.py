@@ -32,22 +32,9 @@ FAST = ["backend=local", "trainer.max_steps=24", "trainer.eval_limit=500", "trai
         "trainer.fingerprint_every=8"]
 
 
-# Builds that take minutes run in CI and when asked for, not in a developer's quick loop:
-# marker -> (the variable that asks for them, why they are left out).
-CI_ONLY = {
-    "cuda_image": ("HARNESS_TEST_CUDA_IMAGE", "builds the ~6 GB CUDA image"),
-    "cold_build": ("HARNESS_TEST_COLD_BUILD", "builds an image or the base with no cache"),
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for marker, (variable, why) in CI_ONLY.items():
-        if IN_CI or os.environ.get(variable) == "1":
-            continue
-        skip = pytest.mark.skip(reason=f"{why}: runs in CI, or with {variable}=1")
-        for item in items:
-            if marker in item.keywords:
-                item.add_marker(skip)
+# Two tiers: `make test` runs the tests not marked `long` (under 20 minutes on 2 cores, each
+# promise shown once against the real parts); `make test-long` runs the long tier: builds that
+# take minutes (the CUDA image, cache-less rebuilds) and the end-to-end variations.
 
 
 def require(condition: bool, reason: str) -> None:

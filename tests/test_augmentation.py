@@ -12,7 +12,6 @@ import pytest
 
 from conftest import harness, loss_bits, make_context, read_lock, run_dir_of, start_and_interrupt
 
-pytestmark = pytest.mark.slow
 
 # 3 epochs of 8 steps, checkpoints mid-epoch.
 OVERRIDES = ["trainer.epochs=3", "trainer.checkpoint_every=5", "model.channels=[8,16]",
@@ -35,6 +34,7 @@ def reference(ctx):
     return train(ctx, 3)
 
 
+@pytest.mark.long
 def test_num_workers_does_not_change_an_augmenting_run(ctx, reference):
     expected = read_lock(reference)["results"]["weights_sha256"]
     for workers in (0, 2):
@@ -52,6 +52,7 @@ def test_augmentation_is_random_across_samples_and_epochs(ctx, reference):
     assert loss_bits(plain_run) != loss_bits(reference)
 
 
+@pytest.mark.long
 def test_sigkill_mid_epoch_then_resume_with_three_workers_is_bitwise(ctx, reference):
     args = ["train", "tiny", *OVERRIDES, "trainer.num_workers=3"]
     run_dir, code, _ = start_and_interrupt(ctx, args, signal.SIGKILL, at_step=13)

@@ -26,9 +26,9 @@ def make_base(tag: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.slow
 @pytest.mark.docker
 @pytest.mark.cold_build
+@pytest.mark.long
 def test_make_base_image_again_gives_the_pinned_base_id(engine):  # noqa: F811
     from harness import config
 

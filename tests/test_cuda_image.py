@@ -13,7 +13,7 @@ import pytest
 from conftest import read_lock, run_dir_of
 from test_docker import docker_train, engine  # noqa: F401  (the engine fixture)
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.cuda_image]
+pytestmark = [pytest.mark.long, pytest.mark.docker, pytest.mark.cuda_image]
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ def test_corrupt_local_data_is_refused(cli, tiny_conf, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.long
 def test_dataset_found_through_harness_data(cli, tiny_conf, tmp_path):
     """$HARNESS_DATA/<name>/ is searched when data.root is not set."""
     (tmp_path / "store").mkdir()
@@ -212,6 +213,7 @@ def test_fetch_with_server_down_fails_clearly(cli, mirror, tmp_path):
     assert list(dest.iterdir()) == []
 
 
+@pytest.mark.long
 def test_train_fetches_missing_data_before_launch(cli, mirror, tmp_path):
     server, files, conf = mirror
     write_data_conf(conf, [server.url], files)
@@ -225,7 +227,7 @@ def test_train_fetches_missing_data_before_launch(cli, mirror, tmp_path):
     assert lock["data"]["root"].endswith("harness/data/tiny")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_train_installs_the_debian_dataset_package_when_it_is_missing(cli, tmp_path):
     """A fresh machine that reaches only Debian's archive and PyPI: the mirrors fail, the
     config names a Debian package, and as root `harness train` installs it, says so, and

@@ -31,6 +31,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.long
 def test_a_checkpoint_that_does_not_fit_is_said_and_the_run_resumes_exactly(tmp_path,
                                                                             small_disk):
     """A checkpoint of `tiny` is 10 MB (model, Adam state, RNG states): 25 MiB holds two

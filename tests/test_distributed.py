@@ -22,7 +22,6 @@ from conftest import (harness, loss_bits, make_context, read_lock, require, run_
 from test_lockfile import documented_fields, lookup
 from test_script import runs_in
 
-pytestmark = pytest.mark.slow
 
 REQUEUE_EXIT = 75
 # 2 ranks × 16 samples = 32 per step: 8 steps per epoch of the 256 tiny samples, 3 epochs;
@@ -93,6 +92,7 @@ def test_two_ranks_repeat_bit_for_bit_and_replay_is_identical(setup):
     assert done.returncode == 0 and "IDENTICAL" in done.stdout, done.stdout + done.stderr
 
 
+@pytest.mark.long
 def test_rank_killed_mid_epoch_stops_the_run_and_resume_is_exact(setup):
     killed_at = {}
 
@@ -115,6 +115,7 @@ def test_rank_killed_mid_epoch_stops_the_run_and_resume_is_exact(setup):
     assert_same_as_reference(setup, run_dir)
 
 
+@pytest.mark.long
 def test_preemption_checkpoints_every_rank_at_one_step_and_resumes_exactly(setup):
     # SIGTERM to the launcher alone: it passes it on; ranks agree on a step.
     run_dir, code, output = start_and_interrupt(setup, TRAIN, signal.SIGTERM, at_step=7,
@@ -129,6 +130,7 @@ def test_preemption_checkpoints_every_rank_at_one_step_and_resumes_exactly(setup
     assert read_lock(run_dir)["resumes"][0]["from_step"] == stopped_at
 
 
+@pytest.mark.long
 def test_resume_with_another_world_size_is_refused_naming_both(setup):
     run_dir, code, _ = start_and_interrupt(setup, TRAIN, signal.SIGTERM, at_step=3, group=False)
     assert code == REQUEUE_EXIT
@@ -163,6 +165,7 @@ def cluster(setup):
 
 
 @pytest.mark.slurm
+@pytest.mark.long
 def test_two_task_slurm_job_gives_the_local_two_rank_weights(cluster):
     done = harness(cluster, "submit", "tiny", *SLURM, "--wait", check_rc=0)
     run_dir = run_dir_of(done)
@@ -175,6 +178,7 @@ def test_two_task_slurm_job_gives_the_local_two_rank_weights(cluster):
 
 
 @pytest.mark.slurm
+@pytest.mark.long
 def test_requeued_two_task_job_resumes_every_rank_exactly(cluster):
     from test_slurm import status_of, wait_for_steps
 
@@ -193,6 +197,7 @@ def test_requeued_two_task_job_resumes_every_rank_exactly(cluster):
 
 
 @pytest.mark.slurm
+@pytest.mark.long
 def test_rank_killed_in_a_slurm_job_fails_it_and_resume_is_exact(cluster):
     from test_slurm import status_of, wait_for_steps
 
@@ -247,6 +252,7 @@ def ddp_project(project):
     return directory, harness
 
 
+@pytest.mark.long
 def test_nproc_starts_torchrun_style_ranks_that_repeat_bit_for_bit(ddp_project):
     directory, harness = ddp_project
     first = run_dir_of(harness(*RUN_DDP, check_rc=0))
@@ -258,6 +264,7 @@ def test_nproc_starts_torchrun_style_ranks_that_repeat_bit_for_bit(ddp_project):
     assert len(read_lock(first)["script"]["processes"]) == 2  # both seeded and pinned
 
 
+@pytest.mark.long
 def test_nproc_rank_that_fails_stops_the_others_and_is_named(ddp_project):
     directory, harness = ddp_project
     done = harness(*RUN_DDP, "--fail-rank", "1", check_rc=3)

@@ -127,6 +127,7 @@ def test_replay_of_a_docker_run_is_identical_in_the_same_image(cli, tiny_conf, e
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_preempted_docker_run_resumes_in_docker(cli, tiny_conf, tmp_path, cache_home, engine,
                                                 built):
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(TESTS / "fixtures")}
@@ -148,6 +149,7 @@ def test_preempted_docker_run_resumes_in_docker(cli, tiny_conf, tmp_path, cache_
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_container_stops_when_its_launcher_is_killed_and_resume_cleans_up(
         cli, tiny_conf, tmp_path, cache_home, engine, built):
     """SIGKILL of the harness process group: the container sees its launcher gone (its
@@ -197,6 +199,7 @@ trainer: {epochs: 1, batch_size: 16, log_every: 2}
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_code_the_image_cannot_import_is_bad_input_not_a_traceback(cli, tmp_path, engine,
                                                                    built):
     """The launcher finds the test's own modules (PYTHONPATH); the container does not,
@@ -267,6 +270,7 @@ def test_gpu_probe_on_an_engine_without_the_nvidia_runtime_says_what_is_missing(
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_ctrl_c_stops_and_removes_the_container(tiny_conf, tmp_path, cache_home, engine, built):
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home),
            "PYTHONPATH": str(TESTS / "fixtures")}
@@ -294,6 +298,7 @@ def test_ctrl_c_stops_and_removes_the_container(tiny_conf, tmp_path, cache_home,
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_auto_backend_picks_docker_when_an_engine_answers(cli, tiny_conf, engine, built):
     done = cli("train", "tiny", "--config-dir", str(tiny_conf), "backend=auto", check_rc=0)
     assert "backend=auto chose docker" in done.stderr
@@ -327,6 +332,7 @@ def test_engine_down_fails_with_how_to_start_one(cli, tiny_conf, tmp_path):
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_two_builds_of_the_same_content_at_once_end_with_one_image(engine, built, tmp_path):
     """Two `harness build --push` of new, identical content started together: one builds,
     the other waits and finds that image; both report the same id and registry digest,
@@ -350,6 +356,7 @@ def test_two_builds_of_the_same_content_at_once_end_with_one_image(engine, built
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_two_ranks_in_a_container_give_the_local_two_rank_weights(cli, tiny_conf, engine,
                                                                    built):
     """The rank launcher runs inside the container (no network: the ranks meet on its
@@ -366,6 +373,7 @@ def test_two_ranks_in_a_container_give_the_local_two_rank_weights(cli, tiny_conf
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_a_docker_run_is_tracked_by_the_launcher_and_tagged_with_its_image(
         cli, tiny_conf, engine, built, mlflow_server):
     """The image has no MLflow: the launcher follows the run's metrics from the host."""

@@ -3,11 +3,14 @@ nondeterministic operations the model hits, and the cheapest setting that reprod
 
 import json
 
+import pytest
+
 from conftest import TESTS
 
 CONF = str(TESTS / "conf")
 
 
+@pytest.mark.long
 def test_doctor_measures_every_setting_and_names_the_nondeterministic_op(cli, tmp_path):
     runs = tmp_path / "runs"
     done = cli("doctor", "unpool", "--config-dir", CONF, "--steps", "6", "--runs-dir",
@@ -28,6 +31,7 @@ def test_doctor_measures_every_setting_and_names_the_nondeterministic_op(cli, tm
     assert [p.name for p in runs.glob("doctor-*.json")]  # the report is kept
 
 
+@pytest.mark.long
 def test_doctor_table_says_the_cheapest_setting(cli, tmp_path):
     done = cli("doctor", "hashy", "--config-dir", CONF, "--steps", "4", "trainer.epochs=1",
                "--runs-dir", str(tmp_path / "runs"), check_rc=0)
@@ -37,6 +41,7 @@ def test_doctor_table_says_the_cheapest_setting(cli, tmp_path):
     assert "nondeterministic operations the model hits (warn mode): none" in done.stdout
 
 
+@pytest.mark.long
 def test_doctor_measures_the_portable_mode_where_the_cpu_has_avx2(cli, tmp_path):
     from harness import machine
     from harness.determinism import cpu_supports

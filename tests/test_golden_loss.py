@@ -40,7 +40,8 @@ def expect_same(expected, found, what):
         f"record the machine classes anew (make record-machine) and say why in the commit.")
 
 
-@pytest.mark.parametrize("mode", ["native", "default", "avx2", "avx512"])
+@pytest.mark.parametrize("mode", ["native", *(pytest.param(pin, marks=pytest.mark.long)
+                                              for pin in ("default", "avx2", "avx512"))])
 def test_a_cpu_mode_gives_its_class_golden_bits(cli, tmp_path, fashion, mode):
     if mode != "native" and not cpu_supports(mode, HERE["isa_flags"]):
         pytest.skip(f"this CPU ({machine.class_id(HERE)}) cannot run cpu_isa={mode}")

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TESTS, read_lock, run_dir_of
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+pytestmark = pytest.mark.gpu
 CONF = str(TESTS / "conf")
 
 

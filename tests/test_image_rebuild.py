@@ -24,8 +24,8 @@ print(dict(flags))
 """
 
 
-@pytest.mark.slow
 @pytest.mark.docker
+@pytest.mark.long
 def test_replay_of_a_run_whose_image_is_gone_rebuilds_it_to_the_same_id(  # noqa: F811
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
     """The image was pushed, then removed from the engine and deleted from the registry:
@@ -61,9 +61,9 @@ def test_replay_of_a_run_whose_image_is_gone_rebuilds_it_to_the_same_id(  # noqa
         engine.images.remove(recorded["id"], force=True)
 
 
-@pytest.mark.slow
 @pytest.mark.docker
 @pytest.mark.cold_build
+@pytest.mark.long
 def test_image_rebuild_without_cache_gives_the_recorded_id(  # noqa: F811
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
     """Every step of both stages run again, no build cache: the same image id and layer
@@ -89,6 +89,7 @@ def test_image_rebuild_without_cache_gives_the_recorded_id(  # noqa: F811
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_image_rebuild_refuses_a_checkout_with_other_inputs(  # noqa: F811
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
     """A run whose image came from other inputs (here: other harness source) is refused

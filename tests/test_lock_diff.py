@@ -132,6 +132,7 @@ def test_lock_diff_names_the_isa_flags_that_differ(cli, tmp_path):
     assert difference["added"] == ["sse4a"] and difference["removed"] == dropped
 
 
+@pytest.mark.long
 def test_lock_diff_of_two_runs(cli, tmp_path):
     runs = str(tmp_path / "runs")
     a = run_dir_of(cli("train", "hashy", "--config-dir", CONF, "--runs-dir", runs, check_rc=0))

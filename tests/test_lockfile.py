@@ -90,6 +90,7 @@ def test_lockfile_tampering_is_detected(tiny_run, cli):
         lockfile.read(path)
 
 
+@pytest.mark.long
 def test_no_secret_reaches_the_run_directory(tiny_run):
     run_dir, secrets = tiny_run
     for path in Path(run_dir).rglob("*"):
@@ -100,6 +101,7 @@ def test_no_secret_reaches_the_run_directory(tiny_run):
                 assert name.encode() not in blob, f"{name} leaked into {path}"
 
 
+@pytest.mark.long
 def test_run_directory_has_the_contract_files(tiny_run):
     run_dir, _ = tiny_run
     for name in ("config.yaml", "overrides.txt", "metrics.jsonl", "model.pt", "status.json",

@@ -65,6 +65,7 @@ def replay_foreign(cli, tmp_path, foreign, root, *flags):
     return cli("replay", str(run), "--trust", *flags, env={"HARNESS_CORPUS": str(root)}), run
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("foreign", FOREIGN, ids=[e.name for e in FOREIGN])
 def test_a_recorded_class_pair_matches_or_cannot_as_its_recordings_say(
         cli, tmp_path, fashion, here_recording, foreign):
@@ -93,6 +94,7 @@ def test_a_recorded_class_pair_matches_or_cannot_as_its_recordings_say(
     assert f"replayed on {machine.class_id(HERE)}" in forced.stderr
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("foreign", FOREIGN[:1], ids=[e.name for e in FOREIGN[:1]])
 def test_a_class_pair_no_recording_covers_is_unproven_and_the_replay_measures_it(
         cli, tmp_path, fashion, here_recording, foreign):

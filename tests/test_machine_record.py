@@ -19,6 +19,7 @@ def test_machine_class_names_this_cpu(cli):
 
 
 @AVX2
+@pytest.mark.long
 def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_pins(
         cli, tmp_path):
     from harness.determinism import CPU_ISA
@@ -46,6 +47,7 @@ def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_p
 
 
 @AVX2
+@pytest.mark.long
 def test_record_adds_this_class_once_and_keeps_what_is_recorded(cli, tmp_path, fashion):
     root = tmp_path / "corpus"
     folder = root / machine.class_id(machine.this_machine())

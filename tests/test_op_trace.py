@@ -8,6 +8,8 @@ import contextlib
 import gzip
 import json
 
+import pytest
+
 from conftest import FAST, run_dir_of
 
 from harness import op_trace
@@ -48,6 +50,7 @@ def test_replay_that_diverges_names_the_op_the_environment_changes(cli, fashion)
     assert len(diverged) == 1 and diverged[0]["first_differing_op"]["kind"] == "kernel"
 
 
+@pytest.mark.long
 def test_trace_diff_names_the_convolution_onednn_computes(cli, fashion):
     """Two runs that differ only in the CPU mode (native: oneDNN convolutions; portable:
     oneDNN off) part at the first convolution, with identical inputs; the mode is named."""
@@ -69,6 +72,7 @@ def test_trace_diff_names_the_convolution_onednn_computes(cli, fashion):
     assert "agree bit for bit" in agree.stdout
 
 
+@pytest.mark.long
 def test_negative_control_is_an_input_difference_not_a_kernel(cli, fashion):
     """The negative control flips a bit of the first weight after step 1. Traced over two
     steps, the first op that reads that weight in step 2 is named, as a data difference."""
@@ -84,6 +88,7 @@ def test_negative_control_is_an_input_difference_not_a_kernel(cli, fashion):
     assert "the data changed it" in line and "identical inputs" not in line
 
 
+@pytest.mark.long
 def test_an_edited_trace_is_refused_and_a_run_without_one_says_so(cli, fashion):
     """The trace is covered by the lock: an edited one (a hash changed to blame another op)
     fails `harness lock check` and the replay (exit 5). trainer.op_trace_steps=0 records
@@ -185,6 +190,7 @@ torch.save(model.state_dict(), "compiled.pt")
 """
 
 
+@pytest.mark.long
 def test_a_command_that_compiles_runs_untraced_and_says_so(project):
     """dynamo fails on global module hooks, which the command's trace needs: a command
     that calls torch.compile gives up its trace (a warning, no file) and runs as it would.

@@ -32,6 +32,7 @@ def test_a_portable_run_records_its_pins_and_repeats(cli, tmp_path):
     assert "mkldnn_enabled" not in read_lock(native)["determinism"]["in_effect"]
 
 
+@pytest.mark.long
 def test_an_op_portable_mode_cannot_pin_stops_the_run_before_training(cli, tmp_path):
     runs = tmp_path / "runs"
     done = cli("train", "hashy", "model._target_=harness_testkit.SpectralMLP",

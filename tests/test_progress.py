@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TESTS, run_dir_of
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
@@ -22,6 +24,7 @@ def test_non_terminal_output_has_no_control_characters(cli, tiny_conf):
     assert "progress " not in done.stdout + log
 
 
+@pytest.mark.long
 def test_terminal_gets_a_live_bar_and_the_log_stays_plain(tmp_path, cache_home):
     """Run under a pseudo-terminal: the bar is redrawn in place with \\r."""
     conf = TESTS / "conf"

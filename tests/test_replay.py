@@ -64,7 +64,6 @@ def edit_lock(run_dir, change, reseal=True):
 
 # ---------------------------------------------------------------- IDENTICAL
 
-@pytest.mark.slow
 def test_replay_of_fashion_run_is_identical(harness, fashion):
     original = run_dir_of(harness("train", "fashion_mnist", *FAST, "--runs-dir", "runs",
                                   check_rc=0))
@@ -104,6 +103,7 @@ def test_a_comparison_its_negative_control_cannot_fail_is_unverified(harness):
     assert record["negative_control"]["verdict"] == "IDENTICAL"
 
 
+@pytest.mark.long
 def test_replay_of_run_with_drawn_seed_reproduces_it(harness):
     original = run_dir_of(harness("train", "hashy", "seed=null", "--config-dir", CONF,
                                   "--runs-dir", "runs", check_rc=0))
@@ -208,6 +208,7 @@ def test_a_truncated_metrics_file_is_refused_before_anything_runs(harness, hashy
     assert_refused_before_running(done, run, "results.metrics_sha256", "metrics.jsonl")
 
 
+@pytest.mark.long
 def test_a_copied_run_is_replayed_as_itself_not_as_the_original(harness, hashy_run, tmp_path):
     """A renamed copy's verdict belongs to the copy: `harness runs` lists the replay under
     the copy, and the new lock says whose copy it was."""
@@ -272,6 +273,7 @@ def test_refusal_names_the_isa_flags_that_differ(harness, hashy_run, tmp_path):
     assert f"\n  current vs locked: {change}\n" in done.stderr, done.stderr
 
 
+@pytest.mark.long
 def test_informational_difference_does_not_block(harness, hashy_run, tmp_path):
     run = copy_run(hashy_run, tmp_path)
 
@@ -310,6 +312,7 @@ def test_injected_gradient_noise_diverges_at_its_step_and_names_the_tensor(harne
     assert 0 < record["max_abs_diff"]["jitter.weight"] < 1
 
 
+@pytest.mark.long
 def test_injected_output_noise_diverges_at_its_step(harness):
     original = run_dir_of(harness("train", "noisy", "model.start_call=9", "--config-dir", CONF,
                                   "--runs-dir", "runs", check_rc=0))
@@ -348,6 +351,7 @@ def avx2_run(harness):
                               CONF, "--runs-dir", "runs", check_rc=0))
 
 
+@pytest.mark.long
 def test_runs_pinned_to_avx2_repeat_and_record_the_pin(harness, avx2_run):
     again = run_dir_of(harness("train", "hashy", "determinism.cpu_isa=avx2", "--config-dir",
                                CONF, "--runs-dir", "runs", check_rc=0))
@@ -360,6 +364,7 @@ def test_runs_pinned_to_avx2_repeat_and_record_the_pin(harness, avx2_run):
     assert env["MKL_CBWR"] == "AVX2"
 
 
+@pytest.mark.long
 def test_a_pinned_run_replays_on_a_cpu_with_other_flags(harness, avx2_run, hashy_run,
                                                         tmp_path):
     """Recorded on a CPU with a different flag list (AVX-512 gone, another flag there): a

@@ -16,7 +16,6 @@ import pytest
 from conftest import (harness, loss_bits, make_context, read_lock, run_dir_of,
                       start_and_interrupt)
 
-pytestmark = pytest.mark.slow
 
 REQUEUE_EXIT = 75
 # 3 epochs of 8 steps; checkpoints every 5 steps fall mid-epoch; two DataLoader workers;
@@ -73,6 +72,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(setup):
         assert_same_as_reference(setup, flipped)
 
 
+@pytest.mark.long
 def test_sigterm_checkpoints_at_step_boundary_exits_requeue_code_and_resumes(setup):
     run_dir, code, output = start_and_interrupt(setup, TRAIN, signal.SIGTERM, at_step=7)
     assert code == REQUEUE_EXIT, output
@@ -89,6 +89,7 @@ def test_sigterm_checkpoints_at_step_boundary_exits_requeue_code_and_resumes(set
     assert_same_as_reference(setup, run_dir)
 
 
+@pytest.mark.long
 def test_damaged_newest_checkpoint_falls_back_to_the_older_one(setup):
     run_dir, code, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=16)
     older, newest = checkpoint_steps(run_dir)[-2:]
@@ -109,6 +110,7 @@ def test_resume_refuses_another_config(setup):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.long
 def test_resume_refuses_checkpoint_from_another_environment_or_config(setup):
     import torch
 
@@ -165,6 +167,7 @@ def test_a_bit_flip_anywhere_in_a_checkpoint_is_detected_and_skipped(setup):
     assert [r["from_step"] for r in lock["resumes"]] == [older]
 
 
+@pytest.mark.long
 def test_resume_removes_partial_checkpoint_writes(setup):
     run_dir, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=6)
     leftover = run_dir / "checkpoints" / ".step-00000010.pt.12345.tmp"
@@ -175,6 +178,7 @@ def test_resume_removes_partial_checkpoint_writes(setup):
     assert_same_as_reference(setup, run_dir)
 
 
+@pytest.mark.long
 def test_checkpoint_of_an_older_format_is_refused_not_resumed_inexactly(setup):
     import torch
 
@@ -214,6 +218,7 @@ def wait_until_unlocked(run_dir: Path, timeout: float = 60.0) -> float:
     raise AssertionError(f"{run_dir} still locked after {timeout} s")
 
 
+@pytest.mark.long
 def test_a_killed_launcher_takes_its_training_down_and_the_status_says_so(setup):
     """SIGKILL of the launcher alone: the training process does not live on as a second,
     unseen writer; it checkpoints and stops. The run is then recorded as failed (not left
@@ -238,6 +243,7 @@ def test_a_killed_launcher_takes_its_training_down_and_the_status_says_so(setup)
     assert_same_as_reference(setup, run_dir)
 
 
+@pytest.mark.long
 def test_two_resumes_at_once_one_writes_the_other_is_refused(setup):
     run_dir, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=6)
     command = [sys.executable, "-m", "harness", "train", "--resume", run_dir.name,

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from conftest import TESTS, run_dir_of
 
 CONF = str(TESTS / "conf")
 
 
+@pytest.mark.long
 def test_runs_table_shows_results_and_replay_verdicts(cli, tmp_path):
     runs = str(tmp_path / "runs")
     done = cli("runs", "--runs-dir", runs, check_rc=0)

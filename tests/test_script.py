@@ -70,6 +70,7 @@ def test_unmodified_script_repeats_and_replays_identical(project):
     assert f"replay of {first.name}: IDENTICAL" in listed
 
 
+@pytest.mark.long
 def test_a_command_with_no_output_file_is_compared_by_what_it_printed(project):
     """No declared file: the replay compares the command's console output (warned at run
     time). A command whose printed result changes is caught; one that prints nothing and
@@ -100,6 +101,7 @@ def test_a_command_with_no_output_file_is_compared_by_what_it_printed(project):
     assert "replay of " + silent.name + ": UNVERIFIED" in harness("runs", check_rc=0).stdout
 
 
+@pytest.mark.long
 def test_an_output_left_from_before_cannot_make_a_replay_identical(project):
     """A declared output left from before the run is moved aside before the command
     starts: a command that does not write it fails (its output matched nothing), and the
@@ -160,6 +162,7 @@ def test_a_failed_run_has_nothing_to_replay(project):
     assert "damaged" not in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.long
 def test_without_the_injection_the_same_script_does_not_repeat(project):
     """The control: what the harness adds is what makes the script repeat."""
     _, harness = project
@@ -196,6 +199,7 @@ def test_edited_input_is_refused_with_exit_3_naming_both_hashes(project):
     assert len(runs_in(directory)) == count  # nothing ran, nothing was written
 
 
+@pytest.mark.long
 def test_settings_changed_behind_the_harness_back_are_flagged(project):
     _, harness = project
     done = harness("run", "backend=local", *RUN, "--fast-flags", check_rc=0)
@@ -206,6 +210,7 @@ def test_settings_changed_behind_the_harness_back_are_flagged(project):
     assert "warning: pid" in harness("runs", check_rc=0).stdout
 
 
+@pytest.mark.long
 def test_a_library_probing_for_torch_does_not_escape_the_pinning(project):
     """transformers, accelerate and Lightning ask `find_spec("torch")` before importing it;
     an argument longer than a file name may be is not mistaken for one."""
@@ -261,6 +266,7 @@ def test_output_that_matches_nothing_fails_the_run(project):
     assert "out/none.pt matched no file" in done.stderr
 
 
+@pytest.mark.long
 def test_sigterm_reaches_the_script_and_75_resumes(project, cache_home):
     """Preemption: the launcher passes SIGTERM to the command, whose exit code 75 marks the
     run preempted; `harness train --resume` runs it again with HARNESS_RESUME=1."""
@@ -300,6 +306,7 @@ def docker_engine_up() -> bool:
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_docker_run_matches_local_and_replays_identical(project):
     require(docker_engine_up(), "no Docker engine answers (run `make docker-env`)")
     directory, harness = project
@@ -318,6 +325,7 @@ def test_docker_run_matches_local_and_replays_identical(project):
 
 
 @pytest.mark.slurm
+@pytest.mark.long
 def test_slurm_job_of_the_script_matches_local_and_replays(project):
     from test_slurm import slurm_up
 

@@ -118,6 +118,7 @@ NEEDS_FLAG = ("import os, sys\nif os.environ.get('MY_FLAG') != '1':\n"
               "open('out/ok.txt', 'w').write('ok')\n")
 
 
+@pytest.mark.long
 def test_a_variable_the_command_needs_is_recorded_and_set_on_replay(project):
     """--env MY_FLAG=1: recorded in the config and set again by a replay from a shell that
     lacks it. The control: the same command run with MY_FLAG only in the shell fails in
@@ -151,6 +152,7 @@ STAMP = ("import datetime, os, time\ntime.sleep(1.1)\nos.makedirs('out', exist_o
          "datetime.datetime.now().isoformat() + '\\n')\n")
 
 
+@pytest.mark.long
 def test_files_that_embed_a_date_reproduce_or_say_so(project):
     """SOURCE_DATE_EPOCH is set and recorded for every command: a matplotlib PDF (its
     /CreationDate) replays IDENTICAL. The control: a file stamped with the clock DIVERGES,
@@ -172,6 +174,7 @@ def test_files_that_embed_a_date_reproduce_or_say_so(project):
     assert "the differing bytes form a date or time" in done.stdout
 
 
+@pytest.mark.long
 def test_a_script_that_resumes_from_its_own_output_starts_fresh(project):
     """The torchrun tutorial's script resumes from out/snapshot.pt when the file exists.
     A second run of the same command moves the first run's snapshot aside (into its run
@@ -194,6 +197,7 @@ def test_a_script_that_resumes_from_its_own_output_starts_fresh(project):
     assert "IDENTICAL" in harness("replay", first.name, check_rc=0).stdout
 
 
+@pytest.mark.long
 def test_a_rank_that_hangs_at_exit_is_stopped_and_named(project):
     """Rank 1 blocks at exit after its work. Once rank 0 exited 0, rank 1 gets
     command.exit_grace_s, then it is stopped, named with its stack, and the run keeps its
@@ -231,6 +235,7 @@ def test_resume_of_a_command_that_was_not_preempted_is_refused(project):
 
 
 @pytest.mark.docker
+@pytest.mark.long
 def test_a_file_outside_what_the_container_sees_is_named(project, tmp_path):
     """In a container the command sees its project, its inputs and its output directories.
     A file elsewhere on the host fails the command with its own FileNotFoundError: the run
@@ -257,6 +262,7 @@ def test_a_file_outside_what_the_container_sees_is_named(project, tmp_path):
     assert (run_dir_of(ran) / "outputs" / "out" / "n.txt").read_text() == "1,2,3\n"
 
 
+@pytest.mark.long
 def test_an_input_edited_with_its_mtime_restored_is_still_refused(project, cache_home):
     """A launch remembers each --input file's digest (harness/hash_cache.py) and later
     launches read only changed files. The trap: an edit that keeps the size and restores
@@ -293,6 +299,7 @@ def test_an_input_edited_with_its_mtime_restored_is_still_refused(project, cache
     assert "input shards changed since run " + run.name in done.stderr
 
 
+@pytest.mark.long
 def test_a_command_without_injection_records_no_interpreter_and_replays(project):
     """command.inject=false: no process reports, so the lock has no `interpreters` and the
     gate has nothing of them to compare (an empty list once blocked every replay)."""

@@ -14,7 +14,6 @@ import pytest
 
 from conftest import harness, make_context, read_lock, require
 
-pytestmark = pytest.mark.slow
 
 SOURCES = ("init", "order", "augment", "dropout")
 # The recording model, one epoch (every sample built once); every source held at a value of its own (dropout too: left
@@ -45,6 +44,7 @@ def streams(ctx, name: str, *overrides: str) -> dict:
     return found
 
 
+@pytest.mark.long
 def test_varying_one_source_leaves_the_other_streams_untouched(ctx):
     base = streams(ctx, "base")
     assert all(base[source] for source in SOURCES), base
@@ -55,6 +55,7 @@ def test_varying_one_source_leaves_the_other_streams_untouched(ctx):
         assert moved == [source], f"seeds.{source}=99 moved {moved}"
 
 
+@pytest.mark.long
 def test_seeds_default_to_the_run_seed_and_an_invalid_one_is_refused(ctx):
     default = streams(ctx, "derived", "seed=11", "++seeds.init=null", "++seeds.order=null",
                       "++seeds.augment=null", "++seeds.dropout=null")
@@ -65,6 +66,7 @@ def test_seeds_default_to_the_run_seed_and_an_invalid_one_is_refused(ctx):
     assert "seeds.order=-1" in done.stderr
 
 
+@pytest.mark.long
 def test_variance_runs_each_source_alone_and_plots_what_it_reports(tmp_path_factory):
     ctx = make_context(tmp_path_factory.mktemp("variance"), dataset="augmenting.AugmentingIdx")
     done = harness(ctx, "variance", "tiny", "-n", "3", "--sources", "init,order,augment,kernel",
@@ -103,6 +105,7 @@ def test_variance_runs_each_source_alone_and_plots_what_it_reports(tmp_path_fact
 
 
 @pytest.mark.slurm
+@pytest.mark.long
 def test_variance_as_one_slurm_job_array(tmp_path_factory):
     from test_slurm import slurm_up
 

@@ -82,6 +82,7 @@ def test_an_edit_resealed_or_not_fails_verification(alices_run, tmp_path, cli, u
     assert [p.name for p in run.parent.iterdir()] == [run.name]  # nothing ran
 
 
+@pytest.mark.long
 def test_someone_elses_run_names_its_code_and_needs_trust(alices_run, tmp_path, cli, users):
     run = copied(alices_run, tmp_path)
     done = cli("replay", str(run), env=users["bob"])
@@ -102,6 +103,7 @@ def test_someone_elses_run_names_its_code_and_needs_trust(alices_run, tmp_path, 
     cli("replay", str(run), env=users["bob"], check_rc=0)
 
 
+@pytest.mark.long
 def test_a_run_re_signed_by_an_unknown_key_is_refused_until_trusted(alices_run, tmp_path,
                                                                     cli, users, monkeypatch):
     """An adversary edits the lock, reseals it and signs it with a key of their own: the
@@ -171,6 +173,7 @@ def test_a_key_line_that_is_not_one_is_refused(cli, users, line):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.long
 def test_resuming_someone_elses_run_needs_trust(tmp_path):
     """A run alice launched and that was preempted: bob's resume lists its code and stops
     before running any; with --trust it goes on. An edited config fails the launch

@@ -143,7 +143,6 @@ def status_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "status.json").read_text())
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_job_matches_local_run(cluster):
     done = harness(cluster, "submit", "tiny", *OVERRIDES, "--wait", check_rc=0)
@@ -179,9 +178,8 @@ def wait_for_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:
                          f"{(run_dir / 'slurm.out').read_text() if (run_dir / 'slurm.out').exists() else ''}")
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
-@pytest.mark.parametrize("how", ["usr1", "scontrol-requeue"])
+@pytest.mark.parametrize("how", ["usr1", pytest.param("scontrol-requeue", marks=pytest.mark.long)])
 def test_preempted_job_is_requeued_and_resumes_to_identical_weights(cluster, how):
     done = harness(cluster, "submit", "tiny", *OVERRIDES, check_rc=0)
     run_dir = run_dir_of(done)
@@ -204,8 +202,8 @@ def test_preempted_job_is_requeued_and_resumes_to_identical_weights(cluster, how
     same_results(run_dir, cluster["reference"])
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
+@pytest.mark.long
 def test_submitted_job_is_tracked_live_and_across_a_requeue(cluster, mlflow_server):
     """No launcher waits for a submitted job: its script runs the tracking follower."""
     from mlflow.tracking import MlflowClient
@@ -239,8 +237,8 @@ def test_submitted_job_is_tracked_live_and_across_a_requeue(cluster, mlflow_serv
     assert history == losses(run_dir) and len(history) == 160  # each step once, as recorded
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
+@pytest.mark.long
 def test_sweep_is_one_job_array_of_normal_runs(cluster):
     # One CPU per task: two tasks run at once on the 2-CPU test node (the training still
     # pins 2 threads; task/none does not bind, so the bits do not change).
@@ -273,7 +271,6 @@ def test_sweep_is_one_job_array_of_normal_runs(cluster):
     assert metrics["test_accuracy"]["n"] == 3
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
 def test_rejected_submission_gives_schedulers_words_and_exit_4(cluster):
     done = harness(cluster, "submit", "tiny", "backend.slurm.partition=nosuchpartition",
@@ -283,7 +280,6 @@ def test_rejected_submission_gives_schedulers_words_and_exit_4(cluster):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
 def test_failed_job_gives_log_path_and_exit_1(cluster):
     done = harness(cluster, "submit", "tiny", "backend.slurm.python=/nonexistent/python",
@@ -308,7 +304,6 @@ def stored_job_environment(job_id: str) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
 def test_submitting_environment_does_not_reach_the_job(context):
     """A secret in the environment of `harness submit` must not be copied into the job:
@@ -349,8 +344,8 @@ def test_missing_sbatch_is_an_environment_problem(cli, tiny_conf):
     assert "`sbatch` not found" in done.stderr and "make slurm-env" in done.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
+@pytest.mark.long
 def test_train_with_backend_slurm_runs_one_job_and_waits(cluster):
     small = [o for o in OVERRIDES if not o.startswith("trainer.epochs")] + ["trainer.epochs=1"]
     done = harness(cluster, "train", "tiny", *small, "backend=slurm", check_rc=0)
@@ -362,9 +357,9 @@ def test_train_with_backend_slurm_runs_one_job_and_waits(cluster):
     assert len(loss_bits(run_dir)) == 8
 
 
-@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.docker
+@pytest.mark.long
 def test_containerized_job_runs_the_configs_image_pulled_by_digest(cluster):
     """runtime=docker with no backend.slurm.image: submit builds (or finds) the config's
     image, pushes it, and the job runs `docker run` of that repo digest; the results match

@@ -56,6 +56,7 @@ def test_t_critical_is_exact_for_any_degrees_of_freedom():
         stats.t_critical(0.5)
 
 
+@pytest.mark.long
 def test_sweep_of_three_seeds_is_summarised(cli, tiny_conf):
     done = cli("train", "tiny", "-m", "seed=0,1,2", "trainer.max_steps=3",
                "--config-dir", str(tiny_conf), check_rc=0)
@@ -69,6 +70,7 @@ def test_sweep_of_three_seeds_is_summarised(cli, tiny_conf):
     assert "n=3" in text and "95% CI" in text
 
 
+@pytest.mark.long
 def test_sweep_with_two_configurations_compares_them(cli, tiny_conf):
     done = cli("train", "tiny", "-m", "seed=0,1", "optim.lr=0.001,0.01", "trainer.max_steps=3",
                "--config-dir", str(tiny_conf), check_rc=0)
@@ -88,6 +90,7 @@ def test_bad_sweep_syntax_is_rejected_before_any_run(cli, tiny_conf, tmp_path):
         p.name != "sweeps" for p in (tmp_path / "r").iterdir())
 
 
+@pytest.mark.long
 def test_compare_writes_a_png_and_marks_divergence(cli, tiny_conf, tmp_path):
     runs = [run_dir_of(cli("train", "tiny", f"seed={seed}", "--config-dir", str(tiny_conf),
                            check_rc=0)) for seed in (0, 0, 1)]
@@ -103,6 +106,7 @@ def test_compare_writes_a_png_and_marks_divergence(cli, tiny_conf, tmp_path):
     assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 10_000
 
 
+@pytest.mark.long
 def test_tensorboard_export_is_readable_by_tensorboard(cli, tiny_conf):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -70,6 +70,7 @@ def tracked(ctx, server):
     return run_dir, seen
 
 
+@pytest.mark.long
 def test_mlflow_shows_the_loss_while_the_run_trains(tracked):
     _, seen = tracked
     assert seen["steps"] >= 1
@@ -112,6 +113,7 @@ def test_mlflow_run_holds_config_tags_and_files(tracked, server):
         hashlib.sha256((run_dir / "model.pt").read_bytes()).digest()
 
 
+@pytest.mark.long
 def test_replay_takes_an_mlflow_run_id_when_the_run_directory_is_gone(tracked, ctx, server):
     run_dir, _ = tracked
     client = MlflowClient(server)
@@ -140,6 +142,7 @@ def test_replay_refuses_an_mlflow_run_that_is_not_a_harness_run(ctx, server):
     assert "holds no finished harness run" in done.stderr
 
 
+@pytest.mark.long
 def test_default_store_is_sqlite_in_the_runs_directory(ctx):
     done = harness(ctx, "train", "tiny", "+tracker=mlflow", "trainer.max_steps=4",
                    check_rc=0)
@@ -162,6 +165,7 @@ def test_unreachable_tracking_server_is_refused_before_anything_is_written(ctx):
     assert after == before
 
 
+@pytest.mark.long
 def test_a_tracking_server_that_dies_mid_run_does_not_fail_the_run(ctx, tmp_path):
     with running_mlflow_server(tmp_path) as (uri, server):
         client = MlflowClient(uri)

@@ -5,7 +5,6 @@ import pytest
 
 from conftest import FAST, TESTS, loss_bits, read_lock, run_dir_of
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +63,7 @@ def test_determinism_in_effect_is_read_back(seed0_runs):
     assert in_effect["env"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
+@pytest.mark.long
 def test_pinned_hash_seed_makes_hash_ordered_data_repeatable(cli, tmp_path):
     conf = str(TESTS / "conf")
     runs = [run_dir_of(cli("train", "hashy", "--config-dir", conf, check_rc=0))
@@ -72,6 +72,7 @@ def test_pinned_hash_seed_makes_hash_ordered_data_repeatable(cli, tmp_path):
         read_lock(runs[1])["results"]["weights_sha256"]
 
 
+@pytest.mark.long
 def test_unpinned_hash_seed_changes_hash_ordered_data(cli, tmp_path):
     conf = str(TESTS / "conf")
     runs = [run_dir_of(cli("train", "hashy", "determinism.pythonhashseed=null",
@@ -81,6 +82,7 @@ def test_unpinned_hash_seed_changes_hash_ordered_data(cli, tmp_path):
     assert locks[0]["results"]["weights_sha256"] != locks[1]["results"]["weights_sha256"]
 
 
+@pytest.mark.long
 def test_seed_is_drawn_and_recorded_when_config_has_none(cli, tiny_conf):
     done = cli("train", "tiny", "seed=null", "--config-dir", str(tiny_conf), check_rc=0)
     lock = read_lock(run_dir_of(done))

@@ -14,6 +14,7 @@ def verify_runs(done):
     return line.split()[1:]
 
 
+@pytest.mark.long
 def test_default_config_is_deterministic_in_parallel(cli, tmp_path):
     done = cli("verify", "hashy", "--steps", "10", "--jobs", "2", "--config-dir", CONF,
                "--runs-dir", str(tmp_path / "runs"), check_rc=0)
@@ -34,6 +35,7 @@ def test_default_config_is_deterministic_in_parallel(cli, tmp_path):
     assert (runs[0] / "audit.jsonl").read_bytes() == (runs[1] / "audit.jsonl").read_bytes()
 
 
+@pytest.mark.long
 def test_injected_nondeterminism_is_found_and_named(cli, tmp_path):
     done = cli("verify", "noisy", "model.start_call=4", "--steps", "8", "--jobs", "1",
                "--config-dir", CONF, "--runs-dir", str(tmp_path / "runs"))
@@ -49,6 +51,7 @@ def test_injected_nondeterminism_is_found_and_named(cli, tmp_path):
         done.stdout
 
 
+@pytest.mark.long
 def test_gradient_only_nondeterminism_is_named_by_the_audit(cli, tmp_path):
     done = cli("verify", "noisy", "model.where=grad", "model.start_call=3", "--steps", "6",
                "--config-dir", CONF, "--runs-dir", str(tmp_path / "runs"))
@@ -60,6 +63,7 @@ def test_gradient_only_nondeterminism_is_named_by_the_audit(cli, tmp_path):
         in done.stdout, done.stdout
 
 
+@pytest.mark.long
 def test_seedless_config_uses_one_seed_for_both_runs(cli, tmp_path):
     done = cli("verify", "hashy", "seed=null", "--steps", "4", "--config-dir", CONF,
                "--runs-dir", str(tmp_path / "runs"), check_rc=0)
@@ -75,7 +79,6 @@ def test_bad_verify_input(cli, tmp_path):
     assert done.returncode == 2 and "unknown config 'nosuchconfig'" in done.stderr
 
 
-@pytest.mark.slow
 def test_fashion_mnist_is_deterministic_here(cli, tmp_path, fashion):
     done = cli("verify", "fashion_mnist", "backend=local", "trainer.eval_limit=500", "--steps", "6",
                "--runs-dir", str(tmp_path / "runs"), check_rc=0)
