@@ -6,6 +6,9 @@
                             of the training time of those steps (target < 2 %)
   resume_to_first_step_s    `harness train --resume RUN` started -> first new optimizer step
                             in metrics.jsonl, on Fashion-MNIST (target < 5 s)
+  scale                     checkpoint.save / torch.save of the same state at 1, 10, 50 and
+                            120 M parameters (with Adam's state), median of interleaved pairs
+                            (target <= 1.1), on disk; scale_in_memory: the same on tmpfs
 
 Run: .venv/bin/python benchmarks/checkpoint_cost.py   (prints JSON)
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -83,6 +87,61 @@ def write_cost(tmp: Path) -> dict:
     }
 
 
+def scale_cost(tmp: Path, sizes=(1, 10, 50, 120), pairs: int = 4) -> dict:
+    """checkpoint.save against torch.save of the same state (four square linear layers of
+    N million parameters in all, with Adam's two moments: 3N floats), each pair back to
+    back, the order alternating. Both write to the same disk with fsync, so the ratio is
+    the harness's own cost: its checksum, hashed while writing. Peak RSS of this process
+    is given for the largest size (the state itself is 12 N bytes)."""
+    import resource
+
+    import torch
+
+    from harness import checkpoint
+    from spread import interleave, summary
+
+    out = {}
+    for millions in sizes:
+        width = int((millions * 1e6 / 4) ** 0.5)
+        model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
+                                      for _ in range(4)])
+        optimizer = torch.optim.Adam(model.parameters())
+        model(torch.randn(2, width)).sum().backward()
+        optimizer.step()
+        state = {"step": 1, "epoch": 0, "position": 0, "config_sha256": "0" * 64,
+                 "environment_sha256": "0" * 64, "environment": {},
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": None, "rng": None, "resumes": []}
+        run_dir = tmp / f"scale-{millions}"
+        run_dir.mkdir()
+
+        def bare():
+            started = time.perf_counter()
+            with open(tmp / "bare.pt", "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return time.perf_counter() - started
+
+        def harness_save():
+            started = time.perf_counter()
+            checkpoint.save(run_dir, state, keep=1)
+            return time.perf_counter() - started
+
+        saves, bares = interleave(harness_save, bare, pairs)
+        out[f"{millions}M"] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "state_bytes": (tmp / "bare.pt").stat().st_size,
+            "torch_save_s": round(statistics.median(bares), 3),
+            "checkpoint_save_s": round(statistics.median(saves), 3),
+            "save_over_torch_save": summary([s / b for s, b in zip(saves, bares)])}
+        del model, optimizer, state
+        (tmp / "bare.pt").unlink()
+        shutil.rmtree(run_dir)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
 def resume_cost(tmp: Path) -> dict:
     """Interrupt a real run with SIGTERM, then time the resume to its first new step."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
@@ -143,7 +202,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         out = {"benchmark": "checkpoint_cost", "model": "conf/model/cnn.yaml (fashion_mnist)",
-               "cpu_threads": 2, **write_cost(tmp), **resume_cost(tmp)}
+               "cpu_threads": 2, **write_cost(tmp), **resume_cost(tmp),
+               "scale": scale_cost(tmp)}
+    # The same in memory (tmpfs): without the disk's fsync time, whose spread hides the
+    # harness's own cost at large sizes.
+    if Path("/dev/shm").is_dir():
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+            out["scale_in_memory"] = scale_cost(Path(shm), sizes=(1, 10, 50), pairs=6)
     out["targets"] = {"checkpoint_write_s": 0.2, "overhead_fraction": 0.02,
                       "resume_to_first_step_s": 5.0}
     out["meets_targets"] = {k: (out.get(k) is not None and out[k] < v)

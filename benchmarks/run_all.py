@@ -70,6 +70,8 @@ TABLE = [
     ("checkpoint write", "checkpoint.checkpoint_write_s", "s", "< 0.2"),
     ("checkpointing cost at default interval (fraction)", "checkpoint.overhead_fraction", "", "< 0.02"),
     ("resume to first step", "checkpoint.resume_to_first_step_s", "s", "< 5"),
+    ("checkpoint write / torch.save, 120 M parameters, on disk", "checkpoint.scale.120M.save_over_torch_save.median", "x", "<= 1.1"),
+    ("checkpoint write / torch.save, 50 M parameters, in memory", "checkpoint.scale_in_memory.50M.save_over_torch_save.median", "x", "<= 1.1"),
     ("replay fixed cost: gate + comparison (in-process)", "replay.replay.fixed_cost_s", "s", ""),
     ("replay overhead vs original training, 300-step run (fraction)",
      "replay.replay.overhead_vs_original_paired", "", "< 0.05"),

@@ -196,12 +196,20 @@ def _write_hashed(path: Path, state: Dict[str, Any]) -> str:
     finish before torch.save goes on: a block may be a temporary buffer (a GPU tensor's
     copy), so it is never read after its write returns."""
     import torch
+    from torch import serialization
 
-    with open(path, "wb") as handle, ThreadPoolExecutor(1) as hasher:
-        writer = _HashingWriter(handle, hasher)
-        torch.save(state, writer)
-        handle.flush()
-        os.fsync(handle.fileno())
+    crc32 = serialization.get_crc32_options()
+    # torch.save's own CRC-32 of each record is a third pass over the bytes; the sha256
+    # beside the file covers every byte, and torch.load does not need the CRC.
+    serialization.set_crc32_options(False)
+    try:
+        with open(path, "wb") as handle, ThreadPoolExecutor(1) as hasher:
+            writer = _HashingWriter(handle, hasher)
+            torch.save(state, writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        serialization.set_crc32_options(crc32)
     return writer.sha256.hexdigest()
 
 
