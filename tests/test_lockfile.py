@@ -114,7 +114,8 @@ def test_run_directory_has_the_contract_files(tiny_run):
     assert all(float.fromhex(r["loss_hex"]) == r["loss"] for r in train)
     assert records[-1]["kind"] == "eval"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
-        ["step-00000004.pt", "step-00000006.pt"]  # 8 steps, every 4 kept: the newest two
+        ["step-00000004.pt", "step-00000004.pt.sha256", "step-00000006.pt",
+         "step-00000006.pt.sha256"]  # 8 steps, every 4 kept: the newest two, with checksums
 
 
 def test_package_versions_are_read_from_the_metadata_headers(tmp_path):
