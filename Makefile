@@ -40,7 +40,7 @@ test-all: venv system
 # missing part skip with the reason (in CI they fail).
 system:
 	@if [ "$$(id -u)" = 0 ]; then \
-		bash scripts/debian-data.sh && bash docker/env.sh && bash slurm/env.sh; \
+		$(MAKE) --no-print-directory data docker-env slurm-env; \
 	else \
 		echo "make: not root, so the system parts are not installed here: run make data docker-env slurm-env as root, or the tests that need them skip"; \
 	fi

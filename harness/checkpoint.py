@@ -169,17 +169,13 @@ def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
     folder.mkdir(exist_ok=True)
     path = path_for(run_dir, state["step"])
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    sums = checksum_path(path)
-    sums_tmp = folder / f".{sums.name}.{os.getpid()}.tmp"
     try:
         sha256 = _write_hashed(tmp, state)
-        _write_synced(sums_tmp, f"{sha256}  {path.name}\n".encode())
-        os.replace(sums_tmp, sums)
+        rundir.atomic_write_text(checksum_path(path), f"{sha256}  {path.name}\n")
         os.replace(tmp, path)
     except BaseException as exc:
         full = rundir.out_of_space(exc, folder, f"checkpoint {path.name}")
         tmp.unlink(missing_ok=True)
-        sums_tmp.unlink(missing_ok=True)
         if full:
             raise full from None
         raise
@@ -231,13 +227,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.handle.flush()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def remove_partial_writes(run_dir: Path) -> List[str]:
@@ -322,7 +311,7 @@ def state_sha256(state: Dict[str, Any]) -> str:
     """A format-2 checkpoint's integrity hash: over every entry but itself."""
     from harness.digest import state_sha256 as digest
 
-    return digest({k: v for k, v in state.items() if k not in ("state_sha256", "sha256")})
+    return digest({k: v for k, v in state.items() if k != "state_sha256"})
 
 
 def validate(state: Dict[str, Any], path: Path, config_sha256: str,
