@@ -5,9 +5,11 @@
 
 Prints JSON:
 - replay.fixed_cost_s: what a replay adds to the training it repeats, in absolute seconds,
-  measured in this process: the gate (lockfile check + environment capture child + gate)
-  and the bitwise comparison, each the median of several calls. It does not depend on the
-  length of the run; most of it is the capture child importing torch.
+  measured in this process: the gate (lockfile check + environment capture + gate) and the
+  bitwise comparison, each the median of several calls. It does not depend on the length
+  of the run. The capture is remembered for an unchanged environment
+  (harness/capture_cache.py); replay.fixed_cost_cold_s is the same with HARNESS_REHASH=1,
+  the capture child importing torch every time (a replay's first after a change).
 - replay.overhead_vs_original_paired: that cost relative to the original run, measured with
   the two interleaved: `harness train`, then `harness replay` of it, in pairs. Per pair,
   (replay wall - the replay's own training) / original training wall; median of the pairs
@@ -64,13 +66,25 @@ def replay_pair(common: list, work: Path) -> dict:
             "ratio": round(overhead / train_wall, 4)}
 
 
-def gate_seconds(original: Path, repeat: int) -> list:
-    """Seconds per replay gate on `original`, called here as `harness replay` calls it."""
+def gate_seconds(original: Path, repeat: int, cold: bool = False) -> list:
+    """Seconds per replay gate on `original`, called here as `harness replay` calls it;
+    `cold`: with HARNESS_REHASH=1, so the environment is captured afresh each time (the
+    first replay after the interpreter, packages, machine or harness changed)."""
+    if cold:
+        os.environ["HARNESS_REHASH"] = "1"
+    try:
+        return _gate_seconds(original, repeat)
+    finally:
+        os.environ.pop("HARNESS_REHASH", None)
+
+
+def _gate_seconds(original: Path, repeat: int) -> list:
     from harness import gate, replay
 
     def call():
         run_dir, lock, cfg = replay.load_original(str(original), original.parent)
-        current, skip = replay.current_environment(cfg, replay.captured(run_dir, lock, cfg))
+        here, _ = replay.captured(run_dir, lock, cfg)
+        current, skip = replay.current_environment(cfg, here)
         gate.gate(lock, current, skip)
 
     return timed(call, repeat)
@@ -91,12 +105,15 @@ def replay_figures(common: list, work: Path, pairs: int, repeat: int) -> dict:
     runs = [replay_pair(common, work) for _ in range(pairs)]
     original, replayed = Path(runs[0]["original"]), Path(runs[0]["replay"])
     gate_s = summary(gate_seconds(original, repeat))
+    gate_cold_s = summary(gate_seconds(original, repeat, cold=True))
     compare_s = summary(compare_seconds(original, replayed, repeat))
     ratio = summary([r["ratio"] for r in runs])
     return {
         "verdicts": sorted({r["verdict"] for r in runs}),
         "fixed_cost_s": round(gate_s["median"] + compare_s["median"], 3),
         "gate_s": gate_s, "compare_s": compare_s,
+        "fixed_cost_cold_s": round(gate_cold_s["median"] + compare_s["median"], 3),
+        "gate_cold_s": gate_cold_s,
         "overhead_vs_original_paired": round(ratio["median"], 3),
         "overhead_vs_original_paired_spread": ratio,
         "pairs": runs,

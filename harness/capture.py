@@ -6,7 +6,9 @@ check, harness/integrity.py, which then needs no torch of its own).
 Replay runs this in a child process started exactly like the training process (same
 interpreter, the pinned environment of the run's determinism settings, the settings applied
 before reading them back), so the comparison with the lockfile is like for like, and the
-parent process never imports torch: planning a replay stays fast.
+parent process never imports torch: planning a replay stays fast. A capture is remembered
+for an unchanged environment (harness/capture_cache.py), so a replay usually starts no child
+at all.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
+from harness import capture_cache
 from harness.errors import EnvironmentProblem
 
 
@@ -35,12 +38,28 @@ def capture(det: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def current(det: Dict[str, Any], run_dir: Optional[Path] = None,
-            timeout_s: float = 300) -> Dict[str, Any]:
-    """Run the capture in a child started like a local training process; return its JSON
-    (with `run_weights_sha256` of `run_dir`'s model.pt when one is given)."""
+            timeout_s: float = 300) -> Tuple[Dict[str, Any], Optional[str]]:
+    """(this environment as a training process would record it, the cache key when it came
+    from the cache). Without `run_dir`, a capture remembered for an unchanged environment is
+    used; otherwise, and on a miss, the capture runs in a child started like a local
+    training process (which also returns `run_weights_sha256` of `run_dir`'s model.pt)."""
     from harness.determinism import pinned_environment
 
     env = {**os.environ, **pinned_environment(det)}
+    cache_key = capture_cache.key(det, env)
+    if run_dir is None:
+        known = capture_cache.lookup(cache_key)
+        if known is not None:
+            return known, cache_key
+    facts = _child(det, env, run_dir, timeout_s)
+    watched = facts.pop(capture_cache.WATCHED)
+    capture_cache.remember(cache_key, {k: v for k, v in facts.items()
+                                       if k != "run_weights_sha256"}, watched)
+    return facts, None
+
+
+def _child(det: Dict[str, Any], env: Dict[str, str], run_dir: Optional[Path],
+           timeout_s: float) -> Dict[str, Any]:
     extra = [str(run_dir)] if run_dir is not None else []
     try:
         done = subprocess.run([sys.executable, "-m", "harness.capture", json.dumps(det),
@@ -60,7 +79,8 @@ def current(det: Dict[str, Any], run_dir: Optional[Path] = None,
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     det = json.loads(argv[0]) if argv else {"mode": "strict", "threads": 2}
-    facts = capture(det)
+    watched = capture_cache.watched_stamps()  # before the capture: see capture_cache
+    facts = {**capture(det), capture_cache.WATCHED: watched}
     if len(argv) > 1:
         from harness import integrity
 

@@ -439,7 +439,8 @@ def cmd_lock_check(args: argparse.Namespace) -> int:
     integrity.refuse_unfinished(run_dir)
     lock = lockfile.read(run_dir / rundir.LOCK)
     is_command = "outputs" in lock["results"]
-    integrity.check(run_dir, lock, None if is_command else integrity.weights_digest(run_dir))
+    needs_torch = integrity.needs_weights_digest(run_dir, lock)  # not known for its content
+    integrity.check(run_dir, lock, integrity.weights_digest(run_dir) if needs_torch else None)
     signature = signing.intact(run_dir, lock, "The run directory was changed after its "
                                "launcher signed it.")
     checked = f"{len(lock['results']['outputs'])} output file(s)" if is_command else \

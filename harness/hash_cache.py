@@ -10,6 +10,10 @@ refused. Two more guards, as git's index has them:
   remembered: an edit within the same timestamp tick would leave both unchanged;
 - a file whose stat changed while it was being hashed is not remembered.
 
+Beside the file digests, the same file keeps values derived from a file's content, keyed by
+its sha256 (`derived`): the weights digest of a model.pt, which needs torch to compute, is
+then known to a replay that only hashed the file.
+
 The cache is one SQLite file, $XDG_CACHE_HOME/harness/file-digests.sqlite (WAL, so two
 launches at once share it). It is an optimisation only: when it cannot be opened or
 written (a home directory on NFS, where WAL does not work), every file is hashed, as
@@ -76,6 +80,40 @@ def digest(path: Path, kind: str, compute: Callable[[Path], str],
     return digests([path], kind, compute, rehash)[0]
 
 
+def derived(kind: str, source_sha256: str) -> Optional[str]:
+    """A value of `kind` computed before from the bytes whose sha256 is `source_sha256`
+    (the weights digest of a model.pt, say): a function of the content alone, so it needs
+    no stamp. None when not known (or with HARNESS_REHASH=1)."""
+    if os.environ.get(REHASH_ENV) == "1":
+        return None
+    cache = _open()
+    if cache is None:
+        return None
+    try:
+        row = cache.execute("SELECT value FROM derived WHERE kind = ? AND source_sha256 = ?",
+                            (kind, source_sha256)).fetchone()
+    except sqlite3.Error:
+        row = None
+    finally:
+        cache.close()
+    return row[0] if row else None
+
+
+def remember_derived(kind: str, source_sha256: str, value: str) -> None:
+    """Remember `value`, of `kind`, computed from the bytes whose sha256 is source_sha256."""
+    cache = _open()
+    if cache is None:
+        return
+    try:
+        with cache:
+            cache.execute("INSERT OR REPLACE INTO derived VALUES (?, ?, ?)",
+                          (kind, source_sha256, value))
+    except sqlite3.Error:
+        pass  # not remembered: computed again next time
+    finally:
+        cache.close()
+
+
 def _open() -> Optional[sqlite3.Connection]:
     path = cache_path()
     try:
@@ -85,6 +123,8 @@ def _open() -> Optional[sqlite3.Connection]:
         cache.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, kind TEXT, dev INT, "
                       "ino INT, size INT, mtime_ns INT, ctime_ns INT, digest TEXT, "
                       "PRIMARY KEY (path, kind))")
+        cache.execute("CREATE TABLE IF NOT EXISTS derived (kind TEXT, source_sha256 TEXT, "
+                      "value TEXT, PRIMARY KEY (kind, source_sha256))")
     except (OSError, sqlite3.Error):
         return None  # no cache: everything is hashed
     return cache

@@ -9,8 +9,11 @@ edited and resealed are refused here (LockfileError, exit 5), naming the field a
 values, instead of surfacing later as a wrong verdict ("IDENTICAL", or "DIVERGED at step
 None").
 
-The weights digest needs torch; the caller hands it in (replay gets it from its capture
-child, which imports torch anyway), so this module stays torch-free.
+The weights digest needs torch. The training process that wrote model.pt remembers it for
+those exact bytes (hash_cache.derived, keyed by the file's sha256), so a check here needs
+only to hash the file. Where it is not known (a run copied from elsewhere, a lock from
+before), the caller hands it in: replay gets it from its capture child, which imports torch
+anyway, so this module stays torch-free.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import metrics, op_trace, rundir
+from harness import hash_cache, metrics, op_trace, rundir
 from harness.digest import canonical_sha256, file_sha256
 from harness.errors import LockfileError, ReplayRefused
 
 
+WEIGHTS_KIND = "weights_sha256"  # the derived value remembered per model.pt content
+
+
 def weights_digest(run_dir: Path) -> Optional[str]:
-    """weights_sha256 of the run's model.pt (imports torch), None when there is none."""
+    """weights_sha256 of the run's model.pt (imports torch), None when there is none;
+    remembered for the file's content when it was unchanged while read."""
     import torch
 
     from harness.digest import weights_sha256
@@ -33,20 +40,45 @@ def weights_digest(run_dir: Path) -> Optional[str]:
     path = Path(run_dir) / rundir.WEIGHTS
     if not path.is_file():
         return None
+    before = hash_cache.stamp(path)
+    content = model_file_sha256(run_dir)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a mismatch, said below
         return f"unreadable ({type(exc).__name__})"
     if not isinstance(state, dict):
         return f"unreadable (a {type(state).__name__}, not a state dict)"
-    return weights_sha256(state)
+    digest = weights_sha256(state)
+    if content is not None and hash_cache.stamp(path) == before:
+        hash_cache.remember_derived(WEIGHTS_KIND, content, digest)
+    return digest
+
+
+def model_file_sha256(run_dir: Path) -> Optional[str]:
+    path = Path(run_dir) / rundir.WEIGHTS
+    return hash_cache.digest(path, "sha256", file_sha256) if path.is_file() else None
+
+
+def known_weights_digest(run_dir: Path) -> Optional[str]:
+    """model.pt's weights digest as computed before for these exact bytes (by the training
+    process that wrote them, or an earlier check), without torch; None when not known."""
+    content = model_file_sha256(run_dir)
+    return hash_cache.derived(WEIGHTS_KIND, content) if content else None
+
+
+def needs_weights_digest(run_dir: Path, lock: Dict[str, Any]) -> bool:
+    """Whether checking this run's model.pt needs weights_digest (torch): its digest is not
+    known for the file's content."""
+    return "weights_sha256" in (lock.get("results") or {}) and \
+        (Path(run_dir) / rundir.WEIGHTS).is_file() and known_weights_digest(run_dir) is None
 
 
 def mismatches(run_dir: Path, lock: Dict[str, Any],
                weights_sha256: Optional[str] = None) -> List[str]:
     """Where the run directory's files disagree with the lock's results, one line each:
     `field: the lock says A, the run directory has B`. Empty when they agree. The weights
-    are compared when their digest is given (weights_digest)."""
+    are compared when their digest is given (weights_digest) or known for the file's
+    content (known_weights_digest)."""
     results = lock.get("results") or {}
     if "outputs" in results:  # a `harness run` command: its declared outputs
         return _output_mismatches(Path(run_dir), results) + \
@@ -58,12 +90,16 @@ def mismatches(run_dir: Path, lock: Dict[str, Any],
 
 def weights_mismatches(run_dir: Path, lock: Dict[str, Any],
                        weights_sha256: Optional[str]) -> List[str]:
-    """The weights part of `mismatches` alone: model.pt missing, or (given its digest)
-    other weights than the lock's."""
+    """The weights part of `mismatches` alone: model.pt missing, or (given its digest, or
+    knowing it) other weights than the lock's."""
     results = lock.get("results") or {}
-    if "weights_sha256" in results and not (Path(run_dir) / rundir.WEIGHTS).is_file():
+    if "weights_sha256" not in results:
+        return []
+    if not (Path(run_dir) / rundir.WEIGHTS).is_file():
         return [_line("results.weights_sha256", results["weights_sha256"],
                       f"no {rundir.WEIGHTS}")]
+    if weights_sha256 is None:
+        weights_sha256 = known_weights_digest(run_dir)
     if weights_sha256 is not None and weights_sha256 != results.get("weights_sha256"):
         return [_line("results.weights_sha256", results.get("weights_sha256"),
                       f"{weights_sha256} (the weights in {rundir.WEIGHTS})")]

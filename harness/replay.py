@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import (__version__, capture, compare, config, gate, image, imports, integrity,
-                     lockfile, op_trace, outputs, perturb, rundir, signing, tracking)
+from harness import (__version__, capture, capture_cache, compare, config, gate, image,
+                     imports, integrity, lockfile, op_trace, outputs, perturb, rundir,
+                     signing, tracking)
 from harness import trust as trust_module
 from harness.errors import (ConfigError, Diverged, EnvironmentProblem, LockfileError,
                             ReplayRefused, RunFailed, Unverified)
@@ -56,15 +57,18 @@ def load_original(ref: str, runs_dir: Optional[Path], trust: bool = False
     return run_dir, lock, cfg
 
 
-def captured(run_dir: Path, lock: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """This host's environment, captured by a child started like a training process (it
-    imports torch, so it also digests the run's model.pt: the integrity check's last part,
-    the weights, done before anything is built, pulled or run; load_original checked the
-    rest)."""
-    env = capture.current(cfg["determinism"], run_dir)
+def captured(run_dir: Path, lock: Dict[str, Any], cfg: Dict[str, Any]
+             ) -> Tuple[Dict[str, Any], Optional[str]]:
+    """(this host's environment as a training process would record it, its cache key when it
+    came from the capture cache). Where model.pt's weights digest is not known for its
+    content (a run copied from elsewhere), the integrity check's last part needs torch:
+    the capture child computes it too, before anything is built, pulled or run."""
+    if not integrity.needs_weights_digest(run_dir, lock):
+        return capture.current(cfg["determinism"])
+    env, _ = capture.current(cfg["determinism"], run_dir)
     integrity.refuse(run_dir, integrity.weights_mismatches(
         run_dir, lock, env.pop("run_weights_sha256", None)))
-    return env
+    return env, None
 
 
 def current_environment(cfg: Dict[str, Any], env: Dict[str, Any],
@@ -89,6 +93,28 @@ def current_environment(cfg: Dict[str, Any], env: Dict[str, Any],
     if recorded_interpreters and not backend.trains_elsewhere:
         env["interpreters"] = imports.current_interpreters(recorded_interpreters)
     return env, skip
+
+
+def held_against_run(here: Dict[str, Any], cache_key: Optional[str],
+                     new_lock: Dict[str, Any], cfg: Dict[str, Any]) -> None:
+    """A capture from the cache, held against what the replay's own training process
+    recorded (the environment as it was): a difference means the entry was stale, so it is
+    dropped and named. Only for a run trained here: elsewhere (an image, a batch node) the
+    lock describes another environment."""
+    from harness import backends
+
+    if cache_key is None or backends.get(cfg["backend"]["name"]).trains_elsewhere:
+        return
+    cached = lockfile.flatten(here)
+    recorded = lockfile.flatten({section: new_lock.get(section) for section in here})
+    stale = sorted(k for k in set(cached) | set(recorded) if cached.get(k) != recorded.get(k))
+    if stale:
+        capture_cache.forget(cache_key)
+        print(f"harness: warning: the cached capture of this environment was stale "
+              f"({', '.join(stale[:6])}{' ...' if len(stale) > 6 else ''} differ from what "
+              f"the replay recorded); it is dropped, and the next replay captures afresh. "
+              f"The gate above used the stale facts: replay again to gate on the real "
+              f"ones.", flush=True)
 
 
 def refusal(run_id: str, blocking: List[gate.Difference]) -> str:
@@ -199,7 +225,10 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         raise ConfigError(f"--negative-control perturbs the built-in training loop; "
                           f"{orig_dir.name} ran a command of its own. Replay it without "
                           f"--negative-control.")
-    here = captured(orig_dir, lock, cfg)
+    here, cache_key = captured(orig_dir, lock, cfg)
+    if cache_key:
+        print("harness: environment as captured before, for this unchanged interpreter, "
+              "packages and machine (HARNESS_REHASH=1 captures it afresh)", flush=True)
     diffs = checked_environment(orig_dir.name, lock, cfg, here, allow_mismatch)
     blocking = [d for d in diffs if d.blocking]
     if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
@@ -223,6 +252,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
 
     compare_started = time.perf_counter()
     new_lock = lockfile.read(new_dir / rundir.LOCK)
+    held_against_run(here, cache_key, new_lock, cfg)
     if config.is_script(cfg):
         report = compare.compare_outputs(orig_dir, new_dir, lock, new_lock)
     else:

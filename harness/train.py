@@ -24,8 +24,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from torch.utils.data import DataLoader, Subset
 
-from harness import (audit, checkpoint, distributed, metrics, nondeterminism, op_trace,
-                     perturb, portable, rundir, seeding)
+from harness import (audit, checkpoint, distributed, hash_cache, integrity, metrics,
+                     nondeterminism, op_trace, perturb, portable, rundir, seeding)
 from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
@@ -184,6 +184,14 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
     return write_results(rt, model, test_set, progress, book, loop_end - loop_start)
 
 
+def remembered_weights_sha256(state: Dict[str, Any], path: Path) -> str:
+    """The weights digest of the state just saved to `path`, remembered for the file's
+    content: a replay then checks model.pt by hashing the file, without torch."""
+    digest = weights_sha256(state)
+    hash_cache.remember_derived(integrity.WEIGHTS_KIND, file_sha256(path), digest)
+    return digest
+
+
 def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookkeeping",
                   loop_s: float) -> Dict[str, Any]:
     """After the last step: evaluate, save the weights, write the lockfile (last)."""
@@ -210,7 +218,7 @@ def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookk
         "final_loss_hex": progress.final_loss.hex(),
         "test_accuracy": evaluation["accuracy"],
         "test_loss_hex": evaluation["loss_hex"],
-        "weights_sha256": weights_sha256(state),
+        "weights_sha256": remembered_weights_sha256(state, run_dir / rundir.WEIGHTS),
         "metrics_sha256": file_sha256(run_dir / rundir.METRICS),
     }
     if (run_dir / op_trace.FILE).is_file():
