@@ -9,7 +9,7 @@ CONF ?= fashion_mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test test-long test-all system docker-env slurm-env data bench record-machine clean
+.PHONY: venv train test test-long test-all system docker-env slurm-env data bench bench-quick record-machine clean
 
 # The venv is rebuilt when the dependency pins or the package metadata change.
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
@@ -60,6 +60,11 @@ data:
 # writes benchmarks/results.json and the table in benchmarks/README.md.
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
+
+# Every benchmark script in its smoke-test mode (a few minutes): they still run and write
+# their figures. Nothing is recorded.
+bench-quick: venv
+	$(BIN)/python benchmarks/run_all.py --quick
 
 # Add this machine's class to the corpus of recorded classes (tests/golden/machines/): the
 # golden config in every CPU mode it can run, and its per-op table. Needs make data.

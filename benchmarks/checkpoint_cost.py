@@ -11,6 +11,7 @@
                             (target <= 1.1), on disk; scale_in_memory: the same on tmpfs
 
 Run: .venv/bin/python benchmarks/checkpoint_cost.py   (prints JSON)
+     .venv/bin/python benchmarks/checkpoint_cost.py --quick   (smoke test: 1 M parameters, 1 pair)
 """
 
 from __future__ import annotations
@@ -199,16 +200,19 @@ def resume_cost(tmp: Path) -> dict:
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv[1:]
+    scale = {"sizes": (1,), "pairs": 1} if quick else {}
+    in_memory = {"sizes": (1,), "pairs": 1} if quick else {"sizes": (1, 10, 50), "pairs": 6}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         out = {"benchmark": "checkpoint_cost", "model": "conf/model/cnn.yaml (fashion_mnist)",
                "cpu_threads": 2, **write_cost(tmp), **resume_cost(tmp),
-               "scale": scale_cost(tmp)}
+               "scale": scale_cost(tmp, **scale)}
     # The same in memory (tmpfs): without the disk's fsync time, whose spread hides the
     # harness's own cost at large sizes.
     if Path("/dev/shm").is_dir():
         with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
-            out["scale_in_memory"] = scale_cost(Path(shm), sizes=(1, 10, 50), pairs=6)
+            out["scale_in_memory"] = scale_cost(Path(shm), **in_memory)
     out["targets"] = {"checkpoint_write_s": 0.2, "overhead_fraction": 0.02,
                       "resume_to_first_step_s": 5.0}
     out["meets_targets"] = {k: (out.get(k) is not None and out[k] < v)

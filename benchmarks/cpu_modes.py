@@ -4,6 +4,7 @@ machine class), each over native, in interleaved pairs: one ratio per pair, repo
 the median with its spread. Steps/s is the lockfile's results.steps / timing.train_loop_s.
 
     .venv/bin/python benchmarks/cpu_modes.py [--steps 100] [--pairs 5]
+    .venv/bin/python benchmarks/cpu_modes.py --quick    # smoke test: 10 steps, 1 pair, nothing saved
 
 Prints JSON and merges it into benchmarks/results.json under "cpu_modes" (with the machine
 class it ran on: the figure belongs to that CPU).
@@ -45,7 +46,11 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 10 steps, 1 pair; results.json untouched")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.pairs = 10, 1
     facts = machine.this_machine()
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / "runs"
@@ -54,7 +59,8 @@ def main() -> None:
     result.update({"steps": args.steps, "pairs": args.pairs,
                    "machine_class": machine.class_id(facts), "target_portable": 0.7,
                    "cores": os.cpu_count(), "python": sys.version.split()[0]})
-    record.save("cpu_modes", result)
+    if not args.quick:
+        record.save("cpu_modes", result)
     print(json.dumps(result, indent=2))
 
 

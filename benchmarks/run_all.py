@@ -2,6 +2,12 @@
 write the table in benchmarks/README.md. Each comparison is a ratio measured in one run.
 
     .venv/bin/python benchmarks/run_all.py [--skip container]
+    .venv/bin/python benchmarks/run_all.py --quick [--results PATH]
+
+--quick runs every script in its smoke-test mode (tiny runs, no cold image builds) to show
+that each still runs and writes its figures; their values mean nothing. It leaves
+benchmarks/results.json and README.md alone, writes what it got to --results, and exits 1
+when a figure of the table is missing that the quick mode measures (all but QUICK_SKIPS).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ SCRIPTS = {
     "data_parallel": ["data_parallel.py"],
     "tracking": ["tracking.py"],
     "cpu_modes": ["cpu_modes.py"],
+    "scale": ["scale.py"],
 }
 
 
@@ -94,13 +101,76 @@ TABLE = [
     ("cpu_isa=portable over native, steps/s (bundled config, on cpu_modes.machine_class)",
      "cpu_modes.portable.over_native", "x", ">= 0.7"),
     ("cpu_isa=avx2 over native, steps/s (same machine)", "cpu_modes.avx2.over_native", "x", ""),
+    ("checkpoint write / torch.save, 350 M parameters, on disk", "scale.models.350M.checkpoint_save.median", "x", "<= 1.1"),
+    ("checkpoint load (verified) / torch.load, 350 M parameters", "scale.models.350M.checkpoint_load.median", "x", "<= 1.1"),
+    ("parameter fingerprint per step at the default interval, 350 M (fraction of a step)", "scale.models.350M.fingerprint_per_step_default", "", "<= 0.02"),
+    ("peak RSS of the scale benchmark at 350 M parameters (state 4.2 GB)", "scale.models.350M.peak_rss_gb", "GB", ""),
+    ("launch: hashing an unchanged 10 GB input again", "scale.data.10GB.launch_s", "s", "<= 1"),
+    ("launch: hashing an unchanged input of 1 M small files again", "scale.data.1000000files.launch_s", "s", "<= 1"),
+    ("full hash pass over 10 GB / reading it", "scale.data.10GB.full_pass", "x", "<= 1.1"),
 ]
+
+
+# Figures the --quick mode does not measure: the full-config accuracy, the image builds
+# that take minutes (cold builds, the CUDA image), 3 and 4 ranks, the large scales (the
+# quick scale run measures 1 M parameters, 10 MB and 1000 files).
+QUICK_SKIPS = ("core.accuracy.", "images.cpu.cold_build_s", "images.cpu.same_id_twice",
+               "images.cpu.image_size_gb", "images.cuda.", "data_parallel.repeat_identical.3.",
+               "data_parallel.repeat_identical.4.", "scale.")
+
+
+def missing_figures(results: dict, skipped: list) -> list:
+    """The table's figures a --quick run should have measured and did not (those of the
+    scripts it skipped, and QUICK_SKIPS, aside)."""
+    return [label for label, path, _, _ in TABLE
+            if get(results, path) is None and path.split(".")[0] not in skipped and
+            not any(path.startswith(skip) for skip in QUICK_SKIPS)]
 
 
 def spread_text(spread) -> str:
     if not isinstance(spread, dict):
         return ""
     return f" (range {spread['min']} to {spread['max']}, n={spread['n']})"
+
+
+def grows_as(values: list) -> str:
+    """The shape of a row across sizes, for the scale table."""
+    values = [v for v in values if isinstance(v, (int, float))]
+    if len(values) < 2:
+        return ""
+    low, high = min(values), max(values)
+    if high <= 1.5 * low or high - low < 0.05:
+        return "flat"
+    return "rises" if values[-1] > values[0] else "falls"
+
+
+def render_scale(scale: dict) -> str:
+    """The costs against model and data size (benchmarks/scale.py), one column per size."""
+    models, data = scale.get("models", {}), scale.get("data", {})
+    rows = []
+    if models:
+        rows += ["| cost / its bare counterpart | " + " | ".join(models) + " | grows as |",
+                 "|---" * (len(models) + 2) + "|"]
+        for label, key in (("checkpoint.save / torch.save (disk, fsync)", "checkpoint_save"),
+                           ("checkpoint.load (verified) / torch.load", "checkpoint_load"),
+                           ("one fingerprint / one training step", "fingerprint_step")):
+            values = [m[key]["median"] for m in models.values()]
+            rows.append(f"| {label} | " + " | ".join(map(str, values)) +
+                        f" | {grows_as(values)} |")
+        for label, key in (("fingerprint per step at the default interval", "fingerprint_per_step_default"),
+                           ("peak RSS, GB", "peak_rss_gb")):
+            values = [m[key] for m in models.values()]
+            rows.append(f"| {label} | " + " | ".join(map(str, values)) +
+                        f" | {grows_as(values)} |")
+    if data:
+        rows += ["", "| data | " + " | ".join(data) + " | grows as |",
+                 "|---" * (len(data) + 2) + "|"]
+        for label, key in (("launch: unchanged input hashed again, s", "launch_s"),
+                           ("full hash pass / reading the bytes", "full_pass")):
+            values = [d[key] for d in data.values()]
+            rows.append(f"| {label} | " + " | ".join(map(str, values)) +
+                        f" | {grows_as(values)} |")
+    return "\n".join(rows)
 
 
 def render(results: dict) -> str:
@@ -114,31 +184,53 @@ def render(results: dict) -> str:
     return "\n".join(rows)
 
 
+def run(name: str, command: list, quick: bool) -> dict:
+    print(f"bench: {name} ...", flush=True)
+    started = time.time()
+    arguments = [a for a in command[1:] if not (quick and a == "--accuracy")]
+    done = subprocess.run([sys.executable, str(HERE / command[0]), *arguments,
+                           *(["--quick"] if quick else [])],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: {name} failed:\n{done.stderr[-3000:]}")
+    result = last_json(done.stdout)
+    result["wall_s"] = round(time.time() - started, 1)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip", nargs="*", default=[], choices=sorted(SCRIPTS))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test of every script; results.json and README untouched")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where --quick writes what it got (default: nowhere)")
     args = parser.parse_args()
+    if args.quick:
+        results = {name: run(name, command, quick=True)
+                   for name, command in SCRIPTS.items() if name not in args.skip}
+        if args.results:
+            args.results.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        missing = missing_figures(results, args.skip)
+        print(json.dumps({"scripts": sorted(results), "missing_figures": missing}, indent=2))
+        raise SystemExit(1 if missing else 0)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name, command in SCRIPTS.items():
         if name in args.skip:
             continue
-        print(f"bench: {name} ...", flush=True)
-        started = time.time()
-        done = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"bench: {name} failed:\n{done.stderr[-3000:]}")
+        fresh = run(name, command, quick=False)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else results
-        results[name] = last_json(done.stdout)
-        results[name]["wall_s"] = round(time.time() - started, 1)
+        results[name] = fresh
         RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     readme = HERE / "README.md"
     text = readme.read_text() if readme.exists() else ""
     marker = "<!-- table -->"
     head = text.split(marker)[0] if marker in text else text
-    readme.write_text(head + marker + "\n" + render(results) + "\n")
-    print(render(results))
+    scale = render_scale(results.get("scale", {}))
+    readme.write_text(head + marker + "\n" + render(results) + "\n" +
+                      (f"\nScale (benchmarks/scale.py, curves in scale.png):\n\n{scale}\n"
+                       if scale else ""))
 
 
 if __name__ == "__main__":

@@ -53,13 +53,52 @@ def digests(paths: Iterable[Path], kind: str, compute: Callable[[Path], str],
     unchanged; the others (all of them with `rehash`) computed on every core (hashlib
     releases the GIL) and remembered."""
     paths = [Path(p) for p in paths]
-    names = [os.path.realpath(p) for p in paths]
-    stamps = [stamp(p) for p in paths]
+    return _digests(paths, [os.path.realpath(p) for p in paths], [stamp(p) for p in paths],
+                    kind, compute, rehash)
+
+
+def tree_digests(root: Path, kind: str, compute: Callable[[Path], str],
+                 rehash: bool = False) -> List[Tuple[str, int, str]]:
+    """(path relative to root, size, digest) of every file under the directory `root`, in
+    the order of their paths' parts, as `sorted(root.rglob("*"))` lists them (files and
+    links to files; real subdirectories, not linked ones). One stat per file and one cache
+    query for the whole tree: a directory of many small files is re-checked at the speed of
+    listing it."""
+    root = Path(root)
+    found = sorted(_walk(str(root), os.path.realpath(root), ""),
+                   key=lambda entry: entry[0].split("/"))
+    values = _digests([os.path.join(root, rel) for rel, _, _ in found],
+                      [name for _, name, _ in found], [st for _, _, st in found], kind,
+                      compute, rehash, prefix=os.path.realpath(root) + os.sep)
+    return [(rel, st[2], value) for (rel, _, st), value in zip(found, values)]
+
+
+def _walk(directory: str, real: str, relative: str) -> List[Tuple[str, str, Stamp]]:
+    """(relative path, real path, stamp) of the files under `directory` (whose real path is
+    `real`), descending into real subdirectories only, as pathlib's rglob does."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            rel = f"{relative}{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                found += _walk(entry.path, f"{real}/{entry.name}", rel + "/")
+            elif entry.is_file():
+                st = entry.stat()
+                name = os.path.realpath(entry.path) if entry.is_symlink() \
+                    else f"{real}/{entry.name}"
+                found.append((rel, name, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                          st.st_ctime_ns)))
+    return found
+
+
+def _digests(paths: List, names: List[str], stamps: List[Stamp], kind: str,
+             compute: Callable[[Path], str], rehash: bool,
+             prefix: Optional[str] = None) -> List[str]:
     rehash = rehash or os.environ.get(REHASH_ENV) == "1"
     cache = _open()
     try:
-        known = _lookup(cache, kind, names, stamps) if cache is not None and not rehash \
-            else {}
+        known = _lookup(cache, kind, names, stamps, prefix) \
+            if cache is not None and not rehash else {}
         todo = [i for i in range(len(paths)) if i not in known]
         if todo:
             workers = min(len(todo), os.cpu_count() or 1)
@@ -130,13 +169,24 @@ def _open() -> Optional[sqlite3.Connection]:
     return cache
 
 
-def _lookup(cache: sqlite3.Connection, kind: str, names: List[str],
-            stamps: List[Stamp]) -> Dict[int, str]:
+def _lookup(cache: sqlite3.Connection, kind: str, names: List[str], stamps: List[Stamp],
+            prefix: Optional[str] = None) -> Dict[int, str]:
+    """Index -> remembered digest, for the files whose stamp is unchanged. With `prefix`
+    (a directory's real path), its rows come in one range query."""
     found: Dict[int, str] = {}
     try:
+        rows: Dict[str, tuple] = {}
+        if prefix is not None:
+            upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+            rows = {row[0]: row[1:] for row in cache.execute(
+                "SELECT path, dev, ino, size, mtime_ns, ctime_ns, digest FROM digests "
+                "WHERE path >= ? AND path < ? AND kind = ?", (prefix, upper, kind))}
         for index, (name, now) in enumerate(zip(names, stamps)):
-            row = cache.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, digest FROM "
-                                "digests WHERE path = ? AND kind = ?", (name, kind)).fetchone()
+            row = rows.get(name)
+            if row is None and (prefix is None or not name.startswith(prefix)):
+                row = cache.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, digest FROM "
+                                    "digests WHERE path = ? AND kind = ?",
+                                    (name, kind)).fetchone()
             if row is not None and tuple(row[:5]) == now:
                 found[index] = row[5]
     except sqlite3.Error:

@@ -31,12 +31,12 @@ def hash_input(path: Path) -> Dict[str, Any]:
     if path.is_file():
         return {"sha256": hash_cache.digest(path, "sha256", file_sha256),
                 "bytes": path.stat().st_size}
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    digest, total = hashlib.sha256(), 0
-    for file, sha in zip(files, hash_cache.digests(files, "sha256", file_sha256)):
-        digest.update(f"{file.relative_to(path)}\0{sha}\n".encode())
-        total += file.stat().st_size
-    return {"sha256": digest.hexdigest(), "bytes": total, "files": len(files)}
+    files = hash_cache.tree_digests(path, "sha256", file_sha256)
+    digest = hashlib.sha256()
+    for relative, _, sha in files:
+        digest.update(f"{relative}\0{sha}\n".encode())
+    return {"sha256": digest.hexdigest(), "bytes": sum(size for _, size, _ in files),
+            "files": len(files)}
 
 
 def hash_inputs(paths: List[str], workdir: Path) -> Dict[str, Dict[str, Any]]:
