@@ -1,5 +1,6 @@
 # make train [CONF=fashion_mnist] [ARGS="seed=3 optim.lr=0.02"]   train a config (creates the venv first)
 # make test                                            run the test suite (the default tier)
+# make lint                                            ruff on the tree (make test runs it)
 # make test-long                                       the long tier: minutes-long builds and
 #                                                      the end-to-end variations
 PYTHON ?= python3
@@ -9,7 +10,7 @@ CONF ?= fashion_mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test test-long test-all system docker-env slurm-env data bench bench-quick record-machine clean
+.PHONY: venv train lint test test-long test-all system docker-env slurm-env data bench bench-quick record-machine clean
 
 # The venv is rebuilt when the dependency pins or the package metadata change.
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
@@ -26,13 +27,18 @@ train: venv
 
 # Tests in two tiers (tests/conftest.py): `make test` runs the default one, under 20 minutes
 # on 2 cores, against the real system parts; `make test-long` the rest (marker `long`).
-test: venv system
+test: venv system lint
 	$(BIN)/python -m pytest -m "not long" $(PYTEST_ARGS)
 
-test-long: venv system
+# ruff (pycodestyle, pyflakes, bugbear, blind excepts; pyproject.toml): part of make test,
+# and of pre-commit (.pre-commit-config.yaml) for who uses it.
+lint: venv
+	$(BIN)/ruff check .
+
+test-long: venv system lint
 	$(BIN)/python -m pytest -m long $(PYTEST_ARGS)
 
-test-all: venv system
+test-all: venv system lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The system parts the tests use, installed and started where this runs as root (each script

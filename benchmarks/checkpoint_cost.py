@@ -96,51 +96,54 @@ def scale_cost(tmp: Path, sizes=(1, 10, 50, 120), pairs: int = 4) -> dict:
     is given for the largest size (the state itself is 12 N bytes)."""
     import resource
 
+    out = {f"{millions}M": _save_pair(millions, tmp, pairs) for millions in sizes}
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def _save_pair(millions: int, tmp: Path, pairs: int) -> dict:
+    """checkpoint.save against torch.save of one size's state (scale_cost)."""
     import torch
 
     from harness import checkpoint
     from spread import interleave, summary
 
-    out = {}
-    for millions in sizes:
-        width = int((millions * 1e6 / 4) ** 0.5)
-        model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
-                                      for _ in range(4)])
-        optimizer = torch.optim.Adam(model.parameters())
-        model(torch.randn(2, width)).sum().backward()
-        optimizer.step()
-        state = {"step": 1, "epoch": 0, "position": 0, "config_sha256": "0" * 64,
-                 "environment_sha256": "0" * 64, "environment": {},
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": None, "rng": None, "resumes": []}
-        run_dir = tmp / f"scale-{millions}"
-        run_dir.mkdir()
+    width = int((millions * 1e6 / 4) ** 0.5)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
+                                  for _ in range(4)])
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    optimizer.step()
+    state = {"step": 1, "epoch": 0, "position": 0, "config_sha256": "0" * 64,
+             "environment_sha256": "0" * 64, "environment": {},
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": None, "rng": None, "resumes": []}
+    run_dir = tmp / f"scale-{millions}"
+    run_dir.mkdir()
 
-        def bare():
-            started = time.perf_counter()
-            with open(tmp / "bare.pt", "wb") as handle:
-                torch.save(state, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            return time.perf_counter() - started
+    def bare():
+        started = time.perf_counter()
+        with open(tmp / "bare.pt", "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return time.perf_counter() - started
 
-        def harness_save():
-            started = time.perf_counter()
-            checkpoint.save(run_dir, state, keep=1)
-            return time.perf_counter() - started
+    def harness_save():
+        started = time.perf_counter()
+        checkpoint.save(run_dir, state, keep=1)
+        return time.perf_counter() - started
 
-        saves, bares = interleave(harness_save, bare, pairs)
-        out[f"{millions}M"] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "state_bytes": (tmp / "bare.pt").stat().st_size,
-            "torch_save_s": round(statistics.median(bares), 3),
-            "checkpoint_save_s": round(statistics.median(saves), 3),
-            "save_over_torch_save": summary([s / b for s, b in zip(saves, bares)])}
-        del model, optimizer, state
-        (tmp / "bare.pt").unlink()
-        shutil.rmtree(run_dir)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return out
+    saves, bares = interleave(harness_save, bare, pairs)
+    figures = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "state_bytes": (tmp / "bare.pt").stat().st_size,
+        "torch_save_s": round(statistics.median(bares), 3),
+        "checkpoint_save_s": round(statistics.median(saves), 3),
+        "save_over_torch_save": summary([s / b for s, b in zip(saves, bares)])}
+    (tmp / "bare.pt").unlink()
+    shutil.rmtree(run_dir)
+    return figures
 
 
 def resume_cost(tmp: Path) -> dict:

@@ -99,7 +99,8 @@ def bare(rootfs: Path, cfg, data_root, env, args) -> dict:
               + " ".join(f"{k}={v}" for k, v in {
                   **env, "PATH": "/opt/venv/bin:/usr/bin:/bin", "HOME": "/tmp",
                   "PYTHONPATH": "/opt/harness/src", "LANG": "C.UTF-8"}.items())
-              + " python -c \"$0\" /harness-data " + f"{args.warmup} {args.steps} '{json.dumps(cfg)}'")
+              + " python -c \"$0\" /harness-data "
+              + f"{args.warmup} {args.steps} '{json.dumps(cfg)}'")
     done = subprocess.run(["unshare", "-m", "sh", "-c", script, STEPS], capture_output=True,
                           text=True)
     if done.returncode != 0:
@@ -118,7 +119,8 @@ def start_to_first_step(backend, cfg, data_root, data_files, runs: Path) -> floa
     rundir.write_status(run_dir, "running", backend=backend.name)
     started = time.time()
     handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, conf=config.typed(cfg), lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+        run_dir=run_dir, conf=config.typed(cfg),
+        lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
         env=pinned_environment(cfg["determinism"]), data_root=data_root))
     with open(os.devnull, "w") as sink:
         saved, sys.stdout = sys.stdout, sink

@@ -186,14 +186,17 @@ def sample_seeding(pairs: int, batch: int = 64) -> dict:
 
 def accuracy(runs: Path) -> dict:
     lock, t0 = harness_train(runs)
-    return {"config": "fashion_mnist (defaults: 3 epochs)", "test_accuracy": lock["results"]["test_accuracy"],
+    return {"config": "fashion_mnist (defaults: 3 epochs)",
+            "test_accuracy": lock["results"]["test_accuracy"],
             "steps": lock["results"]["steps"], "weights_sha256": lock["results"]["weights_sha256"],
             "wall_s": round(time.time() - t0, 1), "target": 0.915}
 
 
 def arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--accuracy", action="store_true", help="also train the full default config")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="also train the full default config")
     parser.add_argument("--steps", type=int, default=200, help="training steps per compared run")
     parser.add_argument("--pairs", type=int, default=7, help="interleaved pairs per comparison")
     parser.add_argument("--repeats", type=int, default=3, help="samples of the single figures")

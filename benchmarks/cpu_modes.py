@@ -4,7 +4,7 @@ machine class), each over native, in interleaved pairs: one ratio per pair, repo
 the median with its spread. Steps/s is the lockfile's results.steps / timing.train_loop_s.
 
     .venv/bin/python benchmarks/cpu_modes.py [--steps 100] [--pairs 5]
-    .venv/bin/python benchmarks/cpu_modes.py --quick    # smoke test: 10 steps, 1 pair, nothing saved
+    .venv/bin/python benchmarks/cpu_modes.py --quick    # smoke test: 10 steps, 1 pair
 
 Prints JSON and merges it into benchmarks/results.json under "cpu_modes" (with the machine
 class it ran on: the figure belongs to that CPU).

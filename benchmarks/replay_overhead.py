@@ -49,8 +49,8 @@ def harness(*args: str, cwd: Path):
     if done.returncode != 0:
         raise SystemExit(f"harness {' '.join(args)} failed ({done.returncode}):\n"
                          f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    run_dir = next(Path(l.split(":", 1)[1].strip()) for l in reversed(done.stdout.splitlines())
-                   if l.startswith("run dir:"))
+    run_dir = next(Path(line.split(":", 1)[1].strip())
+                   for line in reversed(done.stdout.splitlines()) if line.startswith("run dir:"))
     return run_dir, wall
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from spread import interleave, paired_ratios, summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
-import mlflow_server  # noqa: E402  (the tests' server starter)
+import mlflow_server
 
 
 def train(runs: Path, steps: int, tracking: list) -> dict:

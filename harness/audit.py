@@ -40,7 +40,8 @@ def _digest(value: Any) -> Optional[str]:
 
     digest = hashlib.sha256()
     tensors = [value] if isinstance(value, torch.Tensor) else [
-        v for v in (value if isinstance(value, (tuple, list)) else []) if isinstance(v, torch.Tensor)]
+        v for v in (value if isinstance(value, (tuple, list)) else [])
+        if isinstance(v, torch.Tensor)]
     if not tensors:
         return None
     for tensor in tensors:

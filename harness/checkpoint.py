@@ -270,10 +270,10 @@ def load(path: Path) -> Dict[str, Any]:
         hashed = hasher.submit(file_sha256, path) if sums.exists() else None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated zip, garbage, unpickling error: all "damaged"
+        except Exception as exc:  # noqa: BLE001 - truncated zip, garbage, unpickling: damaged
             said = (str(exc).splitlines() or [""])[0]
             said = said if len(said) <= 300 else said[:300].rsplit(" ", 1)[0] + " ..."
-            raise Damaged(f"cannot be read ({type(exc).__name__}: {said})")
+            raise Damaged(f"cannot be read ({type(exc).__name__}: {said})") from None
         sha256 = hashed.result() if hashed else None
     if not isinstance(state, dict) or not str(state.get("format")).startswith(PREFIX):
         raise Damaged("is not a harness checkpoint")

@@ -613,9 +613,9 @@ def add_replay(sub) -> None:
     replay.add_argument("--allow-mismatch", action="store_true",
                         help="replay despite blocking differences (they are recorded)")
     replay.add_argument("--negative-control", action="store_true",
-                        help="after an IDENTICAL verdict, replay once more with one weight bit "
-                             "flipped after its first step: it must come out DIVERGED, or the verdict "
-                             "is UNVERIFIED (exit 8). Built-in training loop only")
+                        help="after an IDENTICAL verdict, replay once more with one weight "
+                             "bit flipped after its first step: it must come out DIVERGED, or "
+                             "the verdict is UNVERIFIED (exit 8). Built-in training loop only")
     replay.add_argument("--trust", action="store_true",
                         help="replay a run that is not signed by you or a key you trust "
                              "(copied from a colleague, downloaded with a paper): without it "
@@ -915,10 +915,9 @@ def cmd_machine_record(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the command
 
 
-SUBCOMMANDS = (add_train, add_run, add_summary, add_variance, add_compare, add_submit, add_slurm, add_data,
-               add_lock, add_trace, add_keys, add_replay, add_verify, add_doctor, add_runs, add_build,
-               add_image,
-               add_machine)
+SUBCOMMANDS = (add_train, add_run, add_summary, add_variance, add_compare, add_submit,
+               add_slurm, add_data, add_lock, add_trace, add_keys, add_replay, add_verify,
+               add_doctor, add_runs, add_build, add_image, add_machine)
 
 
 def build_parser() -> argparse.ArgumentParser:

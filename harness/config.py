@@ -91,7 +91,8 @@ class DockerConf:
     network: str = "none"  # data arrives before training; the container needs no network
     gpus: str = "all"  # with trainer.device=cuda: "all" or a count
     stop_timeout_s: int = 10  # grace between SIGTERM and SIGKILL on stop
-    pythonpath: List[str] = field(default_factory=list)  # host dirs mounted read-only, on PYTHONPATH
+    # host dirs mounted read-only, on PYTHONPATH
+    pythonpath: List[str] = field(default_factory=list)
     labels: Dict[str, str] = field(default_factory=dict)  # extra container labels
 
 
@@ -571,7 +572,8 @@ def _first_line(exc: Exception) -> str:
 def _check_ranges(cfg: Dict[str, Any]) -> None:
     minimums = {"epochs": 1, "max_steps": 1, "batch_size": 1, "eval_batch_size": 1,
                 "num_workers": 0, "train_limit": 1, "eval_limit": 1, "log_every": 1,
-                "fingerprint_every": 1, "op_trace_steps": 0, "checkpoint_every": 1, "devices": 1, "nodes": 1,
+                "fingerprint_every": 1, "op_trace_steps": 0, "checkpoint_every": 1,
+                "devices": 1, "nodes": 1,
                 "bucket_cap_mb": 1, "collective_timeout_s": 1}
     rules = [(f"trainer.{key}", value, minimums[key])
              for key, value in cfg["trainer"].items() if key in minimums]

@@ -59,7 +59,8 @@ torch.manual_seed(0)  # module initializers draw from the global generator
 if os.environ.get("_MKLDNN") == "0":
     torch.backends.mkldnn.enabled = False
 def h(t):
-    return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
 g = torch.Generator().manual_seed(0)
 r = lambda *s: torch.randn(*s, generator=g)
 out = {}

@@ -174,7 +174,8 @@ class Difference:
 
 
 def differences(a: Dict[str, Any], b: Dict[str, Any],
-                grouper=group, ignore: Iterable[str] = ("lock_sha256", "run_id")) -> List[Difference]:
+                grouper=group, ignore: Iterable[str] = ("lock_sha256", "run_id")
+                ) -> List[Difference]:
     """Every flattened field whose value differs between lockfile-like dicts a and b."""
     flat_a, flat_b = flatten(a), flatten(b)
     skip = set(ignore)

@@ -33,7 +33,8 @@ def capture(sm_from_torch: bool = True) -> Dict[str, Any]:
     try:
         import pynvml
     except ImportError:
-        return {"gpus": [], "driver": None, "nvml": None, "nvml_error": "nvidia-ml-py not installed"}
+        return {"gpus": [], "driver": None, "nvml": None,
+                "nvml_error": "nvidia-ml-py not installed"}
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:

@@ -511,7 +511,8 @@ def _classic_build(engine, image: Dict[str, Any], ident: Dict[str, str], tag: st
                                        f"(Dockerfile: docker/Dockerfile.template, profile "
                                        f"{image['profile']})")
         except (APIError, DockerException) as exc:
-            raise EnvironmentProblem(f"image build failed in the engine: {first_line(exc)}") from None
+            raise EnvironmentProblem(
+                f"image build failed in the engine: {first_line(exc)}") from None
         console.close()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from harness import corpus, cpu_ops, machine
-from harness.determinism import CPU_ISA, cpu_supports
+from harness.determinism import cpu_supports
 from harness.errors import EnvironmentProblem, RunFailed
 from harness.rundir import CHECKPOINTS, atomic_write_text
 

@@ -244,6 +244,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         if not torch.cuda.is_available() or torch.cuda.device_count() != len(state["cuda"]):
             raise CheckpointRefused(
                 f"the checkpoint holds RNG states for {len(state['cuda'])} CUDA device(s) but "
-                f"this process sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+                f"this process sees "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
                 f"resume on a node with the same GPUs.")
         torch.cuda.set_rng_state_all(state["cuda"])

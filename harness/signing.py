@@ -4,10 +4,11 @@ asks whose key signed a run before it runs that run's code.
 
 A run is signed twice. At launch, its config, overrides and launch facts
 (`launch.sigstore.json`): a resume checks who launched it. At the end, an in-toto Statement
-(v1) whose subjects are the run's files and what it used — `harness.lock` (its bytes: any edit, resealed or not, changes it), `model.pt`,
-`metrics.jsonl`, a command's kept outputs, the image id and digest, the data files and the
-inputs a command read. It goes in a DSSE envelope in a Sigstore bundle (v0.3, key-based:
-the key is named by its `hint`), beside the lock as `harness.lock.sigstore.json`. These are
+(v1) whose subjects are the run's files and what it used — `harness.lock` (its bytes: any
+edit, resealed or not, changes it), `model.pt`, `metrics.jsonl`, a command's kept outputs,
+the image id and digest, the data files and the inputs a command read. It goes in a DSSE
+envelope in a Sigstore bundle (v0.3, key-based: the key is named by its `hint`), beside the
+lock as `harness.lock.sigstore.json`. These are
 the formats third-party tools verify offline with a public key (sigstore-python's
 `sigstore verify`, cosign's `verify-blob-attestation --key`, in-toto's attestation
 verifiers); keyless Sigstore needs the network and is a later option.

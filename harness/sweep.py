@@ -120,7 +120,8 @@ def collect(record: Dict[str, Any], runs_dir: Path) -> Dict[str, Dict[str, List[
         if not entry.get("run_id") or not lock_path.exists():
             continue
         lock = lockfile.read(lock_path)
-        group = groups.setdefault(configuration_key(entry["overrides"]), {m: [] for m, _ in METRICS})
+        group = groups.setdefault(configuration_key(entry["overrides"]),
+                                  {m: [] for m, _ in METRICS})
         for metric, _ in METRICS:
             group[metric].append(lock["results"][metric])
     if not groups:

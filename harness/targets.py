@@ -5,8 +5,9 @@ traceback and a failed run directory left behind. Importing the targets in the l
 would load torch and the user's code there; instead each dotted path is looked up the way
 the import system would find it (importlib's PathFinder, which reads no module), and the
 attribute after the last module is looked for in that module's source (definitions,
-assignments and imports anywhere in it, so that names defined under `if` or `try` count). Where the source cannot tell (a compiled module, `import *`, a
-module `__getattr__`), the target is given the benefit of the doubt.
+assignments and imports anywhere in it, so that names defined under `if` or `try` count).
+Where the source cannot tell (a compiled module, `import *`, a module `__getattr__`), the
+target is given the benefit of the doubt.
 """
 
 from __future__ import annotations

@@ -485,7 +485,8 @@ def start_ranks(run_dir: Path, argv: List[str], cfg: Dict, watch_stdin: bool) ->
     code, failure = distributed.launch_ranks(
         argv, world.devices, run_dir / rundir.LOG, LAUNCHER_PID_ENV,
         lambda: stop_when_launcher_dies(watch_stdin))
-    if failure and not rundir.recorded_error(run_dir):  # a rank's own account (e.g. a refused checkpoint) wins
+    # a rank's own account (e.g. a refused checkpoint) wins
+    if failure and not rundir.recorded_error(run_dir):
         rundir.record_error(run_dir, failure, code)
     return code
 
@@ -497,7 +498,7 @@ if __name__ == "__main__":
         exit_code = exc.code if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:
         exit_code = 130
-    except BaseException:  # noqa: B036 -- a rank must still end (exit_process), not hang
+    except BaseException:  # noqa: BLE001 - a rank must still end (exit_process), not hang
         import traceback
 
         traceback.print_exc()

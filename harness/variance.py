@@ -3,10 +3,11 @@ of the spread of a result each source of randomness causes.
 
 For each source, N runs that differ only in that source's seed (`seeds.<source>`, every
 other source held at one value) - or, for `kernel`, N runs with every seed held and
-determinism off, so that only the kernels' own nondeterminism can differ - then, per source, the spread of the final metrics: mean,
-std and a 95 % t interval (harness/stats.py), and a PNG with one strip of points per
-source. Only a harness that repeats bit for bit can do this: with everything else fixed,
-the whole spread of a strip is that one source's doing.
+determinism off, so that only the kernels' own nondeterminism can differ - then, per
+source, the spread of the final metrics: mean, std and a 95 % t interval
+(harness/stats.py), and a PNG with one strip of points per source. Only a harness that
+repeats bit for bit can do this: with everything else fixed, the whole spread of a strip is
+that one source's doing.
 
 The runs are a sweep (runs/sweeps/<id>.json, with `variance` and each run's `source`), so
 `harness runs` lists them and the record says which run varied what.
@@ -33,7 +34,8 @@ def parse_sources(text: str) -> List[str]:
     sources = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
-        raise ConfigError(f"--sources {text!r}: unknown source(s) {', '.join(unknown) or '(none)'}; "
+        named = ", ".join(unknown) or "(none)"
+        raise ConfigError(f"--sources {text!r}: unknown source(s) {named}; "
                           f"choose from {','.join(SOURCES)}.")
     return list(dict.fromkeys(sources))
 

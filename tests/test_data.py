@@ -59,7 +59,8 @@ def test_corrupt_local_data_is_refused(cli, tiny_conf, tmp_path):
     raw = bytearray(gzip.decompress(images.read_bytes()))
     raw[100] ^= 0xFF  # one flipped byte
     images.write_bytes(gzip.compress(bytes(raw)))
-    done = cli("train", "tiny", "--config-dir", str(tiny_conf), "--runs-dir", str(tmp_path / "runs"))
+    done = cli("train", "tiny", "--config-dir", str(tiny_conf),
+               "--runs-dir", str(tmp_path / "runs"))
     assert done.returncode == 3
     assert "content sha256" in done.stderr and "pins" in done.stderr
     assert not (tmp_path / "runs").exists()

@@ -93,8 +93,8 @@ def test_a_build_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, 
     tag_env = f"+image.env.HARNESS_TEST_ROOM={os.getpid()}-{tmp_path.name}"
     env = {**os.environ, "HARNESS_SCRATCH": str(disk)}
     done = subprocess.run([sys.executable, "-m", "harness", "build", "fashion_mnist",
-                           "image=cpu", tag_env], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                           "image=cpu", tag_env], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 4, done.stdout + done.stderr
     assert "building the cpu image needs about" in done.stderr
     assert f"in the scratch directory (HARNESS_SCRATCH, else the system's temp dir) where " \

@@ -25,7 +25,7 @@ def _engine():
         engine = docker.from_env(timeout=30)
         engine.ping()
         return engine
-    except Exception:  # no engine: require() below skips or (CI) fails
+    except Exception:  # noqa: BLE001 - no engine: require() below skips or (CI) fails
         return None
 
 
@@ -75,7 +75,8 @@ def test_build_then_train_records_the_image(cli, tiny_conf, engine, built):
     assert lock["image"]["diff_ids"] == inspected["RootFS"]["Layers"]
     assert lock["image"]["image_store"] == "docker"  # the id is sha256 of the image config
     labels = inspected["Config"]["Labels"]
-    assert labels["org.harness.requirements-lock-sha256"] == lock["image"]["requirements_lock_sha256"]
+    assert labels["org.harness.requirements-lock-sha256"] == \
+        lock["image"]["requirements_lock_sha256"]
     assert labels["org.harness.dockerfile-sha256"] == lock["image"]["dockerfile_sha256"]
     assert lock["container_runtime"]["version"] == engine.version()["Version"]
     for field in documented_fields(docker_run=True):  # docker-only fields exist here

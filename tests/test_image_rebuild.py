@@ -26,7 +26,7 @@ print(dict(flags))
 
 @pytest.mark.docker
 @pytest.mark.long
-def test_replay_of_a_run_whose_image_is_gone_rebuilds_it_to_the_same_id(  # noqa: F811
+def test_replay_of_a_run_whose_image_is_gone_rebuilds_it_to_the_same_id(
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
     """The image was pushed, then removed from the engine and deleted from the registry:
     the replay says so, rebuilds it, and trains only because it is REPRODUCED; the new
@@ -64,7 +64,7 @@ def test_replay_of_a_run_whose_image_is_gone_rebuilds_it_to_the_same_id(  # noqa
 @pytest.mark.docker
 @pytest.mark.cold_build
 @pytest.mark.long
-def test_image_rebuild_without_cache_gives_the_recorded_id(  # noqa: F811
+def test_image_rebuild_without_cache_gives_the_recorded_id(
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
     """Every step of both stages run again, no build cache: the same image id and layer
     bytes. The rebuild goes to a tag of its own, so the image other tests use stays."""
@@ -90,7 +90,7 @@ def test_image_rebuild_without_cache_gives_the_recorded_id(  # noqa: F811
 
 @pytest.mark.docker
 @pytest.mark.long
-def test_image_rebuild_refuses_a_checkout_with_other_inputs(  # noqa: F811
+def test_image_rebuild_refuses_a_checkout_with_other_inputs(
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
     """A run whose image came from other inputs (here: other harness source) is refused
     before anything is built, with the input that differs and how to get it back."""

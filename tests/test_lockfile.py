@@ -13,8 +13,8 @@ from harness.errors import LockfileError
 
 @pytest.fixture
 def tiny_run(cli, tiny_conf):
-    secrets = {"AWS_SECRET_ACCESS_KEY": "planted-aws-7f3a9c1e", "WANDB_API_KEY": "planted-wandb-52be",
-               "HF_TOKEN": "planted-hf-c0ffee"}
+    secrets = {"AWS_SECRET_ACCESS_KEY": "planted-aws-7f3a9c1e",
+               "WANDB_API_KEY": "planted-wandb-52be", "HF_TOKEN": "planted-hf-c0ffee"}
     done = cli("train", "tiny", "--config-dir", str(tiny_conf), env=secrets, check_rc=0)
     return run_dir_of(done), secrets
 

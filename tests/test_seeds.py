@@ -16,8 +16,8 @@ from conftest import harness, make_context, read_lock, require
 
 
 SOURCES = ("init", "order", "augment", "dropout")
-# The recording model, one epoch (every sample built once); every source held at a value of its own (dropout too: left
-# null it continues from the init stream, as in earlier versions).
+# The recording model, one epoch (every sample built once); every source held at a value of
+# its own (dropout too: left null it continues from the init stream, as in earlier versions).
 BASE = ["model._target_=streams.RecordingNet", "model.channels=[4,8]", "model.hidden=16",
         "trainer.epochs=1", "trainer.eval_limit=8", "++seeds.init=11", "++seeds.order=12",
         "++seeds.augment=13", "++seeds.dropout=14"]

@@ -174,8 +174,9 @@ def wait_for_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:
         if metrics.exists() and metrics.read_text().count("\n") >= steps:
             return
         time.sleep(0.05)
+    out = run_dir / "slurm.out"
     raise AssertionError(f"{run_dir} did not reach step {steps}: "
-                         f"{(run_dir / 'slurm.out').read_text() if (run_dir / 'slurm.out').exists() else ''}")
+                         f"{out.read_text() if out.exists() else ''}")
 
 
 @pytest.mark.slurm

@@ -123,7 +123,8 @@ def test_tensorboard_export_is_readable_by_tensorboard(cli, tiny_conf):
     assert [e.value for e in losses] == [float(np.float32(m["loss"])) for m in train]
     assert events.Scalars("eval/accuracy")[0].value == pytest.approx(
         read_lock(run_dir)["results"]["test_accuracy"])
-    assert "lockfile" in events.Tags()["tensors"] or "lockfile/text_summary" in events.Tags()["tensors"]
+    tensors = events.Tags()["tensors"]
+    assert "lockfile" in tensors or "lockfile/text_summary" in tensors
 
 
 def test_probability_that_b_beats_a_over_seeds():

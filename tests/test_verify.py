@@ -10,7 +10,7 @@ CONF = str(TESTS / "conf")
 
 
 def verify_runs(done):
-    line = next(l for l in done.stdout.splitlines() if l.startswith("runs: "))
+    line = next(text for text in done.stdout.splitlines() if text.startswith("runs: "))
     return line.split()[1:]
 
 

@@ -1,0 +1,56 @@
+"""The host side of the process boundary never imports torch: planning a replay, listing
+runs and diffing locks stay quick (importing torch takes about 3 s here), and a host
+without a working torch can still inspect runs. Only the training process's modules may
+import it at module level; everything else imports it inside the functions that train,
+digest weights or capture the environment."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, TESTS
+
+# The modules of the training process (python -m harness.train and what it runs).
+TRAINING_PROCESS = {"harness.train", "harness.runtime", "harness.script", "harness.models"}
+
+
+def host_modules():
+    names = []
+    for path in sorted((ROOT / "harness").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] in ("__init__", "__main__") or "inject" in parts:
+            continue
+        names.append(".".join(parts))
+    return [name for name in names if name not in TRAINING_PROCESS]
+
+
+def first_to_import_torch(modules, then=""):
+    code = ("import importlib, json, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "    if 'torch' in sys.modules:\n"
+            "        print(json.dumps(name)); raise SystemExit(0)\n"
+            f"{then}\n"
+            "print(json.dumps('torch' in sys.modules and 'after the calls' or None))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_no_host_module_imports_torch():
+    modules = host_modules()
+    assert len(modules) > 40 and "harness.replay" in modules and "harness.cli" in modules
+    assert first_to_import_torch(modules) is None
+    # The control: the check sees a module that does import it.
+    assert first_to_import_torch(["harness.config", "harness.train"]) == "harness.train"
+
+
+def test_listing_runs_and_diffing_locks_start_without_torch(tmp_path):
+    golden = [lock.parent for lock in
+              sorted((TESTS / "golden" / "machines").glob("*/runs/*/*/harness.lock"))[:2]]
+    calls = ("from harness import cli\n"
+             f"assert cli.main(['runs', '--runs-dir', {str(tmp_path)!r}]) == 0\n"
+             f"assert cli.main(['lock', 'diff', {str(golden[0])!r}, {str(golden[1])!r}]) "
+             f"in (0, 1)\n")
+    assert first_to_import_torch(["harness.cli"], then=calls) is None
