@@ -1,5 +1,7 @@
 # make train [CONF=fashion_mnist] [ARGS="seed=3 optim.lr=0.02"]   train a config (creates the venv first)
 # make test                                            run the test suite (the default tier)
+# make test-fast                                       the unit tier: the in-process tests in
+#                                                      tests/unit, under a minute, no system parts
 # make lint                                            ruff on the tree (make test runs it)
 # make test-long                                       the long tier: minutes-long builds and
 #                                                      the end-to-end variations
@@ -10,7 +12,7 @@ CONF ?= fashion_mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train lint test test-long test-all system docker-env slurm-env data bench bench-quick record-machine clean
+.PHONY: venv train lint test test-fast test-long test-all system docker-env slurm-env data bench bench-quick record-machine clean
 
 # The venv is rebuilt when the dependency pins or the package metadata change.
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
@@ -29,6 +31,11 @@ train: venv
 # on 2 cores, against the real system parts; `make test-long` the rest (marker `long`).
 test: venv system lint
 	$(BIN)/python -m pytest -m "not long" $(PYTEST_ARGS)
+
+# The unit tier (tests/unit): tests that run in process, with no data sets, subprocesses or
+# system parts; under a minute on 2 cores, so no `system`. make test runs them too.
+test-fast: venv
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # ruff (pycodestyle, pyflakes, bugbear, blind excepts; pyproject.toml): part of make test,
 # and of pre-commit (.pre-commit-config.yaml) for who uses it.

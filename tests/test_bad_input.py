@@ -99,23 +99,6 @@ def test_exit_codes_are_one_list_shown_in_help_and_readme(cli):
         assert flat(exit_codes_text()) in flat(cli(*command, "--help", check_rc=0).stdout)
 
 
-def test_every_schema_field_is_overridable_through_the_bundled_groups():
-    """Group options extend the typed schema (config.register_schemas): a default is
-    written once, and any field, even one the option does not mention, takes a plain
-    override."""
-    from harness import config
-
-    cfg = config.compose("fashion_mnist", ["backend=local", "backend.docker.shm_size=2g",
-                                           "backend.slurm.time=00:10:00",
-                                           "trainer.num_workers=1",
-                                           "determinism=warn", "determinism.threads=1"])
-    assert cfg["backend"]["docker"]["shm_size"] == "2g"
-    assert cfg["backend"]["slurm"]["time"] == "00:10:00"
-    assert cfg["trainer"]["num_workers"] == 1
-    assert cfg["determinism"] == {**cfg["determinism"], "mode": "warn", "threads": 1}
-    assert cfg["trainer"]["batch_size"] == config.TrainerConf().batch_size
-
-
 def test_a_yaml_syntax_error_names_the_file_and_line(cli, tmp_path):
     conf = tmp_path / "conf"
     conf.mkdir()

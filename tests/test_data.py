@@ -1,4 +1,5 @@
-"""IDX reading, dataset lookup and verification, and fetching from a local HTTP server."""
+"""Dataset lookup and verification, bad data through the CLI, and fetching from a local HTTP
+server. (IDX reading in process: tests/unit/test_data.py.)"""
 
 import gzip
 import http.server
@@ -9,29 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import (FAST, IN_CI, ROOT, make_tiny_idx, read_lock, require, run_dir_of,
-                      write_idx)
+from conftest import FAST, IN_CI, ROOT, make_tiny_idx, read_lock, require, run_dir_of
 from harness import data
-from harness.errors import DataError
-
-
-def test_idx_reader_reads_raw_and_gzip(tmp_path):
-    array = np.arange(2 * 3 * 4).reshape(2, 3, 4)
-    write_idx(tmp_path / "a.gz", array, compress=True)
-    write_idx(tmp_path / "b", array, compress=False)
-    assert (data.read_idx(tmp_path / "a.gz") == array).all()
-    assert (data.read_idx(tmp_path / "b") == array).all()
-    assert data.content_sha256(tmp_path / "a.gz") == data.content_sha256(tmp_path / "b")
-
-
-def test_idx_reader_rejects_truncated_file(tmp_path):
-    write_idx(tmp_path / "a", np.zeros((4, 28, 28)), compress=False)
-    (tmp_path / "a").write_bytes((tmp_path / "a").read_bytes()[:-10])
-    with pytest.raises(DataError, match="truncated"):
-        data.read_idx(tmp_path / "a")
 
 
 def test_fashion_mnist_debian_files_match_the_publishers_content(fashion):

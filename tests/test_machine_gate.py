@@ -111,23 +111,3 @@ def test_a_class_pair_no_recording_covers_is_unproven_and_the_replay_measures_it
     assert (done.returncode == 0) == same_bits
     if not same_bits:
         assert "the likely cause is the machine, not the code" in done.stderr
-
-
-def _lock(cpu, device="cpu", cpu_isa="avx2"):
-    return {"config": {"trainer": {"device": device}, "determinism": {"cpu_isa": cpu_isa}},
-            "hardware": {"cpu": {"architecture": "x86_64", "isa_flags": ["avx2", "fma"],
-                                 **cpu}}}
-
-
-def test_the_class_row_of_a_gpu_run_is_informational_and_an_unknown_vendor_is_no_difference():
-    from harness import gate
-
-    zen3 = {"vendor": "amd", "family": 25, "model_number": 1, "model": "AMD EPYC"}
-    xeon = {"vendor": "intel", "family": 6, "model_number": 143, "model": "Xeon"}
-    cpu_row = gate.find(gate.gate(_lock(xeon), _lock(zen3)), gate.CLASS_KEY)
-    assert cpu_row is not None and cpu_row.group in (gate.BLOCKING, gate.UNPROVEN)
-    gpu_row = gate.find(gate.gate(_lock(xeon, "cuda"), _lock(zen3)), gate.CLASS_KEY)
-    assert gpu_row.group == gate.INFO and "GPU" in gpu_row.why
-    # An older lock from a VM whose model name names no vendor: not a class difference.
-    vm = {"model": "Common KVM processor"}
-    assert gate.find(gate.gate(_lock(vm), _lock(zen3)), gate.CLASS_KEY) is None

@@ -2,7 +2,6 @@
 other times, in another order, become the same layer bytes and the same image id."""
 
 import hashlib
-import io
 import os
 import tarfile
 import uuid
@@ -10,28 +9,9 @@ import uuid
 import pytest
 
 from test_docker import engine  # noqa: F401 - the fixture: a Docker engine and a base
+from unit.test_oci import tree_archive
 
 pytestmark = pytest.mark.docker
-
-
-def tree_archive(root, stamp: int, reverse: bool) -> io.BytesIO:
-    """The files of one build, made with times `stamp` and added in either order: what a
-    container archive of them would differ in from build to build."""
-    files = {"app/hello.txt": b"hello\n", "app/lib/mod.py": b"VALUE = 1\n",
-             "app/lib/data.bin": bytes(range(256)) * 64}
-    for name, data in sorted(files.items(), reverse=reverse):
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    os.link(root / "app/hello.txt", root / "app/hello-again.txt")
-    (root / "app/lib/link.py").symlink_to("mod.py")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for path in sorted(root.rglob("*"), reverse=reverse):
-            os.utime(path, (stamp, stamp), follow_symlinks=False)
-            archive.add(path, arcname=str(path.relative_to(root)), recursive=False)
-    buffer.seek(0)
-    return buffer
 
 
 def test_same_files_at_other_times_give_the_same_layer_and_image_id(engine, tmp_path):  # noqa: F811

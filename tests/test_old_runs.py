@@ -4,8 +4,9 @@ lockfile and run-directory contract (docs/lockfile.md) is kept across refactors.
 The corpus of machine classes (tests/golden/machines/, harness/corpus.py) holds run
 directories as earlier harnesses wrote them, on other machines (each class.json says which
 harness and how). Each must still pass its integrity check, hash its config to the recorded
-config_sha256, be listed by `harness runs`, and replay: bit for bit where the corpus shows
-its class and this machine's give the same bits, DIVERGED where it shows they do not. A
+config_sha256 (both in process: tests/unit/test_lockfile.py), be listed by `harness runs`,
+and replay: bit for bit where the corpus shows its class and this machine's give the same
+bits, DIVERGED where it shows they do not. A
 change that breaks one of these breaks every user's existing runs: make it read the old
 format too, rather than regenerating these."""
 
@@ -17,8 +18,6 @@ import pytest
 from conftest import loss_bits, read_lock, run_dir_of
 from harness import corpus, machine
 
-ALL_RUNS = [run for entry in corpus.entries() for mode in entry.modes()
-            for run in entry.runs(mode)]
 # One replay per class: its avx2 run (every x86-64 class of the corpus has one).
 REPLAYED = [run for entry in corpus.entries() for run in entry.runs("avx2")[:1]]
 
@@ -28,23 +27,6 @@ def _copy(original, tmp_path):
     copy = tmp_path / "runs" / original.name
     shutil.copytree(original, copy)
     return copy
-
-
-@pytest.mark.parametrize("old_run", ALL_RUNS, ids=[f"{p.parent.parent.parent.name}-{p.parent.name}"
-                                                   for p in ALL_RUNS])
-def test_old_lockfile_passes_its_checks_and_hashes_its_config_as_recorded(old_run):
-    from harness import config, lockfile
-
-    lock = lockfile.read(old_run / "harness.lock")  # integrity (lock_sha256) holds
-    assert config.config_sha256(lock["config"]) == lock["config_sha256"]
-    assert config.config_sha256(config.load_yaml(old_run / "config.yaml")) == \
-        lock["config_sha256"]
-    missing = [f for f in lockfile.required_fields() if f not in lock]
-    assert not missing, f"required fields today that the old lock lacks: {missing}"
-    # The launcher hands backends the typed config (config.typed); back as plain data it is
-    # the same config, to the byte of its hash.
-    typed = config.typed(config.load_yaml(old_run / "config.yaml"))
-    assert config.config_sha256(config.plain(typed)) == lock["config_sha256"]
 
 
 # The default tier replays the Intel recording (another vendor than most machines here);

@@ -1,13 +1,13 @@
 """determinism.cpu_isa=portable: its pins are in effect, and a model whose ops it cannot pin
 stops before the first update, naming the op. (Its bits across machine classes:
-tests/test_golden_loss.py.)"""
+tests/test_golden_loss.py; which ops it refuses, in process: tests/unit/test_portable.py.)"""
 
 import json
 
 import pytest
 
 from conftest import TESTS, read_lock, run_dir_of
-from harness import machine, portable
+from harness import machine
 from harness.determinism import cpu_supports
 
 CONF = str(TESTS / "conf")
@@ -49,13 +49,3 @@ def test_an_op_portable_mode_cannot_pin_stops_the_run_before_training(cli, tmp_p
     # The same model trains where the op is allowed: the check, not the model, stopped it.
     cli("train", "hashy", "model._target_=harness_testkit.SpectralMLP",
         "determinism.cpu_isa=avx2", "--config-dir", CONF, "--runs-dir", str(runs), check_rc=0)
-
-
-@pytest.mark.parametrize("name, library", [
-    ("aten::_fft_r2c", "MKL's FFT"), ("aten::linalg_svd", "LAPACK"),
-    ("aten::_linalg_eigh.default", "LAPACK"), ("aten::mkldnn_convolution", "oneDNN"),
-    ("quantized::linear", "FBGEMM"), ("aten::mm", ""), ("aten::convolution_backward", ""),
-    ("aten::addmm.default", ""), ("aten::native_batch_norm", ""),
-    ("aten::linalg_vector_norm", "")])
-def test_which_ops_portable_mode_refuses(name, library):
-    assert portable.blocked(name) == library

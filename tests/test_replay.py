@@ -384,19 +384,6 @@ def test_a_pinned_run_replays_on_a_cpu_with_other_flags(harness, avx2_run, hashy
     assert refused.returncode == 6 and "hardware.cpu.isa_flags" in refused.stderr
 
 
-def test_a_pin_this_cpu_cannot_run_blocks_the_replay():
-    from harness import gate
-
-    lock = {"config": {"determinism": {"cpu_isa": "avx512"}},
-            "hardware": {"cpu": {"isa_flags": ["avx2", "avx512f", "avx512bw", "avx512dq",
-                                               "avx512vl", "fma"]}}}
-    here = {"hardware": {"cpu": {"isa_flags": ["avx2", "fma"]}}}
-    blocking = [d.key for d in gate.gate(lock, here) if d.blocking]
-    assert blocking == ["hardware.cpu.supports_pinned_isa"]
-    here["hardware"]["cpu"]["isa_flags"] = lock["hardware"]["cpu"]["isa_flags"] + ["amx_tile"]
-    assert [d.key for d in gate.gate(lock, here) if d.blocking] == []
-
-
 def test_unknown_cpu_isa_is_refused(harness):
     done = harness("train", "hashy", "determinism.cpu_isa=avx9", "--config-dir", CONF)
     assert done.returncode == 2 and "determinism.cpu_isa=avx9" in done.stderr

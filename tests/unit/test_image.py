@@ -20,7 +20,7 @@ def test_cuda_dockerfile_matches_golden():
         GOLDEN.write_text(rendered)
     assert rendered == GOLDEN.read_text(), (
         "the rendered cuda Dockerfile changed; if intended, run "
-        "UPDATE_GOLDEN=1 pytest tests/test_image.py and review the diff")
+        "UPDATE_GOLDEN=1 pytest tests/unit/test_image.py and review the diff")
 
 
 @pytest.mark.parametrize("profile", ["cpu", "cuda"])

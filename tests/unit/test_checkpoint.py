@@ -1,0 +1,71 @@
+"""The checkpoint file (harness/checkpoint.py): damage, old and partial files, format 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import checkpoint
+
+
+def training_state(step: int = 3, width: int = 600) -> dict:
+    """A real state: a model of ~1 M parameters (blocks above CONCURRENT_BLOCK, hashed in
+    the second thread, and small ones) and its Adam moments."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, 10),
+                                torch.nn.Linear(10, width, bias=False))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    optimizer.step()
+    return {"step": step, "epoch": 0, "position": 64, "config_sha256": "c" * 64,
+            "environment_sha256": "e" * 64, "environment": {"torch": str(torch.__version__)},
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None, "rng": {"torch": torch.get_rng_state()}, "resumes": []}
+
+
+def test_a_flipped_bit_or_a_missing_checksum_is_damage(tmp_path):
+    path = checkpoint.save(tmp_path, training_state())
+    intact = path.read_bytes()
+    flipped = bytearray(intact)
+    flipped[len(flipped) // 2] ^= 0x01  # inside a weight: torch.load alone reads it happily
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(checkpoint.Damaged, match="does not match its checksum"):
+        checkpoint.load(path)
+    path.write_bytes(intact)
+    checkpoint.load(path)  # the control: the same file, restored, is intact
+    checkpoint.checksum_path(path).unlink()
+    with pytest.raises(checkpoint.Damaged, match="no checksum beside it"):
+        checkpoint.load(path)
+
+
+def test_old_checkpoints_and_their_checksums_are_removed_together(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, training_state(step, width=20), keep=2)
+    names = sorted(p.name for p in checkpoint.directory(tmp_path).iterdir())
+    assert names == ["step-00000002.pt", "step-00000002.pt.sha256",
+                     "step-00000003.pt", "step-00000003.pt.sha256"]
+
+
+def test_partial_writes_and_orphaned_checksums_are_removed(tmp_path):
+    path = checkpoint.save(tmp_path, training_state(width=20))
+    folder = path.parent
+    leftovers = [folder / ".step-00000009.pt.123.tmp", folder / ".step-00000009.pt.sha256.123.tmp",
+                 folder / "step-00000009.pt.sha256"]
+    for leftover in leftovers:
+        leftover.write_text("cut short")
+    assert checkpoint.remove_partial_writes(tmp_path) == sorted(p.name for p in leftovers)
+    assert sorted(p.name for p in folder.iterdir()) == [path.name, path.name + ".sha256"]
+
+
+def test_a_format_2_checkpoint_is_still_read_and_checked(tmp_path):
+    """Written as the harness did before checksums: the hash inside, no file beside it."""
+    state = {**training_state(width=20), "format": checkpoint.SEALED_INSIDE}
+    state["state_sha256"] = checkpoint.state_sha256(state)
+    path = checkpoint.path_for(tmp_path, state["step"])
+    path.parent.mkdir()
+    torch.save(state, path)
+    assert checkpoint.load(path)["sha256"] == state["state_sha256"]
+    state["position"] += 1  # an edit the hash inside does not cover any more
+    torch.save(state, path)
+    with pytest.raises(checkpoint.Damaged, match="state_sha256"):
+        checkpoint.load(path)
