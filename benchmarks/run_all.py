@@ -3,6 +3,7 @@ write the table in benchmarks/README.md. Each comparison is a ratio measured in 
 
     .venv/bin/python benchmarks/run_all.py [--skip container]
     .venv/bin/python benchmarks/run_all.py --quick [--results PATH]
+    .venv/bin/python benchmarks/run_all.py --table     # the README table from results.json
 
 --quick runs every script in its smoke-test mode (tiny runs, no cold image builds) to show
 that each still runs and writes its figures; their values mean nothing. It leaves
@@ -146,7 +147,11 @@ def grows_as(values: list) -> str:
 
 def render_scale(scale: dict) -> str:
     """The costs against model and data size (benchmarks/scale.py), one column per size."""
-    models, data = scale.get("models", {}), scale.get("data", {})
+    models = dict(sorted(scale.get("models", {}).items(),
+                         key=lambda item: item[1]["parameters"]))
+    data = dict(sorted(scale.get("data", {}).items(),  # files by size, then the small files
+                       key=lambda item: (item[0].endswith("files"),
+                                         float(item[0].rstrip("GBfiles") or 0))))
     rows = []
     if models:
         rows += ["| cost / its bare counterpart | " + " | ".join(models) + " | grows as |",
@@ -163,13 +168,14 @@ def render_scale(scale: dict) -> str:
             rows.append(f"| {label} | " + " | ".join(map(str, values)) +
                         f" | {grows_as(values)} |")
     if data:
-        rows += ["", "| data | " + " | ".join(data) + " | grows as |",
+        rows += ["", "| data | " + " | ".join(data) + " | grows as (GB files) |",
                  "|---" * (len(data) + 2) + "|"]
         for label, key in (("launch: unchanged input hashed again, s", "launch_s"),
                            ("full hash pass / reading the bytes", "full_pass")):
             values = [d[key] for d in data.values()]
+            by_size = [d[key] for name, d in data.items() if name.endswith("GB")]
             rows.append(f"| {label} | " + " | ".join(map(str, values)) +
-                        f" | {grows_as(values)} |")
+                        f" | {grows_as(by_size)} |")
     return "\n".join(rows)
 
 
@@ -206,6 +212,9 @@ def main() -> None:
                         help="smoke test of every script; results.json and README untouched")
     parser.add_argument("--results", type=Path, default=None,
                         help="where --quick writes what it got (default: nowhere)")
+    parser.add_argument("--table", action="store_true",
+                        help="only write the README table from results.json (after a "
+                             "script was run on its own)")
     args = parser.parse_args()
     if args.quick:
         results = {name: run(name, command, quick=True)
@@ -217,7 +226,7 @@ def main() -> None:
         raise SystemExit(1 if missing else 0)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name, command in SCRIPTS.items():
-        if name in args.skip:
+        if name in args.skip or args.table:
             continue
         fresh = run(name, command, quick=False)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else results
