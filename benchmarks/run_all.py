@@ -117,7 +117,8 @@ TABLE = [
 # quick scale run measures 1 M parameters, 10 MB and 1000 files).
 QUICK_SKIPS = ("core.accuracy.", "images.cpu.cold_build_s", "images.cpu.same_id_twice",
                "images.cpu.image_size_gb", "images.cuda.", "data_parallel.repeat_identical.3.",
-               "data_parallel.repeat_identical.4.", "scale.")
+               "data_parallel.repeat_identical.4.", "checkpoint.scale.",
+               "checkpoint.scale_in_memory.", "scale.")
 
 
 def missing_figures(results: dict, skipped: list) -> list:
