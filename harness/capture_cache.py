@@ -10,8 +10,8 @@ were when it was taken:
 - the key: the harness source, the interpreter's path, the working directory (it is on the
   child's sys.path), the child's environment variables (all but the shell's bookkeeping,
   VOLATILE), the determinism settings, /proc/cpuinfo without its clock speeds, the kernel
-  and host name, the CPUs this process may use, and the NVIDIA driver's description of
-  each GPU;
+  and host name, the CPUs this process may use, the NVIDIA driver's description of each
+  GPU and NVML's view of them (count, models, MIG modes);
 - the stamps: (device, inode, size, mtime_ns, ctime_ns) of the interpreter, of every
   directory on the child's sys.path, of every package's METADATA there, of its .pth files
   and top-level modules (sitecustomize.py, single-file packages), and of torch's version
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from harness import gpu
 from harness.digest import canonical_sha256
 from harness.hash_cache import FRESH_S, REHASH_ENV
 
@@ -77,6 +78,9 @@ def key(det: Dict[str, Any], env: Dict[str, str]) -> str:
         "gpus": {path: _read(path) for path in sorted(
             glob.glob("/proc/driver/nvidia/gpus/*/information")
             + ["/proc/driver/nvidia/version"])},
+        # NVML's own view (no torch): the GPU count, models, MIG modes and driver, which
+        # can change (MIG, CUDA_VISIBLE_DEVICES aside) without the files above changing.
+        "nvml": gpu.capture(sm_from_torch=False),
     })
 
 
