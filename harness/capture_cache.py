@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 
 from harness import gpu
 from harness.digest import canonical_sha256
-from harness.hash_cache import FRESH_S, REHASH_ENV
+from harness.hash_cache import FRESH_S, REHASH_ENV, stamp
 
 KEEP = 50
 WATCHED = "_watched"  # the stamps a capture child reports beside its facts
@@ -153,11 +153,11 @@ def _prune() -> None:
 
 
 def _stamp(path: str) -> Optional[List[int]]:
+    """hash_cache's stamp, as the list it is once read back from JSON; None when gone."""
     try:
-        st = os.stat(path)
+        return list(stamp(path))
     except OSError:
         return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _read(path: str, skip: tuple = ()) -> Optional[str]:

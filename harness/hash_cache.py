@@ -43,7 +43,10 @@ def cache_path() -> Path:
 
 
 def stamp(path: Path) -> Stamp:
-    st = os.stat(path)
+    return stamp_of(os.stat(path))
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
@@ -83,11 +86,9 @@ def _walk(directory: str, real: str, relative: str) -> List[Tuple[str, str, Stam
             if entry.is_dir(follow_symlinks=False):
                 found += _walk(entry.path, f"{real}/{entry.name}", rel + "/")
             elif entry.is_file():
-                st = entry.stat()
                 name = os.path.realpath(entry.path) if entry.is_symlink() \
                     else f"{real}/{entry.name}"
-                found.append((rel, name, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                          st.st_ctime_ns)))
+                found.append((rel, name, stamp_of(entry.stat())))
     return found
 
 
