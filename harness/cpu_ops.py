@@ -23,7 +23,8 @@ from harness import machine
 
 _AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 _DEFAULT = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
-# `_MKLDNN=0` switches torch.backends.mkldnn off, `_THREADS` sets the thread count (2).
+# `_MKLDNN=0` switches torch.backends.mkldnn off, `_NNPACK=0` torch.backends.nnpack,
+# `_THREADS` sets the thread count (2).
 SETTINGS: Dict[str, Dict[str, str]] = {
     "native": {},
     "pin-avx2": {**_AVX2, "MKL_CBWR": "AVX2"},
@@ -45,9 +46,12 @@ SETTINGS: Dict[str, Dict[str, str]] = {
                                         "_MKLDNN": "0"},
     "pin-avx2+cbwr-strict mkldnn-off 1-thread": {**_AVX2, "MKL_CBWR": "COMPATIBLE,STRICT",
                                                  "_MKLDNN": "0", "_THREADS": "1"},
+    "pin-avx2+cbwr-strict mkldnn-off nnpack-off": {**_AVX2, "MKL_CBWR": "COMPATIBLE,STRICT",
+                                                   "_MKLDNN": "0", "_NNPACK": "0"},
 }
-# determinism.cpu_isa=portable is the setting "pin-avx2+cbwr-strict mkldnn-off" (2 threads).
-PORTABLE = "pin-avx2+cbwr-strict mkldnn-off"
+# determinism.cpu_isa=portable is this setting (2 threads). Tables recorded before it
+# switched NNPACK off hold its predecessor, without "nnpack-off".
+PORTABLE = "pin-avx2+cbwr-strict mkldnn-off nnpack-off"
 PINS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 CHILD = r'''
@@ -58,6 +62,8 @@ torch.set_num_threads(int(os.environ.get("_THREADS", "2")))
 torch.manual_seed(0)  # module initializers draw from the global generator
 if os.environ.get("_MKLDNN") == "0":
     torch.backends.mkldnn.enabled = False
+if os.environ.get("_NNPACK") == "0":
+    torch.backends.nnpack.set_flags(False)
 def h(t):
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]

@@ -31,7 +31,7 @@ CPU_ISA: Dict[str, Dict[str, Any]] = {
                        "MKL_CBWR": "AVX512"},
                "capability": "AVX512", "needs": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]},
     # portable: built for the same bits on any x86-64 CPU with AVX2 and FMA, Intel or AMD
-    # (measured so far across AMD Zen 3 and Zen 4 only; docs/replay.md). The avx2 pin is
+    # (recorded end to end on AMD Zen 3 and Zen 4 only so far; docs/replay.md). The avx2 pin is
     # not that: MKL honours MKL_CBWR=AVX2 on Intel CPUs only (elsewhere it runs its AUTO
     # branch), and oneDNN sizes its blocking by the caches it finds. So, op by op:
     # - ATen's own kernels at the AVX2 capability: the same code and the same IEEE
@@ -40,10 +40,16 @@ CPU_ISA: Dict[str, Dict[str, Any]] = {
     #   Intel and non-Intel CPUs alike (STRICT asks for thread-count independence where MKL
     #   offers it; the thread count is pinned in any case);
     # - oneDNN off (torch.backends.mkldnn.enabled=False, set in `apply`): convolutions run
-    #   ATen's im2col + MKL gemm instead of kernels blocked per CPU.
+    #   ATen's im2col + MKL gemm instead of kernels blocked per CPU;
+    # - NNPACK off too (torch.backends.nnpack): with oneDNN off, torch runs a stride-1
+    #   convolution of a batch of 16 or more in NNPACK, which blocks its sum over input
+    #   channels by the L1 cache size (32 KB on AMD Zen 3 and 4, 48 KB on Intel Sapphire
+    #   Rapids and AMD Zen 5), so the order of the additions follows the CPU. Off, the
+    #   convolution is ATen's im2col + MKL gemm in both directions (and faster here).
     "portable": {"env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                          "MKL_CBWR": "COMPATIBLE,STRICT"},
-                 "capability": "AVX2", "needs": ["avx2", "fma"], "mkldnn": False},
+                 "capability": "AVX2", "needs": ["avx2", "fma"], "mkldnn": False,
+                 "nnpack": False},
 }
 CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
@@ -77,8 +83,11 @@ def apply(det: Dict[str, Any]) -> None:
 
     mode = det["mode"]
     torch.set_num_threads(det["threads"])
-    if CPU_ISA.get(det.get("cpu_isa") or "native", {}).get("mkldnn") is False:
+    pin = CPU_ISA.get(det.get("cpu_isa") or "native", {})
+    if pin.get("mkldnn") is False:
         torch.backends.mkldnn.enabled = False  # cpu_isa=portable: see CPU_ISA
+    if pin.get("nnpack") is False:
+        torch.backends.nnpack.set_flags(False)  # cpu_isa=portable: see CPU_ISA
     # Inter-op parallelism reorders independent ops; one thread keeps the order fixed.
     try:
         torch.set_num_interop_threads(1)
@@ -136,6 +145,8 @@ def audit() -> Dict[str, Any]:
         "torch_num_interop_threads": torch.get_num_interop_threads(),
         # Only where switched off: a run that never touched it records what it always did.
         **({} if torch.backends.mkldnn.enabled else {"mkldnn_enabled": False}),
+        # torch.backends.nnpack has a setter only; its getter is the one it reads itself.
+        **({} if torch._C._get_nnpack_enabled() else {"nnpack_enabled": False}),
         "env": {**{name: os.environ.get(name) for name in
                    ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
                     "MKL_NUM_THREADS")},
@@ -151,8 +162,10 @@ def expected_audit(det: Dict[str, Any]) -> Dict[str, Any]:
         "torch_num_interop_threads": 1,
         "env": pinned_environment(det),
     }
-    if CPU_ISA.get(det.get("cpu_isa") or "native", {}).get("mkldnn") is False:
-        expected["mkldnn_enabled"] = False
+    pin = CPU_ISA.get(det.get("cpu_isa") or "native", {})
+    for library in ("mkldnn", "nnpack"):
+        if pin.get(library) is False:
+            expected[f"{library}_enabled"] = False
     if det["mode"] != "off":
         expected.update({
             "deterministic_algorithms": True,

@@ -79,6 +79,9 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
                                             "the result"),
     ("interpreters[].installed.*", INFO, "installed, but the command did not import it"),
     # Determinism settings actually in effect, and the variables that set them.
+    ("determinism.in_effect.nnpack_enabled", BLOCKING,
+     "NNPACK on or off changes how convolutions add up (cpu_isa=portable switches it off "
+     "since harness of 2026-12-07; a portable run recorded before ran NNPACK)"),
     ("determinism.*", BLOCKING, "a determinism setting or thread count differs"),
     ("environment.PYTHONHASHSEED", BLOCKING, "changes set/dict iteration orders"),
     ("environment.CUBLAS_WORKSPACE_CONFIG", BLOCKING, "changes cuBLAS reduction strategy"),

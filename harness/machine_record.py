@@ -85,11 +85,23 @@ def record(root: Optional[Path] = None, modes: Optional[List[str]] = None,
             staged.rename(target)
         if not (folder / corpus.CLASS_FILE).exists():  # with the first run: its torch
             write_class(folder, facts, target)
-    if not (folder / corpus.OPS_FILE).exists():
-        say("  per-op table (harness machine ops) ...")
-        atomic_write_text(folder / corpus.OPS_FILE,
-                          json.dumps(cpu_ops.table(), indent=1, sort_keys=True) + "\n")
+    record_ops(folder / corpus.OPS_FILE, say)
     return folder
+
+
+def record_ops(path: Path, say: Callable[[str], None]) -> None:
+    """The per-op table: measured whole where there is none, else only the settings it
+    lacks (a setting added since it was recorded) are measured and added."""
+    recorded = json.loads(path.read_text()) if path.exists() else None
+    missing = [n for n in cpu_ops.SETTINGS if recorded is None or n not in recorded["settings"]]
+    if not missing:
+        return
+    say(f"  per-op table (harness machine ops): {len(missing)} setting(s) ...")
+    measured = cpu_ops.table(names=missing)
+    if recorded is not None:
+        measured["settings"] = {**recorded["settings"], **measured["settings"]}
+        measured["cpu"] = recorded["cpu"]
+    atomic_write_text(path, json.dumps(measured, indent=1, sort_keys=True) + "\n")
 
 
 def write_class(folder: Path, facts: dict, mode_folder: Path) -> None:

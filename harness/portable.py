@@ -1,8 +1,8 @@
 """determinism.cpu_isa=portable refuses ops it cannot make portable, before any update.
 
 Portable mode pins ATen's kernels (AVX2), MKL's BLAS (COMPATIBLE branch) and switches
-oneDNN off (harness/determinism.py). Some ops run in libraries those pins do not reach, or
-that no measurement has covered across CPU vendors: MKL's FFT, LAPACK (linear algebra
+oneDNN and NNPACK off (harness/determinism.py). Some ops run in libraries those pins do not
+reach, or that no measurement has covered across CPU vendors: MKL's FFT, LAPACK (linear algebra
 factorizations and solvers), oneDNN ops called by name, FBGEMM and NNPACK. A run that hits
 one would carry the portable label and still give other bits on another vendor's CPU, so
 the first training step runs under a dispatch mode that lists every op; one of these stops

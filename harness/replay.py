@@ -157,6 +157,10 @@ def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
         print(f"harness: unproven: {len(unproven)} difference(s) that no recording covers; "
               f"this replay will show whether they change the bits:\n"
               f"{gate.render(unproven)}", flush=True)
+    machine_class = gate.find(informational, gate.CLASS_KEY)
+    if machine_class:  # the one informational row a user should see in full
+        print(f"harness: another machine class ({machine_class.a} -> "
+              f"{machine_class.b}), {machine_class.why}", flush=True)
     if informational:
         print(f"harness: {len(informational)} informational difference(s) (each with its "
               f"reason in the new lock's replay_mismatches): "

@@ -26,7 +26,7 @@ def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_p
 
     setting = cpu_ops.SETTINGS[cpu_ops.PORTABLE]
     assert {k: v for k, v in setting.items() if not k.startswith("_")} == \
-        CPU_ISA["portable"]["env"] and setting["_MKLDNN"] == "0"
+        CPU_ISA["portable"]["env"] and setting["_MKLDNN"] == setting["_NNPACK"] == "0"
     out = tmp_path / "ops.json"
     first = json.loads(cli("machine", "ops", "--setting", cpu_ops.PORTABLE, "--out", str(out),
                            check_rc=0).stdout)
@@ -52,7 +52,11 @@ def test_record_adds_this_class_once_and_keeps_what_is_recorded(cli, tmp_path, f
     root = tmp_path / "corpus"
     folder = root / machine.class_id(machine.this_machine())
     folder.mkdir(parents=True)
-    (folder / corpus.OPS_FILE).write_text("{}\n")  # measured by the test above
+    # A table recorded before the portable setting existed: kept, and only that is added.
+    older = {"cpu": {"model": "as recorded"},
+             "settings": {name: {"gemm": "kept"} for name in cpu_ops.SETTINGS
+                          if name != cpu_ops.PORTABLE}}
+    (folder / corpus.OPS_FILE).write_text(json.dumps(older))
     done = cli("machine", "record", "--corpus", str(root), "--mode", "avx2", check_rc=0)
     assert f"recorded: {folder}" in done.stdout
     [entry] = corpus.entries(root)
@@ -66,3 +70,7 @@ def test_record_adds_this_class_once_and_keeps_what_is_recorded(cli, tmp_path, f
     assert "already recorded, kept" in again.stdout
     assert corpus.entries(root)[0].runs("avx2") == [run] and corpus.result_of(run) == before
     assert [p.name for p in root.iterdir()] == [folder.name]  # no scratch left behind
+    table = json.loads((folder / corpus.OPS_FILE).read_text())
+    assert table["cpu"] == older["cpu"] and set(table["settings"]) == set(cpu_ops.SETTINGS)
+    assert all(table["settings"][name] == {"gemm": "kept"} for name in older["settings"])
+    assert table["settings"][cpu_ops.PORTABLE]["_capability"] == "AVX2"

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from conftest import loss_bits, read_lock, run_dir_of
+from conftest import TESTS, loss_bits, read_lock, run_dir_of
 from harness import corpus, machine
 
 # One replay per class: its avx2 run (every x86-64 class of the corpus has one).
@@ -57,3 +57,52 @@ def test_old_run_is_listed_and_replays_as_the_corpus_predicts(cli, original, tmp
     assert ("IDENTICAL" in done.stdout) == identical == (done.returncode == 0), done.stdout
     if same_bits is not None:
         assert identical == same_bits, done.stdout
+
+
+# Portable mode's promise end to end: a portable run recorded on another machine class
+# replays bit for bit here. The default tier replays one; the long tier every other class's.
+PORTABLE = [run for entry in corpus.entries() for run in entry.runs("portable")[:1]
+            if not machine.same_class(entry.facts, machine.this_machine())]
+
+
+@pytest.mark.parametrize("original", [
+    pytest.param(run, marks=() if i == 0 else pytest.mark.long)
+    for i, run in enumerate(PORTABLE)], ids=[p.parent.parent.parent.name for p in PORTABLE])
+def test_a_portable_run_from_another_class_replays_identical_here(cli, original, tmp_path,
+                                                                  fashion):
+    old_run = _copy(original, tmp_path)
+    recorded_on = machine.cpu_class(read_lock(old_run)["hardware"]["cpu"])
+    here = machine.this_machine()
+    assert not machine.same_class(recorded_on, here)
+    # --trust: recorded on another machine, not signed by this user. The negative control
+    # replays once more with one weight bit flipped, and must be DIVERGED.
+    done = cli("replay", str(old_run), "--trust", "--negative-control")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "IDENTICAL" in done.stdout and "the comparison can fail" in done.stdout
+    record = json.loads((run_dir_of(done) / "replay.json").read_text())
+    assert record["verdict"] == "IDENTICAL"
+    assert record["negative_control"]["verdict"] == "DIVERGED"
+    # The gate's class row says what the corpus knows about this pair in portable mode.
+    agreement = corpus.agreement(recorded_on, here, "portable")
+    class_row = {d["key"]: d for d in read_lock(run_dir_of(done))["replay_mismatches"]}
+    row = class_row["hardware.cpu.class"]
+    if agreement:
+        assert row["group"] == "informational", row
+        assert "recorded: the same bits on both classes in cpu_isa=portable" in row["why"]
+        assert f"another machine class ({machine.class_id(recorded_on)} -> " in done.stdout
+    else:  # this class has no portable recording yet: the replay is the measurement
+        assert agreement is None and row["group"] == "unproven", row
+
+
+# A portable run recorded (on AMD Zen 3) before portable mode switched NNPACK off: its
+# convolutions ran in NNPACK, whose sums follow the CPU's L1 cache size.
+BEFORE_NNPACK_OFF = TESTS / "fixtures" / "old_runs" / "20261206T224631611644Z-fashion_mnist-0cf036"
+
+
+def test_a_portable_run_from_before_nnpack_was_off_is_refused_and_named(cli, tmp_path, fashion):
+    old_run = _copy(BEFORE_NNPACK_OFF, tmp_path)
+    done = cli("replay", str(old_run), "--trust")
+    assert done.returncode == 6, done.stdout + done.stderr
+    assert "determinism.in_effect.nnpack_enabled" in done.stderr
+    assert "NNPACK on or off changes how convolutions add up" in done.stderr
+    assert [p.name for p in old_run.parent.iterdir()] == [old_run.name]  # nothing ran

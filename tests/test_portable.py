@@ -21,7 +21,7 @@ def test_a_portable_run_records_its_pins_and_repeats(cli, tmp_path):
             for _ in range(2)]
     lock = read_lock(runs[0])
     in_effect = lock["determinism"]["in_effect"]
-    assert in_effect["mkldnn_enabled"] is False
+    assert in_effect["mkldnn_enabled"] is False and in_effect["nnpack_enabled"] is False
     assert in_effect["env"]["MKL_CBWR"] == "COMPATIBLE,STRICT"
     assert in_effect["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert lock["software"]["torch_cpu_capability"] == "AVX2"
@@ -29,7 +29,8 @@ def test_a_portable_run_records_its_pins_and_repeats(cli, tmp_path):
     assert read_lock(runs[1])["results"]["weights_sha256"] == lock["results"]["weights_sha256"]
     native = run_dir_of(cli("train", "hashy", "--config-dir", CONF, "--runs-dir",
                             str(tmp_path / "runs"), check_rc=0))
-    assert "mkldnn_enabled" not in read_lock(native)["determinism"]["in_effect"]
+    native_in_effect = read_lock(native)["determinism"]["in_effect"]
+    assert not {"mkldnn_enabled", "nnpack_enabled"} & set(native_in_effect)
 
 
 @pytest.mark.long
