@@ -17,15 +17,15 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from harness import env
 from harness.digest import tensor_bytes
 from harness.rundir import AUDIT
 
-ENV_SWITCH = "HARNESS_AUDIT"
 ROOT = "(model)"
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "").lower() in ("1", "true", "yes")
+    return os.environ.get(env.AUDIT, "").lower() in ("1", "true", "yes")
 
 
 def attach(model, run_dir: Path) -> Optional["Auditor"]:

@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Optional
 
 from harness import gpu
 from harness.digest import canonical_sha256
-from harness.hash_cache import FRESH_S, REHASH_ENV, stamp
+from harness.env import REHASH
+from harness.hash_cache import FRESH_S, stamp
 
 KEEP = 50
 WATCHED = "_watched"  # the stamps a capture child reports beside its facts
@@ -109,7 +110,7 @@ def watched_stamps() -> List[List[Any]]:
 
 def lookup(cache_key: str) -> Optional[Dict[str, Any]]:
     """The capture remembered under `cache_key`, if every stamp it watched is unchanged."""
-    if os.environ.get(REHASH_ENV) == "1":
+    if os.environ.get(REHASH) == "1":
         return None
     try:
         entry = json.loads((directory() / f"{cache_key}.json").read_text())

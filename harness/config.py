@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.digest import canonical_json, canonical_sha256  # noqa: F401 (re-exported)
+from harness.env import CONFIG_DIR, STATE_DIR
 from harness.errors import ConfigError
 from harness.seeding import SEED_LIMIT, draw_seed
 
@@ -311,7 +312,7 @@ def is_script(cfg: Dict[str, Any]) -> bool:
 def state_dir() -> Path:
     """What this machine's set-up left for the harness: $HARNESS_STATE_DIR, else
     ~/.local/state/harness."""
-    return Path(os.environ.get("HARNESS_STATE_DIR") or os.path.join(
+    return Path(os.environ.get(STATE_DIR) or os.path.join(
         os.path.expanduser("~"), ".local", "state", "harness"))
 
 
@@ -384,8 +385,8 @@ def _image_overrides(name: str, overrides: List[str]) -> List[str]:
 
 def default_config_dir() -> Path:
     """`$HARNESS_CONFIG_DIR`, else `./conf` when it exists, else the bundled configs."""
-    if os.environ.get("HARNESS_CONFIG_DIR"):
-        return Path(os.environ["HARNESS_CONFIG_DIR"]).resolve()
+    if os.environ.get(CONFIG_DIR):
+        return Path(os.environ[CONFIG_DIR]).resolve()
     local = Path.cwd() / "conf"
     if local.is_dir():
         return local.resolve()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness import machine
+from harness.env import CORPUS
 
 GOLDEN_CONFIG = "fashion_mnist"
 # Small and short, so recording every mode of a machine takes about a minute, yet long
@@ -33,7 +34,7 @@ OPS_FILE = "cpu-ops.json"
 
 def default_root() -> Path:
     """$HARNESS_CORPUS, else the corpus of the checkout the harness runs from."""
-    override = os.environ.get("HARNESS_CORPUS")
+    override = os.environ.get(CORPUS)
     if override:
         return Path(override)
     return Path(__file__).resolve().parent.parent / "tests" / "golden" / "machines"

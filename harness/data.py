@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from harness import hash_cache
+from harness.env import DATA
 from harness.errors import DataError
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")
@@ -151,8 +152,8 @@ def search_dirs(data_cfg: Dict) -> List[Path]:
         return [Path(data_cfg["root"]).expanduser()]
     dirname = data_cfg.get("dirname") or data_cfg["name"]
     dirs = []
-    if os.environ.get("HARNESS_DATA"):
-        dirs.append(Path(os.environ["HARNESS_DATA"]) / dirname)
+    if os.environ.get(DATA):
+        dirs.append(Path(os.environ[DATA]) / dirname)
     dirs.append(user_cache_dir() / dirname)
     dirs.append(DEBIAN_DATASETS / dirname)
     return dirs

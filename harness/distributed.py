@@ -37,9 +37,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from harness.env import RANKS, SLURM_LOCALID, SLURM_NODEID, SLURM_NTASKS, SLURM_PROCID
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 
-RANK_SOURCE_ENV = "HARNESS_RANKS"  # "slurm": this process is one `srun` task per rank
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
                  "MASTER_ADDR", "MASTER_PORT")
 # How long ranks that agreed to stop (exit 75) may take to finish their checkpoint
@@ -137,10 +137,10 @@ def this_rank(world: int, devices: int,
     env = os.environ if environ is None else environ
     if world == 1:
         return SINGLE
-    if env.get(RANK_SOURCE_ENV) == "slurm":
-        rank = Rank(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
-                    local_rank=int(env["SLURM_LOCALID"]), local_world_size=devices,
-                    node_rank=int(env["SLURM_NODEID"]), master_addr=env["MASTER_ADDR"],
+    if env.get(RANKS) == "slurm":
+        rank = Rank(rank=int(env[SLURM_PROCID]), world_size=int(env[SLURM_NTASKS]),
+                    local_rank=int(env[SLURM_LOCALID]), local_world_size=devices,
+                    node_rank=int(env[SLURM_NODEID]), master_addr=env["MASTER_ADDR"],
                     master_port=int(env["MASTER_PORT"]))
     elif "RANK" in env:
         missing = [name for name in TORCHRUN_VARS[:2] + TORCHRUN_VARS[-2:] if name not in env]

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness import (audit, compare, config, lockfile, nondeterminism, op_trace, rundir,
+from harness import (compare, config, lockfile, nondeterminism, op_trace, rundir,
                      verify)
 from harness.determinism import cpu_supports
+from harness.env import AUDIT, WATCH_NONDETERMINISM
 from harness.errors import HarnessError
 
 
@@ -68,7 +69,7 @@ DOCTOR_TRACED_STEPS = 2  # the ops each setting computes differently, from its f
 def measure(name: str, cfg: Dict[str, Any], overrides: List[str],
             runs_dir: Path) -> Dict[str, Any]:
     """Two runs of one setting: throughput, identical or not, nondeterministic ops."""
-    env = {audit.ENV_SWITCH: "0", nondeterminism.ENV_SWITCH: "1"}
+    env = {AUDIT: "0", WATCH_NONDETERMINISM: "1"}
     try:
         dirs = verify.run_twice(cfg, overrides, runs_dir, parallel=False, env_extra=env)
     except HarnessError as exc:  # strict mode stops on an op without a deterministic kernel

@@ -30,8 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from harness.env import REHASH
 
-REHASH_ENV = "HARNESS_REHASH"
+
 FRESH_S = 2.0
 Stamp = Tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
 
@@ -95,7 +96,7 @@ def _walk(directory: str, real: str, relative: str) -> List[Tuple[str, str, Stam
 def _digests(paths: List, names: List[str], stamps: List[Stamp], kind: str,
              compute: Callable[[Path], str], rehash: bool,
              prefix: Optional[str] = None) -> List[str]:
-    rehash = rehash or os.environ.get(REHASH_ENV) == "1"
+    rehash = rehash or os.environ.get(REHASH) == "1"
     cache = _open()
     try:
         known = _lookup(cache, kind, names, stamps, prefix) \
@@ -124,7 +125,7 @@ def derived(kind: str, source_sha256: str) -> Optional[str]:
     """A value of `kind` computed before from the bytes whose sha256 is `source_sha256`
     (the weights digest of a model.pt, say): a function of the content alone, so it needs
     no stamp. None when not known (or with HARNESS_REHASH=1)."""
-    if os.environ.get(REHASH_ENV) == "1":
+    if os.environ.get(REHASH) == "1":
         return None
     cache = _open()
     if cache is None:

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from harness import config, oci, progress, rundir
 from harness.engine import client as engine_client
 from harness.digest import canonical_sha256, file_sha256, source_sha256
+from harness.env import SCRATCH, WHEELHOUSE
 from harness.errors import (ConfigError, EnvironmentProblem, HarnessError, ReplayRefused,
                             first_line)
 
@@ -48,8 +49,8 @@ def _path(relative: str) -> Path:
 def wheelhouse_dir() -> Path:
     """Host cache of downloaded wheels: $HARNESS_WHEELHOUSE, else
     ${XDG_CACHE_HOME:-~/.cache}/harness/wheelhouse."""
-    if os.environ.get("HARNESS_WHEELHOUSE"):
-        return Path(os.environ["HARNESS_WHEELHOUSE"])
+    if os.environ.get(WHEELHOUSE):
+        return Path(os.environ[WHEELHOUSE])
     return rundir.user_cache() / "wheelhouse"
 
 
@@ -367,7 +368,7 @@ def _make_reproducible(engine, image: Dict[str, Any], ident: Dict[str, str], cla
 
 def scratch_dir() -> Optional[str]:
     """Where a build spools its layers: $HARNESS_SCRATCH, else the system's temp dir."""
-    return os.environ.get("HARNESS_SCRATCH") or None
+    return os.environ.get(SCRATCH) or None
 
 
 def layer_lists_dir() -> Path:

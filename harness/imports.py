@@ -28,6 +28,8 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+from harness.env import PREFIX
+
 
 HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
 # Directories of code that torch generates at run time (/tmp/torchinductor_USER/...):
@@ -185,7 +187,7 @@ packages now, as the command will see them (PYTHONPATH and the user site include
 
 def query_env() -> Dict[str, str]:
     """This environment without the harness's own variables."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
 
 
 # ---------------------------------------------------------------- in the runner

@@ -31,15 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from harness import rundir, seeding
+from harness.env import DETERMINISM, OP_TRACE_STEPS, RUN_DIR, SEED
 from harness.rundir import SCRIPT_REPORTS as REPORTS  # RUN_DIR/.script/<pid>.json
 from harness.rundir import SCRIPT_STACK, STACK_SIGNAL
 
-RUN_DIR_ENV = "HARNESS_RUN_DIR"
-SEED_ENV = "HARNESS_SEED"
-DETERMINISM_ENV = "HARNESS_DETERMINISM"  # the run's determinism section, as JSON
-INJECT_ENV = "HARNESS_INJECT"
-OP_TRACE_ENV = "HARNESS_OP_TRACE_STEPS"  # command.op_trace_steps
-SRC_ENV = "HARNESS_SRC"
 
 # Settings a script can change after the harness applied them, and what a change means.
 WATCHED = {
@@ -59,8 +54,8 @@ _state: Dict[str, Any] = {"applied": None, "compiled": 0, "dataloaders": 0, "sta
 
 def install() -> None:
     _state["started"], _state["cwd"] = time.time(), os.getcwd()
-    seed = int(os.environ[SEED_ENV])
-    det = json.loads(os.environ[DETERMINISM_ENV])
+    seed = int(os.environ[SEED])
+    det = json.loads(os.environ[DETERMINISM])
     random.seed(seed)
     after_import("numpy", lambda np: seeding.seed_numpy(np, seed))
     after_import("torch", lambda torch: _pin_torch(torch, seed, det))
@@ -93,7 +88,7 @@ def _dump_stack_on_signal() -> None:
     to a rank that does not exit, before it kills it, to say where it hung."""
     import faulthandler
 
-    directory = Path(os.environ[RUN_DIR_ENV]) / REPORTS
+    directory = Path(os.environ[RUN_DIR]) / REPORTS
     try:
         directory.mkdir(exist_ok=True)
         _state["stack_file"] = open(stack_path(directory.parent, os.getpid()), "w")
@@ -190,8 +185,8 @@ def _trace_ops() -> None:
     second Python process of the command, a resumed attempt)."""
     import multiprocessing
 
-    steps = int(os.environ.get(OP_TRACE_ENV) or 0)
-    run_dir = Path(os.environ[RUN_DIR_ENV])
+    steps = int(os.environ.get(OP_TRACE_STEPS) or 0)
+    run_dir = Path(os.environ[RUN_DIR])
     if steps <= 0 or os.environ.get("RANK", "0") != "0" or \
             multiprocessing.parent_process() is not None or \
             (run_dir / rundir.OP_TRACE).exists():  # a spawned worker or mp.spawn rank: not
@@ -247,7 +242,7 @@ def _report(at_exit: bool) -> None:
     """This process's report: what it imported and what was in effect (once torch is
     imported, and again at exit). It must never break the user's process: a report that
     cannot be written (a full disk, a read-only run directory) is said and skipped."""
-    run_dir = os.environ.get(RUN_DIR_ENV)
+    run_dir = os.environ.get(RUN_DIR)
     if not run_dir:
         return
     try:

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from harness import (audit, backends, config, data, distributed, gate, gpu, lockfile,
+from harness import (backends, config, data, distributed, gate, gpu, lockfile,
                      perturb, progress, rundir, tracking)
 from harness.determinism import pinned_environment
+from harness.env import AUDIT, PREFIX, PROGRESS_S
 from harness.errors import (REQUEUE_EXIT, CheckpointRefused, ConfigError, DataError,
                             EnvironmentProblem, HarnessError, Preempted, RunBusy, RunFailed)
 
@@ -81,7 +82,7 @@ def check_declared_env(cfg: Dict[str, Any]) -> None:
             raise ConfigError(f"--env {name!r}: not a variable name (letters, digits and _, "
                               f"not starting with a digit), e.g. --env "
                               f"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1.")
-        if name in pinned or name.startswith("HARNESS_"):
+        if name in pinned or name.startswith(PREFIX):
             raise ConfigError(f"--env {name}: the harness sets {name} itself (from the "
                               f"determinism settings); change those instead, e.g. "
                               f"determinism.threads for OMP_NUM_THREADS.")
@@ -231,12 +232,12 @@ def _run(run_dir: Path, cfg: Dict[str, Any], conf: config.RunConfig, backend,
          data_root: Optional[Path],
          extra_args: List[str], lock: rundir.WriterLock) -> Path:
     env = {**pinned_environment(cfg["determinism"]), **distributed.pinned_environment(cfg)}
-    if os.environ.get(audit.ENV_SWITCH):  # `harness verify`'s module audit, on any backend
-        env[audit.ENV_SWITCH] = os.environ[audit.ENV_SWITCH]
+    if os.environ.get(AUDIT):  # `harness verify`'s module audit, on any backend
+        env[AUDIT] = os.environ[AUDIT]
     env.update(perturb.environment())  # `harness replay --negative-control`, on any backend
     interval = progress.live_interval()
     if interval:  # a terminal: ask the training for frequent lines to draw a live bar
-        env[progress.INTERVAL_ENV] = interval
+        env[PROGRESS_S] = interval
     try:
         # A batch job follows itself (its script starts `harness.tracking follow`).
         follower = tracking.Follower(run_dir, [], {}) if backend.tracks_itself else \

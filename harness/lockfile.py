@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness.digest import canonical_sha256, source_sha256
+from harness.env import HOST_NAME, PERTURB, SLURM_JOB
 from harness.errors import LockfileError
 from harness import __version__
 from harness import gpu as gpus
@@ -30,8 +31,8 @@ ENV_ALLOWLIST = (
     "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
     "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING",
     "NCCL_ALGO", "NCCL_PROTO", "TORCH_CUDNN_V8_API_DISABLED", "LD_PRELOAD",
-    "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-    "HARNESS_PERTURB",  # a negative control (harness/perturb.py): a bit flipped on purpose
+    *SLURM_JOB,
+    PERTURB,  # a negative control (harness/perturb.py): a bit flipped on purpose
 )
 
 # ---------------------------------------------------------------- capture
@@ -135,7 +136,7 @@ def capture_hardware() -> Dict[str, Any]:
     container's id: the launcher passes the host's name in HARNESS_HOST_NAME, and the
     container's own name is kept apart in `container_hostname`."""
     gpu = gpus.capture()
-    host = os.environ.get("HARNESS_HOST_NAME")
+    host = os.environ.get(HOST_NAME)
     names = {"hostname": host, "container_hostname": platform.node()} if host else \
         {"hostname": platform.node()}
     return {"cpu": capture_cpu(), **names, **gpu}

@@ -15,14 +15,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
+from harness.env import WATCH_NONDETERMINISM
 from harness.rundir import NONDETERMINISTIC
 
-ENV_SWITCH = "HARNESS_WATCH_NONDETERMINISM"
 
 
 def watch(model, run_dir: Path) -> None:
     """Hook `model` when the watch is switched on; the one call train.py makes."""
-    if os.environ.get(ENV_SWITCH) != "1":
+    if os.environ.get(WATCH_NONDETERMINISM) != "1":
         return
     stack: List[str] = []
     found: Dict[tuple, Dict[str, Any]] = {}

@@ -16,7 +16,6 @@ import shutil
 import sys
 from typing import IO, List, Optional
 
-INTERVAL_ENV = "HARNESS_PROGRESS_S"  # seconds between `progress` lines; unset: none
 STEP_LINE = re.compile(
     r"^(?:step|progress) (?P<step>\d+)/(?P<total>\d+) epoch (?P<epoch>\d+)/(?P<epochs>\d+) "
     r"loss (?P<loss>\S+) (?P<rate>\S+) steps/s ETA (?P<eta>\d+)s")

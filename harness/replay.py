@@ -15,6 +15,7 @@ from harness import (__version__, capture, capture_cache, compare, config, gate,
                      imports, integrity, lockfile, op_trace, outputs, perturb, rundir,
                      signing, tracking)
 from harness import trust as trust_module
+from harness.env import PERTURB
 from harness.errors import (ConfigError, Diverged, EnvironmentProblem, LockfileError,
                             ReplayRefused, RunFailed, Unverified)
 
@@ -341,14 +342,14 @@ def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
     from harness import launch
 
     print(f"harness: negative control: replaying with {perturb.DESCRIPTION} ...", flush=True)
-    os.environ[perturb.ENV] = perturb.WEIGHT_BIT
+    os.environ[PERTURB] = perturb.WEIGHT_BIT
     try:
         control_dir = launch.start(cfg, lock.get("overrides", []), runs_dir,
                                    {"negative_control_of": {
                                        "run_id": lock["run_id"],
                                        "perturbation": perturb.DESCRIPTION}})
     finally:
-        os.environ.pop(perturb.ENV, None)
+        os.environ.pop(PERTURB, None)
     report = compare.compare_runs(orig_dir, control_dir, lock,
                                   lockfile.read(control_dir / rundir.LOCK))
     print(f"harness: negative control {control_dir.name}: {report['verdict']}"

@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from harness.env import RUNS
 from harness.errors import ConfigError, EnvironmentProblem, RunBusy
 
 CONFIG = "config.yaml"
@@ -78,7 +79,7 @@ STATUS_CHECK = "status check"  # the WriterLock purpose of a reader that only lo
 
 
 def default_runs_dir() -> Path:
-    return Path(os.environ.get("HARNESS_RUNS") or "runs")
+    return Path(os.environ.get(RUNS) or "runs")
 
 
 def user_cache() -> Path:

@@ -31,8 +31,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from harness import checkpoint, determinism, distributed, gpu, lockfile, rundir, seeding
-from harness.backends.local import LAUNCHER_PID_ENV
 from harness.config import load_yaml
+from harness.env import LAUNCHER_PID, RUN_DIR, SEED
 from harness.errors import EnvironmentProblem
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -43,9 +43,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def seed() -> int:
     """The run's seed (`HARNESS_SEED`); outside `harness run`, 0."""
-    from harness.injection import SEED_ENV
-
-    return int(os.environ.get(SEED_ENV, "0"))
+    return int(os.environ.get(SEED, "0"))
 
 
 def generator(stream: str = "default", device: str = "cpu") -> torch.Generator:
@@ -65,9 +63,9 @@ def worker_init_fn(worker_id: int) -> None:
 def record_output(path) -> None:
     """Declare an output from inside the script (as `--output PATH` would): it is kept in
     the run directory, hashed into the lockfile and compared by `harness replay`."""
-    from harness.injection import REPORTS, RUN_DIR_ENV
+    from harness.injection import REPORTS
 
-    run_dir = os.environ.get(RUN_DIR_ENV)
+    run_dir = os.environ.get(RUN_DIR)
     if not run_dir:
         return  # not under `harness run`: nothing to record into
     directory = Path(run_dir) / REPORTS
@@ -240,7 +238,7 @@ def output_to_log(log_path: Path) -> None:
 
 def launcher_gone() -> bool:
     """A local training process whose launcher (its parent) has died."""
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    launcher = os.environ.get(LAUNCHER_PID)
     return bool(launcher) and os.getppid() != int(launcher)
 
 
@@ -274,7 +272,7 @@ def stop_when_launcher_dies(watch_stdin: bool) -> None:
     SIGTERM: StopRequest then checkpoints at the next step boundary and exits 75.
     A local child learns it from the kernel (PR_SET_PDEATHSIG); in a container, where the
     launcher is no parent, from the end of the stdin the launcher holds open."""
-    if os.environ.get(LAUNCHER_PID_ENV):
+    if os.environ.get(LAUNCHER_PID):
         try:
             import ctypes
 

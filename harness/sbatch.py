@@ -22,16 +22,13 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from harness import __version__
 
 from harness.config import DockerConf
-from harness.distributed import RANK_SOURCE_ENV
+from harness.env import RANKS, SLURM_JOB
 from harness.errors import REQUEUE_EXIT, ConfigError
 from harness.rundir import SLURM_LOG
 from harness.sandbox import DATA_MOUNT, RUN_MOUNT, docker_cli_flags
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
 RUNTIMES = ("none", "docker", "apptainer", "pyxis")
-# Slurm variables the training reads (SLURM_RESTART_COUNT: resume) and records.
-SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-              "SLURM_RESTART_COUNT")
 # The only variables of the submitting environment the job script exports (if set there),
 # beside the pinned ones. Never credentials: anything not named here stays behind.
 # Slurm sets SLURM_* and CUDA_VISIBLE_DEVICES on the node itself.
@@ -153,7 +150,7 @@ def _venv_command(spec: JobSpec) -> str:
         f"srun --kill-on-bad-exit=1 --distribution=block --nodes={spec.nodes} "
         f"--ntasks-per-node={spec.devices}"
         f" --cpus-per-task={spec.slurm['cpus_per_task']}",
-        f"--export=ALL,{RANK_SOURCE_ENV}=slurm", train])
+        f"--export=ALL,{RANKS}=slurm", train])
 
 
 def _container_command(spec: JobSpec, runtime: str) -> str:
@@ -177,7 +174,7 @@ def _container_command(spec: JobSpec, runtime: str) -> str:
     data = f" --data-root {DATA_MOUNT}" if has_data else ""
     inner = f"{python} -u -m harness.train {RUN_MOUNT}{data}{_extra_args(spec)}"
     gpus = gpus_wanted(spec)
-    names = list(spec.env) + list(SLURM_VARS)
+    names = list(spec.env) + list(SLURM_JOB)
     if runtime == "docker":
         user = spec.slurm.get("container_user") or "$(id -u):$(id -g)"
         user = f'"{user}"' if user.startswith("$(") else q(user)

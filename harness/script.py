@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from harness import config, distributed, imports, injection, outputs, rundir
-from harness.backends.local import LAUNCHER_PID_ENV
+from harness.env import (DETERMINISM, INJECT, LAUNCHER_PID, OP_TRACE_STEPS, RESUME, RUN_DIR,
+                         SEED, SLURM_RESTART_COUNT, SRC)
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus, output_to_log
 
 INJECT_DIR = Path(__file__).resolve().parent / "inject"
-RESUME_ENV = "HARNESS_RESUME"  # "1" when the command runs again after a preemption
 
 
 def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
@@ -50,7 +50,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
                                  f"({exc.strerror}): the command runs where `harness run` was "
                                  f"started; in a container its user (uid {os.getuid()}) must "
                                  f"be able to read it.") from None
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # a requeued batch job
+    restarts = int(os.environ.get(SLURM_RESTART_COUNT) or 0)  # a requeued batch job
     resume = resume or restarts > 0
     if resume:  # the run must go on with the inputs and code it started with
         outputs.check_command_unchanged(
@@ -279,19 +279,19 @@ def command_environment(cfg: Dict[str, Any], run_dir: Path, resume: bool) -> Dic
     """The command's environment: ours (the pinned variables are in it already), the seed,
     this interpreter's directory first on PATH (`python` is the one the harness runs
     with: in a container, the image's), and the injection unless the run opts out."""
-    env = {key: value for key, value in os.environ.items() if key != LAUNCHER_PID_ENV}
+    env = {key: value for key, value in os.environ.items() if key != LAUNCHER_PID}
     env.update(cfg["command"].get("env") or {})  # --env: declared, recorded, replayed
     if cfg["command"].get("source_date_epoch") is not None:
         env["SOURCE_DATE_EPOCH"] = str(cfg["command"]["source_date_epoch"])
-    env[injection.SEED_ENV] = str(cfg["seed"])
-    env[injection.RUN_DIR_ENV] = str(Path(run_dir).resolve())
-    env[RESUME_ENV] = "1" if resume else "0"
+    env[SEED] = str(cfg["seed"])
+    env[RUN_DIR] = str(Path(run_dir).resolve())
+    env[RESUME] = "1" if resume else "0"
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     if cfg["command"]["inject"]:
-        env[injection.INJECT_ENV] = "1"
-        env[injection.DETERMINISM_ENV] = json.dumps(cfg["determinism"])
-        env[injection.OP_TRACE_ENV] = str(config.op_trace_steps(cfg["command"]))
-        env[injection.SRC_ENV] = str(Path(__file__).resolve().parent.parent)
+        env[INJECT] = "1"
+        env[DETERMINISM] = json.dumps(cfg["determinism"])
+        env[OP_TRACE_STEPS] = str(config.op_trace_steps(cfg["command"]))
+        env[SRC] = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(INJECT_DIR), env.get("PYTHONPATH", "")] if p)
     return env

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from harness import rundir
 from harness.digest import file_sha256
+from harness.env import SIGNING_KEY
 from harness.errors import ConfigError, EnvironmentProblem, LockfileError
 
 BUNDLE = rundir.SIGNATURE
@@ -45,7 +46,6 @@ BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "urn:harness:run:v1"
-KEY_ENV = "HARNESS_SIGNING_KEY"  # a private key (PEM) of the user's own, instead of ours
 TRUSTED_KEYS = "trusted_keys"
 PROJECT_TRUSTED_KEYS = Path(".harness") / TRUSTED_KEYS
 
@@ -60,7 +60,7 @@ def config_dir() -> Path:
 
 
 def key_path() -> Path:
-    return Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else \
+    return Path(os.environ[SIGNING_KEY]) if os.environ.get(SIGNING_KEY) else \
         config_dir() / "signing-key.pem"
 
 
@@ -94,7 +94,7 @@ def init_key(path: Optional[Path] = None) -> Tuple[Path, bool]:
         return path, False
     except OSError as exc:
         raise EnvironmentProblem(f"cannot write a signing key to {path}: {exc.strerror}. Make "
-                                 f"{path.parent} writable, or point ${KEY_ENV} at a key of "
+                                 f"{path.parent} writable, or point ${SIGNING_KEY} at a key of "
                                  f"your own (an Ed25519 private key in PEM).") from None
     return path, True
 
@@ -108,7 +108,7 @@ def load_private(path: Path):
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"signing key {path} is not readable as an unencrypted Ed25519 "
                           f"private key in PEM ({exc}). Fix or remove it (`harness keys init` "
-                          f"makes a new one), or point ${KEY_ENV} at another.") from None
+                          f"makes a new one), or point ${SIGNING_KEY} at another.") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"signing key {path} is a {type(key).__name__}, not Ed25519: "
                           f"runs are signed with Ed25519 keys (`harness keys init`).")

@@ -28,8 +28,8 @@ from harness import (audit, checkpoint, distributed, hash_cache, integrity, metr
                      nondeterminism, op_trace, perturb, portable, rundir, seeding)
 from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
+from harness.env import LAUNCHER_PID, PROGRESS_S, SLURM_RESTART_COUNT
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
-from harness.progress import INTERVAL_ENV
 from harness.runtime import Runtime
 
 # ---------------------------------------------------------------- data order
@@ -168,7 +168,7 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
            f"determinism={det['mode']}, threads={det['threads']})")
 
     # A restarted Slurm job (requeued after preemption) resumes by itself.
-    resume = resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    resume = resume or int(os.environ.get(SLURM_RESTART_COUNT) or 0) > 0
     progress = restore(rt, model, optimizer, scheduler) if resume else Progress()
 
     book = Bookkeeping(rt, total_steps, progress.step)
@@ -359,7 +359,7 @@ class Bookkeeping:
         self.stopwatch = Stopwatch()
         self.first_step_at: Optional[float] = None
         self.tick, self.tick_step = time.time(), start_step
-        self.live_every = float(os.environ.get(INTERVAL_ENV) or 0)
+        self.live_every = float(os.environ.get(PROGRESS_S) or 0)
         self.last_report = self.tick
 
     def record(self, progress: Progress, model) -> None:
@@ -475,7 +475,6 @@ def main(argv: List[str] | None = None) -> int:
 def start_ranks(run_dir: Path, argv: List[str], cfg: Dict, watch_stdin: bool) -> int:
     """The first process of a data-parallel run on one machine: start its ranks (each runs
     this module again, as RANK=N) and wait for them."""
-    from harness.backends.local import LAUNCHER_PID_ENV
     from harness.runtime import stop_when_launcher_dies
 
     world = distributed.World.of(cfg)
@@ -483,7 +482,7 @@ def start_ranks(run_dir: Path, argv: List[str], cfg: Dict, watch_stdin: bool) ->
         raise ConfigError(f"trainer.nodes={world.nodes}: a run across nodes is started by "
                           f"Slurm (`harness submit`), one task per rank.")
     code, failure = distributed.launch_ranks(
-        argv, world.devices, run_dir / rundir.LOG, LAUNCHER_PID_ENV,
+        argv, world.devices, run_dir / rundir.LOG, LAUNCHER_PID,
         lambda: stop_when_launcher_dies(watch_stdin))
     # a rank's own account (e.g. a refused checkpoint) wins
     if failure and not rundir.recorded_error(run_dir):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness import audit, compare, config, lockfile, op_trace, rundir
+from harness.env import AUDIT
 from harness.errors import Diverged, HarnessError, RunFailed
 
 
@@ -53,7 +54,7 @@ def run_twice(cfg: Dict[str, Any], overrides: List[str], runs_dir: Path,
     with tempfile.TemporaryDirectory(prefix="harness-verify-") as tmp:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps({"config": cfg, "overrides": overrides}))
-        env = {**os.environ, audit.ENV_SWITCH: "1", **(env_extra or {})}
+        env = {**os.environ, AUDIT: "1", **(env_extra or {})}
         outputs = [open(Path(tmp) / f"launcher-{i}.log", "w+") for i in range(2)]
         processes: List[subprocess.Popen] = []
         try:

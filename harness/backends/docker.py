@@ -19,6 +19,7 @@ import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from harness.env import HOST_NAME
 from harness.progress import Console
 from harness import config, engine as docker_engine, image, rundir, sandbox
 from harness.backends.base import Backend, LaunchSpec
@@ -26,7 +27,6 @@ from harness.config import RunConfig
 from harness.errors import EnvironmentProblem, first_line
 from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 
-HOST_NAME_ENV = "HARNESS_HOST_NAME"
 LABEL = "org.harness.run"  # every training container carries it: `docker ps -a --filter label=...`
 GPU_HINT = ("The NVIDIA container runtime is missing: install the NVIDIA driver and the "
             "NVIDIA Container Toolkit (nvidia-ctk runtime configure --runtime=docker, then "
@@ -184,9 +184,9 @@ def container_options(conf: RunConfig, run_dir: Path, data_root: Optional[Path],
         command += ["--data-root", DATA_MOUNT]
     kwargs: Dict[str, Any] = dict(
         command=command,
-        # HOST_NAME_ENV: the lockfile records the host's name, not the container id.
+        # HOST_NAME: the lockfile records the host's name, not the container id.
         environment={**env, "PYTHONPATH": ":".join(pythonpath), "HOME": "/tmp",
-                     HOST_NAME_ENV: platform.node()},
+                     HOST_NAME: platform.node()},
         working_dir=script["workdir"] if script else RUN_MOUNT,
         volumes=volumes,
         labels={LABEL: run_dir.name, **opts.labels},

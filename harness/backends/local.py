@@ -9,9 +9,9 @@ import sys
 
 from harness import rundir
 from harness.backends.base import Backend, LaunchSpec
+from harness.env import LAUNCHER_PID
 from harness.progress import Console
 
-LAUNCHER_PID_ENV = "HARNESS_LAUNCHER_PID"
 
 
 class LocalHandle:
@@ -51,9 +51,9 @@ class LocalBackend(Backend):
             command += ["--data-root", str(spec.data_root)]
         command += list(spec.extra_args)
         # The pinned variables must be in the environment before the interpreter starts
-        # (PYTHONHASHSEED is read only at interpreter start-up). LAUNCHER_PID_ENV: the
+        # (PYTHONHASHSEED is read only at interpreter start-up). LAUNCHER_PID: the
         # training stops (checkpoint, exit 75) when this launcher dies.
-        env = {**os.environ, **spec.env, LAUNCHER_PID_ENV: str(os.getpid())}
+        env = {**os.environ, **spec.env, LAUNCHER_PID: str(os.getpid())}
         keep = (spec.lock_fd,) if spec.lock_fd is not None else ()
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1,
