@@ -14,6 +14,11 @@ Beside the file digests, the same file keeps values derived from a file's conten
 its sha256 (`derived`): the weights digest of a model.pt, which needs torch to compute, is
 then known to a replay that only hashed the file.
 
+A directory of many files is re-checked whole first (`tree_stamp`): find(1) stats every
+file in C and the listing of their stamps is hashed. A directory whose listing is what it
+was when all of its files were settled in the cache has the result it had then, with no
+per-file work in Python; any other is checked file by file.
+
 The cache is one SQLite file, $XDG_CACHE_HOME/harness/file-digests.sqlite (WAL, so two
 launches at once share it). It is an optimisation only: when it cannot be opened or
 written (a home directory on NFS, where WAL does not work), every file is hashed, as
@@ -24,12 +29,17 @@ mounts), the ctime argument does not hold: set HARNESS_REHASH=1 there.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import sqlite3
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
 from harness.env import REHASH
 
 
@@ -58,7 +68,7 @@ def digests(paths: Iterable[Path], kind: str, compute: Callable[[Path], str],
     releases the GIL) and remembered."""
     paths = [Path(p) for p in paths]
     return _digests(paths, [os.path.realpath(p) for p in paths], [stamp(p) for p in paths],
-                    kind, compute, rehash)
+                    kind, compute, rehash)[0]
 
 
 def tree_digests(root: Path, kind: str, compute: Callable[[Path], str],
@@ -68,13 +78,60 @@ def tree_digests(root: Path, kind: str, compute: Callable[[Path], str],
     links to files; real subdirectories, not linked ones). One stat per file and one cache
     query for the whole tree: a directory of many small files is re-checked at the speed of
     listing it."""
+    return _tree_digests(Path(root), kind, compute, rehash)[0]
+
+
+def tree_summary(root: Path, kind: str, compute: Callable[[Path], str],
+                 summarize: Callable[[List[Tuple[str, int, str]]], Dict[str, Any]],
+                 rehash: bool = False) -> Dict[str, Any]:
+    """summarize(tree_digests(root, ...)), remembered for the directory's tree_stamp once
+    every file in it is settled in the cache: an unchanged directory of a million files is
+    then re-checked by one find(1) and one query."""
+    rehash = rehash or os.environ.get(REHASH) == "1"
+    stamp_now = tree_stamp(root)  # with rehash too: a full pass settles the tree
+    kind_of_tree = f"tree:{kind}"
+    if stamp_now is not None and not rehash:
+        known = derived(kind_of_tree, stamp_now)
+        if known is not None:
+            return json.loads(known)
+    files, settled = _tree_digests(root, kind, compute, rehash)
+    summary = summarize(files)
+    if settled and stamp_now is not None and tree_stamp(root) == stamp_now:
+        remember_derived(kind_of_tree, stamp_now, json.dumps(summary))
+    return summary
+
+
+def _tree_digests(root: Path, kind: str, compute: Callable[[Path], str], rehash: bool
+                  ) -> Tuple[List[Tuple[str, int, str]], bool]:
     root = Path(root)
     found = sorted(_walk(str(root), os.path.realpath(root), ""),
                    key=lambda entry: entry[0].split("/"))
-    values = _digests([os.path.join(root, rel) for rel, _, _ in found],
-                      [name for _, name, _ in found], [st for _, _, st in found], kind,
-                      compute, rehash, prefix=os.path.realpath(root) + os.sep)
-    return [(rel, st[2], value) for (rel, _, st), value in zip(found, values)]
+    values, settled = _digests([os.path.join(root, rel) for rel, _, _ in found],
+                               [name for _, name, _ in found], [st for _, _, st in found],
+                               kind, compute, rehash, prefix=os.path.realpath(root) + os.sep)
+    return [(rel, st[2], value) for (rel, _, st), value in zip(found, values)], settled
+
+
+def tree_stamp(root: Path) -> Optional[str]:
+    """sha256 of the stamps (device, inode, size, mtime and ctime in ns) of every file under
+    the directory `root`, following links as the per-file walk reads them, or None where
+    find(1) is missing or fails (a loop of links, an unreadable folder). Equal stamps mean
+    unchanged files (the module's docstring says why); the listing follows the directory
+    order, so an unchanged tree lists the same, and a false difference costs only time."""
+    find = shutil.which("find")
+    if find is None:
+        return None
+    try:
+        listed = subprocess.run([find, "-L", ".", "-type", "f", "-printf",
+                                 "%P\\0%D %i %s %T@ %C@\\0"], cwd=root, capture_output=True,
+                                timeout=600)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if listed.returncode != 0:
+        return None
+    digest = hashlib.sha256(os.path.realpath(root).encode() + b"\0")
+    digest.update(listed.stdout)
+    return digest.hexdigest()
 
 
 def _walk(directory: str, real: str, relative: str) -> List[Tuple[str, str, Stamp]]:
@@ -95,9 +152,12 @@ def _walk(directory: str, real: str, relative: str) -> List[Tuple[str, str, Stam
 
 def _digests(paths: List, names: List[str], stamps: List[Stamp], kind: str,
              compute: Callable[[Path], str], rehash: bool,
-             prefix: Optional[str] = None) -> List[str]:
+             prefix: Optional[str] = None) -> Tuple[List[str], bool]:
+    """(the digests, whether every one of them is now in the cache: none too fresh to be
+    remembered, none changed while it was hashed)."""
     rehash = rehash or os.environ.get(REHASH) == "1"
     cache = _open()
+    settled = cache is not None
     try:
         known = _lookup(cache, kind, names, stamps, prefix) \
             if cache is not None and not rehash else {}
@@ -108,12 +168,13 @@ def _digests(paths: List, names: List[str], stamps: List[Stamp], kind: str,
                 computed = dict(zip(todo, pool.map(lambda i: compute(paths[i]), todo)))
             known.update(computed)
             if cache is not None:
-                _remember(cache, kind,
-                          [(names[i], stamps[i], computed[i], paths[i]) for i in todo])
+                remembered = _remember(cache, kind, [(names[i], stamps[i], computed[i],
+                                                      paths[i]) for i in todo])
+                settled = settled and remembered == len(todo)
     finally:
         if cache is not None:
             cache.close()
-    return [known[i] for i in range(len(paths))]
+    return [known[i] for i in range(len(paths))], settled
 
 
 def digest(path: Path, kind: str, compute: Callable[[Path], str],
@@ -197,7 +258,8 @@ def _lookup(cache: sqlite3.Connection, kind: str, names: List[str], stamps: List
 
 
 def _remember(cache: sqlite3.Connection, kind: str,
-              hashed: List[Tuple[str, Stamp, str, Path]]) -> None:
+              hashed: List[Tuple[str, Stamp, str, Path]]) -> int:
+    """Remember the settled ones; how many were."""
     now_ns = time.time_ns()
     rows = []
     for name, before, value, path in hashed:
@@ -213,4 +275,5 @@ def _remember(cache: sqlite3.Connection, kind: str,
             cache.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                               rows)
     except sqlite3.Error:
-        pass  # not remembered: hashed again next time
+        return 0  # not remembered: hashed again next time
+    return len(rows)

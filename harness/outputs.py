@@ -31,7 +31,11 @@ def hash_input(path: Path) -> Dict[str, Any]:
     if path.is_file():
         return {"sha256": hash_cache.digest(path, "sha256", file_sha256),
                 "bytes": path.stat().st_size}
-    files = hash_cache.tree_digests(path, "sha256", file_sha256)
+    return hash_cache.tree_summary(path, "sha256", file_sha256, tree_summary)
+
+
+def tree_summary(files: List[Tuple[str, int, str]]) -> Dict[str, Any]:
+    """A directory's sha256 over its files' relative paths and hashes, bytes and count."""
     digest = hashlib.sha256()
     for relative, _, sha in files:
         digest.update(f"{relative}\0{sha}\n".encode())
