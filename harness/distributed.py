@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from harness.env import RANKS, SLURM_LOCALID, SLURM_NODEID, SLURM_NTASKS, SLURM_PROCID
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
+from harness.rundir import TRAINING_MODULE
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
                  "MASTER_ADDR", "MASTER_PORT")
@@ -345,7 +346,7 @@ def launch_ranks(argv: List[str], devices: int, log_path: Path, launcher_pid_env
     # address (a container's host name with network none) gloo would warn and pick it too.
     env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, launcher_pid_env: str(os.getpid())}
     group.start(local_ranks(devices), lambda rank: subprocess.Popen(
-        [sys.executable, "-u", "-m", "harness.train", *child_argv],
+        [sys.executable, "-u", "-m", TRAINING_MODULE, *child_argv],
         env={**env, **rank.environment()},
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     code = group.wait()

@@ -28,6 +28,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+
 from harness.env import PREFIX
 
 

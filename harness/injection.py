@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from harness import rundir, seeding
 from harness.env import DETERMINISM, OP_TRACE_STEPS, RUN_DIR, SEED
+from harness.errors import EnvironmentProblem
 from harness.rundir import SCRIPT_REPORTS as REPORTS  # RUN_DIR/.script/<pid>.json
 from harness.rundir import SCRIPT_STACK, STACK_SIGNAL
 
@@ -169,9 +170,12 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
              if key != "env" and applied.get(key) != want]
     if wrong:
         sys.stdout.flush()
-        print(f"harness: error: determinism settings are not in effect in this process: "
-              f"{'; '.join(wrong)}", file=sys.stderr, flush=True)
-        os._exit(4)
+        problem = EnvironmentProblem(f"determinism settings are not in effect in this "
+                                     f"process: {'; '.join(wrong)}")
+        print(f"harness: error: {problem}", file=sys.stderr, flush=True)
+        # Not raised: this runs inside the user's `import torch`, where their code could
+        # catch it and train unpinned. The process ends with the error's exit code.
+        os._exit(problem.exit_code)
     _state["applied"] = applied
     _patch_dataloader(torch)
     _watch_compile(torch)

@@ -100,9 +100,11 @@ def source_date_epoch() -> int:
 
 
 def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = None,
-          lock_extra: Optional[Dict[str, Any]] = None) -> Path:
+          lock_extra: Optional[Dict[str, Any]] = None,
+          backend_facts: Optional[Dict[str, Any]] = None) -> Path:
     """Launch a resolved config as a new run and wait for it. Returns the run directory;
-    raises RunFailed (with the log path) when training did not succeed."""
+    raises RunFailed (with the log path) when training did not succeed. `backend_facts`:
+    the backend's lock facts where the caller has just asked for them (a replay's gate)."""
     launched = time.time()
     conf = config.typed(cfg)
     backend = backends.get(conf.backend.name, conf)
@@ -118,7 +120,9 @@ def start(cfg: Dict[str, Any], overrides: List[str], runs_dir: Optional[Path] = 
         data_root, data_files = data.prepare(cfg["data"])
     # A backend may add lock facts (docker: image and engine) and check that it can run
     # at all (engine up, image built, GPUs available) before anything is written.
-    lock_extra = {**backend.lock_facts(conf), **(lock_extra or {})}
+    if backend_facts is None:
+        backend_facts = backend.lock_facts(conf)
+    lock_extra = {**backend_facts, **(lock_extra or {})}
     runs_dir = runs_dir or rundir.default_runs_dir()
     tracking.check(cfg, runs_dir)
     run_dir = rundir.create(runs_dir, cfg["name"])

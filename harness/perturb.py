@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from typing import Dict
+
 from harness.env import PERTURB
 
 

@@ -73,12 +73,14 @@ def captured(run_dir: Path, lock: Dict[str, Any], cfg: Dict[str, Any]
 
 
 def current_environment(cfg: Dict[str, Any], env: Dict[str, Any],
-                        recorded_interpreters: Optional[List[Dict[str, Any]]] = None
+                        recorded_interpreters: Optional[List[Dict[str, Any]]] = None,
+                        backend_facts: Optional[Dict[str, Any]] = None
                         ) -> Tuple[Dict[str, Any], List[str]]:
     """(the environment a new training process would record, sections the gate must skip),
     from `env`, this host's capture, and the command's interpreters as they are now.
 
-    A backend contributes its lock facts (docker: the image it would use). One that trains
+    A backend contributes its lock facts (docker: the image it would use), as given in
+    `backend_facts` (the ones the replay's launch will record), else asked for. One that trains
     elsewhere (in an image, on a batch node) recorded the software and environment
     variables there, pinned by the image's id and digests, so this host's are not
     compared."""
@@ -88,7 +90,8 @@ def current_environment(cfg: Dict[str, Any], env: Dict[str, Any],
     env["harness"] = {"version": __version__,
                       "source_sha256": lockfile.harness_source_sha256()}
     backend = backends.get(cfg["backend"]["name"])
-    env.update(backend.lock_facts(config.typed(cfg)))
+    env.update(backend.lock_facts(config.typed(cfg)) if backend_facts is None
+               else backend_facts)
     skip: List[str] = ["software", "environment", "interpreters"] \
         if backend.trains_elsewhere else []
     if recorded_interpreters and not backend.trains_elsewhere:
@@ -138,13 +141,18 @@ def locate(ref: str, runs_dir: Optional[Path], tracking_uri: Optional[str]) -> s
 
 
 def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
-                        here: Dict[str, Any], allow_mismatch: bool) -> List[gate.Difference]:
-    """The gate: the differences between the run's environment and this one, or
-    ReplayRefused where one would break bitwise equality (unless `allow_mismatch`). A
-    docker run's image is made present first (pulled, or rebuilt and proved the same)."""
+                        here: Dict[str, Any], allow_mismatch: bool
+                        ) -> Tuple[List[gate.Difference], Dict[str, Any]]:
+    """The gate: (the differences between the run's environment and this one, the
+    backend's lock facts for the launch to record), or ReplayRefused where a difference
+    would break bitwise equality (unless `allow_mismatch`). A docker run's image is made
+    present first (pulled, or rebuilt and proved the same)."""
+    from harness import backends
+
     if lock.get("image") and cfg["backend"]["name"] == "docker":
         image.ensure_recorded(lock["image"], cfg["image"], run_id, allow_mismatch)
-    current, skip = current_environment(cfg, here, lock.get("interpreters"))
+    facts = backends.get(cfg["backend"]["name"]).lock_facts(config.typed(cfg))
+    current, skip = current_environment(cfg, here, lock.get("interpreters"), facts)
     diffs = gate.gate(lock, current, skip)
     blocking = [d for d in diffs if d.blocking]
     unproven = [d for d in diffs if d.group == gate.UNPROVEN]
@@ -167,7 +175,7 @@ def checked_environment(run_id: str, lock: Dict[str, Any], cfg: Dict[str, Any],
               f"reason in the new lock's replay_mismatches): "
               f"{', '.join(d.key for d in informational[:6])}"
               f"{' ...' if len(informational) > 6 else ''}", flush=True)
-    return diffs
+    return diffs, facts
 
 
 def likely_cause(diffs: List[gate.Difference], cpu_isa: str) -> str:
@@ -234,7 +242,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     if cache_key:
         print("harness: environment as captured before, for this unchanged interpreter, "
               "packages and machine (HARNESS_REHASH=1 captures it afresh)", flush=True)
-    diffs = checked_environment(orig_dir.name, lock, cfg, here, allow_mismatch)
+    diffs, facts = checked_environment(orig_dir.name, lock, cfg, here, allow_mismatch)
     blocking = [d for d in diffs if d.blocking]
     if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
         outputs.check_command_unchanged(lock["script"], Path.cwd(), orig_dir.name)
@@ -248,7 +256,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     train_started = time.perf_counter()
     try:
         new_dir = launch.start(cfg, lock.get("overrides", []), runs_dir or orig_dir.parent,
-                               extra)
+                               extra, backend_facts=facts)
     except RunFailed as failed:
         if not config.is_script(cfg):
             raise

@@ -47,6 +47,8 @@ from typing import Any, Dict, List, Optional
 from harness.env import RUNS
 from harness.errors import ConfigError, EnvironmentProblem, RunBusy
 
+# Every backend starts a training process as `python -u -m TRAINING_MODULE RUN_DIR`.
+TRAINING_MODULE = "harness.train"
 CONFIG = "config.yaml"
 OVERRIDES = "overrides.txt"
 LAUNCH = "launch.json"

@@ -24,7 +24,7 @@ from harness import __version__
 from harness.config import DockerConf
 from harness.env import RANKS, SLURM_JOB
 from harness.errors import REQUEUE_EXIT, ConfigError
-from harness.rundir import SLURM_LOG
+from harness.rundir import SLURM_LOG, TRAINING_MODULE
 from harness.sandbox import DATA_MOUNT, RUN_MOUNT, docker_cli_flags
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
@@ -142,7 +142,7 @@ def _venv_command(spec: JobSpec) -> str:
     """Runtime none: the harness venv on a shared filesystem; a data-parallel job runs it
     through srun, one task per rank."""
     data = ' --data-root "$DATA_ROOT"' if any(spec.data_roots) else ""
-    train = f'{q(spec.python)} -u -m harness.train "$RUN_DIR"{data}{_extra_args(spec)}'
+    train = f'{q(spec.python)} -u -m {TRAINING_MODULE} "$RUN_DIR"{data}{_extra_args(spec)}'
     if spec.world == 1:
         return train
     # One task per rank; a task that fails ends the step (-K), not a hang.
@@ -172,7 +172,7 @@ def _container_command(spec: JobSpec, runtime: str) -> str:
             f"digest.")
     python = q(spec.slurm.get("container_python") or "python")
     data = f" --data-root {DATA_MOUNT}" if has_data else ""
-    inner = f"{python} -u -m harness.train {RUN_MOUNT}{data}{_extra_args(spec)}"
+    inner = f"{python} -u -m {TRAINING_MODULE} {RUN_MOUNT}{data}{_extra_args(spec)}"
     gpus = gpus_wanted(spec)
     names = list(spec.env) + list(SLURM_JOB)
     if runtime == "docker":

@@ -31,6 +31,9 @@ from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 from harness.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus, output_to_log
 
 INJECT_DIR = Path(__file__).resolve().parent / "inject"
+# The command's exit code when it cannot be started: the shell's "command not found", so
+# that `harness run` ends as the same command typed at a shell would.
+COMMAND_NOT_STARTED = 127
 
 
 def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
@@ -169,8 +172,8 @@ def run_command(rt: Runtime, cfg: Dict[str, Any], run_dir: Path, resume: bool,
         said = (f"cannot start the command {argv[0]!r}: {exc.strerror}. Check that it is "
                 f"installed{' in the image' if in_container else ''} and on PATH, or give "
                 f"its path.")
-        _say_failed(run_dir, said, 127)
-        return 127, []
+        _say_failed(run_dir, said, COMMAND_NOT_STARTED)
+        return COMMAND_NOT_STARTED, []
     rt.stop.forward = lambda signum: _signal(child.pid, signum)
     if rt.stop.signum:  # a stop that came while we were starting it
         _signal(child.pid, rt.stop.signum)

@@ -77,21 +77,23 @@ def run_twice(cfg: Dict[str, Any], overrides: List[str], runs_dir: Path,
                     process.wait()
             for handle in outputs:
                 handle.close()
-    dirs = []
-    for code, log in zip(codes, logs):
-        run_dir = _run_dir_in(log)
-        if code != 0 or run_dir is None:
-            tail = "\n".join(log.strip().splitlines()[-6:])
-            raise RunFailed(f"a verify run failed (exit {code}):\n{tail}")
-        dirs.append(run_dir)
+        dirs = [_launched(Path(tmp), index + 1, code, log)
+                for index, (code, log) in enumerate(zip(codes, logs))]
     return dirs
 
 
-def _run_dir_in(log: str) -> Optional[Path]:
-    for line in reversed(log.splitlines()):
-        if line.startswith("run dir:"):
-            return Path(line.split(":", 1)[1].strip())
-    return None
+def _result_file(tmp: Path, index: int) -> Path:
+    """Where child `index` writes the run directory it launched (data, not its output)."""
+    return tmp / f"run-{index}.json"
+
+
+def _launched(tmp: Path, index: int, code: int, log: str) -> Path:
+    """Run `index`'s directory, or RunFailed with the end of its launcher's output."""
+    result = _result_file(tmp, index)
+    if code != 0 or not result.exists():
+        tail = "\n".join(log.strip().splitlines()[-6:])
+        raise RunFailed(f"a verify run failed (exit {code}):\n{tail}")
+    return Path(json.loads(result.read_text())["run_dir"])
 
 
 def _launch_child(argv: List[str]) -> int:
@@ -101,11 +103,13 @@ def _launch_child(argv: List[str]) -> int:
     cfg_path, runs_dir, index = argv
     job = json.loads(Path(cfg_path).read_text())
     try:
-        launch.start(job["config"], job["overrides"], Path(runs_dir),
-                     {"verify": {"run": int(index)}})
+        run_dir = launch.start(job["config"], job["overrides"], Path(runs_dir),
+                               {"verify": {"run": int(index)}})
     except HarnessError as exc:
         print(f"harness: error: {exc}", flush=True)
         return exc.exit_code
+    _result_file(Path(cfg_path).parent, int(index)).write_text(
+        json.dumps({"run_dir": str(run_dir)}))
     return 0
 
 

@@ -19,12 +19,12 @@ import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.env import HOST_NAME
-from harness.progress import Console
 from harness import config, engine as docker_engine, image, rundir, sandbox
 from harness.backends.base import Backend, LaunchSpec
 from harness.config import RunConfig
+from harness.env import HOST_NAME
 from harness.errors import EnvironmentProblem, first_line
+from harness.progress import Console
 from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 
 LABEL = "org.harness.run"  # every training container carries it: `docker ps -a --filter label=...`
@@ -179,7 +179,7 @@ def container_options(conf: RunConfig, run_dir: Path, data_root: Optional[Path],
         target = f"{CODE_MOUNT}/{i}"
         volumes[str(Path(directory).resolve())] = {"bind": target, "mode": "ro"}
         pythonpath.append(target)
-    command = ["python", "-u", "-m", "harness.train", RUN_MOUNT, "--watch-stdin"]
+    command = ["python", "-u", "-m", rundir.TRAINING_MODULE, RUN_MOUNT, "--watch-stdin"]
     if data_root:
         command += ["--data-root", DATA_MOUNT]
     kwargs: Dict[str, Any] = dict(

@@ -46,7 +46,7 @@ class LocalBackend(Backend):
     name = "local"
 
     def launch(self, spec: LaunchSpec) -> LocalHandle:
-        command = [sys.executable, "-u", "-m", "harness.train", str(spec.run_dir)]
+        command = [sys.executable, "-u", "-m", rundir.TRAINING_MODULE, str(spec.run_dir)]
         if spec.data_root:
             command += ["--data-root", str(spec.data_root)]
         command += list(spec.extra_args)
