@@ -2,7 +2,7 @@
 # make test                                            run the test suite (the default tier)
 # make test-fast                                       the unit tier: the in-process tests in
 #                                                      tests/unit, under a minute, no system parts
-# make lint                                            ruff on the tree (make test runs it)
+# make lint                                            ruff and the layers contract (make test runs it)
 # make test-long                                       the long tier: minutes-long builds and
 #                                                      the end-to-end variations
 PYTHON ?= python3
@@ -37,10 +37,12 @@ test: venv system lint
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-# ruff (pycodestyle, pyflakes, bugbear, blind excepts; pyproject.toml): part of make test,
-# and of pre-commit (.pre-commit-config.yaml) for who uses it.
+# ruff (pycodestyle, pyflakes, bugbear, blind excepts) and import-linter (the package's
+# layers), both configured in pyproject.toml: part of make test, and of pre-commit
+# (.pre-commit-config.yaml) for who uses it.
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test-long: venv system lint
 	$(BIN)/python -m pytest -m long $(PYTEST_ARGS)
