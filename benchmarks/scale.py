@@ -23,8 +23,11 @@ data (files written here; the hash cache in a temporary XDG_CACHE_HOME):
     .venv/bin/python benchmarks/scale.py [--models 1,10,50,120,350] [--data-gb 1,10]
                                          [--files 1000000] [--dir DIR]
     .venv/bin/python benchmarks/scale.py --quick     # smoke test: 1 M, 10 MB, 1000 files
+    .venv/bin/python benchmarks/scale.py --models none --data-gb none   # the files alone
 
-Prints JSON, merges it into benchmarks/results.json under "scale" (not with --quick), and
+`none` leaves a part out and keeps its recorded figures (each part records the machine
+class it ran on). Prints JSON, merges it into benchmarks/results.json under "scale" (not
+with --quick), and
 draws the curves in benchmarks/scale.png. Needs about 7 GB of memory at 350 M parameters
 and --data-gb plus the small files of free disk in --dir (default: a temporary directory).
 """
@@ -43,6 +46,7 @@ import time
 from pathlib import Path
 
 import record
+from harness import machine
 from spread import interleave, summary
 
 HERE = Path(__file__).resolve().parent
@@ -242,24 +246,34 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     result = {"load_avg_1m_start": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
               "models": {}, "data": {}}
+    kept = {} if args.quick else json.loads(record.RESULTS.read_text()).get("scale", {})
+    here = machine.class_id(machine.this_machine())
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="harness-scale-") as tmp:
         tmp = Path(tmp)
         os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")
-        for millions in [int(m) for m in args.models.split(",")]:
+        if args.models == "none":
+            result["models"] = kept.get("models", {})
+        for millions in [] if args.models == "none" else [int(m) for m in args.models.split(",")]:
             print(f"scale: {millions} M parameters ...", file=sys.stderr, flush=True)
-            result["models"][f"{millions}M"] = model_costs(millions, tmp, args.pairs)
-        for gigabytes in [float(g) for g in args.data_gb.split(",")]:
+            result["models"][f"{millions}M"] = {**model_costs(millions, tmp, args.pairs),
+                                                "machine_class": here}
+        if args.data_gb == "none":
+            result["data"] = {k: v for k, v in kept.get("data", {}).items() if "GB" in k}
+        for gigabytes in [] if args.data_gb == "none" else \
+                [float(g) for g in args.data_gb.split(",")]:
             print(f"scale: one file of {gigabytes:g} GB ...", file=sys.stderr, flush=True)
             path = tmp / f"data-{gigabytes:g}GB.bin"
             write_large(path, gigabytes)
-            result["data"][f"{gigabytes:g}GB"] = data_costs(path)
+            result["data"][f"{gigabytes:g}GB"] = {**data_costs(path), "machine_class": here}
             path.unlink()
         print(f"scale: {args.files} small files ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         write_small(tmp / "small", args.files)
+        written_s = round(time.perf_counter() - started, 1)
         result["data"][f"{args.files}files"] = {
-            **data_costs(tmp / "small"), "written_s": round(time.perf_counter() - started, 1)}
-    result["peak_rss_gb"] = peak_rss_gb()
+            **data_costs(tmp / "small"), "written_s": written_s, "machine_class": here}
+    # The largest model sets the peak: kept with the models when they are left out.
+    result["peak_rss_gb"] = kept.get("peak_rss_gb") if args.models == "none" else peak_rss_gb()
     result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     if not args.quick:
         draw(result, HERE / "scale.png")

@@ -116,22 +116,44 @@ def tree_stamp(root: Path) -> Optional[str]:
     """sha256 of the stamps (device, inode, size, mtime and ctime in ns) of every file under
     the directory `root`, following links as the per-file walk reads them, or None where
     find(1) is missing or fails (a loop of links, an unreadable folder). Equal stamps mean
-    unchanged files (the module's docstring says why); the listing follows the directory
-    order, so an unchanged tree lists the same, and a false difference costs only time."""
+    unchanged files (the module's docstring says why). The tree is split into one part per
+    core, each listed by its own find; a listing follows the directory order, so an
+    unchanged tree lists the same, and a false difference costs only time."""
     find = shutil.which("find")
     if find is None:
         return None
     try:
-        listed = subprocess.run([find, "-L", ".", "-type", "f", "-printf",
-                                 "%P\\0%D %i %s %T@ %C@\\0"], cwd=root, capture_output=True,
-                                timeout=600)
+        parts = _parts(str(root), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=len(parts) or 1) as pool:
+            listed = list(pool.map(lambda part: subprocess.run(
+                [find, "-L", *part, "-type", "f", "-printf", "%p\\0%D %i %s %T@ %C@\\0"],
+                cwd=root, capture_output=True, timeout=600), parts))
     except (OSError, subprocess.SubprocessError):
         return None
-    if listed.returncode != 0:
+    if any(done.returncode != 0 for done in listed):
         return None
     digest = hashlib.sha256(os.path.realpath(root).encode() + b"\0")
-    digest.update(listed.stdout)
+    for done in listed:
+        digest.update(done.stdout)
     return digest.hexdigest()
+
+
+def _parts(root: str, cores: int) -> List[List[str]]:
+    """The start points for find, relative to `root` and in sorted order, in about `cores`
+    groups of consecutive points. A tree with few entries at its top is opened one level
+    further (real directories only), so that one large folder is still split."""
+    points = [f"./{name}" for name in sorted(os.listdir(root))]
+    if len(points) < 4 * cores:
+        opened = []
+        for point in points:
+            full = os.path.join(root, point)
+            if os.path.isdir(full) and not os.path.islink(full):
+                opened += [f"{point}/{name}" for name in sorted(os.listdir(full))] or [point]
+            else:
+                opened.append(point)
+        points = opened
+    size = -(-len(points) // cores) if points else 1
+    return [points[i:i + size] for i in range(0, len(points), size)] or [["."]]
 
 
 def _walk(directory: str, real: str, relative: str) -> List[Tuple[str, str, Stamp]]:
