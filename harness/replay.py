@@ -230,8 +230,8 @@ def replayed(run_dir: Path, lock: Dict[str, Any]) -> Dict[str, Any]:
 def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
            tracking_uri: Optional[str] = None, negative_control: bool = False,
            trust: bool = False) -> int:
-    from harness import launch
-
+    """Replay a run: plan it without torch (integrity, trust, the gate), run it again,
+    compare bit for bit, and return 0 for IDENTICAL; raise Diverged or Unverified else."""
     started = time.perf_counter()
     orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir, trust)
     if negative_control and config.is_script(cfg):
@@ -243,7 +243,6 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         print("harness: environment as captured before, for this unchanged interpreter, "
               "packages and machine (HARNESS_REHASH=1 captures it afresh)", flush=True)
     diffs, facts = checked_environment(orig_dir.name, lock, cfg, here, allow_mismatch)
-    blocking = [d for d in diffs if d.blocking]
     if config.is_script(cfg):  # the same inputs, or no proof: refuse (exit 3) before running
         outputs.check_command_unchanged(lock["script"], Path.cwd(), orig_dir.name)
         for warning in lock["script"]["warnings"]:
@@ -251,33 +250,19 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     gate_s = time.perf_counter() - started
 
     link = replayed(orig_dir, lock)
-    extra = {"replay_of": link,
-             "replay_mismatches": [d.to_json() for d in diffs]}
     train_started = time.perf_counter()
-    try:
-        new_dir = launch.start(cfg, lock.get("overrides", []), runs_dir or orig_dir.parent,
-                               extra, backend_facts=facts)
-    except RunFailed as failed:
-        if not config.is_script(cfg):
-            raise
-        raise RunFailed(f"{failed}{environment_hint(lock)}", failed.exit_code) from None
+    new_dir = relaunched(cfg, lock, runs_dir or orig_dir.parent,
+                         {"replay_of": link, "replay_mismatches": [d.to_json() for d in diffs]},
+                         facts)
     train_s = time.perf_counter() - train_started
 
     compare_started = time.perf_counter()
     new_lock = lockfile.read(new_dir / rundir.LOCK)
     held_against_run(here, cache_key, new_lock, cfg)
-    if config.is_script(cfg):
-        report = compare.compare_outputs(orig_dir, new_dir, lock, new_lock)
-    else:
-        report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
-    if report["verdict"] == compare.DIVERGED:
-        try:
-            report["first_differing_op"] = op_trace.compare(
-                orig_dir, new_dir, op_trace.environment_fields(diffs))
-        except LockfileError as exc:  # the verdict stands; only its explanation is lost
-            report["first_differing_op"] = {"kind": "unreadable", "line": f"op trace: {exc}"}
+    report = compared(orig_dir, new_dir, lock, new_lock, cfg, diffs)
     compare_s = time.perf_counter() - compare_started
     print(compare.render(report), flush=True)
+    blocking = [d for d in diffs if d.blocking]
     record = {**report, "replay_of": link, "allowed_mismatch": bool(blocking),
               "blocking_differences": [d.to_json() for d in blocking],
               "timing": {"gate_s": round(gate_s, 3), "train_s": round(train_s, 3),
@@ -295,6 +280,43 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
         print(f"harness: machine classes {unproven_class.a} and {unproven_class.b} gave the "
               f"same bits for this run; `make record-machine` on both records it as "
               f"evidence for every run of this CPU mode.", flush=True)
+    raise_unless_identical(report, orig_dir, new_dir, cfg, diffs)
+    return 0
+
+
+def relaunched(cfg: Dict[str, Any], lock: Dict[str, Any], runs_dir: Path,
+               extra: Dict[str, Any], facts: Dict[str, Any]) -> Path:
+    """The replay's own run; a command's failure names the environment it needed."""
+    from harness import launch
+
+    try:
+        return launch.start(cfg, lock.get("overrides", []), runs_dir, extra,
+                            backend_facts=facts)
+    except RunFailed as failed:
+        if not config.is_script(cfg):
+            raise
+        raise RunFailed(f"{failed}{environment_hint(lock)}", failed.exit_code) from None
+
+
+def compared(orig_dir: Path, new_dir: Path, lock: Dict[str, Any], new_lock: Dict[str, Any],
+             cfg: Dict[str, Any], diffs: List[gate.Difference]) -> Dict[str, Any]:
+    """The bitwise comparison; where it DIVERGED, the first op that computed differently."""
+    if config.is_script(cfg):
+        report = compare.compare_outputs(orig_dir, new_dir, lock, new_lock)
+    else:
+        report = compare.compare_runs(orig_dir, new_dir, lock, new_lock)
+    if report["verdict"] == compare.DIVERGED:
+        try:
+            report["first_differing_op"] = op_trace.compare(
+                orig_dir, new_dir, op_trace.environment_fields(diffs))
+        except LockfileError as exc:  # the verdict stands; only its explanation is lost
+            report["first_differing_op"] = {"kind": "unreadable", "line": f"op trace: {exc}"}
+    return report
+
+
+def raise_unless_identical(report: Dict[str, Any], orig_dir: Path, new_dir: Path,
+                           cfg: Dict[str, Any], diffs: List[gate.Difference]) -> None:
+    """The verdict as an exit: Unverified (8) or Diverged (7) with what to do next."""
     checked = report.get("negative_control")
     if checked and checked["verdict"] == compare.IDENTICAL:
         raise Unverified(
@@ -328,7 +350,6 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
             f"`harness verify {cfg['name']}` here to see "
             f"whether the config is deterministic and which module differs first."
             f"{op_line(report)}")
-    return 0
 
 
 def op_line(report: Dict[str, Any]) -> str:

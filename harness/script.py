@@ -37,6 +37,8 @@ COMMAND_NOT_STARTED = 127
 
 
 def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
+    """Run the command of the run in `run_dir` under the runtime, then record its outputs
+    and write the lock. Returns the command's exit code (0 once the lock is written)."""
     rt = Runtime(run_dir, watch_stdin)  # stop signals and the launcher watch first
     # Ctrl-C and a closed terminal reach the launcher, which stops us with SIGTERM (passed
     # on to the command); dying here at once would leave the command running unwatched.
@@ -70,6 +72,20 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     started = time.time()
     code, hung = run_command(rt, cfg, run_dir, resume, in_container=watch_stdin)
     ended = time.time()
+    if code != 0 or (hung and not patterns):
+        return failed(run_dir, code, hung, workdir, in_container=watch_stdin)
+    attempts = max(restarts, int(rundir.read_json(run_dir / rundir.STATUS).get("resumes", 0)))
+    record(rt, run_dir, before, hung, timing={"first_step_unix": started,
+                                              "command_s": round(ended - started, 3)},
+           resumes=[{"attempt": n + 1} for n in range(attempts)] if resume else [],
+           resumed=resume)
+    return 0
+
+
+def failed(run_dir: Path, code: int, hung: List[Dict[str, Any]], workdir: Path,
+           in_container: bool) -> int:
+    """A command that was preempted, failed, or left ranks hanging with nothing declared
+    to show its work was done: said, kept in status.json; the run's exit code."""
     if code == REQUEUE_EXIT:
         print(f"harness: the command exited with code {REQUEUE_EXIT} (preempted, resumable): "
               f"continue it with `harness train --resume {run_dir.name}`", flush=True)
@@ -77,7 +93,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     if code != 0:
         print(f"harness: error: the command exited with code {code}", file=sys.stderr,
               flush=True)
-        unseen = unseen_paths(injection.read_reports(run_dir), workdir) if watch_stdin else []
+        unseen = unseen_paths(injection.read_reports(run_dir), workdir) if in_container else []
         if unseen:
             said = (f"the command failed opening {unseen[0]}, which is not in the container: "
                     f"it sees the working directory {workdir} (read-only), the declared "
@@ -88,12 +104,19 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
         if not rundir.recorded_error(run_dir):  # --nproc: which process failed, if said
             rundir.record_error(run_dir, f"the command exited with code {code}", code)
         return code
-    if hung and not patterns:
-        said = (f"rank(s) {', '.join(str(h['rank']) for h in hung)} did not exit and were "
-                f"stopped, and the command declares no output (--output) to show that its "
-                f"work was done: the run failed. Declare what it writes to keep such a run.")
-        _say_failed(run_dir, said, 1)
-        return 1
+    said = (f"rank(s) {', '.join(str(h['rank']) for h in hung)} did not exit and were "
+            f"stopped, and the command declares no output (--output) to show that its "
+            f"work was done: the run failed. Declare what it writes to keep such a run.")
+    _say_failed(run_dir, said, 1)
+    return 1
+
+
+def record(rt: Runtime, run_dir: Path, before: Dict[str, Any], hung: List[Dict[str, Any]],
+           timing: Dict[str, Any], resumes: List[Dict[str, int]], resumed: bool) -> None:
+    """A command that succeeded: its outputs collected and hashed, what its processes
+    reported, warnings said, and the lock written."""
+    cfg, facts = rt.cfg, rt.launch["lock"]["script"]
+    workdir, patterns = Path(facts["workdir"]), cfg["command"]["outputs"]
     files, warnings = outputs.collect(patterns + recorded_outputs(run_dir, workdir), workdir,
                                       run_dir, before)
     warnings += [f"rank {h['rank']} did not exit within {cfg['command']['exit_grace_s']:g} s "
@@ -112,16 +135,13 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
               "harness.runtime.record_output): a replay can compare only what it printed. "
               "Declare the files it writes to have its results compared.", flush=True)
     rt.in_effect = pinned[0]["applied"] if pinned else {}
-    results = {"exit_code": code, "outputs": files, "outputs_sha256": _digest(files),
-               **console_result(run_dir, resume or cfg["command"].get("nproc", 1) > 1)}
+    results = {"exit_code": 0, "outputs": files, "outputs_sha256": _digest(files),
+               **console_result(run_dir, resumed or cfg["command"].get("nproc", 1) > 1)}
     if (run_dir / rundir.OP_TRACE).is_file():  # command.op_trace_steps: its first steps' ops
         from harness.digest import file_sha256
 
         results["op_trace_sha256"] = file_sha256(run_dir / rundir.OP_TRACE)
-    attempts = max(restarts, int(rundir.read_json(run_dir / rundir.STATUS).get("resumes", 0)))
-    rt.write_lock(results, resumes=[{"attempt": n + 1} for n in range(attempts)] if resume
-                  else [], timing={"first_step_unix": started,
-                                   "command_s": round(ended - started, 3)},
+    rt.write_lock(results, resumes=resumes, timing=timing,
                   extra={"script": {**facts, "warnings": warnings,
                                     "imported": imports.merge_files(reports, workdir,
                                                                     facts["inputs"]),
@@ -131,7 +151,6 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
     injection.clear_reports(run_dir, keep_reports=True)
     print(f"harness: {len(files)} output file(s) recorded (outputs sha256 "
           f"{results['outputs_sha256'][:16]}...)", flush=True)
-    return 0
 
 
 def _say_failed(run_dir: Path, said: str, code: int) -> None:
