@@ -78,14 +78,17 @@ def record_output(path) -> None:
 
 
 class Runtime:
-    def __init__(self, run_dir: Path, watch_stdin: bool = False):
+    def __init__(self, run_dir: Path, watch_stdin: bool = False,
+                 cfg: Optional[Dict[str, Any]] = None):
+        """`cfg`: the run's config.yaml where the caller has read it already."""
         self.started = time.time()
         self.run_dir = Path(run_dir)
         # Before anything else: a stop signal must find its handler, even one sent because
         # the launcher died while this process was starting.
         self.stop = StopRequest(self.run_dir / rundir.LOG).install()
         stop_when_launcher_dies(watch_stdin)
-        self.cfg: Dict[str, Any] = load_yaml(self.run_dir / rundir.CONFIG)
+        self.cfg: Dict[str, Any] = cfg if cfg is not None else \
+            load_yaml(self.run_dir / rundir.CONFIG)
         self.launch: Dict[str, Any] = rundir.read_json(self.run_dir / rundir.LAUNCH)
         self.in_effect: Dict[str, Any] = {}
         self._checkpoint_facts: Optional[Dict[str, Any]] = None
@@ -94,8 +97,9 @@ class Runtime:
         self.device = torch.device(self.cfg["trainer"]["device"])
 
     @classmethod
-    def start(cls, run_dir: Path, watch_stdin: bool = False) -> "Runtime":
-        runtime = cls(run_dir, watch_stdin)
+    def start(cls, run_dir: Path, watch_stdin: bool = False,
+              cfg: Optional[Dict[str, Any]] = None) -> "Runtime":
+        runtime = cls(run_dir, watch_stdin, cfg)
         det = runtime.cfg["determinism"]
         # Determinism first: nothing may draw a random number before the seeds are set.
         determinism.apply(det)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from harness import config, distributed, imports, injection, outputs, rundir
 from harness.env import (DETERMINISM, INJECT, LAUNCHER_PID, OP_TRACE_STEPS, RESUME, RUN_DIR,
@@ -36,10 +36,11 @@ INJECT_DIR = Path(__file__).resolve().parent / "inject"
 COMMAND_NOT_STARTED = 127
 
 
-def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False) -> int:
+def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False,
+        cfg: Optional[Dict[str, Any]] = None) -> int:
     """Run the command of the run in `run_dir` under the runtime, then record its outputs
     and write the lock. Returns the command's exit code (0 once the lock is written)."""
-    rt = Runtime(run_dir, watch_stdin)  # stop signals and the launcher watch first
+    rt = Runtime(run_dir, watch_stdin, cfg)  # stop signals and the launcher watch first
     # Ctrl-C and a closed terminal reach the launcher, which stops us with SIGTERM (passed
     # on to the command); dying here at once would leave the command running unwatched.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

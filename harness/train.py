@@ -132,10 +132,10 @@ class Progress:
 
 
 def run(run_dir: Path, data_root: str | None, resume: bool = False,
-        watch_stdin: bool = False) -> Dict[str, Any] | None:
+        watch_stdin: bool = False, cfg: Dict[str, Any] | None = None) -> Dict[str, Any] | None:
     """Train the run; returns its results, or None when a stop signal made it checkpoint
     and stop early (the caller exits with REQUEUE_EXIT)."""
-    rt = Runtime.start(run_dir, watch_stdin)  # signals, determinism, seeds, device, ranks
+    rt = Runtime.start(run_dir, watch_stdin, cfg)  # signals, determinism, seeds, device, ranks
     cfg, device, det, rank = rt.cfg, rt.device, rt.cfg["determinism"], rt.rank
 
     seeds = seeding.source_seeds(cfg)
@@ -447,13 +447,14 @@ def main(argv: List[str] | None = None) -> int:
         if is_script(cfg):
             from harness import script  # the user's own command (`harness run`)
 
-            return script.run(args.run_dir, resume=args.resume, watch_stdin=args.watch_stdin)
+            return script.run(args.run_dir, resume=args.resume, watch_stdin=args.watch_stdin,
+                              cfg=cfg)
         world = distributed.World.of(cfg)
         if distributed.this_rank(world.size, world.devices) is None:
             return start_ranks(args.run_dir, argv if argv is not None else sys.argv[1:],
                                cfg, args.watch_stdin)
         results = run(args.run_dir, args.data_root, resume=args.resume,
-                      watch_stdin=args.watch_stdin)
+                      watch_stdin=args.watch_stdin, cfg=cfg)
     except OSError as exc:  # metrics, the lockfile: a full disk is said as such
         full = rundir.out_of_space(exc, args.run_dir, exc.filename or "the run directory")
         if full is None:
