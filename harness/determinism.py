@@ -59,10 +59,15 @@ def cpu_supports(pin: str, flags) -> bool:
     return set(CPU_ISA[pin]["needs"]) <= set(flags)
 
 
+def cpu_pin(det: Dict[str, Any]) -> Dict[str, Any]:
+    """The CPU_ISA entry of a determinism section's cpu_isa (native: none, {})."""
+    return CPU_ISA.get(det.get("cpu_isa") or "native", {})
+
+
 def pinned_environment(det: Dict[str, Any]) -> Dict[str, str]:
     """Variables the training process must start with."""
     threads = str(det["threads"])
-    isa = CPU_ISA.get(det.get("cpu_isa") or "native", {}).get("env", {})
+    isa = cpu_pin(det).get("env", {})
     return {**isa,
         # Python's str/bytes hashing is salted per process unless this is fixed: set and
         # dict iteration orders (and anything built from them) would change between runs.
@@ -83,7 +88,7 @@ def apply(det: Dict[str, Any]) -> None:
 
     mode = det["mode"]
     torch.set_num_threads(det["threads"])
-    pin = CPU_ISA.get(det.get("cpu_isa") or "native", {})
+    pin = cpu_pin(det)
     if pin.get("mkldnn") is False:
         torch.backends.mkldnn.enabled = False  # cpu_isa=portable: see CPU_ISA
     if pin.get("nnpack") is False:
@@ -162,7 +167,7 @@ def expected_audit(det: Dict[str, Any]) -> Dict[str, Any]:
         "torch_num_interop_threads": 1,
         "env": pinned_environment(det),
     }
-    pin = CPU_ISA.get(det.get("cpu_isa") or "native", {})
+    pin = cpu_pin(det)
     for library in ("mkldnn", "nnpack"):
         if pin.get(library) is False:
             expected[f"{library}_enabled"] = False

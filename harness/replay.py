@@ -270,7 +270,7 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     rundir.write_json(new_dir / rundir.REPLAY, record)  # kept even if the control fails
     if negative_control and report["verdict"] == compare.IDENTICAL:
         report["negative_control"] = record["negative_control"] = \
-            control(cfg, lock, orig_dir, runs_dir or orig_dir.parent)
+            control(cfg, lock, orig_dir, runs_dir or orig_dir.parent, facts)
         rundir.write_json(new_dir / rundir.REPLAY, record)
     if "negative_control" in report:  # the replay's directory is the last one named
         print(f"run dir: {new_dir}", flush=True)
@@ -363,9 +363,10 @@ def op_line(report: Dict[str, Any]) -> str:
 
 
 def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
-            runs_dir: Path) -> Dict[str, Any]:
+            runs_dir: Path, facts: Dict[str, Any]) -> Dict[str, Any]:
     """The negative control: the same config once more, one weight bit flipped after step 1
-    (harness/perturb.py), compared with the original. It must come out DIVERGED."""
+    (harness/perturb.py), compared with the original. It must come out DIVERGED. `facts`:
+    the backend's lock facts the replay's gate asked for."""
     import os
 
     from harness import launch
@@ -376,7 +377,8 @@ def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
         control_dir = launch.start(cfg, lock.get("overrides", []), runs_dir,
                                    {"negative_control_of": {
                                        "run_id": lock["run_id"],
-                                       "perturbation": perturb.DESCRIPTION}})
+                                       "perturbation": perturb.DESCRIPTION}},
+                                   backend_facts=facts)
     finally:
         os.environ.pop(PERTURB, None)
     report = compare.compare_runs(orig_dir, control_dir, lock,
