@@ -35,9 +35,11 @@ def write_cost(tmp: Path) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from harness import checkpoint, config, determinism, seeding
+    from harness import config
+    from harness.commands import choices
+    from harness.training import checkpoint, determinism, seeding
 
-    cfg = config.compose("fashion_mnist", [], config.BUILTIN_CONFIG_DIR)
+    cfg = choices.compose("fashion_mnist", [], config.BUILTIN_CONFIG_DIR)
     determinism.apply(cfg["determinism"])
     seeding.seed_everything(0)
     model = instantiate(cfg["model"])
@@ -104,9 +106,9 @@ def scale_cost(tmp: Path, sizes=(1, 10, 50, 120), pairs: int = 4) -> dict:
 def _save_pair(millions: int, tmp: Path, pairs: int) -> dict:
     """checkpoint.save against torch.save of one size's state (scale_cost)."""
     import torch
-
-    from harness import checkpoint
     from spread import interleave, summary
+
+    from harness.training import checkpoint
 
     width = int((millions * 1e6 / 4) ** 0.5)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)

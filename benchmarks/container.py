@@ -32,14 +32,14 @@ from pathlib import Path
 import record
 from spread import interleave, paired_ratios, summary
 
-
 # The same steps in both places: the harness's own data order, seeding and model, timed
 # after a warm-up. argv: data root, warm-up steps, timed steps.
 STEPS = r"""
 import json, sys, time, torch
 from hydra.utils import instantiate
-from harness import config, determinism, seeding
-from harness.train import EpochShards, epoch_loader
+from harness import config
+from harness.training import determinism, seeding
+from harness.training.loop import EpochShards, epoch_loader
 cfg = config.validate(json.loads(sys.argv[4]))
 determinism.apply(cfg["determinism"]); seeding.seed_everything(cfg["seed"])
 dataset = instantiate(cfg["data"]["dataset"], split="train", root=sys.argv[1])
@@ -63,9 +63,9 @@ print(json.dumps({"steps_per_s": steps / (time.perf_counter() - start),
 
 
 def compose(overrides):
-    from harness import config
+    from harness.commands import choices
 
-    return config.compose("fashion_mnist", ["backend=docker", *overrides])
+    return choices.compose("fashion_mnist", ["backend=docker", *overrides])
 
 
 def in_container(engine, reference, cfg, data_root, run_dir, env, args) -> dict:
@@ -110,17 +110,18 @@ def bare(rootfs: Path, cfg, data_root, env, args) -> dict:
 
 def start_to_first_step(backend, cfg, data_root, data_files, runs: Path) -> float:
     """Backend launch (container create + start) to the first optimizer step."""
-    from harness import backends, config, launch, rundir
-    from harness.determinism import pinned_environment
+    from harness import backends, config, rundir
+    from harness.commands import train
+    from harness.training.determinism import pinned_environment
 
     facts = backend.lock_facts(config.typed(cfg))
     run_dir = rundir.create(runs, cfg["name"])
-    launch.prepare(run_dir, cfg, [], backend.name, data_root, data_files, time.time(), facts)
+    host_facts = train.prepare(run_dir, cfg, [], backend.name, data_root, data_files,
+                               time.time(), facts)
     rundir.write_status(run_dir, "running", backend=backend.name)
     started = time.time()
     handle = backend.launch(backends.LaunchSpec(
-        run_dir=run_dir, conf=config.typed(cfg),
-        lock=rundir.read_json(run_dir / rundir.LAUNCH)["lock"],
+        run_dir=run_dir, conf=config.typed(cfg), lock=host_facts,
         env=pinned_environment(cfg["determinism"]), data_root=data_root))
     with open(os.devnull, "w") as sink:
         saved, sys.stdout = sys.stdout, sink
@@ -210,12 +211,13 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats = 5, 2, 2
 
-    from harness import data, image
-    from harness import engine as docker_engine
-    from harness.determinism import pinned_environment
+    from harness.containers import image
+    from harness.host import docker_engine
+    from harness.training import datasets
+    from harness.training.determinism import pinned_environment
 
     cfg = compose([f"trainer.max_steps={args.warmup + 2}", "trainer.eval_limit=100"])
-    data_root, data_files = data.prepare(cfg["data"])
+    data_root, data_files = datasets.prepare(cfg["data"])
     engine = docker_engine.client()
     built = image.build(cfg["image"], engine=engine)
     env = pinned_environment(cfg["determinism"])

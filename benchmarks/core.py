@@ -29,7 +29,6 @@ import record
 from spread import interleave, paired_ratios, summary, timed
 
 
-
 def harness_train(runs: Path, *overrides: str) -> tuple[dict, float]:
     """Run `harness train fashion_mnist`; return its lockfile and the launch wall time."""
     t0 = time.time()
@@ -46,10 +45,12 @@ def harness_train(runs: Path, *overrides: str) -> tuple[dict, float]:
 BARE_LOOP = r"""
 import json, sys, time, torch
 from hydra.utils import instantiate
-from harness import config, data, determinism, seeding
-from harness.train import EpochShards, epoch_loader
-cfg = config.compose("fashion_mnist", sys.argv[2:])
-root, _ = data.prepare(cfg["data"])
+from harness import config
+from harness.commands import choices
+from harness.training import datasets, determinism, seeding
+from harness.training.loop import EpochShards, epoch_loader
+cfg = choices.compose("fashion_mnist", sys.argv[2:])
+root, _ = datasets.prepare(cfg["data"])
 determinism.apply(cfg["determinism"]); seeding.seed_everything(cfg["seed"])
 dataset = instantiate(cfg["data"]["dataset"], split="train", root=str(root))
 model = instantiate(cfg["model"])
@@ -133,7 +134,7 @@ CAPTURE = r"""
 import json, time
 t = time.perf_counter()
 import torch
-from harness import lockfile
+from harness.record import lockfile
 t_import = time.perf_counter()
 lockfile.capture_software(); lockfile.capture_hardware(); lockfile.capture_environment()
 print(json.dumps({"capture_s": time.perf_counter() - t_import, "torch_import_s": t_import - t}))
@@ -156,7 +157,7 @@ def sample_seeding(pairs: int, batch: int = 64) -> dict:
     in the main process (so the once-per-batch save/restore of the generators counts)."""
     import torch
 
-    from harness.seeding import SeededSamples
+    from harness.training.seeding import SeededSamples
 
     image = torch.zeros(1, 28, 28)
 

@@ -23,7 +23,7 @@ import record
 from core import harness_train
 from spread import interleave, paired_ratios, summary
 
-from harness import machine
+from harness.host import machine_class
 
 
 def steps_per_s(runs: Path, steps: int, mode: str) -> float:
@@ -51,13 +51,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pairs = 10, 1
-    facts = machine.this_machine()
+    facts = machine_class.this_machine()
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / "runs"
         result = {mode: over_native(runs, args.steps, args.pairs, mode)
                   for mode in ("portable", "avx2")}
     result.update({"steps": args.steps, "pairs": args.pairs,
-                   "machine_class": machine.class_id(facts), "target_portable": 0.7,
+                   "machine_class": machine_class.class_id(facts), "target_portable": 0.7,
                    "cores": os.cpu_count(), "python": sys.version.split()[0]})
     if not args.quick:
         record.save("cpu_modes", result)

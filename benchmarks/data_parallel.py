@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BARE_RANKS = r"""
 import os, sys, time, torch, torch.distributed as dist, torch.multiprocessing as mp
-from harness.models import SmallCNN
+from harness.training.models import SmallCNN
 
 def rank_loop(rank, ddp, port):
     torch.set_num_threads(1); torch.set_num_interop_threads(1); torch.manual_seed(0)
@@ -56,7 +56,7 @@ def rank_loop(rank, ddp, port):
     if rank == 0:
         print(150 * 64 / (time.perf_counter() - started), flush=True)
     dist.barrier()
-    os._exit(0)  # see harness/distributed.py, _HELD
+    os._exit(0)  # see harness/training/distributed.py, _HELD
 
 if __name__ == "__main__":
     mp.start_processes(rank_loop, args=(sys.argv[1] == "ddp", int(sys.argv[2])), nprocs=2,
@@ -96,7 +96,7 @@ def throughput(runs: Path, steps: int, pairs: int) -> dict:
 
 def bare_samples_per_s(mode: str) -> float:
     sys.path.insert(0, str(ROOT))
-    from harness.distributed import free_port
+    from harness.training.distributed import free_port
 
     done = subprocess.run([sys.executable, "-c", BARE_RANKS, mode, str(free_port())],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)

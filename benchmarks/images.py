@@ -1,7 +1,7 @@
 """Image benchmark, per profile (cpu and cuda), side by side:
 
   * cold build: every layer built again (no build cache) from the pinned base and the
-    wheelhouse already on the host, and rewritten reproducibly (harness/oci.py), to a
+    wheelhouse already on the host, and rewritten reproducibly (harness/containers/oci.py), to a
     throwaway tag that is removed afterwards. Target: <= 1.5x the build before the
     rewrite (cpu 57.3 s, cuda 239.6 s on the development machines): cpu <= 86 s,
     cuda <= 359 s.
@@ -38,10 +38,9 @@ import record
 from container import compose, start_to_first_step
 
 
-
 def cold_build(engine, profile_cfg: dict) -> dict:
     """Seconds for a build without cache, and the image's size; nothing is left behind."""
-    from harness import image
+    from harness.containers import image
 
     ident = {**image.identity(profile_cfg)}
     ident["reference"] = f"harness/bench-cold-{profile_cfg['profile']}:{int(time.time())}"
@@ -73,12 +72,12 @@ def cached_build_s(profile: str) -> Tuple[float, str]:
 
 
 def first_step_s(engine, profile: str, repeats: int) -> float:
-    from harness import data
     from harness.backends.docker import DockerBackend
+    from harness.training import datasets
 
     cfg = compose([f"image={profile}", "trainer.device=cpu", "trainer.max_steps=3",
                    "trainer.eval_limit=100"])
-    data_root, data_files = data.prepare(cfg["data"])
+    data_root, data_files = datasets.prepare(cfg["data"])
     backend = DockerBackend(engine)
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
         starts = [start_to_first_step(backend, cfg, data_root, data_files, Path(tmp) / "runs")
@@ -97,7 +96,8 @@ def main() -> None:
     if args.quick:
         args.profiles, args.repeats = "cpu", 1
 
-    from harness import engine as docker_engine, image
+    from harness.containers import image
+    from harness.host import docker_engine
 
     engine = docker_engine.client()
     result = {"load_average_start": os.getloadavg()[0], "cpu_count": os.cpu_count()}

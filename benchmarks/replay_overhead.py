@@ -8,7 +8,7 @@ Prints JSON:
   measured in this process: the gate (lockfile check + environment capture + gate) and the
   bitwise comparison, each the median of several calls. It does not depend on the length
   of the run. The capture is remembered for an unchanged environment
-  (harness/capture_cache.py); replay.fixed_cost_cold_s is the same with HARNESS_REHASH=1,
+  (harness/record/facts_cache.py); replay.fixed_cost_cold_s is the same with HARNESS_REHASH=1,
   the capture child importing torch every time (a replay's first after a change).
 - replay.overhead_vs_original_paired: that cost relative to the original run, measured with
   the two interleaved: `harness train`, then `harness replay` of it, in pairs. Per pair,
@@ -79,7 +79,8 @@ def gate_seconds(original: Path, repeat: int, cold: bool = False) -> list:
 
 
 def _gate_seconds(original: Path, repeat: int) -> list:
-    from harness import gate, replay
+    from harness.commands import replay
+    from harness.record import gate
 
     def call():
         run_dir, lock, cfg = replay.load_original(str(original), original.parent)
@@ -92,10 +93,11 @@ def _gate_seconds(original: Path, repeat: int) -> list:
 
 def compare_seconds(original: Path, replayed: Path, repeat: int) -> list:
     """Seconds per bitwise comparison of a run and its replay (lockfiles read included)."""
-    from harness import compare, lockfile, rundir
+    from harness import rundir
+    from harness.record import bitwise, lockfile
 
     def call():
-        compare.compare_runs(original, replayed, lockfile.read(original / rundir.LOCK),
+        bitwise.compare_runs(original, replayed, lockfile.read(original / rundir.LOCK),
                              lockfile.read(replayed / rundir.LOCK))
 
     return timed(call, repeat)
@@ -127,7 +129,7 @@ def fingerprint_figures(repeat: int) -> dict:
     from hydra.utils import instantiate
 
     from harness.config import compose
-    from harness.train import tensor_digests
+    from harness.training.loop import tensor_digests
 
     torch.set_num_threads(2)
     bundled = compose("fashion_mnist", [])  # defaults live in the typed schema, not YAML
@@ -147,8 +149,8 @@ def op_trace_figures(repeat: int) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from harness import op_trace
     from harness.config import compose
+    from harness.record import op_trace
 
     torch.set_num_threads(2)
     bundled = compose("fashion_mnist", [])

@@ -46,8 +46,9 @@ import time
 from pathlib import Path
 
 import record
-from harness import machine
 from spread import interleave, summary
+
+from harness.host import machine_class
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -70,8 +71,8 @@ def peak_rss_gb() -> float:
 def model_costs(millions: int, tmp: Path, pairs: int) -> dict:
     import torch
 
-    from harness import checkpoint
     from harness.digest import tensor_digests
+    from harness.training import checkpoint
 
     torch.manual_seed(0)
     width = int((millions * 1e6 / 4) ** 0.5)
@@ -168,12 +169,12 @@ def drop_page_cache() -> bool:
 def data_costs(path: Path) -> dict:
     """Reading the bytes and a full hash pass, each from a cold page cache where this
     process may empty it (root), else both from memory; then the launch's re-check."""
-    from harness import outputs
+    from harness.script import files
 
     def full_pass():
         os.environ["HARNESS_REHASH"] = "1"
         try:
-            outputs.hash_input(path)
+            files.hash_input(path)
         finally:
             os.environ.pop("HARNESS_REHASH")
 
@@ -185,7 +186,7 @@ def data_costs(path: Path) -> dict:
     hashed_s = timed(full_pass)
     time.sleep(2.1)  # the cache remembers no file changed within its last 2 s (FRESH_S)
     full_pass()
-    launches = [timed(lambda: outputs.hash_input(path)) for _ in range(3)]
+    launches = [timed(lambda: files.hash_input(path)) for _ in range(3)]
     return {"from_disk": cold, "read_s": round(read_s, 3), "full_pass_s": round(hashed_s, 3),
             "full_pass": round(hashed_s / read_s, 2),
             "launch_s": round(statistics.median(launches), 3)}
@@ -247,7 +248,7 @@ def main() -> None:
     result = {"load_avg_1m_start": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
               "models": {}, "data": {}}
     kept = {} if args.quick else json.loads(record.RESULTS.read_text()).get("scale", {})
-    here = machine.class_id(machine.this_machine())
+    here = machine_class.class_id(machine_class.this_machine())
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="harness-scale-") as tmp:
         tmp = Path(tmp)
         os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")

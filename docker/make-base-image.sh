@@ -81,7 +81,7 @@ log "debootstrap ok ($((SECONDS - start)) s, $(du -sh "$ROOTFS" | cut -f1))"
 # - what debootstrap copies from this host or names of it: /etc/hostname and
 #   /etc/resolv.conf (the engine mounts its own over both) are emptied, and apt's source
 #   names Debian's canonical mirror, not the one this machine fetched from.
-# The layer itself is written by harness/oci.py: sorted, every mtime 0, owners by number.
+# The layer itself is written by harness/containers/oci.py: sorted, every mtime 0, owners by number.
 # org.harness.base-format counts changes to that recipe: docker/env.sh rebuilds an older one.
 sed -i -E "s/^([^:]*:[^:]*:)[0-9]+:/\1${SHADOW_DAY:-19518}:/" "$ROOTFS/etc/shadow"
 chroot "$ROOTFS" sh -c 'PYTHONHASHSEED=0 python3 -m compileall -qq -f \
@@ -102,7 +102,7 @@ log "docker load $IMAGE (normalized layer) ..."
 # list what the image holds: a lock names the base's packages through them.
 HARNESS_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tar --numeric-owner -C "$ROOTFS" -c . \
-    | PYTHONPATH="$HARNESS_SRC" python3 -m harness.oci rootfs "$IMAGE" \
+    | PYTHONPATH="$HARNESS_SRC" python3 -m harness.containers.oci rootfs "$IMAGE" \
         --env LANG=C.UTF-8 \
         --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         --cmd '["/bin/bash"]' \

@@ -76,7 +76,7 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness import launch
+    from harness.commands import train
 
     if args.resume:
         name, overrides = args.config, list(args.overrides)
@@ -88,18 +88,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"Resume without them, or give the run's config name too "
                               f"(`harness train CONFIG {' '.join(overrides)} --resume RUN`): "
                               f"they must then compose to the run's config.")
-        launch.resume(args.resume, name, overrides, args.config_dir, args.runs_dir,
+        train.resume(args.resume, name, overrides, args.config_dir, args.runs_dir,
                       trust=args.trust)
         return 0
     if not args.config:
         raise ConfigError("harness train needs a config name (e.g. `harness train mnist`), or "
                           "--resume RUN to continue a run.")
     if args.multirun:
-        from harness import sweep
+        from harness.commands import sweep
 
         sweep.run(args.config, args.overrides, args.config_dir, args.runs_dir)
         return 0
-    launch.train(args.config, args.overrides, args.config_dir, args.runs_dir)
+    train.train(args.config, args.overrides, args.config_dir, args.runs_dir)
     return 0
 
 
@@ -132,7 +132,7 @@ def add_run(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness import launch
+    from harness.commands import train
 
     usage = "harness run [CONFIG] [overrides...] [--input PATH] [--output PATH] -- COMMAND..."
     if args.command_argv is None:
@@ -144,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name, overrides = _config_and_overrides(args.config, args.overrides, default="run")
     if args.nproc is not None:
         overrides.append(f"command.nproc={args.nproc}")
-    launch.run_command(name, overrides, args.command_argv, args.input, args.output,
+    train.run_command(name, overrides, args.command_argv, args.input, args.output,
                        args.config_dir, args.runs_dir, env=args.env)
     return 0
 
@@ -175,7 +175,7 @@ def add_summary(sub) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from harness import sweep, variance
+    from harness.commands import sweep, variance
 
     path = sweep.resolve(args.sweep, args.runs_dir)
     if "variance" in json.loads(path.read_text()):  # made by `harness variance`
@@ -219,7 +219,7 @@ def add_variance(sub) -> None:
 
 
 def cmd_variance(args: argparse.Namespace) -> int:
-    from harness import variance
+    from harness.commands import variance
 
     sources = variance.parse_sources(args.sources)
     n = variance.DEFAULT_RUNS if args.n is None else args.n
@@ -253,12 +253,13 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness import plot, rundir
+    from harness import rundir
+    from harness.commands import compare
 
     run_dirs = [rundir.resolve(ref, args.runs_dir) for ref in args.runs]
     output = args.output or Path(f"compare-{'-'.join(d.name[-6:] for d in run_dirs)}.png")
-    data = plot.curves(run_dirs)
-    plot.render(data, output)
+    data = compare.curves(run_dirs)
+    compare.render(data, output)
     for run in data["runs"][1:]:
         if run["diverges_at"] is not None:
             print(f"{run['run_id']} diverges from {data['reference']} at step {run['diverges_at']}")
@@ -278,7 +279,7 @@ def add_submit(sub) -> None:
                     "render a batch script into each (job.sbatch) and submit it. The job "
                     "trains with the pinned environment, checkpoints on USR1/TERM and is "
                     "requeued; a restarted job resumes. Options: backend.slurm.* (SlurmConf "
-                    "in harness/config.py).")
+                    "in harness/config/schema.py).")
     submit.add_argument("config", nargs="?", default=None,
                         help="config name, e.g. mnist or fashion_mnist (with `-- COMMAND`: "
                              "default run)")
@@ -297,7 +298,7 @@ def add_submit(sub) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from harness import submit
+    from harness.commands import submit
 
     name, overrides = args.config, args.overrides
     if args.command_argv is not None:
@@ -329,7 +330,7 @@ def add_slurm(sub) -> None:
 
 
 def cmd_slurm_status(args: argparse.Namespace) -> int:
-    from harness import submit
+    from harness.commands import submit
 
     return submit.status(args.runs, args.runs_dir, wait=args.wait)
 
@@ -367,25 +368,27 @@ def add_data(sub) -> None:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from harness import config, data
+    from harness import config
+    from harness.training import datasets
 
     data_cfg = config.group_option("data", args.name, args.config_dir)
-    dest = Path(args.dest) if args.dest else data.user_cache_dir() / (
+    dest = Path(args.dest) if args.dest else datasets.user_cache_dir() / (
         data_cfg.get("dirname") or data_cfg["name"])
     print(f"fetching {data_cfg['name']} into {dest}", file=sys.stderr)
-    data.fetch(data_cfg, dest, retries=args.retries)
+    datasets.fetch(data_cfg, dest, retries=args.retries)
     print(dest)
     return 0
 
 
 def _located_dataset(args: argparse.Namespace):
     """(the data config NAME, its directory, its files), or DataError when it is not here."""
-    from harness import config, data
+    from harness import config
+    from harness.training import datasets
 
     data_cfg = config.group_option("data", args.name, args.config_dir)
-    located = data.locate(data_cfg)
+    located = datasets.locate(data_cfg)
     if located is None:
-        raise DataError(data.missing_message(data_cfg))
+        raise DataError(datasets.missing_message(data_cfg))
     return (data_cfg, *located)
 
 
@@ -395,10 +398,10 @@ def cmd_data_where(args: argparse.Namespace) -> int:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from harness import data
+    from harness.training import datasets
 
     data_cfg, directory, paths = _located_dataset(args)
-    record = data.verify(data_cfg, paths, rehash=True)
+    record = datasets.verify(data_cfg, paths, rehash=True)
     print(f"{data_cfg['name']}: {len(record)} file(s) in {directory} re-hashed, each matches "
           f"its pin")
     return 0
@@ -433,7 +436,8 @@ def add_lock(sub) -> None:
 
 
 def cmd_lock_check(args: argparse.Namespace) -> int:
-    from harness import integrity, lockfile, rundir, signing
+    from harness import rundir
+    from harness.record import integrity, lockfile, signing
 
     run_dir = rundir.resolve(args.run, args.runs_dir)
     integrity.refuse_unfinished(run_dir)
@@ -451,7 +455,8 @@ def cmd_lock_check(args: argparse.Namespace) -> int:
 
 
 def cmd_lock_diff(args: argparse.Namespace) -> int:
-    from harness import gate, lockfile, rundir
+    from harness import rundir
+    from harness.record import gate, lockfile
 
     dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
     locks = [lockfile.read(d / rundir.LOCK) for d in dirs]
@@ -497,11 +502,12 @@ def add_trace(sub) -> None:
 
 
 def _trace_of(run_dir: Path):
-    from harness import op_trace
+    from harness import rundir
+    from harness.record import op_trace
 
     trace = op_trace.read(run_dir)
     if trace is None:
-        raise ConfigError(f"run {run_dir.name} has no op trace ({op_trace.FILE}): it ran "
+        raise ConfigError(f"run {run_dir.name} has no op trace ({rundir.OP_TRACE}): it ran "
                           f"with trainer.op_trace_steps=0 (command.op_trace_steps=0 for "
                           f"`harness run`), it is a command that took no optimizer step, "
                           f"ran without the injection or compiled its model, or it predates "
@@ -510,8 +516,9 @@ def _trace_of(run_dir: Path):
 
 
 def cmd_trace_diff(args: argparse.Namespace) -> int:
-    from harness import gate, lockfile, op_trace, rundir
+    from harness import rundir
     from harness.errors import Diverged, Unverified
+    from harness.record import gate, lockfile, op_trace
 
     dirs = [rundir.resolve(ref, args.runs_dir) for ref in (args.run_a, args.run_b)]
     traces = [_trace_of(run_dir) for run_dir in dirs]
@@ -566,7 +573,7 @@ def add_keys(sub) -> None:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from harness import signing
+    from harness.record import signing
 
     path, made = signing.init_key()
     print(f"{'made' if made else 'already there'}: {path} (key "
@@ -578,7 +585,7 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     import getpass
     import platform
 
-    from harness import signing
+    from harness.record import signing
 
     path, _ = signing.init_key()
     name = args.name or f"{getpass.getuser()}@{platform.node()}"
@@ -587,7 +594,7 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_trust(args: argparse.Namespace) -> int:
-    from harness import signing
+    from harness.record import signing
 
     line = args.key
     if not line.startswith("ed25519 ") and Path(line).is_file():
@@ -629,7 +636,7 @@ def add_replay(sub) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from harness import replay
+    from harness.commands import replay
 
     return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch,
                          tracking_uri=args.tracking_uri,
@@ -658,7 +665,7 @@ def add_verify(sub) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from harness import verify
+    from harness.commands import verify
 
     return verify.verify(args.config, args.overrides, args.config_dir, args.runs_dir,
                          steps=args.steps, fingerprint_every=args.fingerprint_every,
@@ -696,7 +703,7 @@ def add_doctor(sub) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from harness import doctor
+    from harness.commands import doctor
 
     return doctor.doctor(args.config, args.overrides, args.config_dir, args.runs_dir,
                          steps=args.steps, as_json=args.json)
@@ -710,7 +717,8 @@ def add_runs(sub) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from harness import progress, rundir, runs
+    from harness import progress, rundir
+    from harness.commands import runs
 
     rows = runs.collect(args.runs_dir or rundir.default_runs_dir())
     if args.json or not rows:
@@ -748,11 +756,14 @@ def add_build(sub) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from harness import config, image
+    from harness import config
+    from harness.commands import choices
+    from harness.containers import image
 
     if args.config:
         cfg = config.compose(args.config, args.overrides + (
-            [f"image={args.profile}"] if args.profile else []), args.config_dir)
+            [f"image={args.profile}"] if args.profile else []), args.config_dir,
+            image_profile=choices.image_profile)
         image_cfg = cfg["image"]
     else:
         image_cfg = image.profile_config(args.profile, args.config_dir)
@@ -792,14 +803,15 @@ def add_image(sub) -> None:
 
 
 def cmd_image_lock(args: argparse.Namespace) -> int:
-    from harness import image
+    from harness.containers import image
 
     print(image.lock_requirements(image.profile_config(args.profile, args.config_dir)))
     return 0
 
 
 def cmd_image_rebuild(args: argparse.Namespace) -> int:
-    from harness import image, replay
+    from harness.commands import replay
+    from harness.containers import image
     from harness.errors import Diverged
 
     # Rebuilding runs the recorded image build, not the run's own code.
@@ -862,15 +874,16 @@ def add_machine(sub) -> None:
 
 
 def cmd_machine_class(args: argparse.Namespace) -> int:
-    from harness import corpus, machine
+    from harness.host import machine_class
+    from harness.record import corpus
 
-    facts = machine.this_machine()
+    facts = machine_class.this_machine()
     entry = corpus.entry_for(facts)
     if args.json:
-        print(json.dumps({"class_id": machine.class_id(facts), "class": facts,
+        print(json.dumps({"class_id": machine_class.class_id(facts), "class": facts,
                           "recorded": str(entry.path) if entry else None}, indent=2))
         return 0
-    print(f"machine class: {machine.class_id(facts)}")
+    print(f"machine class: {machine_class.class_id(facts)}")
     for key, value in facts.items():
         print(f"  {key}: {value}")
     print(f"recorded: {entry.path} (modes: {', '.join(entry.modes()) or 'none'})" if entry
@@ -879,7 +892,7 @@ def cmd_machine_class(args: argparse.Namespace) -> int:
 
 
 def cmd_machine_ops(args: argparse.Namespace) -> int:
-    from harness import cpu_ops
+    from harness.record import cpu_ops
 
     if args.compare is not None and not args.compare.is_file():
         raise ConfigError(f"--compare {args.compare}: no such file.")
@@ -905,9 +918,9 @@ def cmd_machine_ops(args: argparse.Namespace) -> int:
 
 
 def cmd_machine_record(args: argparse.Namespace) -> int:
-    from harness import machine_record
+    from harness.commands import machine
 
-    folder = machine_record.record(args.corpus, args.mode)
+    folder = machine.record(args.corpus, args.mode)
     print(f"recorded: {folder}")
     return 0
 

@@ -7,9 +7,9 @@ and what it carries (as submitit's job environment). Three kinds:
 - the scheduler's: what Slurm sets in a job's environment.
 
 Code names a variable through this module, never by a literal (tests/unit/test_env.py
-checks). The one exception is harness/inject/sitecustomize.py, which runs before the
-harness package can be imported and reads the three it needs by name. A base module: it
-imports nothing of the harness, so any process may use it.
+checks). The one exception is harness/script/injection/bootstrap/sitecustomize.py, which
+runs before the harness package can be imported and reads the three it needs by name. A
+base module: it imports nothing of the harness, so any process may use it.
 """
 
 from __future__ import annotations

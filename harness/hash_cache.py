@@ -42,7 +42,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from harness.env import REHASH
 
-
 FRESH_S = 2.0
 Stamp = Tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
 

@@ -6,18 +6,18 @@
     launch.sigstore.json  the launcher's signature over config, overrides and launch.json
     status.json      running | succeeded | failed, exit code, times, pid
     metrics.jsonl    one record per step (loss also as float.hex) and per evaluation
-    op-trace.jsonl.gz  every op of the first steps, hashed bit for bit (harness.op_trace)
+    op-trace.jsonl.gz  every op of the first steps, hashed bit for bit (harness.record.op_trace)
     train.log        what the training printed
     checkpoints/     training state at intervals (the newest two)
     model.pt         final weights
     harness.lock     the lockfile, written last, only by a run that finished
     harness.lock.sigstore.json  its launcher's signature over the lock, weights, metrics,
-                     outputs, image and data (harness.signing)
+                     outputs, image and data (harness.record.signing)
     .writer.lock     held (flock) by the one process writing the run, see WriterLock
     replay.json      a replay's comparison with the run it replays
     verify.json      `harness verify`'s comparison of its two runs
     outputs/         a `harness run` command's declared outputs, as it left them
-    .script/         reports of the command's Python processes (harness.injection),
+    .script/         reports of the command's Python processes (harness.script.injection.pinning),
                      outputs.txt: the outputs the command recorded (runtime.record_output),
                      and console.log: what the command printed (stdout and stderr)
     audit.jsonl      `harness verify`: per-module tensor digests at audited steps
@@ -72,7 +72,8 @@ SCRIPT_OUTPUTS = "outputs.txt"  # in .script/: what harness.runtime.record_outpu
 SCRIPT_STACK = "stack-{pid}.txt"  # in .script/: a process's stack, dumped on STACK_SIGNAL
 STACK_SIGNAL = signal.SIGUSR2  # asks a rank that does not exit where it is stuck
 SCRIPT_CONSOLE = "console.log"  # in .script/: what the command printed (stdout and stderr)
-AUDIT = "audit.jsonl"  # per-module tensor digests of a `harness verify` run (harness.audit)
+# per-module tensor digests of a `harness verify` run (harness.training.audit)
+AUDIT = "audit.jsonl"
 NONDETERMINISTIC = "nondeterministic.json"  # nondeterministic ops torch warned about
 TENSORBOARD = "tensorboard"  # event files of tracker.tensorboard=true
 SLURM_SCRIPT = "job.sbatch"  # the batch script of a Slurm run

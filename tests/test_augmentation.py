@@ -9,9 +9,7 @@ import re
 import signal
 
 import pytest
-
 from conftest import harness, loss_bits, make_context, read_lock, run_dir_of, start_and_interrupt
-
 
 # 3 epochs of 8 steps, checkpoints mid-epoch.
 OVERRIDES = ["trainer.epochs=3", "trainer.checkpoint_every=5", "model.channels=[8,16]",

@@ -1,7 +1,6 @@
 """Bad input: a clear message naming the fix, exit code 2, and no run directory."""
 
 import pytest
-
 from conftest import ROOT, TESTS
 
 

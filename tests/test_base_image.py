@@ -9,7 +9,6 @@ import subprocess
 import uuid
 
 import pytest
-
 from conftest import ROOT, read_lock, require, run_dir_of
 from test_docker import built, docker_train, engine  # noqa: F401 - fixtures
 
@@ -58,7 +57,7 @@ def test_lock_lists_the_base_packages_and_rebuild_names_those_that_differ(
     """A run whose base is gone, made when the archive served another python3: the
     rebuild stops before building (exit 4) and names the packages in which the base
     pinned here differs from the run's."""
-    from harness import lockfile
+    from harness.record import lockfile
 
     run = run_dir_of(docker_train(cli, tiny_conf, "trainer.max_steps=2",
                                   "--runs-dir", str(tmp_path / "runs")))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, require
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 import requests
-
 from conftest import ROOT, read_lock, run_dir_of
 from test_docker import engine  # noqa: F401 - fixture
 

@@ -1,4 +1,4 @@
-"""The replay's environment capture, remembered (harness/capture_cache.py): reused while the
+"""The replay's environment capture, remembered (harness/record/facts_cache.py): reused while the
 environment is unchanged, and never trusted past a change, even one with its mtime put back.
 End to end through the real CLI; the package that changes is a real distribution on the
 replay's PYTHONPATH."""

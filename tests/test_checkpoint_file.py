@@ -7,10 +7,10 @@ from __future__ import annotations
 import subprocess
 
 import torch
-
-from harness import checkpoint
-from harness.digest import file_sha256
 from unit.test_checkpoint import training_state
+
+from harness.digest import file_sha256
+from harness.training import checkpoint
 
 
 def test_the_checksum_written_is_the_files_sha256(tmp_path):

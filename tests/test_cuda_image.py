@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import read_lock, run_dir_of
 from test_docker import docker_train, engine  # noqa: F401  (the engine fixture)
 

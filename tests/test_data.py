@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, IN_CI, ROOT, make_tiny_idx, read_lock, require, run_dir_of
-from harness import data
+
+from harness.training import datasets
 
 
 def test_fashion_mnist_debian_files_match_the_publishers_content(fashion):
@@ -22,8 +22,8 @@ def test_fashion_mnist_debian_files_match_the_publishers_content(fashion):
 
     pins = config.load_yaml(config.BUILTIN_CONFIG_DIR / "data" / "fashion_mnist.yaml")["files"]
     cfg["files"] = pins
-    directory, paths = data.locate({**cfg, "root": str(fashion)})
-    record = data.verify(cfg, paths)
+    directory, paths = datasets.locate({**cfg, "root": str(fashion)})
+    record = datasets.verify(cfg, paths)
     assert {k: v["sha256"] for k, v in record.items()} == {k: v["sha256"] for k, v in pins.items()}
 
 
@@ -50,7 +50,7 @@ def test_corrupt_local_data_is_refused(cli, tiny_conf, tmp_path):
 
 @pytest.mark.long
 def test_dataset_found_through_harness_data(cli, tiny_conf, tmp_path):
-    """$HARNESS_DATA/<name>/ is searched when data.root is not set."""
+    """$HARNESS_DATA/<name>/ is searched when datasets.root is not set."""
     (tmp_path / "store").mkdir()
     (tmp_path / "tinydata").rename(tmp_path / "store" / "tiny")
     done = cli("train", "tiny", "data.root=null", "trainer.max_steps=2",
@@ -166,7 +166,7 @@ def test_fetch_downloads_and_verifies(cli, mirror, tmp_path):
                "--retries", "1", check_rc=0)
     assert sorted(p.name for p in dest.iterdir()) == sorted(f["file"] for f in files.values())
     for spec in files.values():
-        assert data.content_sha256(dest / spec["file"]) == spec["sha256"]
+        assert datasets.content_sha256(dest / spec["file"]) == spec["sha256"]
     assert "127.0.0.1:9" in done.stderr  # the failed mirror is reported, then skipped
 
 
@@ -228,4 +228,4 @@ def test_train_installs_the_debian_dataset_package_when_it_is_missing(cli, tmp_p
         lock = json.loads((run_dir_of(done) / "harness.lock").read_text())
         assert lock["data"]["root"] == "/usr/share/datasets/fashion-mnist"
     finally:
-        subprocess.run(["bash", str(ROOT / "scripts" / "debian-data.sh")], check=True)
+        subprocess.run(["bash", str(ROOT / "scripts" / "debian-datasets.sh")], check=True)

@@ -5,8 +5,9 @@ job's device, the GPU request) is in tests/unit/; the GPU suite runs it on a GPU
 import json
 
 from conftest import TESTS, run_dir_of
-from harness import gpu
+
 from harness.config import load_yaml
+from harness.host import gpu
 
 CONF = str(TESTS / "conf")
 

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import harness, make_context, read_lock, require, run_dir_of
 from test_docker import engine  # noqa: F401 - fixture
+
 
 @pytest.fixture
 def small_disk(tmp_path):

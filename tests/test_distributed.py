@@ -16,12 +16,17 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (harness, loss_bits, make_context, read_lock, require, run_dir_of,
-                      start_and_interrupt)
+from conftest import (
+    harness,
+    loss_bits,
+    make_context,
+    read_lock,
+    require,
+    run_dir_of,
+    start_and_interrupt,
+)
 from test_lockfile import documented_fields, lookup
 from test_script import runs_in
-
 
 REQUEUE_EXIT = 75
 # 2 ranks × 16 samples = 32 per step: 8 steps per epoch of the 256 tiny samples, 3 epochs;

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TESTS, loss_bits, losses, mlflow_run, read_lock, require, run_dir_of
 from test_lockfile import documented_fields, lookup
 
@@ -239,7 +238,7 @@ def test_cuda_without_a_gpu_stops_before_building_or_launching(cli, tiny_conf, t
                                                               backend):
     """trainer.device=cuda where NVML finds no driver or GPU: exit 4 naming what is missing
     and the CPU alternative; nothing built, no container, no run directory."""
-    from harness import gpu
+    from harness.host import gpu
 
     if gpu.nvml_gpus()["gpus"]:
         pytest.skip("this host has an NVIDIA GPU")
@@ -312,9 +311,11 @@ def test_auto_backend_talks_to_the_engine_without_the_pings_short_timeout(engine
     """backend=auto asks with a 5-second timeout whether an engine answers; the image's
     export and load, which take longer on a busy machine, must not inherit it (they failed
     with 'Read timed out. (read timeout=5)' under a load of 5 on 2 cores)."""
-    from harness import backends, config, engine as docker_engine
+    from harness import backends, config
+    from harness.commands import choices
+    from harness.host import docker_engine
 
-    conf = config.typed(config.compose("tiny", ["backend=auto"], tiny_conf))
+    conf = config.typed(choices.compose("tiny", ["backend=auto"], tiny_conf))
     chosen = backends.get("auto", conf)
     assert chosen.name == "docker"
     assert chosen.engine.api.timeout == docker_engine.client().api.timeout >= 60

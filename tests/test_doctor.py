@@ -4,7 +4,6 @@ nondeterministic operations the model hits, and the cheapest setting that reprod
 import json
 
 import pytest
-
 from conftest import TESTS
 
 CONF = str(TESTS / "conf")
@@ -43,10 +42,10 @@ def test_doctor_table_says_the_cheapest_setting(cli, tmp_path):
 
 @pytest.mark.long
 def test_doctor_measures_the_portable_mode_where_the_cpu_has_avx2(cli, tmp_path):
-    from harness import machine
-    from harness.determinism import cpu_supports
+    from harness.host import machine_class
+    from harness.training.determinism import cpu_supports
 
-    if not cpu_supports("portable", machine.this_machine()["isa_flags"]):
+    if not cpu_supports("portable", machine_class.this_machine()["isa_flags"]):
         import pytest
         pytest.skip("this CPU has no AVX2")
     runs = tmp_path / "runs"

@@ -4,7 +4,6 @@ environment whose torch is a CUDA build: `python -m pytest -m gpu tests/test_gpu
 (docs/replay.md, "On a GPU")."""
 
 import pytest
-
 from conftest import TESTS, read_lock, run_dir_of
 
 pytestmark = pytest.mark.gpu
@@ -13,7 +12,7 @@ CONF = str(TESTS / "conf")
 
 @pytest.fixture(scope="module", autouse=True)
 def a_gpu():
-    from harness import gpu
+    from harness.host import gpu
 
     found = gpu.nvml_gpus()
     if not found["gpus"]:

@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 import requests
-
 from conftest import read_lock, run_dir_of
 from test_docker import built, docker_train, engine  # noqa: F401 - fixtures
 
@@ -92,7 +91,7 @@ def test_image_rebuild_refuses_a_checkout_with_other_inputs(
         cli, tiny_conf, engine, built, tmp_path):  # noqa: F811
     """A run whose image came from other inputs (here: other harness source) is refused
     before anything is built, with the input that differs and how to get it back."""
-    from harness import lockfile
+    from harness.record import lockfile
 
     run = run_dir_of(docker_train(cli, tiny_conf, "trainer.max_steps=2",
                                   "--runs-dir", str(tmp_path / "runs")))

@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
-
 from conftest import TESTS, read_lock, run_dir_of
-from harness import lockfile
+
+from harness.record import lockfile
 
 CONF = str(TESTS / "conf")
 

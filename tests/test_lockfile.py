@@ -5,10 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, read_lock, run_dir_of
-from harness import lockfile
+
 from harness.errors import LockfileError
+from harness.record import lockfile
 
 
 @pytest.fixture

@@ -15,15 +15,16 @@ import json
 import shutil
 
 import pytest
-
 from conftest import read_lock, run_dir_of
-from harness import corpus, machine
-from harness.determinism import cpu_supports
 
-HERE = machine.this_machine()
+from harness.host import machine_class
+from harness.record import corpus
+from harness.training.determinism import cpu_supports
+
+HERE = machine_class.this_machine()
 MODE = "avx2"
 FOREIGN = [e for e in corpus.entries()
-           if not machine.same_class(e.facts, HERE) and e.runs(MODE)]
+           if not machine_class.same_class(e.facts, HERE) and e.runs(MODE)]
 pytestmark = pytest.mark.skipif(not cpu_supports(MODE, HERE["isa_flags"]),
                                 reason=f"this CPU cannot run cpu_isa={MODE}")
 
@@ -88,10 +89,10 @@ def test_a_recorded_class_pair_matches_or_cannot_as_its_recordings_say(
     assert len(list(original.parent.iterdir())) == 1, "a refused replay left a run behind"
     forced, _ = replay_foreign(cli, tmp_path / "forced", foreign, root, "--allow-mismatch")
     assert forced.returncode == 7, forced.stdout + forced.stderr
-    recorded_on = machine.cpu_class(read_lock(original)["hardware"]["cpu"])
-    assert f"recorded on machine class {machine.class_id(recorded_on)}" in forced.stderr
+    recorded_on = machine_class.cpu_class(read_lock(original)["hardware"]["cpu"])
+    assert f"recorded on machine class {machine_class.class_id(recorded_on)}" in forced.stderr
     assert "the likely cause is the machine, not the code" in forced.stderr
-    assert f"replayed on {machine.class_id(HERE)}" in forced.stderr
+    assert f"replayed on {machine_class.class_id(HERE)}" in forced.stderr
 
 
 @pytest.mark.long

@@ -5,24 +5,25 @@ import json
 
 import pytest
 
-from harness import corpus, cpu_ops, machine
-from harness.determinism import cpu_supports
+from harness.host import machine_class
+from harness.record import corpus, cpu_ops
+from harness.training.determinism import cpu_supports
 
-AVX2 = pytest.mark.skipif(not cpu_supports("portable", machine.this_machine()["isa_flags"]),
+AVX2 = pytest.mark.skipif(not cpu_supports("portable", machine_class.this_machine()["isa_flags"]),
                           reason="this CPU has no AVX2 and FMA")
 
 
 def test_machine_class_names_this_cpu(cli):
     shown = json.loads(cli("machine", "class", "--json", check_rc=0).stdout)
-    assert shown["class"] == machine.this_machine()
-    assert shown["class_id"] == machine.class_id(machine.this_machine())
+    assert shown["class"] == machine_class.this_machine()
+    assert shown["class_id"] == machine_class.class_id(machine_class.this_machine())
 
 
 @AVX2
 @pytest.mark.long
 def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_pins(
         cli, tmp_path):
-    from harness.determinism import CPU_ISA
+    from harness.training.determinism import CPU_ISA
 
     setting = cpu_ops.SETTINGS[cpu_ops.PORTABLE]
     assert {k: v for k, v in setting.items() if not k.startswith("_")} == \
@@ -50,7 +51,7 @@ def test_ops_table_of_the_portable_setting_repeats_and_matches_the_determinism_p
 @pytest.mark.long
 def test_record_adds_this_class_once_and_keeps_what_is_recorded(cli, tmp_path, fashion):
     root = tmp_path / "corpus"
-    folder = root / machine.class_id(machine.this_machine())
+    folder = root / machine_class.class_id(machine_class.this_machine())
     folder.mkdir(parents=True)
     # A table recorded before the portable setting existed: kept, and only that is added.
     older = {"cpu": {"model": "as recorded"},
@@ -60,7 +61,8 @@ def test_record_adds_this_class_once_and_keeps_what_is_recorded(cli, tmp_path, f
     done = cli("machine", "record", "--corpus", str(root), "--mode", "avx2", check_rc=0)
     assert f"recorded: {folder}" in done.stdout
     [entry] = corpus.entries(root)
-    assert entry.modes() == ["avx2"] and machine.same_class(entry.facts, machine.this_machine())
+    assert entry.modes() == ["avx2"]
+    assert machine_class.same_class(entry.facts, machine_class.this_machine())
     [run] = entry.runs("avx2")
     assert not (run / "checkpoints").exists()
     assert sorted((run / "overrides.txt").read_text().split()) == sorted(

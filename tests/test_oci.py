@@ -1,4 +1,4 @@
-"""Reproducible image ids (harness/oci.py) on the real engine: the same files, written at
+"""Reproducible image ids (harness/containers/oci.py) on the real engine: the same files, written at
 other times, in another order, become the same layer bytes and the same image id."""
 
 import hashlib
@@ -7,7 +7,6 @@ import tarfile
 import uuid
 
 import pytest
-
 from test_docker import engine  # noqa: F401 - the fixture: a Docker engine and a base
 from unit.test_oci import tree_archive
 
@@ -15,7 +14,8 @@ pytestmark = pytest.mark.docker
 
 
 def test_same_files_at_other_times_give_the_same_layer_and_image_id(engine, tmp_path):  # noqa: F811
-    from harness import config, oci
+    from harness import config
+    from harness.containers import oci
 
     base_ref = config.state_ref("base-cpu") or os.environ["HARNESS_CPU_BASE"]
     base = oci.saved_base(engine, base_ref, tmp_path / "saved")

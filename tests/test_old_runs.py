@@ -1,7 +1,7 @@
 """Run directories written by an earlier harness stay readable and replayable: the
 lockfile and run-directory contract (docs/lockfile.md) is kept across refactors.
 
-The corpus of machine classes (tests/golden/machines/, harness/corpus.py) holds run
+The corpus of machine classes (tests/golden/machines/, harness/record/corpus.py) holds run
 directories as earlier harnesses wrote them, on other machines (each class.json says which
 harness and how). Each must still pass its integrity check, hash its config to the recorded
 config_sha256 (both in process: tests/unit/test_lockfile.py), be listed by `harness runs`,
@@ -14,9 +14,10 @@ import json
 import shutil
 
 import pytest
-
 from conftest import TESTS, loss_bits, read_lock, run_dir_of
-from harness import corpus, machine
+
+from harness.host import machine_class
+from harness.record import corpus
 
 # One replay per class: its avx2 run (every x86-64 class of the corpus has one).
 REPLAYED = [run for entry in corpus.entries() for run in entry.runs("avx2")[:1]]
@@ -40,14 +41,14 @@ def test_old_run_is_listed_and_replays_as_the_corpus_predicts(cli, original, tmp
     listed = json.loads(cli("runs", "--json", "--runs-dir", str(old_run.parent),
                             check_rc=0).stdout)
     assert [(r["run"], r["status"]) for r in listed] == [(old_run.name, "succeeded")]
-    recorded_on = machine.cpu_class(read_lock(old_run)["hardware"]["cpu"])
-    here = machine.this_machine()
+    recorded_on = machine_class.cpu_class(read_lock(old_run)["hardware"]["cpu"])
+    here = machine_class.this_machine()
     same_bits = corpus.agreement(recorded_on, here, "avx2")
     # --allow-mismatch: this checks the format; whether the CPUs match is the corpus's
     # question, answered above, and the gate's (its own tests).
     done = cli("replay", str(old_run), "--allow-mismatch", "--trust")  # recorded elsewhere
-    print(f"recorded on {machine.class_id(recorded_on)}, replayed on "
-          f"{machine.class_id(here)}: the corpus predicts "
+    print(f"recorded on {machine_class.class_id(recorded_on)}, replayed on "
+          f"{machine_class.class_id(here)}: the corpus predicts "
           f"{ {True: 'IDENTICAL', False: 'DIVERGED', None: 'nothing (unproven)'}[same_bits]}")
     assert done.returncode in (0, 7), done.stderr
     replay_dir = run_dir_of(done)
@@ -62,7 +63,7 @@ def test_old_run_is_listed_and_replays_as_the_corpus_predicts(cli, original, tmp
 # Portable mode's promise end to end: a portable run recorded on another machine class
 # replays bit for bit here. The default tier replays one; the long tier every other class's.
 PORTABLE = [run for entry in corpus.entries() for run in entry.runs("portable")[:1]
-            if not machine.same_class(entry.facts, machine.this_machine())]
+            if not machine_class.same_class(entry.facts, machine_class.this_machine())]
 
 
 @pytest.mark.parametrize("original", [
@@ -71,9 +72,9 @@ PORTABLE = [run for entry in corpus.entries() for run in entry.runs("portable")[
 def test_a_portable_run_from_another_class_replays_identical_here(cli, original, tmp_path,
                                                                   fashion):
     old_run = _copy(original, tmp_path)
-    recorded_on = machine.cpu_class(read_lock(old_run)["hardware"]["cpu"])
-    here = machine.this_machine()
-    assert not machine.same_class(recorded_on, here)
+    recorded_on = machine_class.cpu_class(read_lock(old_run)["hardware"]["cpu"])
+    here = machine_class.this_machine()
+    assert not machine_class.same_class(recorded_on, here)
     # --trust: recorded on another machine, not signed by this user. The negative control
     # replays once more with one weight bit flipped, and must be DIVERGED.
     done = cli("replay", str(old_run), "--trust", "--negative-control")
@@ -89,7 +90,7 @@ def test_a_portable_run_from_another_class_replays_identical_here(cli, original,
     if agreement:
         assert row["group"] == "informational", row
         assert "recorded: the same bits on both classes in cpu_isa=portable" in row["why"]
-        assert f"another machine class ({machine.class_id(recorded_on)} -> " in done.stdout
+        assert f"another machine class ({machine_class.class_id(recorded_on)} -> " in done.stdout
     else:  # this class has no portable recording yet: the replay is the measurement
         assert agreement is None and row["group"] == "unproven", row
 

@@ -9,10 +9,10 @@ import gzip
 import json
 
 import pytest
-
 from conftest import FAST, run_dir_of
 
-from harness import op_trace
+from harness import rundir
+from harness.record import op_trace
 
 TRACE_FAST = [*FAST, "trainer.max_steps=3"]
 
@@ -95,7 +95,7 @@ def test_an_edited_trace_is_refused_and_a_run_without_one_says_so(cli, fashion):
     none, and `harness trace diff` says how to get one (exit 2)."""
     run = _train(cli, fashion)
     assert cli("lock", "check", str(run)).returncode == 0
-    path = run / op_trace.FILE
+    path = run / rundir.OP_TRACE
     lines = gzip.decompress(path.read_bytes()).decode().splitlines()
     op = json.loads(lines[5])
     op["out"][0][0] = "0" * 16
@@ -108,7 +108,7 @@ def test_an_edited_trace_is_refused_and_a_run_without_one_says_so(cli, fashion):
     assert replayed.returncode == 5 and "results.op_trace_sha256" in replayed.stderr
 
     untraced = _train(cli, fashion, "trainer.op_trace_steps=0")
-    assert not (untraced / op_trace.FILE).exists()
+    assert not (untraced / rundir.OP_TRACE).exists()
     done = cli("trace", "diff", str(run), str(untraced))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "has no op trace" in done.stderr and "op_trace_steps=1 (the default)" in done.stderr
@@ -140,7 +140,7 @@ def test_a_command_that_compiles_runs_untraced_and_says_so(project):
                    "compiled.py", check_rc=0)
     assert "no op trace for this command: it compiles with torch.compile" in done.stdout + \
         done.stderr
-    assert not (run_dir_of(done) / op_trace.FILE).exists()
+    assert not (run_dir_of(done) / rundir.OP_TRACE).exists()
     (directory / "eager.py").write_text(COMPILED.replace("torch.compile(", "(lambda m, **_: m)("))
     done = harness("run", "backend=local", "--output", "compiled.pt", "--", "python",
                    "eager.py", check_rc=0)
@@ -153,7 +153,7 @@ def test_a_damaged_trace_is_said_not_a_traceback(cli, tmp_path):
     run = tmp_path / "runs" / "20260101T000000000000Z-x-000000"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("name: x\n")
-    (run / op_trace.FILE).write_bytes(b"junk")
+    (run / rundir.OP_TRACE).write_bytes(b"junk")
     done = cli("trace", "show", str(run))
     assert done.returncode == 5, done.stdout + done.stderr
     assert "the op trace is damaged" in done.stderr and "Traceback" not in done.stderr

@@ -5,13 +5,14 @@ tests/test_golden_loss.py; which ops it refuses, in process: tests/unit/test_por
 import json
 
 import pytest
-
 from conftest import TESTS, read_lock, run_dir_of
-from harness import machine
-from harness.determinism import cpu_supports
+
+from harness.host import machine_class
+from harness.training.determinism import cpu_supports
 
 CONF = str(TESTS / "conf")
-pytestmark = pytest.mark.skipif(not cpu_supports("portable", machine.this_machine()["isa_flags"]),
+pytestmark = pytest.mark.skipif(not cpu_supports("portable",
+                                                 machine_class.this_machine()["isa_flags"]),
                                 reason="this CPU has no AVX2 and FMA")
 
 
@@ -25,7 +26,7 @@ def test_a_portable_run_records_its_pins_and_repeats(cli, tmp_path):
     assert in_effect["env"]["MKL_CBWR"] == "COMPATIBLE,STRICT"
     assert in_effect["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert lock["software"]["torch_cpu_capability"] == "AVX2"
-    assert lock["hardware"]["cpu"]["vendor"] == machine.this_machine()["vendor"]
+    assert lock["hardware"]["cpu"]["vendor"] == machine_class.this_machine()["vendor"]
     assert read_lock(runs[1])["results"]["weights_sha256"] == lock["results"]["weights_sha256"]
     native = run_dir_of(cli("train", "hashy", "--config-dir", CONF, "--runs-dir",
                             str(tmp_path / "runs"), check_rc=0))

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TESTS, run_dir_of
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST, TESTS, read_lock, run_dir_of
-from harness import lockfile, signing
+
+from harness.record import lockfile, signing
 
 CONF = str(TESTS / "conf")
 
@@ -307,8 +307,10 @@ def test_injected_gradient_noise_diverges_at_its_step_and_names_the_tensor(harne
     record = json.loads((new_run_dir(done) / "replay.json").read_text())
     assert record["verdict"] == "DIVERGED"
     assert record["first_differing_tensors"] == ["jitter.weight"]
-    # the forward is exact at step 6: the loss first differs one step later
-    assert record["first_loss_difference"]["step"] == 7
+    # the forward is exact at step 6: the loss first differs later, usually at step 7 (the
+    # noise is drawn anew each run, and once in a while the changed weights move step 7's
+    # float32 loss by less than its last bit)
+    assert record["first_loss_difference"]["step"] >= 7
     assert 0 < record["max_abs_diff"]["jitter.weight"] < 1
 
 
@@ -343,7 +345,7 @@ def test_replay_where_the_runs_code_is_not_importable_says_what_is_missing(harne
 
 @pytest.fixture(scope="module")
 def avx2_run(harness):
-    from harness.lockfile import capture_cpu
+    from harness.record.lockfile import capture_cpu
 
     if not {"avx2", "fma"} <= set(capture_cpu()["isa_flags"]):
         pytest.skip("this CPU has no AVX2")

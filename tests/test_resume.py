@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (harness, loss_bits, make_context, read_lock, run_dir_of,
-                      start_and_interrupt)
-
+from conftest import harness, loss_bits, make_context, read_lock, run_dir_of, start_and_interrupt
 
 REQUEUE_EXIT = 75
 # 3 epochs of 8 steps; checkpoints every 5 steps fall mid-epoch; two DataLoader workers;
@@ -139,7 +136,7 @@ def test_checkpoint_holds_complete_state(setup):
 
     path = sorted((setup["reference"] / "checkpoints").glob("step-*.pt"))[-1]
     state = torch.load(path, weights_only=True)
-    assert state["format"] == "harness.checkpoint/3"
+    assert state["format"] == "harness.training.checkpoint/3"
     assert {"model", "optimizer", "scheduler", "rng", "step", "epoch", "position",
             "config_sha256", "environment_sha256", "environment", "resumes"} <= set(state)
     assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
@@ -185,10 +182,10 @@ def test_checkpoint_of_an_older_format_is_refused_not_resumed_inexactly(setup):
     run_dir, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=6)
     path = run_dir / "checkpoints" / f"step-{checkpoint_steps(run_dir)[-1]:08d}.pt"
     state = torch.load(path, weights_only=True)
-    state["format"] = "harness.checkpoint/1"
+    state["format"] = "harness.training.checkpoint/1"
     reseal(path, state)
     done = harness(setup, "train", "--resume", run_dir.name, check_rc=6)
-    assert "harness.checkpoint/1" in done.stderr and "exact resume" in done.stderr
+    assert "harness.training.checkpoint/1" in done.stderr and "exact resume" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -196,8 +193,8 @@ def reseal(path: Path, state: dict) -> None:
     """Write an edited state where it was, with a matching checksum, as the harness would."""
     import torch
 
-    from harness import checkpoint
     from harness.digest import file_sha256
+    from harness.training import checkpoint
 
     torch.save(state, path)
     checkpoint.checksum_path(path).write_text(f"{file_sha256(path)}  {path.name}\n")

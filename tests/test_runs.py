@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import TESTS, run_dir_of
 
 CONF = str(TESTS / "conf")

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import read_lock, require, run_dir_of
 
-from harness import op_trace
+from harness.record import op_trace
 
 RUN = ["--input", "data.npz", "--output", "out/*", "--", "python", "train.py", "--data",
        "data.npz"]

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import read_lock, require, run_dir_of
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import harness, make_context, read_lock, require
-
 
 SOURCES = ("init", "order", "augment", "dropout")
 # The recording model, one epoch (every sample built once); every source held at a value of

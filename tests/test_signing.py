@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import TESTS, read_lock, run_dir_of
-from harness import lockfile, signing
+
+from harness.record import lockfile, signing
 
 CONF = str(TESTS / "conf")
 

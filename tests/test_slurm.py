@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TESTS, loss_bits, losses, mlflow_run, read_lock, require, run_dir_of
 from test_resume import OVERRIDES, harness, make_context
 from unit.test_sbatch import golden_spec
@@ -52,7 +51,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rendered_sbatch_script_matches_golden(case):
-    from harness import sbatch
+    from harness.backends import sbatch
 
     spec = golden_spec(case.split("-")[0], **CASES[case])
     if case == "none-array":

@@ -4,9 +4,9 @@ statistics and the summary's words, in process: tests/unit/test_stats.py, test_s
 import json
 
 import pytest
-
 from conftest import read_lock, run_dir_of
-from harness import plot
+
+from harness.commands import compare
 
 
 @pytest.mark.long
@@ -47,9 +47,9 @@ def test_bad_sweep_syntax_is_rejected_before_any_run(cli, tiny_conf, tmp_path):
 def test_compare_writes_a_png_and_marks_divergence(cli, tiny_conf, tmp_path):
     runs = [run_dir_of(cli("train", "tiny", f"seed={seed}", "--config-dir", str(tiny_conf),
                            check_rc=0)) for seed in (0, 0, 1)]
-    same = plot.curves(runs[:2])
+    same = compare.curves(runs[:2])
     assert same["runs"][1]["diverges_at"] is None
-    different = plot.curves([runs[0], runs[2]])
+    different = compare.curves([runs[0], runs[2]])
     assert different["runs"][1]["diverges_at"] == 1
     assert len(different["runs"][0]["loss"]) == 8
     out = tmp_path / "cmp.png"

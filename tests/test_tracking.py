@@ -13,9 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (harness, losses, make_context, mlflow_run, read_lock, run_dir_of,
-                      running_mlflow_server, start_and_interrupt)
+from conftest import (
+    harness,
+    losses,
+    make_context,
+    mlflow_run,
+    read_lock,
+    run_dir_of,
+    running_mlflow_server,
+    start_and_interrupt,
+)
 
 mlflow = pytest.importorskip("mlflow")  # requirements-dev.txt installs it
 from mlflow.tracking import MlflowClient  # noqa: E402

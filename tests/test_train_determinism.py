@@ -2,9 +2,7 @@
 order depends on Python's string hashing."""
 
 import pytest
-
 from conftest import FAST, TESTS, loss_bits, read_lock, run_dir_of
-
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +95,7 @@ def test_the_compiler_gets_the_determinism_flag_without_being_imported(mode, exp
     import subprocess
     import sys
 
-    probe = (f"import sys\nfrom harness import determinism\n"
+    probe = (f"import sys\nfrom harness.training import determinism\n"
              f"determinism.apply({{'mode': '{mode}', 'threads': 1}})\n"
              f"print('torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules)\n"
              f"import torch, torch._inductor.config as compiler\n"

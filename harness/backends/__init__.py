@@ -32,8 +32,8 @@ def _auto(conf=None) -> Backend:
     which and why."""
     import sys
 
-    from harness import engine as docker_engine
     from harness.errors import EnvironmentProblem
+    from harness.host import docker_engine
 
     if conf is not None and not conf.image.base:
         print(f"harness: backend=auto chose local: the '{conf.image.profile}' image has no "

@@ -19,13 +19,15 @@ import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness import config, engine as docker_engine, image, rundir, sandbox
+from harness import config, rundir
 from harness.backends.base import Backend, LaunchSpec
 from harness.config import RunConfig
+from harness.containers import image, sandbox
+from harness.containers.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 from harness.env import HOST_NAME
 from harness.errors import EnvironmentProblem, first_line
+from harness.host import docker_engine
 from harness.progress import Console
-from harness.sandbox import CODE_MOUNT, DATA_MOUNT, RUN_MOUNT
 
 LABEL = "org.harness.run"  # every training container carries it: `docker ps -a --filter label=...`
 GPU_HINT = ("The NVIDIA container runtime is missing: install the NVIDIA driver and the "
@@ -147,7 +149,8 @@ def command_mounts(conf: RunConfig, run_dir: Path, script: Dict[str, Any]
     working directory (the user's project) and inputs outside it read-only; each top-level
     directory the outputs go to writable, backed by RUN_DIR/outputs/ (so the project is
     never written)."""
-    from harness.outputs import OUTPUTS_DIR, output_dirs
+    from harness.rundir import OUTPUTS
+    from harness.script.files import output_dirs
 
     workdir = Path(script["workdir"])
     volumes = {str(workdir): {"bind": str(workdir), "mode": "ro"}}
@@ -157,7 +160,7 @@ def command_mounts(conf: RunConfig, run_dir: Path, script: Dict[str, Any]
             volumes[str(path)] = {"bind": str(path), "mode": "ro"}
     for top in output_dirs(conf.command.outputs, workdir):
         (workdir / top).mkdir(exist_ok=True)  # the mount point, inside the read-only project
-        kept = run_dir.resolve() / OUTPUTS_DIR / top
+        kept = run_dir.resolve() / OUTPUTS / top
         kept.mkdir(parents=True, exist_ok=True)
         volumes[str(kept)] = {"bind": str(workdir / top), "mode": "rw"}
     return volumes

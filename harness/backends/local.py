@@ -13,7 +13,6 @@ from harness.env import LAUNCHER_PID
 from harness.progress import Console
 
 
-
 class LocalHandle:
     def __init__(self, process: subprocess.Popen, log_path):
         self.process = process

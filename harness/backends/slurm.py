@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from harness import config, rundir, sbatch, tracking
+from harness import config, rundir
+from harness.backends import sbatch
 from harness.backends.base import Backend, LaunchSpec
 from harness.config import RunConfig
-
 from harness.errors import REQUEUE_EXIT, EnvironmentProblem, HarnessError, RunFailed
+from harness.record import tracking
 
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STAGE_OUT", "SIGNALING",
            "RESIZING"}
@@ -104,8 +105,8 @@ def exit_code_of(text: str) -> int:
 
 def sign_finished(run_dir: Path) -> None:
     """A job's run is signed when its end is first seen here, by the user who launched it
-    (harness.signing.sign_own_finished)."""
-    from harness import signing
+    (harness.record.signing.sign_own_finished)."""
+    from harness.record import signing
 
     try:
         signing.sign_own_finished(run_dir)
@@ -218,7 +219,7 @@ def job_image_facts(conf: RunConfig) -> Dict:
     pyxis), {} otherwise. With backend.slurm.image unset, the config's own image profile
     (cuda for GPU runs on a GPU host, else cpu) is built or found, and pushed to
     image.registry: the job pulls it by that repo digest, never by a tag."""
-    from harness import image
+    from harness.containers import image
 
     slurm = conf.backend.slurm
     if slurm.runtime.value == "none" or slurm.image:
@@ -244,7 +245,7 @@ class SlurmBackend(Backend):
 
     name = "slurm"
     trains_elsewhere = True  # on a batch node (in its image, for a container runtime)
-    tracks_itself = True  # the job script starts the tracking follower (harness/tracking.py)
+    tracks_itself = True  # the job script starts the tracking follower (harness/record/tracking.py)
     batch = True
 
     def lock_facts(self, conf: RunConfig) -> Dict:

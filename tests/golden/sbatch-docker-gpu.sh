@@ -31,7 +31,7 @@ RUN_DIR="${RUN_DIRS[$TASK]}"
 DATA_ROOT="${DATA_ROOTS[$TASK]}"
 REQUEUE_EXIT=75
 # log: $RUN_DIR/slurm.out
-# Pinned before the interpreter starts (harness/determinism.py says why each one).
+# Pinned before the interpreter starts (harness/training/determinism.py says why each one).
 export PYTHONHASHSEED=0
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
 export OMP_NUM_THREADS=2

@@ -29,7 +29,7 @@ RUN_DIR="${RUN_DIRS[$TASK]}"
 DATA_ROOT="${DATA_ROOTS[$TASK]}"
 REQUEUE_EXIT=75
 # log: $RUN_DIR/slurm.out
-# Pinned before the interpreter starts (harness/determinism.py says why each one).
+# Pinned before the interpreter starts (harness/training/determinism.py says why each one).
 export PYTHONHASHSEED=0
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
 export OMP_NUM_THREADS=2
@@ -53,8 +53,8 @@ trap 'forward USR1' USR1
 trap 'got_term=1; forward TERM' TERM
 
 # tracker: a follower sends the run's metrics to it while it trains and reads the
-# training's exit code on its stdin at the end (harness/tracking.py).
-exec 9> >(/shared/venv/bin/python -u -m harness.tracking follow "$RUN_DIR")
+# training's exit code on its stdin at the end (harness/record/tracking.py).
+exec 9> >(/shared/venv/bin/python -u -m harness.record.tracking follow "$RUN_DIR")
 tracker=$!
 
 /shared/venv/bin/python -u -m harness.train "$RUN_DIR" --data-root "$DATA_ROOT" 9>&- &

@@ -1,11 +1,11 @@
-"""The checkpoint file (harness/checkpoint.py): damage, old and partial files, format 2."""
+"""The checkpoint file (harness/training/checkpoint.py): damage, old and partial files, format 2."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from harness import checkpoint
+from harness.training import checkpoint
 
 
 def training_state(step: int = 3, width: int = 600) -> dict:

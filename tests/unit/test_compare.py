@@ -1,4 +1,4 @@
-"""The comparison of two runs (harness/compare.py): step, tensors and distance named."""
+"""The comparison of two runs (harness/bitwise.py): step, tensors and distance named."""
 
 import json
 
@@ -23,22 +23,22 @@ def _fake_run(directory, losses, params, weight):
 
 
 def test_compare_report_names_step_tensor_and_distance(tmp_path):
-    from harness import compare
+    from harness.record import bitwise
 
     same = {"a.weight": "aa", "b.bias": "bb"}
     a = _fake_run(tmp_path / "a", [2.0, 1.5, 1.25, 1.0], [None, same, None, same], 0.5)
     b = _fake_run(tmp_path / "b", [2.0, 1.5, 1.25, 1.125],
                   [None, same, None, {"a.weight": "aa", "b.bias": "cc"}], 0.75)
-    report = compare.compare_runs(a, b, {"results": {"weights_sha256": "x"}},
+    report = bitwise.compare_runs(a, b, {"results": {"weights_sha256": "x"}},
                                   {"results": {"weights_sha256": "y"}})
-    assert report["verdict"] == compare.DIVERGED
+    assert report["verdict"] == bitwise.DIVERGED
     assert report["first_diverging_step"] == 4
     assert report["first_differing_tensors"] == ["b.bias"]
     assert report["max_abs_diff"] == {"b.bias": 0.25}
-    text = compare.render(report)
+    text = bitwise.render(report)
     assert "DIVERGED: first diverging step 4" in text and "b.bias: 2.500e-01" in text
 
-    report = compare.compare_runs(a, a, {"results": {"weights_sha256": "x"}},
+    report = bitwise.compare_runs(a, a, {"results": {"weights_sha256": "x"}},
                                   {"results": {"weights_sha256": "x"}})
-    assert report["verdict"] == compare.IDENTICAL and report["fingerprints_compared"] == 2
-    assert compare.render(report).startswith("IDENTICAL: 4 steps of loss bits, 2 parameter")
+    assert report["verdict"] == bitwise.IDENTICAL and report["fingerprints_compared"] == 2
+    assert bitwise.render(report).startswith("IDENTICAL: 4 steps of loss bits, 2 parameter")

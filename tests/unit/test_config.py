@@ -1,4 +1,4 @@
-"""Config composition (harness/config.py): bundled groups over the schema, device=auto."""
+"""Config composition (harness/config/schema.py): bundled groups over the schema, device=auto."""
 
 
 def test_every_schema_field_is_overridable_through_the_bundled_groups():
@@ -22,7 +22,21 @@ def test_auto_device_of_a_slurm_job_follows_the_gpus_it_asks_for():
     """Decided for the job's node, not the submitting host: cuda exactly when
     backend.slurm.gpus asks the node for GPUs."""
     from harness import config
+    from harness.commands import choices
 
-    assert config.compose("fashion_mnist", ["backend=slurm"])["trainer"]["device"] == "cpu"
-    asked = config.compose("fashion_mnist", ["backend=slurm", "backend.slurm.gpus=1"])
+    assert choices.compose("fashion_mnist", ["backend=slurm"])["trainer"]["device"] == "cpu"
+    asked = choices.compose("fashion_mnist", ["backend=slurm", "backend.slurm.gpus=1"])
     assert asked["trainer"]["device"] == "cuda"
+    # config alone chooses nothing: composing and validating leave auto and a null seed
+    # to the command (harness/commands/choices.py), which records its choice.
+    composed = config.compose("fashion_mnist", ["backend=slurm", "seed=null"])
+    assert composed["trainer"]["device"] == "auto" and composed["seed"] is None
+    chosen = choices.choose(composed)
+    assert chosen["trainer"]["device"] == "cpu" and 0 <= chosen["seed"] < config.SEED_LIMIT
+
+
+def test_the_seed_limit_is_one_number():
+    from harness import config
+    from harness.training import seeding
+
+    assert config.SEED_LIMIT == seeding.SEED_LIMIT == 2**32

@@ -1,9 +1,10 @@
-"""The corpus of machine classes (harness/corpus.py): its recordings and the comparison."""
+"""The corpus of machine classes (harness/record/corpus.py): its recordings and the comparison."""
 
 import json
 import struct
 
-from harness import corpus, machine
+from harness.host import machine_class
+from harness.record import corpus
 
 
 def _flip_lowest_bit(loss_hex: str) -> str:
@@ -37,5 +38,5 @@ def test_every_recording_is_the_golden_config_and_its_class_matches_its_locks():
                 assert sorted(overrides) == sorted(
                     [*corpus.GOLDEN_OVERRIDES, f"determinism.cpu_isa={mode}"]), run_dir
                 lock = json.loads((run_dir / "harness.lock").read_text())
-                assert machine.same_class(machine.cpu_class(lock["hardware"]["cpu"]),
+                assert machine_class.same_class(machine_class.cpu_class(lock["hardware"]["cpu"]),
                                           entry.facts), run_dir

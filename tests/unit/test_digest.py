@@ -80,7 +80,8 @@ def test_an_unchanged_tree_is_known_whole_and_any_change_is_seen(tmp_path, monke
     edit with its mtime restored, a new file and HARNESS_REHASH=1 each go file by file."""
     import os
 
-    from harness import hash_cache, outputs
+    from harness import hash_cache
+    from harness.script import files
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("HARNESS_REHASH", raising=False)
@@ -89,42 +90,43 @@ def test_an_unchanged_tree_is_known_whole_and_any_change_is_seen(tmp_path, monke
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(rel)
     monkeypatch.setattr(hash_cache, "FRESH_S", 0.0)  # settle files written just now
-    first = outputs.hash_input(root)
+    first = files.hash_input(root)
     assert first["files"] == 3
 
     walked = []
     real_walk = hash_cache._walk
     monkeypatch.setattr(hash_cache, "_walk", lambda *a: walked.append(a) or real_walk(*a))
-    assert outputs.hash_input(root) == first and walked == []  # known whole
+    assert files.hash_input(root) == first and walked == []  # known whole
 
     edited = root / "a" / "two"
     before = edited.stat()
     edited.write_text("A/TWO")  # same size, mtime put back: only the ctime tells
     os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
-    changed = outputs.hash_input(root)
+    changed = files.hash_input(root)
     assert walked and changed["sha256"] != first["sha256"]
-    assert outputs.hash_input(root) == changed  # settled again, known whole
+    assert files.hash_input(root) == changed  # settled again, known whole
 
     walked.clear()
     (root / "c").write_text("new")
-    assert outputs.hash_input(root)["files"] == 4 and walked
+    assert files.hash_input(root)["files"] == 4 and walked
 
     walked.clear()
     monkeypatch.setenv("HARNESS_REHASH", "1")
-    assert outputs.hash_input(root)["files"] == 4 and walked
+    assert files.hash_input(root)["files"] == 4 and walked
 
 
 def test_a_tree_with_a_file_too_fresh_to_remember_is_not_known_whole(tmp_path, monkeypatch):
-    from harness import hash_cache, outputs
+    from harness import hash_cache
+    from harness.script import files
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("HARNESS_REHASH", raising=False)
     root = tmp_path / "inputs"
     root.mkdir()
     (root / "f").write_text("just written")  # within FRESH_S: its stamp proves nothing yet
-    outputs.hash_input(root)
+    files.hash_input(root)
     walked = []
     real_walk = hash_cache._walk
     monkeypatch.setattr(hash_cache, "_walk", lambda *a: walked.append(a) or real_walk(*a))
-    outputs.hash_input(root)
+    files.hash_input(root)
     assert walked, "a tree with an unsettled file was taken as known"

@@ -8,7 +8,7 @@ from harness import env
 
 PACKAGE = Path(env.__file__).parent
 # Runs before the harness can be imported (it puts the harness on sys.path): names its own.
-BOOTSTRAP = PACKAGE / "inject" / "sitecustomize.py"
+BOOTSTRAP = PACKAGE / "script" / "injection" / "bootstrap" / "sitecustomize.py"
 LITERAL = re.compile(r"""["'](HARNESS_|SLURM_)""")
 
 

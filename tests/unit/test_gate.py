@@ -1,8 +1,9 @@
-"""The replay gate (harness/gate.py): classification, groups, list values, CPU class and pins."""
+"""The replay gate (harness/record/gate.py): classification, groups, list values, CPU class
+and pins."""
 
 import pytest
 
-from harness import gate
+from harness.record import gate
 
 
 @pytest.mark.parametrize("key, expected", [
@@ -105,7 +106,7 @@ def test_list_values_show_added_and_removed_items():
 
 
 def test_a_pin_this_cpu_cannot_run_blocks_the_replay():
-    from harness import gate
+    from harness.record import gate
 
     lock = {"config": {"determinism": {"cpu_isa": "avx512"}},
             "hardware": {"cpu": {"isa_flags": ["avx2", "avx512f", "avx512bw", "avx512dq",
@@ -124,7 +125,7 @@ def _lock(cpu, device="cpu", cpu_isa="avx2"):
 
 
 def test_the_class_row_of_a_gpu_run_is_informational_and_an_unknown_vendor_is_no_difference():
-    from harness import gate
+    from harness.record import gate
 
     zen3 = {"vendor": "amd", "family": 25, "model_number": 1, "model": "AMD EPYC"}
     xeon = {"vendor": "intel", "family": 6, "model_number": 143, "model": "Xeon"}

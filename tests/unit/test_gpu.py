@@ -1,6 +1,6 @@
-"""The GPU facts (harness/gpu.py) without a GPU: torch's build, disagreements with NVML."""
+"""The GPU facts (harness/host/gpu.py) without a GPU: torch's build, disagreements with NVML."""
 
-from harness import gpu
+from harness.host import gpu
 
 
 def test_torch_build_is_read_without_importing_torch():

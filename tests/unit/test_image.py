@@ -5,9 +5,11 @@ import os
 import shutil
 
 import pytest
-
 from conftest import ROOT, TESTS
-from harness import config, image
+
+from harness import config
+from harness.commands import choices
+from harness.containers import image
 from harness.errors import ConfigError, EnvironmentProblem
 
 GOLDEN = TESTS / "golden" / "Dockerfile.cuda"
@@ -72,8 +74,8 @@ def test_base_must_be_pinned_by_digest():
 
 
 def test_every_run_config_has_an_image_section():
-    cfg = config.compose("fashion_mnist", [])
-    assert cfg["image"]["profile"] == config.default_image_profile()
+    cfg = choices.compose("fashion_mnist", [])
+    assert cfg["image"]["profile"] == choices.image_profile()
     cfg = config.compose("fashion_mnist", ["image=cuda", "image.registry=reg.example:5000"])
     assert cfg["image"]["profile"] == "cuda"
     assert cfg["image"]["registry"] == "reg.example:5000"
@@ -100,8 +102,8 @@ def test_a_users_config_gets_an_image_however_it_is_written(tmp_path, name, defa
     a config it extends); one that does not gets the machine's profile. `image=NAME` works
     on all."""
     (tmp_path / f"{name}.yaml").write_text(USER_CONFIGS[name])
-    cfg = config.compose(name, [], tmp_path)
-    assert cfg["image"]["profile"] == (default or config.default_image_profile())
+    cfg = choices.compose(name, [], tmp_path)
+    assert cfg["image"]["profile"] == (default or choices.image_profile())
     assert cfg["name"] == name
     for profile in ("cpu", "cuda"):
         chosen = config.compose(name, [f"image={profile}"], tmp_path)

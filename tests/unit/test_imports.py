@@ -1,4 +1,4 @@
-"""Reading installed distributions (harness/imports.py): a package's name and version."""
+"""Reading installed distributions (harness/script/imports.py): a package's name and version."""
 
 
 def test_package_versions_are_read_from_the_metadata_headers(tmp_path):
@@ -7,7 +7,7 @@ def test_package_versions_are_read_from_the_metadata_headers(tmp_path):
     long description may hold lines that look like headers)."""
     import importlib.metadata as metadata
 
-    from harness.imports import name_and_version
+    from harness.script.imports import name_and_version
 
     for dist in metadata.distributions():
         assert name_and_version(dist) == ((dist.metadata.get("Name") or "").lower(),

@@ -1,8 +1,8 @@
-"""Old lockfiles (harness/lockfile.py): the corpus's locks pass their checks as recorded."""
+"""Old lockfiles (harness/record/lockfile.py): the corpus's locks pass their checks as recorded."""
 
 import pytest
 
-from harness import corpus
+from harness.record import corpus
 
 ALL_RUNS = [run for entry in corpus.entries() for mode in entry.modes()
             for run in entry.runs(mode)]
@@ -11,7 +11,8 @@ ALL_RUNS = [run for entry in corpus.entries() for mode in entry.modes()
 @pytest.mark.parametrize("old_run", ALL_RUNS, ids=[f"{p.parent.parent.parent.name}-{p.parent.name}"
                                                    for p in ALL_RUNS])
 def test_old_lockfile_passes_its_checks_and_hashes_its_config_as_recorded(old_run):
-    from harness import config, lockfile
+    from harness import config
+    from harness.record import lockfile
 
     lock = lockfile.read(old_run / "harness.lock")  # integrity (lock_sha256) holds
     assert config.config_sha256(lock["config"]) == lock["config_sha256"]

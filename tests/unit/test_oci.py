@@ -1,4 +1,5 @@
-"""Reproducible layers (harness/oci.py) without an engine: what a layer drops, what differs."""
+"""Reproducible layers (harness/containers/oci.py) without an engine: what a layer drops,
+what differs."""
 
 import io
 import os
@@ -27,7 +28,7 @@ def tree_archive(root, stamp: int, reverse: bool) -> io.BytesIO:
 
 def test_a_differing_layer_is_named_with_its_first_differing_file(tmp_path, monkeypatch):
     """The file lists kept at build time name the first file that differs."""
-    from harness import image, oci
+    from harness.containers import image, oci
 
     monkeypatch.setenv("HARNESS_STATE_DIR", str(tmp_path / "state"))
     diff_ids = []
@@ -64,7 +65,7 @@ def _with_file(archive: io.BytesIO, name: str, data: bytes) -> io.BytesIO:
 def test_a_layer_drops_what_says_when_it_was_built_and_keeps_whiteouts():
     """Logs, /tmp and timestamp-checked .pyc go; a whiteout under /var/log (a file of a lower
     layer deleted) and hash-based .pyc stay; owners stay by number."""
-    from harness import oci
+    from harness.containers import oci
 
     timestamp_pyc = b"\xa7\r\r\n" + (0).to_bytes(4, "little") + b"\0" * 8 + b"code"
     hash_pyc = b"\xa7\r\r\n" + (1).to_bytes(4, "little") + b"\0" * 8 + b"code"

@@ -1,10 +1,11 @@
-"""The op trace (harness/op_trace.py) in process: the comparison alone, and the tracer."""
+"""The op trace (harness/record/op_trace.py) in process: the comparison alone, and the tracer."""
 
 from __future__ import annotations
 
 import contextlib
 
-from harness import op_trace
+from harness import rundir
+from harness.record import op_trace
 
 
 def _op(i, op, out, inputs=("x",), step=1):
@@ -53,7 +54,7 @@ def test_a_tracer_that_cannot_read_a_tensor_gives_up_and_training_goes_on(monkey
     assert torch.equal(traced, untraced)
     assert made[0].ops == [] and made[0].traced_steps == []
     made[0].write_pending(tmp_path)
-    assert not (tmp_path / op_trace.FILE).exists()
+    assert not (tmp_path / rundir.OP_TRACE).exists()
     assert "no op trace for this run" in capsys.readouterr().err
 
 

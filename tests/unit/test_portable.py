@@ -1,8 +1,8 @@
-"""The ops determinism.cpu_isa=portable cannot pin (harness/portable.py)."""
+"""The ops determinism.cpu_isa=portable cannot pin (harness/training/portable.py)."""
 
 import pytest
 
-from harness import portable
+from harness.training import portable
 
 
 @pytest.mark.parametrize("name, library", [

@@ -1,4 +1,5 @@
-"""The sbatch script's rules (harness/sbatch.py): gpu_type, digest pins, the job's environment."""
+"""The sbatch script's rules (harness/backends/sbatch.py): gpu_type, digest pins, the job's
+environment."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 
 def golden_spec(runtime: str, **slurm):
-    from harness import sbatch
+    from harness.backends import sbatch
 
     conf = {"partition": "gpu", "time": "02:00:00", "cpus_per_task": 8, "mem": "32G",
             "gpus": 0, "gpu_type": None, "constraint": None, "signal_before_s": 120,
@@ -27,7 +28,7 @@ def golden_spec(runtime: str, **slurm):
 
 
 def test_gpu_without_gpu_type_is_refused_and_tags_are_refused():
-    from harness import sbatch
+    from harness.backends import sbatch
     from harness.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gpu_type"):
@@ -37,7 +38,7 @@ def test_gpu_without_gpu_type_is_refused_and_tags_are_refused():
 
 
 def test_job_environment_is_the_allow_list_only():
-    from harness import sbatch
+    from harness.backends import sbatch
 
     submitting = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/code", "NCCL_ALGO": "Ring",
                   "AWS_SECRET_ACCESS_KEY": "planted-secret", "GITHUB_TOKEN": "planted-token",

@@ -1,10 +1,10 @@
-"""Seed-sweep statistics (harness/stats.py), checked against exact values."""
+"""Seed-sweep statistics (harness/record/stats.py), checked against exact values."""
 
 import math
 
 import pytest
 
-from harness import stats
+from harness.record import stats
 
 
 def test_summary_statistics_are_exact():

@@ -1,10 +1,11 @@
-"""A sweep's summary (harness/sweep.py): it says when a difference is inside the seed noise."""
+"""A sweep's summary (harness/commands/sweep.py): it says when a difference is inside the
+seed noise."""
 
-from harness import stats
+from harness.record import stats
 
 
 def test_summary_says_when_a_difference_is_inside_the_seed_noise():
-    from harness import sweep
+    from harness.commands import sweep
 
     report = {"sweep_id": "s", "configurations": {}, "comparisons": [{
         "a": "optim.lr=0.1", "b": "optim.lr=0.2",

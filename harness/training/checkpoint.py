@@ -1,0 +1,352 @@
+"""Training checkpoints: `runs/<run-id>/checkpoints/step-XXXXXXXX.pt`.
+
+A checkpoint holds everything the next optimizer step depends on, so that a run resumed
+from it continues bit for bit as if it had never stopped:
+
+    step, epoch, position   optimizer steps taken; the epoch in progress; samples of that
+                            epoch already consumed (its order is a pure function of
+                            (seed, epoch), so the rest of the epoch is rebuilt exactly)
+    model, optimizer,       state dicts
+    scheduler
+    rng                     python `random`, numpy, torch CPU and every CUDA device
+    config_sha256           the run's resolved config (launch.json)
+    environment_sha256      hash of the environment facts that change the math
+    environment             those facts, so that a refusal can name what differs
+    resumes                 the resumes that led to this state (from_step, checkpoint)
+    world_size, rank_rngs   data-parallel runs only: the number of ranks that wrote it
+                            and each rank's RNG state (`rng` is rank 0's); a resume
+                            needs the same world size
+
+Beside each checkpoint lies its checksum, `step-XXXXXXXX.pt.sha256`, in `sha256sum`'s format
+(`sha256sum -c` checks it). It is computed while the file is written, from the bytes
+written, and checked while the file is read: a damaged file is skipped like a torn one. A
+checkpoint without its checksum is damaged. Checkpoints of format 2 (before 2026-12) carry
+their hash inside instead (`state_sha256`, digest.state_sha256 over the entries above); they
+are still read and checked that way.
+
+A sample's randomness is a pure function of (seed, epoch, sample index)
+(seeding.SeededSamples), so DataLoader workers hold no state a resume must restore.
+
+Written atomically (temp file, fsync, rename); the newest `keep` (2) are kept. Loading
+skips a damaged newest checkpoint and falls back to the older one; a checkpoint from
+another config or environment is refused, never silently used.
+
+Torch is imported inside the functions: the launcher imports this module for its
+constants without loading torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness import rundir
+from harness.digest import canonical_sha256, file_sha256
+from harness.errors import CheckpointRefused, HarnessError  # noqa: F401 (re-exported)
+
+PREFIX = "harness.training.checkpoint/"
+FORMAT = PREFIX + "3"  # its checksum in the file beside it
+SEALED_INSIDE = PREFIX + "2"  # its hash inside the state (state_sha256): still read
+PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+CHECKSUM_SUFFIX = ".sha256"
+
+REQUIRED = ("format", "step", "epoch", "position", "config_sha256", "environment_sha256",
+            "environment", "model", "optimizer", "scheduler", "rng", "resumes")
+# Blocks torch.save writes that are hashed in a second thread while the first writes them.
+# Smaller ones (headers, the pickled structure) are hashed in line.
+CONCURRENT_BLOCK = 1 << 20
+
+
+# ---------------------------------------------------------------- facts that must match
+
+
+def environment_facts(in_effect: Dict[str, Any], device: str) -> Dict[str, Any]:
+    """The facts a resumed run must share with the run that wrote the checkpoint: those
+    that change floating-point results (library builds, kernels selected for this CPU,
+    GPU model and SM count, thread counts and determinism flags in effect). The host name
+    and GPU UUIDs are left out: another node of the same kind gives the same bits."""
+
+    import torch
+
+    from harness.host import gpu
+    from harness.record import lockfile
+
+    gpus = [{"name": seen["name"], "capability": seen["compute_capability"],
+             "sm_count": seen["sm_count"]}
+            for seen in (gpu.torch_devices() if torch.cuda.is_available() else [])]
+    cpu = lockfile.capture_cpu()
+    return {
+        **lockfile.math_software(),
+        "cpu_architecture": cpu["architecture"],
+        "cpu_isa_flags": cpu["isa_flags"],
+        "device": device,
+        "gpus": gpus if device.startswith("cuda") else [],
+        "determinism": {k: v for k, v in in_effect.items() if k != "env"},
+        "env": in_effect.get("env", {}),
+    }
+
+
+def facts_sha256(facts: Dict[str, Any]) -> str:
+    return canonical_sha256(facts)
+
+
+def differing_keys(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    """The keys whose values differ between two sets of environment facts, sorted."""
+    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
+# ---------------------------------------------------------------- the state
+
+
+def make_state(step: int, epoch: int, position: int, config_sha256: str,
+               facts: Dict[str, Any], model, optimizer, scheduler, rank_rngs: List[Any],
+               resumes: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A checkpoint's state (the module docstring lists it): `rank_rngs` holds every rank's
+    RNG state, in rank order (one entry for a single process)."""
+    state = {
+        "step": step, "epoch": epoch, "position": position, "config_sha256": config_sha256,
+        "environment_sha256": facts_sha256(facts), "environment": facts,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rank_rngs[0], "resumes": resumes}
+    if len(rank_rngs) > 1:
+        state.update(world_size=len(rank_rngs), rank_rngs=rank_rngs)
+    return state
+
+
+def rng_of_rank(state: Dict[str, Any], rank: int) -> Any:
+    """The RNG state rank `rank` saved (a single process's is `rng`)."""
+    return (state.get("rank_rngs") or [state["rng"]])[rank]
+
+
+def check_world_size(state: Dict[str, Any], path: Path, world_size: int) -> None:
+    """Refuse a checkpoint written by another number of ranks."""
+    written_by = state.get("world_size", 1)
+    if written_by != world_size:
+        raise CheckpointRefused(
+            f"checkpoint {path} was written by {written_by} rank(s), but this run has "
+            f"{world_size}: every rank's RNG state and data shard depend on the world size, "
+            f"so it cannot resume bit for bit. Resume with the world it was written with "
+            f"(trainer.devices × trainer.nodes = {written_by}).")
+
+
+# ---------------------------------------------------------------- save / load / validate
+
+
+def directory(run_dir: Path) -> Path:
+    return Path(run_dir) / rundir.CHECKPOINTS
+
+
+def path_for(run_dir: Path, step: int) -> Path:
+    return directory(run_dir) / f"step-{step:08d}.pt"
+
+
+def listed(run_dir: Path) -> List[Path]:
+    """Checkpoint files, newest (highest step) first; temp files are not listed."""
+    folder = directory(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if PATTERN.match(p.name)), reverse=True)
+
+
+def checksum_path(path: Path) -> Path:
+    """The checksum file beside checkpoint `path`."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def save(run_dir: Path, state: Dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` atomically as step-<step>.pt with its checksum beside it, then drop all
+    but the newest `keep`. The checksum is renamed into place first: a checkpoint file
+    that exists has its checksum."""
+    missing = [k for k in REQUIRED if k not in state and k != "format"]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    state = {**state, "format": FORMAT}
+    folder = directory(run_dir)
+    folder.mkdir(exist_ok=True)
+    path = path_for(run_dir, state["step"])
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        sha256 = _write_hashed(tmp, state)
+        rundir.atomic_write_text(checksum_path(path), f"{sha256}  {path.name}\n")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        full = rundir.out_of_space(exc, folder, f"checkpoint {path.name}")
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise full from None
+        raise
+    _fsync_dir(folder)
+    for old in listed(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
+    return path
+
+
+def _write_hashed(path: Path, state: Dict[str, Any]) -> str:
+    """torch.save `state` to `path` (fsync'd) and return the sha256 of the bytes written.
+    Each large block is hashed in a second thread while this one writes it, and both
+    finish before torch.save goes on: a block may be a temporary buffer (a GPU tensor's
+    copy), so it is never read after its write returns."""
+    import torch
+    from torch import serialization
+
+    crc32 = serialization.get_crc32_options()
+    # torch.save's own CRC-32 of each record is a third pass over the bytes; the sha256
+    # beside the file covers every byte, and torch.load does not need the CRC.
+    serialization.set_crc32_options(False)
+    try:
+        with open(path, "wb") as handle, ThreadPoolExecutor(1) as hasher:
+            writer = _HashingWriter(handle, hasher)
+            torch.save(state, writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        serialization.set_crc32_options(crc32)
+    return writer.sha256.hexdigest()
+
+
+class _HashingWriter:
+    """The file-like object torch.save writes through: hashes what it writes."""
+
+    def __init__(self, handle, hasher: ThreadPoolExecutor):
+        self.handle, self.hasher, self.sha256 = handle, hasher, hashlib.sha256()
+
+    def write(self, data) -> int:
+        block = memoryview(data).cast("B")
+        if block.nbytes < CONCURRENT_BLOCK:
+            self.sha256.update(block)
+            return self.handle.write(block)
+        hashed = self.hasher.submit(self.sha256.update, block)  # both release the GIL
+        written = self.handle.write(block)
+        hashed.result()
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def remove_partial_writes(run_dir: Path) -> List[str]:
+    """Delete the temp files of checkpoint writes that were killed before their rename,
+    and checksums whose checkpoint is gone. Only while holding the run directory
+    (rundir.WriterLock): no write is in progress."""
+    folder = directory(run_dir)
+    removed = [*folder.glob(".step-*.pt.*.tmp"),  # checkpoints' and checksums'
+               *(sums for sums in folder.glob("step-*.pt" + CHECKSUM_SUFFIX)
+                 if not sums.with_suffix("").exists())]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return sorted(path.name for path in removed)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Damaged(Exception):
+    """A checkpoint file that cannot be read back intact."""
+
+
+def load(path: Path) -> Dict[str, Any]:
+    """Read one checkpoint and check it is complete and intact; raises Damaged. The file
+    is hashed in a second thread while torch.load reads it. The state gains `sha256`: the
+    checksum it was checked against (a format-2 checkpoint's state_sha256)."""
+    import torch
+
+    sums = checksum_path(path)
+    with ThreadPoolExecutor(1) as hasher:
+        hashed = hasher.submit(file_sha256, path) if sums.exists() else None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated zip, garbage, unpickling: damaged
+            said = (str(exc).splitlines() or [""])[0]
+            said = said if len(said) <= 300 else said[:300].rsplit(" ", 1)[0] + " ..."
+            raise Damaged(f"cannot be read ({type(exc).__name__}: {said})") from None
+        sha256 = hashed.result() if hashed else None
+    if not isinstance(state, dict) or not str(state.get("format")).startswith(PREFIX):
+        raise Damaged("is not a harness checkpoint")
+    if state["format"] not in (FORMAT, SEALED_INSIDE):
+        raise CheckpointRefused(
+            f"checkpoint {path} has format {state['format']} (this harness writes {FORMAT}): "
+            f"it lacks state an exact resume needs, so resuming from it could not reproduce the "
+            f"uninterrupted run. Resume with the harness version that wrote it, or start a new "
+            f"run.")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise Damaged(f"lacks {', '.join(missing)}")
+    state["sha256"] = _checked(state, path, sums, sha256)
+    return state
+
+
+def _checked(state: Dict[str, Any], path: Path, sums: Path, sha256: Optional[str]) -> str:
+    """The checksum `state` (read from `path`) is intact under; raises Damaged."""
+    if state["format"] == SEALED_INSIDE:
+        if "state_sha256" not in state or state_sha256(state) != state["state_sha256"]:
+            raise Damaged("fails its integrity check (state_sha256): it was damaged after "
+                          "writing")
+        return state["state_sha256"]
+    if sha256 is None:
+        raise Damaged(f"has no checksum beside it ({sums.name}): its write was cut short, or "
+                      f"the checksum was removed")
+    recorded = sums.read_text(errors="replace").split(" ", 1)[0].strip()
+    if recorded != sha256:
+        raise Damaged(f"does not match its checksum ({sums.name}): it was damaged after "
+                      f"writing")
+    return sha256
+
+
+def state_sha256(state: Dict[str, Any]) -> str:
+    """A format-2 checkpoint's integrity hash: over every entry but itself."""
+    from harness import digest
+
+    return digest.state_sha256({k: v for k, v in state.items() if k != "state_sha256"})
+
+
+def validate(state: Dict[str, Any], path: Path, config_sha256: str,
+             facts: Dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another config or in another environment."""
+    if state["config_sha256"] != config_sha256:
+        raise CheckpointRefused(
+            f"checkpoint {path} was written by a run with config_sha256 "
+            f"{state['config_sha256'][:16]}..., but this run's config has "
+            f"{config_sha256[:16]}...: it belongs to another config. Resume with the run's "
+            f"own config (`harness train --resume RUN` with no overrides), or start a new run.")
+    if state["environment_sha256"] != facts_sha256(facts):
+        diffs = [f"{key}: checkpoint {state['environment'].get(key)!r}, here {facts.get(key)!r}"
+                 for key in differing_keys(state["environment"], facts)]
+        raise CheckpointRefused(
+            f"checkpoint {path} was written in another environment, so resuming here could "
+            f"not reproduce the uninterrupted run bit for bit. Differences: "
+            f"{'; '.join(diffs)}. Resume where the run started (same image, software and "
+            f"hardware), or start a new run here.")
+
+
+def newest_valid(run_dir: Path, config_sha256: str, facts: Dict[str, Any]
+                 ) -> Tuple[Optional[Dict[str, Any]], Optional[Path], List[str]]:
+    """The newest intact checkpoint of `run_dir` (validated against the run's config and
+    this environment), its path, and notes on damaged ones skipped on the way. Returns
+    (None, None, notes) when there is no intact checkpoint."""
+    notes = [f"removed {name}, left by a checkpoint write that was interrupted"
+             for name in remove_partial_writes(run_dir)]
+    for path in listed(run_dir):
+        try:
+            state = load(path)
+        except Damaged as exc:
+            notes.append(f"skipping damaged checkpoint {path.name}: it {exc}")
+            continue
+        validate(state, path, config_sha256, facts)
+        return state, path, notes
+    return None, None, notes
