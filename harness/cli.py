@@ -757,13 +757,13 @@ def add_build(sub) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from harness import config
-    from harness.commands import choices
     from harness.containers import image
+    from harness.host import gpu
 
     if args.config:
         cfg = config.compose(args.config, args.overrides + (
             [f"image={args.profile}"] if args.profile else []), args.config_dir,
-            image_profile=choices.image_profile)
+            image_profile=gpu.image_profile)
         image_cfg = cfg["image"]
     else:
         image_cfg = image.profile_config(args.profile, args.config_dir)

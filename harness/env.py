@@ -73,54 +73,63 @@ USER, HARNESS, SLURM = "the user", "the harness", "Slurm"
 
 TABLE: Tuple[Variable, ...] = (
     Variable(RUNS, USER, "rundir", "where run directories go (--runs-dir wins); default ./runs"),
-    Variable(CONFIG_DIR, USER, "config", "the configs folder (--config-dir wins); default "
-                                         "./conf, else the bundled configs"),
-    Variable(DATA, USER, "data", "one more folder to look for datasets in"),
-    Variable(STATE_DIR, "make docker-env / the user", "config (harness_state_ref)",
+    Variable(CONFIG_DIR, USER, "config.composition", "the configs folder (--config-dir "
+                                                      "wins); default ./conf, else the "
+                                                      "bundled configs"),
+    Variable(DATA, USER, "training.datasets", "one more folder to look for datasets in"),
+    Variable(STATE_DIR, "make docker-env / the user", "config.composition (harness_state_ref)",
              "what the machine's set-up left: the pinned base images' references"),
     Variable(CPU_BASE, USER, "conf/image/cpu.yaml (oc.env)", "the CPU image's base, pinned "
                                                               "by digest"),
     Variable(CUDA_BASE, USER, "conf/image/cuda.yaml (oc.env)", "the CUDA image's base, "
                                                                 "pinned by digest"),
-    Variable(WHEELHOUSE, USER, "image", "the host's cache of downloaded wheels"),
-    Variable(SCRATCH, USER, "image", "where an image build spools its layers"),
-    Variable(CORPUS, USER, "corpus", "the corpus of recorded machine classes"),
-    Variable(REHASH, USER, "hash_cache, capture_cache", "1: trust no remembered hash or "
-                                                         "capture; hash and capture afresh"),
-    Variable(SIGNING_KEY, USER, "signing", "a private key (PEM) of the user's own to sign "
-                                           "runs with"),
-    Variable(SEED, "script (harness run)", "injection, runtime.seed, the user's command",
+    Variable(WHEELHOUSE, USER, "containers.image", "the host's cache of downloaded wheels"),
+    Variable(SCRATCH, USER, "containers.image", "where an image build spools its layers"),
+    Variable(CORPUS, USER, "record.corpus", "the corpus of recorded machine classes"),
+    Variable(REHASH, USER, "hash_cache, record.facts_cache", "1: trust no remembered hash "
+                                                              "or capture; hash and capture "
+                                                              "afresh"),
+    Variable(SIGNING_KEY, USER, "record.signing", "a private key (PEM) of the user's own to "
+                                                  "sign runs with"),
+    Variable(SEED, "script.runner (harness run)",
+             "script.injection.pinning, training.runtime.seed, the user's command",
              "the run's seed; public: a user's script may read it"),
-    Variable(RUN_DIR, "script", "injection, sitecustomize, runtime", "the run directory, "
-                                                                      "absolute"),
-    Variable(RESUME, "script", "the user's command", "1 when the command runs again after "
-                                                     "a preemption, else 0"),
-    Variable(INJECT, "script", "sitecustomize", "1: seed and pin each Python process of the "
-                                                "command (command.inject)"),
-    Variable(DETERMINISM, "script", "injection", "the run's determinism section, as JSON"),
-    Variable(OP_TRACE_STEPS, "script", "injection", "command.op_trace_steps"),
-    Variable(SRC, "script", "sitecustomize", "the folder holding the harness package, for "
-                                             "interpreters that do not have it installed"),
-    Variable(LAUNCHER_PID, "backends.local", "runtime, train (ranks)", "the launcher's pid: "
-             "a training process whose launcher died stops"),
-    Variable(HOST_NAME, "backends.docker", "lockfile", "the host's name, recorded instead "
-                                                       "of the container's id"),
-    Variable(RANKS, "sbatch (--export)", "distributed", "slurm: each srun task is one rank"),
-    Variable(PROGRESS_S, "launch", "progress, train", "seconds between live progress lines; "
-                                                      "unset: none"),
-    Variable(AUDIT, "verify (doctor sets 0)", "audit, launch", "1: per-module digests of "
-                                                                "each step (harness verify)"),
-    Variable(WATCH_NONDETERMINISM, "doctor", "nondeterminism", "1: list the ops without a "
-                                                               "deterministic kernel"),
-    Variable(PERTURB, "replay --negative-control, tests", "perturb, launch",
+    Variable(RUN_DIR, "script.runner", "script.injection.pinning, sitecustomize, "
+                                       "training.runtime", "the run directory, absolute"),
+    Variable(RESUME, "script.runner", "the user's command", "1 when the command runs again "
+                                                            "after a preemption, else 0"),
+    Variable(INJECT, "script.runner", "sitecustomize", "1: seed and pin each Python process "
+                                                       "of the command (command.inject)"),
+    Variable(DETERMINISM, "script.runner", "script.injection.pinning",
+             "the run's determinism section, as JSON"),
+    Variable(OP_TRACE_STEPS, "script.runner", "script.injection.pinning",
+             "command.op_trace_steps"),
+    Variable(SRC, "script.runner", "sitecustomize", "the folder holding the harness package, "
+                                                    "for interpreters that do not have it "
+                                                    "installed"),
+    Variable(LAUNCHER_PID, "backends.local", "training.runtime, training.loop (ranks)",
+             "the launcher's pid: a training process whose launcher died stops"),
+    Variable(HOST_NAME, "backends.docker", "record.lockfile", "the host's name, recorded "
+                                                              "instead of the container's id"),
+    Variable(RANKS, "backends.sbatch (--export)", "training.distributed",
+             "slurm: each srun task is one rank"),
+    Variable(PROGRESS_S, "commands.train", "progress, training.loop",
+             "seconds between live progress lines; unset: none"),
+    Variable(AUDIT, "commands.verify (commands.doctor sets 0)",
+             "training.audit, commands.train", "1: per-module digests of each step "
+                                               "(harness verify)"),
+    Variable(WATCH_NONDETERMINISM, "commands.doctor", "training.nondeterminism",
+             "1: list the ops without a deterministic kernel"),
+    Variable(PERTURB, "commands.replay --negative-control, tests",
+             "training.perturb, commands.train",
              "weight-bit: flip one weight bit after the first step (a negative control)"),
-    Variable(SLURM_JOB_ID, SLURM, "lockfile, sbatch", "the batch job"),
-    Variable(SLURM_ARRAY_JOB_ID, SLURM, "lockfile, sbatch", "the array job"),
-    Variable(SLURM_ARRAY_TASK_ID, SLURM, "lockfile, sbatch", "the array task"),
-    Variable(SLURM_RESTART_COUNT, SLURM, "lockfile, train, script",
+    Variable(SLURM_JOB_ID, SLURM, "record.lockfile, backends.sbatch", "the batch job"),
+    Variable(SLURM_ARRAY_JOB_ID, SLURM, "record.lockfile, backends.sbatch", "the array job"),
+    Variable(SLURM_ARRAY_TASK_ID, SLURM, "record.lockfile, backends.sbatch", "the array task"),
+    Variable(SLURM_RESTART_COUNT, SLURM, "record.lockfile, training.runtime",
              "how often the job was requeued: above 0, resume"),
-    Variable(SLURM_PROCID, SLURM, "distributed", "the task's rank"),
-    Variable(SLURM_NTASKS, SLURM, "distributed", "the world size"),
-    Variable(SLURM_LOCALID, SLURM, "distributed", "the rank on its node"),
-    Variable(SLURM_NODEID, SLURM, "distributed", "the node's rank"),
+    Variable(SLURM_PROCID, SLURM, "training.distributed", "the task's rank"),
+    Variable(SLURM_NTASKS, SLURM, "training.distributed", "the world size"),
+    Variable(SLURM_LOCALID, SLURM, "training.distributed", "the rank on its node"),
+    Variable(SLURM_NODEID, SLURM, "training.distributed", "the node's rank"),
 )

@@ -50,9 +50,23 @@ def cache_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def run_harness(args, *, cwd: Path, env: dict, check_rc=None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """The one way the tests run the CLI to its end: `python -m harness ARGS` in a
+    subprocess, output captured as text. With `check_rc`, another exit code fails the test
+    and shows both outputs. (Tests that signal or time a run start it with Popen.)"""
+    done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check_rc is not None and done.returncode != check_rc:
+        raise AssertionError(f"harness {' '.join(map(str, args))} exited {done.returncode}, "
+                             f"expected {check_rc}\nstdout:\n{done.stdout}\nstderr:\n"
+                             f"{done.stderr}")
+    return done
+
+
 @pytest.fixture
 def cli(tmp_path, cache_home):
-    """Run `harness ARGS...` in a subprocess; returns CompletedProcess (text)."""
+    """Run `harness ARGS...` in tmp_path (run_harness); returns CompletedProcess (text)."""
 
     def run(*args: str, env: dict | None = None, cwd: Path | None = None, check_rc=None,
             timeout: float = 600):
@@ -60,12 +74,8 @@ def cli(tmp_path, cache_home):
                     "PYTHONPATH": str(TESTS / "fixtures")}
         full_env.pop("HARNESS_DATA", None)
         full_env.update(env or {})
-        done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd or tmp_path,
-                              env=full_env, capture_output=True, text=True, timeout=timeout)
-        if check_rc is not None and done.returncode != check_rc:
-            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
-                                 f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
-        return done
+        return run_harness(args, cwd=cwd or tmp_path, env=full_env, check_rc=check_rc,
+                           timeout=timeout)
 
     return run
 
@@ -162,13 +172,8 @@ def make_context(base: Path, dataset: str = "harness.data.IdxClassification") ->
 
 
 def harness(ctx, *args, check_rc=None):
-    full = [*args, "--config-dir", str(ctx["conf"]), "--runs-dir", str(ctx["runs"])]
-    done = subprocess.run([sys.executable, "-m", "harness", *full], cwd=ctx["base"],
-                          env=ctx["env"], capture_output=True, text=True, timeout=600)
-    if check_rc is not None and done.returncode != check_rc:
-        raise AssertionError(f"harness {' '.join(full)} exited {done.returncode}, expected "
-                             f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
-    return done
+    return run_harness([*args, "--config-dir", str(ctx["conf"]), "--runs-dir",
+                        str(ctx["runs"])], cwd=ctx["base"], env=ctx["env"], check_rc=check_rc)
 
 
 def start_and_interrupt(ctx, args: list, sig: int, at_step: int, group: bool = True,
@@ -241,12 +246,8 @@ def project(cache_home):
         """`env`: variables to set for this call (a None value unsets one)."""
         changed = {**environment, **(env or {})}
         changed = {key: value for key, value in changed.items() if value is not None}
-        done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=directory,
-                              env=changed, capture_output=True, text=True, timeout=timeout)
-        if check_rc is not None and done.returncode != check_rc:
-            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
-                                 f"{check_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
-        return done
+        return run_harness(args, cwd=directory, env=changed, check_rc=check_rc,
+                           timeout=timeout)
 
     yield directory, harness
     shutil.rmtree(directory, ignore_errors=True)

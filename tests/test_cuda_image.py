@@ -4,12 +4,11 @@ records the CUDA, cuDNN and NCCL versions it holds, and replays IDENTICAL. Build
 image (minutes): runs in CI, and elsewhere with HARNESS_TEST_CUDA_IMAGE=1."""
 
 import json
-import subprocess
-import sys
+import os
 import time
 
 import pytest
-from conftest import read_lock, run_dir_of
+from conftest import read_lock, run_dir_of, run_harness
 from test_docker import docker_train, engine  # noqa: F401  (the engine fixture)
 
 pytestmark = [pytest.mark.long, pytest.mark.docker, pytest.mark.cuda_image]
@@ -18,10 +17,9 @@ pytestmark = [pytest.mark.long, pytest.mark.docker, pytest.mark.cuda_image]
 @pytest.fixture(scope="module")
 def cuda_built(engine, tmp_path_factory):  # noqa: F811
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "harness", "build", "--profile", "cuda",
-                           "--push"], cwd=tmp_path_factory.mktemp("cudabuild"),
-                          capture_output=True, text=True, timeout=3000)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_harness(["build", "--profile", "cuda", "--push"],
+                       cwd=tmp_path_factory.mktemp("cudabuild"), env=dict(os.environ),
+                       check_rc=0, timeout=3000)
     return {**json.loads(done.stdout), "build_s": time.monotonic() - started}
 
 

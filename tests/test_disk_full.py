@@ -6,10 +6,9 @@ no half-made run directory. Mounting needs root (CI runs as root)."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import harness, make_context, read_lock, require, run_dir_of
+from conftest import harness, make_context, read_lock, require, run_dir_of, run_harness
 from test_docker import engine  # noqa: F401 - fixture
 
 
@@ -92,10 +91,8 @@ def test_a_build_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, 
     disk, _ = small_disk
     tag_env = f"+image.env.HARNESS_TEST_ROOM={os.getpid()}-{tmp_path.name}"
     env = {**os.environ, "HARNESS_SCRATCH": str(disk)}
-    done = subprocess.run([sys.executable, "-m", "harness", "build", "fashion_mnist",
-                           "image=cpu", tag_env], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 4, done.stdout + done.stderr
+    done = run_harness(["build", "fashion_mnist", "image=cpu", tag_env], cwd=tmp_path, env=env,
+                       check_rc=4)
     assert "building the cpu image needs about" in done.stderr
     assert f"in the scratch directory (HARNESS_SCRATCH, else the system's temp dir) where " \
            f"the layers are normalized ({disk})" in done.stderr

@@ -23,6 +23,7 @@ from conftest import (
     read_lock,
     require,
     run_dir_of,
+    run_harness,
     start_and_interrupt,
 )
 from test_lockfile import documented_fields, lookup
@@ -87,9 +88,8 @@ def test_two_ranks_repeat_bit_for_bit_and_replay_is_identical(setup):
     flipped = run_dir_of(harness(perturbed, *TRAIN, check_rc=0))
     with pytest.raises(AssertionError):
         assert_same_as_reference(setup, flipped)
-    listed = subprocess.run([sys.executable, "-m", "harness", "runs", "--runs-dir",
-                             str(setup["runs"])], env=setup["env"], capture_output=True,
-                            text=True, check=True).stdout
+    listed = run_harness(["runs", "--runs-dir", str(setup["runs"])], cwd=setup["base"],
+                         env=setup["env"], check_rc=0).stdout
     assert "local ×2" in listed, listed
     done = subprocess.run([sys.executable, "-m", "harness", "replay", str(reference)],
                           cwd=setup["base"], env=setup["env"], capture_output=True, text=True,

@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TESTS, loss_bits, losses, mlflow_run, read_lock, require, run_dir_of
+from conftest import (
+    TESTS,
+    loss_bits,
+    losses,
+    mlflow_run,
+    read_lock,
+    require,
+    run_dir_of,
+    run_harness,
+)
 from test_lockfile import documented_fields, lookup
 
 LABEL = "org.harness.run"
@@ -42,10 +51,8 @@ def engine():
 @pytest.fixture(scope="module")
 def built(engine, tmp_path_factory):
     """`harness build --push` once per module (a no-op when the image exists); its facts."""
-    done = subprocess.run([sys.executable, "-m", "harness", "build", "--push"],
-                          cwd=tmp_path_factory.mktemp("build"), capture_output=True, text=True,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_harness(["build", "--push"], cwd=tmp_path_factory.mktemp("build"),
+                       env=dict(os.environ), check_rc=0, timeout=1200)
     return json.loads(done.stdout)
 
 

@@ -49,11 +49,16 @@ def test_no_host_module_imports_torch():
     assert first_to_import_torch(["harness.config", "harness.train"]) == "harness.train"
 
 
-def test_listing_runs_and_diffing_locks_start_without_torch(tmp_path):
+def test_listing_runs_diffing_locks_and_planning_a_replay_start_without_torch(tmp_path):
     golden = [lock.parent for lock in
               sorted((TESTS / "golden" / "machines").glob("*/runs/*/*/harness.lock"))[:2]]
     calls = ("from harness import cli\n"
              f"assert cli.main(['runs', '--runs-dir', {str(tmp_path)!r}]) == 0\n"
              f"assert cli.main(['lock', 'diff', {str(golden[0])!r}, {str(golden[1])!r}]) "
-             f"in (0, 1)\n")
+             f"in (0, 1)\n"
+             # a replay's first steps: the lock against the run's files, its signature and
+             # trust, its config validated
+             "from harness.commands import replay\n"
+             f"run_dir, lock, cfg = replay.load_original({str(golden[0])!r}, None, trust=True)\n"
+             "assert lock['run_id'] == run_dir.name and cfg['seed'] is not None\n")
     assert first_to_import_torch(["harness.cli"], then=calls) is None

@@ -12,10 +12,11 @@ Which foreign classes match this one depends on the machine the tests run on; ea
 to what its recordings say."""
 
 import json
+import os
 import shutil
 
 import pytest
-from conftest import read_lock, run_dir_of
+from conftest import read_lock, run_dir_of, run_harness
 
 from harness.host import machine_class
 from harness.record import corpus
@@ -35,14 +36,10 @@ def here_recording(tmp_path_factory, fashion):
     entry = corpus.entry_for(HERE)
     if entry and entry.runs(MODE):
         return entry.runs(MODE)[0]
-    import subprocess
-    import sys
-
     runs = tmp_path_factory.mktemp("here-golden")
-    done = subprocess.run([sys.executable, "-m", "harness", "train", corpus.GOLDEN_CONFIG,
-                           *corpus.GOLDEN_OVERRIDES, f"determinism.cpu_isa={MODE}",
-                           "--runs-dir", str(runs)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = run_harness(["train", corpus.GOLDEN_CONFIG, *corpus.GOLDEN_OVERRIDES,
+                        f"determinism.cpu_isa={MODE}", "--runs-dir", str(runs)],
+                       cwd=runs, env=dict(os.environ), check_rc=0)
     return run_dir_of(done)
 
 

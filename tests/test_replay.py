@@ -4,11 +4,9 @@ End to end through the real CLI, on real data (Fashion-MNIST) and on the test co
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import FAST, TESTS, read_lock, run_dir_of
+from conftest import FAST, TESTS, read_lock, run_dir_of, run_harness
 
 from harness.record import lockfile, signing
 
@@ -23,12 +21,7 @@ def harness(tmp_path_factory):
 
     def run(*args, check_rc=None):
         env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(TESTS / "fixtures")}
-        done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=base, env=env,
-                              capture_output=True, text=True, timeout=600)
-        if check_rc is not None and done.returncode != check_rc:
-            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}, expected "
-                                 f"{check_rc}\n{done.stdout}\n{done.stderr}")
-        return done
+        return run_harness(args, cwd=base, env=env, check_rc=check_rc)
 
     run.base = base
     return run
@@ -332,10 +325,7 @@ def test_replay_where_the_runs_code_is_not_importable_says_what_is_missing(harne
     PYTHONPATH; replayed without it, the replay stops before training (exit 4) and names
     what is missing."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-m", "harness", "replay", str(hashy_run)],
-                          cwd=harness.base, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 4, done.stdout + done.stderr
+    done = run_harness(["replay", str(hashy_run)], cwd=harness.base, env=env, check_rc=4)
     assert "no module named 'harness_testkit'" in done.stderr
     assert "PYTHONPATH" in done.stderr and "Traceback" not in done.stderr
 

@@ -22,13 +22,8 @@ def compose(name: str, overrides: List[str], config_dir: Optional[Path] = None
             ) -> Dict[str, Any]:
     """A new run's config: composed (with this machine's image profile where the config
     names none), its device and seed chosen."""
-    return choose(config.compose(name, overrides, config_dir, image_profile=image_profile))
-
-
-def image_profile() -> str:
-    """`cuda` on a machine where a run can use an NVIDIA GPU (trainer.device=auto would
-    choose it), else `cpu`."""
-    return gpu.choose_device()[0]
+    return choose(config.compose(name, overrides, config_dir,
+                                 image_profile=gpu.image_profile))
 
 
 def choose(cfg: Dict[str, Any]) -> Dict[str, Any]:

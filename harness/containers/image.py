@@ -30,7 +30,7 @@ from harness.containers import oci
 from harness.digest import canonical_sha256, file_sha256, source_sha256
 from harness.env import SCRATCH, WHEELHOUSE
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError, ReplayRefused, first_line
-from harness.host import docker_engine
+from harness.host import docker_engine, gpu
 
 TEMPLATE = "docker/Dockerfile.template"
 LABEL_PREFIX = "org.harness."
@@ -58,7 +58,7 @@ def profile_config(profile: Optional[str] = None, config_dir: Optional[Path] = N
                    ) -> Dict[str, Any]:
     """conf/image/PROFILE.yaml alone (default: this machine's profile), validated and
     resolved (for `harness build` without a training config and for `harness image lock`)."""
-    return config.group_option("image", profile or config.default_image_profile(), config_dir)
+    return config.group_option("image", profile or gpu.image_profile(), config_dir)
 
 
 # ---------------------------------------------------------------- rendering and identity

@@ -107,6 +107,12 @@ def choose_device(cfg: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
                    f"torch (local) or the NVIDIA Container Toolkit (docker) to train on them")
 
 
+def image_profile() -> str:
+    """The image profile for this machine: `cuda` where a run can use an NVIDIA GPU
+    (trainer.device=auto would choose it), else `cpu`."""
+    return choose_device()[0]
+
+
 @functools.lru_cache(maxsize=1)
 def docker_passes_gpus() -> bool:
     """An engine with the NVIDIA runtime registered, or the toolkit's hook installed (which

@@ -33,14 +33,19 @@ from harness.env import (
     RESUME,
     RUN_DIR,
     SEED,
-    SLURM_RESTART_COUNT,
     SRC,
 )
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 from harness.script import files, imports
 from harness.script.injection import pinning
 from harness.training import distributed
-from harness.training.runtime import PR_SET_PDEATHSIG, Runtime, confirm_gpus, output_to_log
+from harness.training.runtime import (
+    PR_SET_PDEATHSIG,
+    Runtime,
+    confirm_gpus,
+    output_to_log,
+    slurm_restarts,
+)
 
 INJECT_DIR = Path(__file__).resolve().parent / "injection" / "bootstrap"
 # The command's exit code when it cannot be started: the shell's "command not found", so
@@ -68,7 +73,7 @@ def run(run_dir: Path, resume: bool = False, watch_stdin: bool = False,
                                  f"({exc.strerror}): the command runs where `harness run` was "
                                  f"started; in a container its user (uid {os.getuid()}) must "
                                  f"be able to read it.") from None
-    restarts = int(os.environ.get(SLURM_RESTART_COUNT) or 0)  # a requeued batch job
+    restarts = slurm_restarts()  # a requeued batch job resumes by itself
     resume = resume or restarts > 0
     if resume:  # the run must go on with the inputs and code it started with
         files.check_command_unchanged(

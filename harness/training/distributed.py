@@ -37,6 +37,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from harness.config import TrainerConf
 from harness.env import RANKS, SLURM_LOCALID, SLURM_NODEID, SLURM_NTASKS, SLURM_PROCID
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
 from harness.rundir import TRAINING_MODULE
@@ -59,17 +60,17 @@ COLLECTIVE_ENV = ("NCCL_ALGO", "NCCL_PROTO")
 @dataclass(frozen=True)
 class World:
     """A run's data-parallel settings (trainer.*). A config.yaml written before they
-    existed gets these defaults: its run resumes as the one-process run it was."""
-    devices: int = 1
-    nodes: int = 1
-    bucket_cap_mb: int = 25
-    collective_timeout_s: int = 300
+    existed gets TrainerConf's defaults: its run resumes as the one-process run it was."""
+    devices: int
+    nodes: int
+    bucket_cap_mb: int
+    collective_timeout_s: int
 
     @classmethod
     def of(cls, cfg: Dict[str, Any]) -> "World":
         trainer = cfg["trainer"]
-        return cls(**{name: int(trainer[name]) for name in cls.__dataclass_fields__
-                      if name in trainer})
+        return cls(**{name: int(trainer.get(name, getattr(TrainerConf, name)))
+                      for name in cls.__dataclass_fields__})
 
     @property
     def size(self) -> int:

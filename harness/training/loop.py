@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from harness import hash_cache, rundir
 from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
-from harness.env import LAUNCHER_PID, PROGRESS_S, SLURM_RESTART_COUNT
+from harness.env import LAUNCHER_PID, PROGRESS_S
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
 from harness.record import integrity, metrics, op_trace
 from harness.training import (
@@ -39,7 +39,7 @@ from harness.training import (
     portable,
     seeding,
 )
-from harness.training.runtime import Runtime
+from harness.training.runtime import Runtime, slurm_restarts
 
 # ---------------------------------------------------------------- data order
 
@@ -176,8 +176,7 @@ def run(run_dir: Path, data_root: str | None, resume: bool = False,
            f"({len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
            f"determinism={det['mode']}, threads={det['threads']})")
 
-    # A restarted Slurm job (requeued after preemption) resumes by itself.
-    resume = resume or int(os.environ.get(SLURM_RESTART_COUNT) or 0) > 0
+    resume = resume or slurm_restarts() > 0  # a requeued batch job resumes by itself
     progress = restore(rt, model, optimizer, scheduler) if resume else Progress()
 
     book = Bookkeeping(rt, total_steps, progress.step)

@@ -32,7 +32,7 @@ import torch
 
 from harness import rundir
 from harness.config import load_yaml
-from harness.env import LAUNCHER_PID, RUN_DIR, SEED
+from harness.env import LAUNCHER_PID, RUN_DIR, SEED, SLURM_RESTART_COUNT
 from harness.errors import EnvironmentProblem
 from harness.host import gpu
 from harness.record import lockfile
@@ -239,6 +239,13 @@ def output_to_log(log_path: Path) -> None:
     os.dup2(fd, sys.stdout.fileno())
     os.dup2(fd, sys.stderr.fileno())
     os.close(fd)
+
+
+def slurm_restarts() -> int:
+    """How often Slurm restarted this batch job (requeued after a preemption). Above 0 the
+    run resumes by itself: the built-in loop from its checkpoint, a command with
+    HARNESS_RESUME=1."""
+    return int(os.environ.get(SLURM_RESTART_COUNT) or 0)
 
 
 def launcher_gone() -> bool:

@@ -39,3 +39,24 @@ def test_the_table_holds_every_name_once_and_each_is_read():
     if re.search(r"\bSLURM_JOB\b", code):
         read |= set(env.SLURM_JOB)
     assert not set(names) - read, f"in the table but read nowhere: {set(names) - read}"
+
+
+def test_the_modules_the_table_names_exist():
+    """`set_by` and `read_by` name modules by their path under harness (training.runtime,
+    commands.train): a module that moves or goes must take its rows along."""
+    import importlib
+
+    named = {word.strip(" ,") for v in env.TABLE for word in f"{v.set_by} {v.read_by}".split()
+             if re.fullmatch(r"[a-z_]+(\.[a-z_]+)*,?", word.strip(","))}
+    named -= {"sitecustomize", "tests", "the", "user", "user's", "command", "sets", "make"}
+    missing = []
+    for name in sorted(named):
+        module, _, attribute = name.rpartition(".") if "." in name else (name, "", "")
+        try:
+            importlib.import_module(f"harness.{name}")
+        except ModuleNotFoundError:
+            if not module or not hasattr(importlib.import_module(f"harness.{module}"),
+                                         attribute):
+                missing.append(name)
+    assert "training.runtime" in named and "commands.train" in named
+    assert not missing, f"the table names modules that do not exist: {missing}"

@@ -11,6 +11,7 @@ from harness import config
 from harness.commands import choices
 from harness.containers import image
 from harness.errors import ConfigError, EnvironmentProblem
+from harness.host import gpu
 
 GOLDEN = TESTS / "golden" / "Dockerfile.cuda"
 PINNED = "127.0.0.1:5000/harness/base-cpu@sha256:" + "ab" * 32
@@ -75,7 +76,7 @@ def test_base_must_be_pinned_by_digest():
 
 def test_every_run_config_has_an_image_section():
     cfg = choices.compose("fashion_mnist", [])
-    assert cfg["image"]["profile"] == choices.image_profile()
+    assert cfg["image"]["profile"] == gpu.image_profile()
     cfg = config.compose("fashion_mnist", ["image=cuda", "image.registry=reg.example:5000"])
     assert cfg["image"]["profile"] == "cuda"
     assert cfg["image"]["registry"] == "reg.example:5000"
@@ -103,7 +104,7 @@ def test_a_users_config_gets_an_image_however_it_is_written(tmp_path, name, defa
     on all."""
     (tmp_path / f"{name}.yaml").write_text(USER_CONFIGS[name])
     cfg = choices.compose(name, [], tmp_path)
-    assert cfg["image"]["profile"] == (default or choices.image_profile())
+    assert cfg["image"]["profile"] == (default or gpu.image_profile())
     assert cfg["name"] == name
     for profile in ("cpu", "cuda"):
         chosen = config.compose(name, [f"image={profile}"], tmp_path)
