@@ -8,7 +8,9 @@
                             in metrics.jsonl, on Fashion-MNIST (target < 5 s)
   scale                     checkpoint.save / torch.save of the same state at 1, 10, 50 and
                             120 M parameters (with Adam's state), median of interleaved pairs
-                            (target <= 1.1), on disk; scale_in_memory: the same on tmpfs
+                            (target <= 1.1), on disk; scale_in_memory: the same on tmpfs;
+                            async_stall: what trainer.checkpoint_async stops the loop for
+                            (the copy of the state), over torch.save
 
 Run: .venv/bin/python benchmarks/checkpoint_cost.py   (prints JSON)
      .venv/bin/python benchmarks/checkpoint_cost.py --quick   (smoke test: 1 M parameters, 1 pair)
@@ -136,13 +138,27 @@ def _save_pair(millions: int, tmp: Path, pairs: int) -> dict:
         checkpoint.save(run_dir, state, keep=1)
         return time.perf_counter() - started
 
+    background = checkpoint.BackgroundSaver(run_dir, keep=1)
+
+    def async_stall():
+        """What trainer.checkpoint_async stops the loop for: the copy off the tensors. The
+        write that follows runs beside the loop, and is waited for outside the timing."""
+        started = time.perf_counter()
+        background.save(state)
+        stalled = time.perf_counter() - started
+        background.wait()
+        return stalled
+
     saves, bares = interleave(harness_save, bare, pairs)
+    stalls, stall_bares = interleave(async_stall, bare, pairs)
     figures = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "state_bytes": (tmp / "bare.pt").stat().st_size,
         "torch_save_s": round(statistics.median(bares), 3),
         "checkpoint_save_s": round(statistics.median(saves), 3),
-        "save_over_torch_save": summary([s / b for s, b in zip(saves, bares)])}
+        "save_over_torch_save": summary([s / b for s, b in zip(saves, bares)]),
+        "async_stall_s": round(statistics.median(stalls), 3),
+        "async_stall_over_torch_save": summary([s / b for s, b in zip(stalls, stall_bares)])}
     (tmp / "bare.pt").unlink()
     shutil.rmtree(run_dir)
     return figures

@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import harness, loss_bits, make_context, read_lock, run_dir_of, start_and_interrupt
+from conftest import (
+    harness,
+    loss_bits,
+    make_context,
+    read_lock,
+    run_dir_of,
+    run_harness,
+    start_and_interrupt,
+)
 
 REQUEUE_EXIT = 75
 # 3 epochs of 8 steps; checkpoints every 5 steps fall mid-epoch; two DataLoader workers;
@@ -63,6 +71,32 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(setup):
     assert status["state"] == "succeeded" and status["resumes"] == 1
     # Negative control: the same, with one weight bit flipped after the first resumed step.
     flipped, _, _ = start_and_interrupt(setup, TRAIN, signal.SIGKILL, at_step=13)
+    perturbed = {**setup, "env": {**setup["env"], "HARNESS_PERTURB": "weight-bit"}}
+    harness(perturbed, "train", "--resume", flipped.name, check_rc=0)
+    with pytest.raises(AssertionError):
+        assert_same_as_reference(setup, flipped)
+
+
+def test_asynchronous_checkpoints_give_the_same_bits_after_sigterm_and_sigkill(setup):
+    """trainer.checkpoint_async=true: each checkpoint is written by a thread of its own while
+    training goes on. A preempted run still exits only once its checkpoint is on disk, and
+    a resume from either kind of stop gives the uninterrupted (synchronous) run's bits."""
+    train = [*TRAIN, "trainer.checkpoint_async=true"]
+    run_dir, code, output = start_and_interrupt(setup, train, signal.SIGTERM, at_step=7)
+    assert code == REQUEUE_EXIT, output
+    stopped_at = steps_logged(run_dir)
+    assert checkpoint_steps(run_dir)[-1] == stopped_at
+    assert list((run_dir / "checkpoints").glob(".*.tmp")) == []  # renamed, not half-written
+    harness(setup, "train", "--resume", run_dir.name, check_rc=0)
+    assert_same_as_reference(setup, run_dir)
+
+    killed, code, _ = start_and_interrupt(setup, train, signal.SIGKILL, at_step=13)
+    assert code == -signal.SIGKILL and checkpoint_steps(killed)[-1] >= 5
+    done = harness(setup, "train", "--resume", killed.name, check_rc=0)
+    assert "resuming from step-" in done.stdout
+    assert_same_as_reference(setup, killed)
+    # Negative control: one weight bit flipped after the first resumed step is caught.
+    flipped, _, _ = start_and_interrupt(setup, train, signal.SIGKILL, at_step=13)
     perturbed = {**setup, "env": {**setup["env"], "HARNESS_PERTURB": "weight-bit"}}
     harness(perturbed, "train", "--resume", flipped.name, check_rc=0)
     with pytest.raises(AssertionError):
@@ -229,9 +263,8 @@ def test_a_killed_launcher_takes_its_training_down_and_the_status_says_so(setup)
     assert checkpoint_steps(run_dir)[-1] >= 6
     assert "SIGTERM received: checkpoint" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
-    listed = subprocess.run([sys.executable, "-m", "harness", "runs", "--runs-dir",
-                             str(setup["runs"])], env=setup["env"], capture_output=True,
-                            text=True, check=True)
+    listed = run_harness(["runs", "--runs-dir", str(setup["runs"])], cwd=setup["base"],
+                         env=setup["env"], check_rc=0)
     line = next(line for line in listed.stdout.splitlines() if run_dir.name[:20] in line)
     assert "failed" in line
     status = json.loads((run_dir / "status.json").read_text())

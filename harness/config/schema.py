@@ -72,6 +72,11 @@ class TrainerConf:
     # default, OP_TRACE_STEPS (see LEFT_OUT_WHILE_UNSET).
     op_trace_steps: Optional[int] = None
     checkpoint_every: int = 1000
+    # true: a checkpoint is written by a thread of its own while training goes on; the loop
+    # stops only to copy the state off the device (harness/training/checkpoint.py,
+    # BackgroundSaver). Its bits and its durability are a synchronous save's. Unset (null):
+    # false (see LEFT_OUT_WHILE_UNSET).
+    checkpoint_async: Optional[bool] = None
     device: str = "auto"  # cpu, cuda, cuda:N, or auto: cuda where NVML sees a GPU, else cpu
     # Data-parallel training (DistributedDataParallel; docs/distributed.md): devices ranks
     # on each of `nodes` machines (nodes > 1: backend=slurm). batch_size is per rank.
@@ -283,7 +288,8 @@ OP_TRACE_STEPS = 1
 # they are left out of the plain config, so that an old run's config, typed and back,
 # hashes as recorded (a resume checks its checkpoints against that hash). A reader takes
 # their absence as the default.
-LEFT_OUT_WHILE_UNSET = (("trainer", "op_trace_steps"), ("command", "op_trace_steps"))
+LEFT_OUT_WHILE_UNSET = (("trainer", "op_trace_steps"), ("command", "op_trace_steps"),
+                        ("trainer", "checkpoint_async"))
 
 
 def _leave_out_unset(cfg: Any) -> Any:

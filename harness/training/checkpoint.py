@@ -230,6 +230,65 @@ class _HashingWriter:
         self.handle.flush()
 
 
+class BackgroundSaver:
+    """trainer.checkpoint_async: checkpoints written by a thread of their own while training
+    goes on. `save` stops the loop only to copy the state off the device (on a CPU, out of
+    the tensors the next step changes) and hands the copy to `save` above, so a checkpoint
+    is durable exactly as a synchronous one is: temp file, fsync, rename, the newest `keep`
+    kept. One write at a time: a save first waits for the one before, and `wait` (before
+    the lock is written, before a preempted run exits) for the last. A write that failed
+    raises there."""
+
+    def __init__(self, run_dir: Path, keep: int = 2):
+        self.run_dir, self.keep = run_dir, keep
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending = None
+
+    def save(self, state: Dict[str, Any]) -> Path:
+        self.wait()
+        self.pending = self.writer.submit(save, self.run_dir, host_copy(state), self.keep)
+        return path_for(self.run_dir, state["step"])
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+
+class Saver:
+    """The synchronous save, behind BackgroundSaver's interface."""
+
+    def __init__(self, run_dir: Path, keep: int = 2):
+        self.run_dir, self.keep = run_dir, keep
+
+    def save(self, state: Dict[str, Any]) -> Path:
+        return save(self.run_dir, state, self.keep)
+
+    def wait(self) -> None:
+        pass
+
+
+def saver(run_dir: Path, asynchronous: Optional[bool]):
+    return BackgroundSaver(run_dir) if asynchronous else Saver(run_dir)
+
+
+def host_copy(value: Any) -> Any:
+    """`value` with every tensor copied to host memory, and every container rebuilt: what
+    the training changes after this returns cannot reach the copy."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [host_copy(item) for item in value]
+    if isinstance(value, tuple):  # a namedtuple takes its fields one by one
+        items = [host_copy(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
 def remove_partial_writes(run_dir: Path) -> List[str]:
     """Delete the temp files of checkpoint writes that were killed before their rename,
     and checksums whose checkpoint is gone. Only while holding the run directory

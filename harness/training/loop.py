@@ -303,6 +303,8 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
         shards = EpochShards(len(train_set), order_seed, epoch, cfg["trainer"]["batch_size"],
                              rank.rank, rank.world_size, position)
         loader = epoch_loader(train_set, cfg, epoch, shards)
+        if cfg["trainer"]["num_workers"]:
+            book.saver.wait()  # the loader forks its workers: not while a writer thread runs
         for (images, labels), global_batch in zip(loader, shards.global_sizes):
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -325,8 +327,10 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
                 book.record(progress, bare_model)
                 stopping = stop and progress.step < total_steps
                 if stopping or book.checkpoint_due(progress.step):
-                    saved = save_checkpoint(rt, bare_model, optimizer, scheduler, progress)
+                    saved = save_checkpoint(rt, bare_model, optimizer, scheduler, progress,
+                                            book.saver)
             if stopping:
+                book.saver.wait()  # written and renamed before the process says so and exits
                 book.close()
                 tracer.write_pending(rt.run_dir)
                 why = rt.stop_requested or "a stop signal (to another rank)"
@@ -336,12 +340,16 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
                 return False
             if progress.step >= total_steps:
                 break
+    with book.stopwatch:
+        book.saver.wait()  # the last checkpoint is written before the lock says the run ended
     return True
 
 
-def save_checkpoint(rt: Runtime, model, optimizer, scheduler, progress: Progress) -> Path:
+def save_checkpoint(rt: Runtime, model, optimizer, scheduler, progress: Progress,
+                    saver) -> Path:
     """One file for all ranks, written by rank 0: the model and optimizer (the same on every
-    rank) and every rank's RNG state. The other ranks wait until it is written."""
+    rank) and every rank's RNG state. The other ranks wait until it is written, or, with
+    trainer.checkpoint_async, until rank 0 has its copy to write."""
     rngs = distributed.gather_to_main(seeding.rng_state(), rt.rank)
     path = checkpoint.path_for(rt.run_dir, progress.step)
     if rt.rank.is_main:
@@ -350,7 +358,7 @@ def save_checkpoint(rt: Runtime, model, optimizer, scheduler, progress: Progress
             config_sha256=rt.launch["config_sha256"], facts=rt.checkpoint_facts(),
             model=model, optimizer=optimizer, scheduler=scheduler, rank_rngs=rngs,
             resumes=progress.resumes)
-        path = checkpoint.save(rt.run_dir, state)
+        path = saver.save(state)
     distributed.barrier()
     return path
 
@@ -369,6 +377,7 @@ class Bookkeeping:
         self.tick, self.tick_step = time.time(), start_step
         self.live_every = float(os.environ.get(PROGRESS_S) or 0)
         self.last_report = self.tick
+        self.saver = checkpoint.saver(rt.run_dir, self.trainer.get("checkpoint_async"))
 
     def record(self, progress: Progress, model) -> None:
         if self.first_step_at is None:

@@ -69,3 +69,43 @@ def test_a_format_2_checkpoint_is_still_read_and_checked(tmp_path):
     torch.save(state, path)
     with pytest.raises(checkpoint.Damaged, match="state_sha256"):
         checkpoint.load(path)
+
+
+def test_a_background_save_writes_what_the_state_was_when_it_was_asked(tmp_path):
+    """trainer.checkpoint_async: the state is copied when `save` returns, so a training step
+    taken while the thread writes does not reach the file; the file equals a synchronous
+    save's, and a failed write is raised by the next wait."""
+    state = training_state(step=4)
+    for run_dir in ("sync", "async"):
+        (tmp_path / run_dir).mkdir()
+    synchronous = checkpoint.load(checkpoint.save(tmp_path / "sync", state))
+    saver = checkpoint.saver(tmp_path / "async", asynchronous=True)
+    path = saver.save(state)
+    with torch.no_grad():  # the next step changes the live tensors in place
+        for tensor in state["model"].values():
+            tensor.add_(1.0)
+        state["rng"]["torch"].fill_(0)
+    saver.wait()
+    written = checkpoint.load(path)
+    for key, tensor in synchronous["model"].items():
+        assert torch.equal(written["model"][key], tensor)
+        assert not torch.equal(state["model"][key], tensor)  # the control: they did change
+    assert torch.equal(written["rng"]["torch"], synchronous["rng"]["torch"])
+    assert written["optimizer"]["state"][0]["exp_avg"].equal(
+        synchronous["optimizer"]["state"][0]["exp_avg"])
+
+    broken = checkpoint.saver(tmp_path / "missing" / "dir", asynchronous=True)
+    broken.save(training_state(step=5, width=20))
+    with pytest.raises(OSError):
+        broken.wait()
+
+
+def test_host_copy_rebuilds_namedtuples_and_leaves_other_values():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+    tensor = torch.ones(2)
+    copied = checkpoint.host_copy({"pair": Pair(tensor, 3), "list": [tensor], "n": None})
+    assert isinstance(copied["pair"], Pair) and copied["pair"].b == 3
+    assert copied["pair"].a is not tensor and torch.equal(copied["pair"].a, tensor)
+    assert copied["list"][0] is not tensor and copied["n"] is None
