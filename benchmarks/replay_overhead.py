@@ -150,7 +150,7 @@ def op_trace_figures(repeat: int) -> dict:
     from hydra.utils import instantiate
 
     from harness.config import compose
-    from harness.record import op_trace
+    from harness.training import op_tracer
 
     torch.set_num_threads(2)
     bundled = compose("fashion_mnist", [])
@@ -165,9 +165,9 @@ def op_trace_figures(repeat: int) -> dict:
             optimizer.step()
 
     plain = summary([1000 * s for s in timed(step, repeat)])
-    traced = summary([1000 * s for s in timed(lambda: step(op_trace.Tracer(model, 1)),
+    traced = summary([1000 * s for s in timed(lambda: step(op_tracer.Tracer(model, 1)),
                                               repeat)])
-    tracer = op_trace.Tracer(model, 1)
+    tracer = op_tracer.Tracer(model, 1)
     step(tracer)
     with tempfile.TemporaryDirectory() as tmp:
         size = tracer.write(Path(tmp)).stat().st_size

@@ -29,12 +29,13 @@ from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
 from harness.env import LAUNCHER_PID, PROGRESS_S
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
-from harness.record import integrity, metrics, op_trace
+from harness.record import integrity, metrics
 from harness.training import (
     audit,
     checkpoint,
     distributed,
     nondeterminism,
+    op_tracer,
     perturb,
     portable,
     seeding,
@@ -293,7 +294,7 @@ def train_epochs(rt: Runtime, model, optimizer, scheduler, train_set, total_step
     bare_model = getattr(model, "module", model)  # what is saved (without the DDP wrapper)
     order_seed = seeding.source_seeds(cfg)["order"]
     start_epoch = progress.epoch
-    tracer = op_trace.Tracer.for_run(rt, bare_model, progress.step, total_steps)
+    tracer = op_tracer.Tracer.for_run(rt, bare_model, progress.step, total_steps)
     model.train()
     for epoch in range(start_epoch, cfg["trainer"]["epochs"]):
         progress.epoch = epoch

@@ -1,4 +1,5 @@
-"""The op trace (harness/record/op_trace.py) in process: the comparison alone, and the tracer."""
+"""The op trace in process: the comparison alone (harness/record/op_trace.py), and the tracer
+(harness/training/op_tracer.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 
 from harness import rundir
 from harness.record import op_trace
+from harness.training import op_tracer
 
 
 def _op(i, op, out, inputs=("x",), step=1):
@@ -47,10 +49,10 @@ def test_a_tracer_that_cannot_read_a_tensor_gives_up_and_training_goes_on(monkey
         return model.weight.detach().clone()
 
     untraced = step(None)
-    monkeypatch.setattr(op_trace, "tensor_hash", lambda t: (_ for _ in ()).throw(
+    monkeypatch.setattr(op_tracer, "tensor_hash", lambda t: (_ for _ in ()).throw(
         RuntimeError("cannot read this tensor")))
     made = []
-    traced = step(lambda model: made.append(op_trace.Tracer(model, 1)) or made[-1])
+    traced = step(lambda model: made.append(op_tracer.Tracer(model, 1)) or made[-1])
     assert torch.equal(traced, untraced)
     assert made[0].ops == [] and made[0].traced_steps == []
     made[0].write_pending(tmp_path)
@@ -63,9 +65,9 @@ def test_argument_hash_sees_a_number_s_last_bit_but_not_an_object_s_address():
     hash. A float one bit apart: another hash."""
     import torch
 
-    first = op_trace._arguments_hash([3, 0.1, torch.Generator(), torch.float32, None])
-    assert first == op_trace._arguments_hash([3, 0.1, torch.Generator(), torch.float32, None])
-    assert first != op_trace._arguments_hash([3, 0.1000000000000001, torch.Generator(),
+    first = op_tracer._arguments_hash([3, 0.1, torch.Generator(), torch.float32, None])
+    assert first == op_tracer._arguments_hash([3, 0.1, torch.Generator(), torch.float32, None])
+    assert first != op_tracer._arguments_hash([3, 0.1000000000000001, torch.Generator(),
                                               torch.float32, None])
 
 
@@ -74,9 +76,9 @@ def test_a_trace_that_never_reaches_its_step_is_given_up(monkeypatch, capsys):
     forgot model.eval()): past MAX_OPS the tracer stops recording and says why."""
     import torch
 
-    monkeypatch.setattr(op_trace, "MAX_OPS", 50)
+    monkeypatch.setattr(op_tracer, "MAX_OPS", 50)
     model = torch.nn.Linear(4, 2)
-    tracer = op_trace.Tracer(model, 1)
+    tracer = op_tracer.Tracer(model, 1)
     with tracer.step(1):
         for _ in range(100):
             model(torch.ones(3, 4))
@@ -90,7 +92,7 @@ def _foreach_sgd_trace(lr: float, steps: int):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, foreach=True)
-    tracer = op_trace.Tracer(model, steps)
+    tracer = op_tracer.Tracer(model, steps)
     for step in range(1, steps + 1):
         with tracer.step(step):
             model(torch.ones(3, 4)).sum().backward()
@@ -117,7 +119,7 @@ def test_a_higher_order_op_runs_under_the_tracer():
     """torch.cond is passed through (its inner ops untraced), not refused."""
     import torch
 
-    tracer = op_trace.Tracer(torch.nn.Linear(1, 1), 1)
+    tracer = op_tracer.Tracer(torch.nn.Linear(1, 1), 1)
     x = torch.randn(3)
     with tracer.step(1):
         y = torch.cond(x.sum() > 0, lambda t: t.sin(), lambda t: t.cos(), (x,))

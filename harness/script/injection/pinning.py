@@ -183,7 +183,7 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
 
 
 def _trace_ops() -> None:
-    """The op trace of the command's first optimizer steps (harness/record/op_trace.py), in one
+    """The op trace of the command's first optimizer steps (harness/training/op_tracer.py), in one
     process: rank 0's (RANK unset or 0), and none once a process of the run wrote one (a
     second Python process of the command, a resumed attempt)."""
     import multiprocessing
@@ -194,10 +194,10 @@ def _trace_ops() -> None:
             multiprocessing.parent_process() is not None or \
             (run_dir / rundir.OP_TRACE).exists():  # a spawned worker or mp.spawn rank: not
         return  # the command's main process (torchrun's ranks say RANK)
-    from harness.record import op_trace
+    from harness.training import op_tracer
 
     try:
-        trace = op_trace.CommandTrace(steps, run_dir)
+        trace = op_tracer.CommandTrace(steps, run_dir)
         trace.install()
         _state["op_trace"] = trace
     except (ImportError, AttributeError, RuntimeError) as exc:  # another torch than ours
