@@ -623,6 +623,12 @@ def add_replay(sub) -> None:
                         help="after an IDENTICAL verdict, replay once more with one weight "
                              "bit flipped after its first step: it must come out DIVERGED, or "
                              "the verdict is UNVERIFIED (exit 8). Built-in training loop only")
+    replay.add_argument("--all-divergences", action="store_true",
+                        help="after a DIVERGED verdict, run the config once more giving each "
+                             "traced op whose output bits differ the original's outputs, and "
+                             "list every op that computes differently in the traced steps, "
+                             "not only the first. Needs a run trained with "
+                             "trainer.op_trace_tensors=true; built-in training loop only")
     replay.add_argument("--trust", action="store_true",
                         help="replay a run that is not signed by you or a key you trust "
                              "(copied from a colleague, downloaded with a paper): without it "
@@ -640,7 +646,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     return replay.replay(args.run, args.runs_dir, allow_mismatch=args.allow_mismatch,
                          tracking_uri=args.tracking_uri,
-                         negative_control=args.negative_control, trust=args.trust)
+                         negative_control=args.negative_control, trust=args.trust,
+                         all_divergences=args.all_divergences)
 
 
 def add_verify(sub) -> None:

@@ -39,6 +39,7 @@ RESUME = "HARNESS_RESUME"
 INJECT = "HARNESS_INJECT"
 DETERMINISM = "HARNESS_DETERMINISM"
 OP_TRACE_STEPS = "HARNESS_OP_TRACE_STEPS"
+OP_TRACE_RELOAD = "HARNESS_OP_TRACE_RELOAD"
 SRC = "HARNESS_SRC"
 LAUNCHER_PID = "HARNESS_LAUNCHER_PID"
 HOST_NAME = "HARNESS_HOST_NAME"
@@ -102,6 +103,9 @@ TABLE: Tuple[Variable, ...] = (
                                                        "of the command (command.inject)"),
     Variable(DETERMINISM, "script.runner", "script.injection.pinning",
              "the run's determinism section, as JSON"),
+    Variable(OP_TRACE_RELOAD, "commands.replay (--all-divergences)", "training.op_tracer",
+             "a run directory: where an op's output bits differ from its trace, the op's "
+             "output is replaced by that run's (op-trace-tensors.pt), and tracing goes on"),
     Variable(OP_TRACE_STEPS, "script.runner", "script.injection.pinning",
              "command.op_trace_steps"),
     Variable(SRC, "script.runner", "sitecustomize", "the folder holding the harness package, "

@@ -55,6 +55,8 @@ LAUNCH = "launch.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
 OP_TRACE = "op-trace.jsonl.gz"
+# trainer.op_trace_tensors: every traced op's outputs, whole (replay --all-divergences)
+OP_TRACE_TENSORS = "op-trace-tensors.pt"
 LOG = "train.log"
 WEIGHTS = "model.pt"
 LOCK = "harness.lock"

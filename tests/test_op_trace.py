@@ -50,6 +50,43 @@ def test_replay_that_diverges_names_the_op_the_environment_changes(cli, fashion)
     assert len(diverged) == 1 and diverged[0]["first_differing_op"]["kind"] == "kernel"
 
 
+def test_all_divergences_lists_every_op_the_environment_changes(cli, fashion):
+    """--all-divergences goes on past the first op: a probe run gives each op whose output
+    bits differ the original's outputs (trainer.op_trace_tensors), so the ops behind it get
+    the original's inputs, and every op that computes differently is listed. The replay's
+    own trace shows only the first of them with identical inputs."""
+    original = _train(cli, fashion, "trainer.op_trace_tensors=true")
+    assert (original / rundir.OP_TRACE_TENSORS).is_file()
+    env = {"HARNESS_DATA": str(fashion), "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    done = cli("replay", str(original), "--allow-mismatch", "--all-divergences", env=env)
+    assert done.returncode == 7, done.stdout + done.stderr
+    replay_dir = run_dir_of(done)
+    record = json.loads((replay_dir / rundir.REPLAY).read_text())
+    listed = record["all_divergences"]
+    first = record["first_differing_op"]
+    assert (listed[0]["op"], listed[0]["module"]) == ("aten::convolution", "model.features.0")
+    assert first["kind"] == "kernel" and first["a"]["i"] == listed[0]["i"]
+    assert any(op["module"] == "model.features.4" for op in listed), listed  # the 2nd conv
+    assert "op(s) compute differently here" in done.stdout
+    assert "aten::convolution (forward) in model.features.4" in done.stdout
+    # Without the reloading, the replay's trace says less: after the first op, the inputs
+    # differ too, and nothing behind it can be told apart.
+    lower = op_trace.kernel_differences(op_trace.read(original), op_trace.read(replay_dir))
+    assert len(lower) < len(listed)
+
+    # The control: a replay that is IDENTICAL runs no probe and lists nothing.
+    same = cli("replay", str(original), "--all-divergences",
+               env={"HARNESS_DATA": str(fashion)})
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "compute differently" not in same.stdout
+    # A run that kept no op outputs is refused before anything runs.
+    plain = _train(cli, fashion)
+    before = set(plain.parent.iterdir())
+    refused = cli("replay", str(plain), "--all-divergences", env={"HARNESS_DATA": str(fashion)})
+    assert refused.returncode == 2 and "trainer.op_trace_tensors=true" in refused.stderr
+    assert set(plain.parent.iterdir()) == before  # refused before a run directory was made
+
+
 @pytest.mark.long
 def test_trace_diff_names_the_convolution_onednn_computes(cli, fashion):
     """Two runs that differ only in the CPU mode (native: oneDNN convolutions; portable:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from harness import __version__, config, rundir
 from harness.containers import image
-from harness.env import PERTURB
+from harness.env import OP_TRACE_RELOAD, PERTURB
 from harness.errors import (
     ConfigError,
     Diverged,
@@ -248,15 +248,12 @@ def replayed(run_dir: Path, lock: Dict[str, Any]) -> Dict[str, Any]:
 
 def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = False,
            tracking_uri: Optional[str] = None, negative_control: bool = False,
-           trust: bool = False) -> int:
+           trust: bool = False, all_divergences: bool = False) -> int:
     """Replay a run: plan it without torch (integrity, trust, the gate), run it again,
     compare bit for bit, and return 0 for IDENTICAL; raise Diverged or Unverified else."""
     started = time.perf_counter()
     orig_dir, lock, cfg = load_original(locate(ref, runs_dir, tracking_uri), runs_dir, trust)
-    if negative_control and config.is_script(cfg):
-        raise ConfigError(f"--negative-control perturbs the built-in training loop; "
-                          f"{orig_dir.name} ran a command of its own. Replay it without "
-                          f"--negative-control.")
+    refuse_follow_ups(orig_dir, cfg, negative_control, all_divergences)
     here, cache_key = captured(orig_dir, lock, cfg)
     if cache_key:
         print("harness: environment as captured before, for this unchanged interpreter, "
@@ -290,9 +287,12 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
     if negative_control and report["verdict"] == bitwise.IDENTICAL:
         report["negative_control"] = record["negative_control"] = \
             control(cfg, lock, orig_dir, runs_dir or orig_dir.parent, facts)
+    if all_divergences and report["verdict"] == bitwise.DIVERGED:
+        report["all_divergences"] = record["all_divergences"] = \
+            divergences(cfg, lock, orig_dir, runs_dir or orig_dir.parent, facts)
+    if "negative_control" in report or "all_divergences" in report:
         rundir.write_json(new_dir / rundir.REPLAY, record)
-    if "negative_control" in report:  # the replay's directory is the last one named
-        print(f"run dir: {new_dir}", flush=True)
+        print(f"run dir: {new_dir}", flush=True)  # the replay's directory is named last
     unproven_class = gate.find(diffs, gate.CLASS_KEY)
     if unproven_class and unproven_class.group == gate.UNPROVEN and \
             report["verdict"] == bitwise.IDENTICAL:
@@ -301,6 +301,26 @@ def replay(ref: str, runs_dir: Optional[Path] = None, allow_mismatch: bool = Fal
               f"evidence for every run of this CPU mode.", flush=True)
     raise_unless_identical(report, orig_dir, new_dir, cfg, diffs)
     return 0
+
+
+def refuse_follow_ups(orig_dir: Path, cfg: Dict[str, Any], negative_control: bool,
+                      all_divergences: bool) -> None:
+    """Refuse, before anything runs, a follow-up run the original cannot have."""
+    for asked, flag in ((negative_control, "--negative-control"),
+                        (all_divergences, "--all-divergences")):
+        if asked and config.is_script(cfg):
+            raise ConfigError(f"{flag} works on the built-in training loop; {orig_dir.name} "
+                              f"ran a command of its own. Replay it without {flag}.")
+    if all_divergences and cfg["backend"]["name"] != "local":
+        raise ConfigError(f"--all-divergences reads the original's op outputs from its run "
+                          f"directory in a run on this machine: it works for runs of the "
+                          f"local backend, and {orig_dir.name} ran with "
+                          f"backend={cfg['backend']['name']}. Train it with backend=local "
+                          f"and trainer.op_trace_tensors=true, then replay that run.")
+    if all_divergences and not (orig_dir / rundir.OP_TRACE_TENSORS).is_file():
+        raise ConfigError(f"--all-divergences needs the outputs of the run's traced ops, and "
+                          f"{orig_dir.name} kept none ({rundir.OP_TRACE_TENSORS}): train it "
+                          f"again with trainer.op_trace_tensors=true, then replay that run.")
 
 
 def relaunched(cfg: Dict[str, Any], lock: Dict[str, Any], runs_dir: Path,
@@ -411,3 +431,33 @@ def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
     return {"run": control_dir.name, "perturbation": perturb.DESCRIPTION,
             "verdict": report["verdict"],
             "first_diverging_step": report["first_diverging_step"]}
+
+
+def divergences(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path, runs_dir: Path,
+                facts: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """--all-divergences: the config once more, with every traced op whose output bits
+    differ from the original's given the original's outputs (op-trace-tensors.pt), so that
+    the ops after it get the inputs they got there. Each op that then differs computes
+    differently here in its own right: the list is every one in the traced steps, where
+    the replay's trace can name only the first. `facts`: the gate's backend facts."""
+    import os
+
+    from harness.commands import train
+
+    print("harness: --all-divergences: running the config once more, giving each op that "
+          "differs the original's outputs ...", flush=True)
+    os.environ[OP_TRACE_RELOAD] = str(orig_dir)
+    try:
+        probe_dir = train.start(cfg, lock.get("overrides", []), runs_dir,
+                                {"op_trace_reload_of": {"run_id": lock["run_id"]}},
+                                backend_facts=facts)
+    finally:
+        os.environ.pop(OP_TRACE_RELOAD, None)
+    original, probe = op_trace.read(orig_dir), op_trace.read(probe_dir)
+    found = op_trace.kernel_differences(original, probe) if original and probe else []
+    total = len(original["ops"]) if original else 0
+    print(f"harness: {len(found)} op(s) compute differently here in the traced steps "
+          f"(run {probe_dir.name}):", flush=True)
+    for op in found:
+        print(f"  {op_trace.where(op, total)}", flush=True)
+    return [{**op, "run": probe_dir.name} for op in found]

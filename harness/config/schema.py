@@ -71,6 +71,10 @@ class TrainerConf:
     # divergence is named down to the op (harness/record/op_trace.py); 0: off. Unset (null): the
     # default, OP_TRACE_STEPS (see LEFT_OUT_WHILE_UNSET).
     op_trace_steps: Optional[int] = None
+    # true: also keep every traced op's outputs, whole (op-trace-tensors.pt), so that
+    # `harness replay --all-divergences` can go on past the first op that differs. Unset
+    # (null): false (see LEFT_OUT_WHILE_UNSET).
+    op_trace_tensors: Optional[bool] = None
     checkpoint_every: int = 1000
     # true: a checkpoint is written by a thread of its own while training goes on; the loop
     # stops only to copy the state off the device (harness/training/checkpoint.py,
@@ -289,7 +293,7 @@ OP_TRACE_STEPS = 1
 # hashes as recorded (a resume checks its checkpoints against that hash). A reader takes
 # their absence as the default.
 LEFT_OUT_WHILE_UNSET = (("trainer", "op_trace_steps"), ("command", "op_trace_steps"),
-                        ("trainer", "checkpoint_async"))
+                        ("trainer", "checkpoint_async"), ("trainer", "op_trace_tensors"))
 
 
 def _leave_out_unset(cfg: Any) -> Any:

@@ -181,15 +181,20 @@ def _metrics_mismatches(run_dir: Path, results: Dict[str, Any]) -> List[str]:
 
 def _op_trace_mismatches(run_dir: Path, results: Dict[str, Any]) -> List[str]:
     """The op trace is the reference a diverged replay is explained against: an edited one
-    would blame the wrong op."""
-    if "op_trace_sha256" not in results:
-        return []
-    path = run_dir / rundir.OP_TRACE
-    found = file_sha256(path) if path.is_file() else f"no {rundir.OP_TRACE}"
-    if found == results["op_trace_sha256"]:
-        return []
-    return [_line("results.op_trace_sha256", results["op_trace_sha256"],
-                  f"{found} (sha256 of {rundir.OP_TRACE})" if path.is_file() else found)]
+    would blame the wrong op. Its tensors (trainer.op_trace_tensors) are what
+    --all-divergences gives the ops that differ: edited ones would hide a difference."""
+    mismatches = []
+    for key, name in (("op_trace_sha256", rundir.OP_TRACE),
+                      ("op_trace_tensors_sha256", rundir.OP_TRACE_TENSORS)):
+        if key not in results:
+            continue
+        path = run_dir / name
+        found = file_sha256(path) if path.is_file() else f"no {name}"
+        if found != results[key]:
+            mismatches.append(_line(f"results.{key}", results[key],
+                                    f"{found} (sha256 of {name})" if path.is_file()
+                                    else found))
+    return mismatches
 
 
 def _float(loss_hex: Optional[str]) -> Optional[float]:

@@ -249,6 +249,7 @@ FIELDS: Dict[str, Tuple[str, bool]] = {
     "replay_of": (HOST, False),  # a replay: the run it replays
     "replay_mismatches": (HOST, False),  # a replay: the gate's differences
     "negative_control_of": (HOST, False),  # replay --negative-control: {run_id, perturbation}
+    "op_trace_reload_of": (HOST, False),  # replay --all-divergences' probe: {run_id}
     "verify": (HOST, False),  # a `harness verify` run: which of the two
     "determinism": (PROCESS, True),
     "software": (PROCESS, True),

@@ -144,12 +144,13 @@ def explained(a: Dict[str, Any], b: Dict[str, Any],
     return found
 
 
-def _where(op: Dict[str, Any], total: int) -> str:
-    where = op["module"]
+def where(op: Dict[str, Any], total: int) -> str:
+    """`aten::mm (backward) in model.classifier.4, step 1, call 36 of 218`."""
+    place = op["module"]
     if op["phase"] == "optimizer":
-        updated = [t[3] for t in op["in"] if t[3]]
-        where = "the optimizer" + (f" (updating {updated[0]})" if updated else "")
-    return f"{op['op']} ({op['phase']}) in {where}, step {op['step']}, call {op['i']} of {total}"
+        updated = [t[3] for t in op.get("in", []) if t[3]]
+        place = "the optimizer" + (f" (updating {updated[0]})" if updated else "")
+    return f"{op['op']} ({op['phase']}) in {place}, step {op['step']}, call {op['i']} of {total}"
 
 
 def render(found: Dict[str, Any]) -> str:
@@ -180,19 +181,19 @@ def render(found: Dict[str, Any]) -> str:
         names = [a["in"][k][3] or f"input {k + 1}" for k in found["differing_inputs"]]
         if found.get("other_arguments"):
             names.append("a number or other argument that is not a tensor")
-        return (f"op trace: first differing op {_where(a, total)} ({outputs}): its inputs "
+        return (f"op trace: first differing op {where(a, total)} ({outputs}): its inputs "
                 f"differed ({', '.join(names)}) although every op before it agreed, so "
                 f"they were changed outside the traced ops: the data changed it (a weight, "
                 f"the batch, optimizer state, or a number the code computed), not the "
                 f"machine.")
     if kind == "random":
-        return (f"op trace: first differing op {_where(a, total)} ({outputs}) with identical "
+        return (f"op trace: first differing op {where(a, total)} ({outputs}) with identical "
                 f"inputs: a random draw, so the random number generator's state differs "
                 f"(seeds, or draws made before this step).")
     fields = found.get("environment") or []
     cause = (f"recorded settings that differ: {'; '.join(fields[:6])}"
              f"{' ...' if len(fields) > 6 else ''}" if fields else
              "no recorded setting differs, so this op is not deterministic on this machine")
-    return (f"op trace: first differing op {_where(a, total)} ({outputs}) with identical "
+    return (f"op trace: first differing op {where(a, total)} ({outputs}) with identical "
             f"inputs: this op computes differently in this environment, not the data; "
             f"{cause}.")

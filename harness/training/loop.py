@@ -230,8 +230,10 @@ def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookk
         "weights_sha256": remembered_weights_sha256(state, run_dir / rundir.WEIGHTS),
         "metrics_sha256": file_sha256(run_dir / rundir.METRICS),
     }
-    if (run_dir / rundir.OP_TRACE).is_file():
-        results["op_trace_sha256"] = file_sha256(run_dir / rundir.OP_TRACE)
+    for key, name in (("op_trace_sha256", rundir.OP_TRACE),
+                      ("op_trace_tensors_sha256", rundir.OP_TRACE_TENSORS)):
+        if (run_dir / name).is_file():
+            results[key] = file_sha256(run_dir / name)
     rt.write_lock(results, progress.resumes, timing={
         "first_step_unix": book.first_step_at,
         "train_loop_s": round(loop_s, 3),

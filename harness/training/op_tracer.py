@@ -14,8 +14,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from harness.env import OP_TRACE_RELOAD
 from harness.record.op_trace import FORMAT, UNHASHABLE
-from harness.rundir import OP_TRACE
+from harness.rundir import OP_TRACE, OP_TRACE_TENSORS
 
 
 def tensor_hash(tensor) -> str:
@@ -152,6 +153,8 @@ class Tracer:
         self._in_optimizer = False
         self._pid = os.getpid()  # a forked DataLoader worker inherits the mode: not ours
         self._known = HashCache()
+        self.kept: Optional[List[List[Any]]] = None  # trainer.op_trace_tensors: outputs, whole
+        self.reference: Optional[Reference] = None  # replay --all-divergences
 
     def name_tensors(self, model) -> None:
         """Name the model's parameters and buffers where they are an op's input (without a
@@ -171,7 +174,12 @@ class Tracer:
         steps = min(op_trace_steps(rt.cfg["trainer"]), total_steps)
         if not rt.rank.is_main or done_steps >= steps or (Path(rt.run_dir) / OP_TRACE).exists():
             steps = 0
-        return cls(model, steps, first=done_steps + 1)
+        tracer = cls(model, steps, first=done_steps + 1)
+        if rt.cfg["trainer"].get("op_trace_tensors") and tracer.first == 1:
+            tracer.kept = []
+        if os.environ.get(OP_TRACE_RELOAD) and tracer.first == 1:
+            tracer.reference = Reference.load(Path(os.environ[OP_TRACE_RELOAD]))
+        return tracer
 
     def wants(self, step: int) -> bool:
         """Whether optimizer step `step` (from 1) is traced."""
@@ -268,11 +276,28 @@ class Tracer:
             outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
             returned = {id(t) for t in outputs}
             outputs += [t for t in written if id(t) not in returned]  # written, not returned
-            self._append(func, modules, before, _arguments_hash(leaves),
-                         [self._known.describe(t) for t in outputs])
+            described = [self._known.describe(t) for t in outputs]
+            reloaded = self._reload(func, outputs, described)
+            if self.kept is not None:
+                self.kept.append([t.detach().clone() for t in outputs])
+            self._append(func, modules, before, _arguments_hash(leaves), described, reloaded)
         except TRACER_ERRORS as exc:
             self.give_up(func, exc)
         return result
+
+    def _reload(self, func, outputs, described) -> bool:
+        """replay --all-divergences: where this op's output bits differ from the reference
+        run's, give it the reference's outputs, so that the ops after it get the inputs they
+        got there and each op that computes differently shows as one."""
+        if self.reference is None:
+            return False
+        wanted = self.reference.outputs(len(self.ops), func.name(), described)
+        if wanted is None:
+            return False
+        for tensor, value in zip(outputs, wanted):
+            tensor.copy_(value)
+        self._known.forget(outputs)
+        return True
 
     def _collective(self, func, args, kwargs, modules):
         """A collective (c10d::allreduce_): it returns before the other ranks' data has
@@ -287,11 +312,13 @@ class Tracer:
                                      for t in tensors], _arguments_hash([]), [])
         return result
 
-    def _append(self, func, modules, inputs, arguments: str, outputs) -> None:
+    def _append(self, func, modules, inputs, arguments: str, outputs,
+                reloaded: bool = False) -> None:
         self.ops.append({"i": len(self.ops) + 1, "step": self.current_step,
                          "phase": self._phase(modules), "op": func.name(),
                          "module": _module_path(modules.parents), "in": inputs,
-                         "args": arguments, "out": outputs})
+                         "args": arguments, "out": outputs,
+                         **({"reloaded": True} if reloaded else {})})
 
     def give_up(self, func, exc: Exception) -> None:
         """The tracer failed on an op (a tensor it cannot read, say): no trace at all (half
@@ -299,6 +326,7 @@ class Tracer:
         import sys
 
         self._pid, self.ops, self.traced_steps = -1, [], []
+        self.kept, self.reference = None, None
         print(f"harness: warning: no op trace for this run: recording {func.name()} failed "
               f"({type(exc).__name__}: {exc}); training goes on", file=sys.stderr, flush=True)
 
@@ -316,15 +344,63 @@ class Tracer:
         buffer = io.BytesIO()
         with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as packed:
             packed.write(data)
-        path = Path(run_dir) / OP_TRACE
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per writer
-        try:
-            partial.write_bytes(buffer.getvalue())
-            partial.replace(path)
-        except OSError:
-            partial.unlink(missing_ok=True)
-            raise
-        return path
+        if self.kept is not None:
+            _write_atomically(Path(run_dir) / OP_TRACE_TENSORS,
+                              lambda handle: _save_tensors(self.kept, handle))
+        return _write_atomically(Path(run_dir) / OP_TRACE,
+                                 lambda handle: handle.write(buffer.getvalue()))
+
+
+def _save_tensors(kept: List[List[Any]], handle) -> None:
+    import torch
+
+    torch.save(kept, handle)
+
+
+def _write_atomically(path: Path, write) -> Path:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per writer
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Reference:
+    """A recorded run's trace and its traced ops' outputs (op-trace-tensors.pt): what
+    `Tracer._reload` gives an op whose output bits differ. Reloading stops at the first op
+    that is not the one the reference ran there (another op, other shapes): from there on
+    the two runs do not run the same program."""
+
+    def __init__(self, ops: List[Dict[str, Any]], tensors: List[List[Any]]):
+        self.ops, self.tensors = ops, tensors
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Reference":
+        import torch
+
+        from harness.record import op_trace
+
+        trace = op_trace.read(run_dir)
+        tensors = torch.load(run_dir / OP_TRACE_TENSORS, map_location="cpu",
+                             weights_only=True)
+        return cls(trace["ops"] if trace else [], tensors)
+
+    def outputs(self, index: int, name: str, described: List[List[Any]]) -> Optional[list]:
+        """The reference's outputs of op `index` (from 0) where ours differ; None where they
+        agree, or where the runs part ways (reloading then stops for good)."""
+        if index >= min(len(self.ops), len(self.tensors)):
+            return None
+        op = self.ops[index]
+        if op["op"] != name or [o[1:] for o in op["out"]] != [d[1:] for d in described]:
+            self.ops = self.tensors = []
+            return None
+        if [o[0] for o in op["out"]] == [d[0] for d in described]:
+            return None
+        return self.tensors[index]
 
 
 class CommandTrace:

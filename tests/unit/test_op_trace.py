@@ -125,3 +125,50 @@ def test_a_higher_order_op_runs_under_the_tracer():
         y = torch.cond(x.sum() > 0, lambda t: t.sin(), lambda t: t.cos(), (x,))
     assert torch.equal(y, x.sin() if x.sum() > 0 else x.cos())
     assert tracer.traced_steps == [1]
+
+
+def test_a_reloading_tracer_gives_a_differing_op_the_references_outputs(tmp_path):
+    """--all-divergences' probe: an op whose output bits differ from the reference's gets
+    the reference's outputs, so the ops after it see the reference's inputs; the op is
+    marked `reloaded`. Without a reference the same difference spreads to every op after."""
+    import torch
+
+    def traced_step(weight_bump: float, tracer_of):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+                                    torch.nn.Linear(3, 1))
+        with torch.no_grad():
+            model[0].bias.add_(weight_bump)  # the first op's input differs
+        tracer = tracer_of(model)
+        with tracer.step(1):
+            model(torch.ones(2, 4)).sum().backward()
+        return tracer, model
+
+    reference, _ = traced_step(0.0, lambda m: _keeping(op_tracer.Tracer(m, 1)))
+    reference.write(tmp_path)
+    assert (tmp_path / rundir.OP_TRACE_TENSORS).is_file()
+    recorded = op_trace.read(tmp_path)
+
+    def reloading(model):
+        tracer = op_tracer.Tracer(model, 1)
+        tracer.reference = op_tracer.Reference.load(tmp_path)
+        return tracer
+
+    probe, _ = traced_step(1e-3, reloading)
+    plain, _ = traced_step(1e-3, lambda m: op_tracer.Tracer(m, 1))
+    outputs = [[o[0] for o in op["out"]] for op in recorded["ops"]]
+    first = next(k for k, op in enumerate(plain.ops)
+                 if [o[0] for o in op["out"]] != outputs[k])
+    assert probe.ops[first]["op"] == "aten::addmm" and probe.ops[first].get("reloaded")
+    assert not any(op.get("reloaded") for op in plain.ops)
+    # After the reload every later forward op computes the reference's bits again ...
+    later = [k for k, op in enumerate(probe.ops) if op["phase"] == "forward" and k > first]
+    assert later and all([o[0] for o in probe.ops[k]["out"]] == outputs[k] for k in later)
+    assert not any(probe.ops[k].get("reloaded") for k in later)
+    # ... where without it the difference reaches them (the control).
+    assert any([o[0] for o in plain.ops[k]["out"]] != outputs[k] for k in later)
+
+
+def _keeping(tracer):
+    tracer.kept = []
+    return tracer
