@@ -7,6 +7,7 @@
     status.json      running | succeeded | failed, exit code, times, pid
     metrics.jsonl    one record per step (loss also as float.hex) and per evaluation
     op-trace.jsonl.gz  every op of the first steps, hashed bit for bit (harness.record.op_trace)
+    op-trace-tensors.pt  their outputs, whole (trainer.op_trace_tensors=true only)
     train.log        what the training printed
     checkpoints/     training state at intervals (the newest two)
     model.pt         final weights

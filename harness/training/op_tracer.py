@@ -175,10 +175,10 @@ class Tracer:
         if not rt.rank.is_main or done_steps >= steps or (Path(rt.run_dir) / OP_TRACE).exists():
             steps = 0
         tracer = cls(model, steps, first=done_steps + 1)
-        if rt.cfg["trainer"].get("op_trace_tensors") and tracer.first == 1:
-            tracer.kept = []
-        if os.environ.get(OP_TRACE_RELOAD) and tracer.first == 1:
+        if os.environ.get(OP_TRACE_RELOAD) and tracer.first == 1:  # a probe: keeps nothing
             tracer.reference = Reference.load(Path(os.environ[OP_TRACE_RELOAD]))
+        elif rt.cfg["trainer"].get("op_trace_tensors") and tracer.first == 1:
+            tracer.kept = []
         return tracer
 
     def wants(self, step: int) -> bool:
