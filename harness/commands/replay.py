@@ -401,25 +401,33 @@ def op_line(report: Dict[str, Any]) -> str:
     return f"\n{found['line']}"
 
 
+def rerun_with(variable: str, value: str, cfg: Dict[str, Any], lock: Dict[str, Any],
+               runs_dir: Path, facts: Dict[str, Any], lock_extra: Dict[str, Any]) -> Path:
+    """The run's config once more, as a run of its own marked by `lock_extra`, launched
+    with `variable` set in this process's environment (a local training process inherits
+    it; train._run passes PERTURB on to any backend); `facts`: the backend's lock facts
+    the replay's gate asked for."""
+    import os
+
+    from harness.commands import train
+
+    os.environ[variable] = value
+    try:
+        return train.start(cfg, lock.get("overrides", []), runs_dir, lock_extra,
+                           backend_facts=facts)
+    finally:
+        os.environ.pop(variable, None)
+
+
 def control(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path,
             runs_dir: Path, facts: Dict[str, Any]) -> Dict[str, Any]:
     """The negative control: the same config once more, one weight bit flipped after step 1
     (harness/training/perturb.py), compared with the original. It must come out DIVERGED. `facts`:
     the backend's lock facts the replay's gate asked for."""
-    import os
-
-    from harness.commands import train
-
     print(f"harness: negative control: replaying with {perturb.DESCRIPTION} ...", flush=True)
-    os.environ[PERTURB] = perturb.WEIGHT_BIT
-    try:
-        control_dir = train.start(cfg, lock.get("overrides", []), runs_dir,
-                                   {"negative_control_of": {
-                                       "run_id": lock["run_id"],
-                                       "perturbation": perturb.DESCRIPTION}},
-                                   backend_facts=facts)
-    finally:
-        os.environ.pop(PERTURB, None)
+    control_dir = rerun_with(PERTURB, perturb.WEIGHT_BIT, cfg, lock, runs_dir, facts,
+                             {"negative_control_of": {"run_id": lock["run_id"],
+                                                      "perturbation": perturb.DESCRIPTION}})
     report = bitwise.compare_runs(orig_dir, control_dir, lock,
                                   lockfile.read(control_dir / rundir.LOCK))
     print(f"harness: negative control {control_dir.name}: {report['verdict']}"
@@ -440,19 +448,10 @@ def divergences(cfg: Dict[str, Any], lock: Dict[str, Any], orig_dir: Path, runs_
     the ops after it get the inputs they got there. Each op that then differs computes
     differently here in its own right: the list is every one in the traced steps, where
     the replay's trace can name only the first. `facts`: the gate's backend facts."""
-    import os
-
-    from harness.commands import train
-
     print("harness: --all-divergences: running the config once more, giving each op that "
           "differs the original's outputs ...", flush=True)
-    os.environ[OP_TRACE_RELOAD] = str(orig_dir)
-    try:
-        probe_dir = train.start(cfg, lock.get("overrides", []), runs_dir,
-                                {"op_trace_reload_of": {"run_id": lock["run_id"]}},
-                                backend_facts=facts)
-    finally:
-        os.environ.pop(OP_TRACE_RELOAD, None)
+    probe_dir = rerun_with(OP_TRACE_RELOAD, str(orig_dir), cfg, lock, runs_dir, facts,
+                           {"op_trace_reload_of": {"run_id": lock["run_id"]}})
     original, probe = op_trace.read(orig_dir), op_trace.read(probe_dir)
     found = op_trace.kernel_differences(original, probe) if original and probe else []
     total = len(original["ops"]) if original else 0

@@ -54,7 +54,7 @@ OmegaConf.register_new_resolver("harness_state_ref", state_ref, replace=True)
 def register_schemas() -> None:
     """The typed schemas in Hydra's ConfigStore, as what the bundled configs extend:
     `<group>/schema` for each group option (it writes only what it changes, so each default
-    lives once, in the dataclasses above) and `train_schema` / `run_schema` for the primary
+    lives once, in the dataclasses of schema.py) and `train_schema` / `run_schema` for the primary
     configs, so that Hydra checks them against the schema while it composes.
 
     The image profile is not a default of the primary schemas: a config of the user's that

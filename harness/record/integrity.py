@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 from harness import hash_cache, rundir
 from harness.digest import canonical_sha256, file_sha256
 from harness.errors import LockfileError, ReplayRefused
-from harness.record import metrics
+from harness.record import metrics, op_trace
 
 WEIGHTS_KIND = "weights_sha256"  # the derived value remembered per model.pt content
 
@@ -184,8 +184,7 @@ def _op_trace_mismatches(run_dir: Path, results: Dict[str, Any]) -> List[str]:
     would blame the wrong op. Its tensors (trainer.op_trace_tensors) are what
     --all-divergences gives the ops that differ: edited ones would hide a difference."""
     mismatches = []
-    for key, name in (("op_trace_sha256", rundir.OP_TRACE),
-                      ("op_trace_tensors_sha256", rundir.OP_TRACE_TENSORS)):
+    for key, name in op_trace.FILES:
         if key not in results:
             continue
         path = run_dir / name

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from harness.errors import LockfileError
-from harness.rundir import OP_TRACE
+from harness.rundir import OP_TRACE, OP_TRACE_TENSORS
 
 FORMAT = 1
 UNHASHABLE = "-"  # a tensor without plain memory (sparse, meta, mkldnn layout)
@@ -43,6 +43,18 @@ RANDOM_OPS = ("bernoulli", "dropout", "rand", "normal", "uniform", "multinomial"
 
 
 # --- reading and comparing (host, no torch) -----------------------------------------------
+
+# The trace's files and the results key each is locked under (integrity checks them).
+FILES = (("op_trace_sha256", OP_TRACE), ("op_trace_tensors_sha256", OP_TRACE_TENSORS))
+
+
+def file_digests(run_dir: Path) -> Dict[str, str]:
+    """The results entries of the trace files a run wrote: what its lock records."""
+    from harness.digest import file_sha256
+
+    return {key: file_sha256(Path(run_dir) / name) for key, name in FILES
+            if (Path(run_dir) / name).is_file()}
+
 
 def read(run_dir: Path) -> Optional[Dict[str, Any]]:
     """{"header": ..., "ops": [...]} of a run's trace; None when the run has none."""

@@ -36,6 +36,7 @@ from harness.env import (
     SRC,
 )
 from harness.errors import REQUEUE_EXIT, ConfigError, EnvironmentProblem
+from harness.record import op_trace
 from harness.script import files, imports
 from harness.script.injection import pinning
 from harness.training import distributed
@@ -154,11 +155,8 @@ def record(rt: Runtime, run_dir: Path, before: Dict[str, Any], hung: List[Dict[s
               "Declare the files it writes to have its results compared.", flush=True)
     rt.in_effect = pinned[0]["applied"] if pinned else {}
     results = {"exit_code": 0, "outputs": collected, "outputs_sha256": _digest(collected),
-               **console_result(run_dir, resumed or cfg["command"].get("nproc", 1) > 1)}
-    if (run_dir / rundir.OP_TRACE).is_file():  # command.op_trace_steps: its first steps' ops
-        from harness.digest import file_sha256
-
-        results["op_trace_sha256"] = file_sha256(run_dir / rundir.OP_TRACE)
+               **console_result(run_dir, resumed or cfg["command"].get("nproc", 1) > 1),
+               **op_trace.file_digests(run_dir)}  # command.op_trace_steps: its first ops
     rt.write_lock(results, resumes=resumes, timing=timing,
                   extra={"script": {**facts, "warnings": warnings,
                                     "imported": imports.merge_files(reports, workdir,

@@ -29,7 +29,7 @@ from harness.config import is_script, load_yaml
 from harness.digest import file_sha256, tensor_digests, weights_sha256
 from harness.env import LAUNCHER_PID, PROGRESS_S
 from harness.errors import REQUEUE_EXIT, ConfigError, HarnessError
-from harness.record import integrity, metrics
+from harness.record import integrity, metrics, op_trace
 from harness.training import (
     audit,
     checkpoint,
@@ -230,10 +230,7 @@ def write_results(rt: Runtime, model, test_set, progress: Progress, book: "Bookk
         "weights_sha256": remembered_weights_sha256(state, run_dir / rundir.WEIGHTS),
         "metrics_sha256": file_sha256(run_dir / rundir.METRICS),
     }
-    for key, name in (("op_trace_sha256", rundir.OP_TRACE),
-                      ("op_trace_tensors_sha256", rundir.OP_TRACE_TENSORS)):
-        if (run_dir / name).is_file():
-            results[key] = file_sha256(run_dir / name)
+    results.update(op_trace.file_digests(run_dir))
     rt.write_lock(results, progress.resumes, timing={
         "first_step_unix": book.first_step_at,
         "train_loop_s": round(loop_s, 3),
