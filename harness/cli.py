@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from harness import __version__
 from harness.errors import ConfigError, DataError, HarnessError, exit_codes_text
@@ -901,8 +901,12 @@ def cmd_machine_class(args: argparse.Namespace) -> int:
 def cmd_machine_ops(args: argparse.Namespace) -> int:
     from harness.record import cpu_ops
 
-    if args.compare is not None and not args.compare.is_file():
-        raise ConfigError(f"--compare {args.compare}: no such file.")
+    other = _ops_table(args.compare) if args.compare is not None else None
+    if args.out is not None:  # before a minute of measuring, not after
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {args.out}: cannot create its folder ({e}).") from e
     if args.setting == ["list"]:
         print("\n".join(cpu_ops.SETTINGS))
         return 0
@@ -915,13 +919,29 @@ def cmd_machine_ops(args: argparse.Namespace) -> int:
     text = json.dumps(found, indent=1, sort_keys=True)
     if args.out:
         args.out.write_text(text + "\n")
-    if args.compare is None:
+    if other is None:
         print(text)
         return 0
-    other = json.loads(args.compare.read_text())
     for setting, ops in cpu_ops.compare(found, other).items():
         print(f"{setting:45s} {'same' if not ops else 'differ: ' + ', '.join(ops)}")
+    for setting in sorted(set(found["settings"]) - set(other["settings"])):
+        print(f"{setting:45s} not in {args.compare} (its tool measured no such setting)")
     return 0
+
+
+def _ops_table(path: Path) -> Dict[str, Any]:
+    """A per-op table given with --compare, read before measuring."""
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--compare {path}: no such file.") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--compare {path}: not a readable table of `harness machine ops` "
+                          f"({e}).") from e
+    if not isinstance(table, dict) or not isinstance(table.get("settings"), dict):
+        raise ConfigError(f"--compare {path}: not a table of `harness machine ops` (it has no "
+                          f"`settings`).")
+    return table
 
 
 def cmd_machine_record(args: argparse.Namespace) -> int:

@@ -107,3 +107,17 @@ def test_a_portable_run_from_before_nnpack_was_off_is_refused_and_named(cli, tmp
     assert "determinism.in_effect.nnpack_enabled" in done.stderr
     assert "NNPACK on or off changes how convolutions add up" in done.stderr
     assert [p.name for p in old_run.parent.iterdir()] == [old_run.name]  # nothing ran
+
+
+# A portable run recorded (on AMD Zen 4) before portable mode computed float32 square roots
+# itself: Adam's took MKL's, which gave other bits on an Intel Xeon from the same inputs.
+BEFORE_OWN_SQRT = TESTS / "fixtures" / "old_runs" / "20261207T211245655810Z-fashion_mnist-fb48de"
+
+
+def test_a_portable_run_from_before_its_own_sqrt_is_refused_and_named(cli, tmp_path, fashion):
+    old_run = _copy(BEFORE_OWN_SQRT, tmp_path)
+    done = cli("replay", str(old_run), "--trust")
+    assert done.returncode == 6, done.stdout + done.stderr
+    assert "determinism.in_effect.sqrt_kernel" in done.stderr
+    assert "MKL's vector math, whose bits follow the CPU vendor" in done.stderr
+    assert [p.name for p in old_run.parent.iterdir()] == [old_run.name]  # nothing ran

@@ -8,6 +8,7 @@ import pytest
 from conftest import TESTS, read_lock, run_dir_of
 
 from harness.host import machine_class
+from harness.training import portable_math
 from harness.training.determinism import cpu_supports
 
 CONF = str(TESTS / "conf")
@@ -23,6 +24,7 @@ def test_a_portable_run_records_its_pins_and_repeats(cli, tmp_path):
     lock = read_lock(runs[0])
     in_effect = lock["determinism"]["in_effect"]
     assert in_effect["mkldnn_enabled"] is False and in_effect["nnpack_enabled"] is False
+    assert in_effect["sqrt_kernel"] == portable_math.NAME  # Adam's sqrt, correctly rounded
     assert in_effect["env"]["MKL_CBWR"] == "COMPATIBLE,STRICT"
     assert in_effect["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert lock["software"]["torch_cpu_capability"] == "AVX2"
@@ -31,7 +33,7 @@ def test_a_portable_run_records_its_pins_and_repeats(cli, tmp_path):
     native = run_dir_of(cli("train", "hashy", "--config-dir", CONF, "--runs-dir",
                             str(tmp_path / "runs"), check_rc=0))
     native_in_effect = read_lock(native)["determinism"]["in_effect"]
-    assert not {"mkldnn_enabled", "nnpack_enabled"} & set(native_in_effect)
+    assert not {"mkldnn_enabled", "nnpack_enabled", "sqrt_kernel"} & set(native_in_effect)
 
 
 @pytest.mark.long

@@ -2,7 +2,9 @@
 
 Runs a fixed set of training ops (gemm, conv2d forward and backward, batch norm, linear
 backward, log_softmax + nll, vector math, a reduction, an Adam step, a dropout mask, layer
-norm and softmax forward and backward) on fixed inputs, under each setting of the CPU-kernel
+norm and softmax forward and backward), and each function ATen hands to MKL's vector math
+alone (`vml_*`, over a wide range of inputs; tables before 2026-12-08 lack them), on fixed
+inputs, under each setting of the CPU-kernel
 pins in SETTINGS, each in a fresh interpreter (the pins only take effect before torch
 loads), and keeps a sha256 (16 hex digits) of every op's output bits. Two machines whose
 tables agree for a setting compute those ops alike under it.
@@ -49,9 +51,12 @@ SETTINGS: Dict[str, Dict[str, str]] = {
     "pin-avx2+cbwr-strict mkldnn-off nnpack-off": {**_AVX2, "MKL_CBWR": "COMPATIBLE,STRICT",
                                                    "_MKLDNN": "0", "_NNPACK": "0"},
 }
-# determinism.cpu_isa=portable is this setting (2 threads). Tables recorded before it
-# switched NNPACK off hold its predecessor, without "nnpack-off".
-PORTABLE = "pin-avx2+cbwr-strict mkldnn-off nnpack-off"
+# determinism.cpu_isa=portable (2 threads), with its own float32 sqrt (`_SQRT=1`,
+# harness/training/portable_math.py). Tables recorded before that hold its predecessors:
+# "pin-avx2+cbwr-strict mkldnn-off nnpack-off" (MKL's sqrt), and before portable mode
+# switched NNPACK off, that without "nnpack-off".
+SETTINGS["portable"] = {**SETTINGS["pin-avx2+cbwr-strict mkldnn-off nnpack-off"], "_SQRT": "1"}
+PORTABLE = "portable"
 PINS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 CHILD = r'''
@@ -64,6 +69,9 @@ if os.environ.get("_MKLDNN") == "0":
     torch.backends.mkldnn.enabled = False
 if os.environ.get("_NNPACK") == "0":
     torch.backends.nnpack.set_flags(False)
+if os.environ.get("_SQRT") == "1":
+    from harness.training import portable_math
+    portable_math.install()
 def h(t):
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
@@ -109,6 +117,14 @@ sm_in = r(64, 1000).requires_grad_()
 sm = F.softmax(sm_in, 1)
 (sm * torch.arange(1000.0)).sum().backward()
 out["softmax_fwd_bwd"] = h(torch.cat([sm.detach().reshape(-1), sm_in.grad.reshape(-1)]))
+# Each function ATen hands to MKL's vector math, alone, over a wide range of inputs.
+wide = torch.cat([r(1 << 16), r(1 << 16) * 30, torch.rand(1 << 16, generator=g) * 2 - 1])
+for name in ("sqrt", "exp", "log", "tanh", "erf", "erfc", "erfinv", "log2", "log10", "tan",
+             "atan", "asin", "acos"):
+    arg = {"sqrt": wide.abs(), "log": wide.abs(), "log2": wide.abs(), "log10": wide.abs(),
+           "erfinv": wide.clamp(-0.999, 0.999), "asin": wide.clamp(-1, 1),
+           "acos": wide.clamp(-1, 1)}.get(name, wide)
+    out["vml_" + name] = h(getattr(torch, name)(arg))
 out["_torch"] = torch.__version__
 out["_capability"] = torch.backends.cpu.get_cpu_capability()
 print(json.dumps(out))
@@ -150,6 +166,7 @@ def compare(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, list]:
     out = {}
     for name in sorted(set(a["settings"]) & set(b["settings"])):
         ops_a, ops_b = a["settings"][name], b["settings"][name]
-        out[name] = sorted(op for op in set(ops_a) | set(ops_b)
-                           if not op.startswith("_") and ops_a.get(op) != ops_b.get(op))
+        # An op only one table measured (an older tool's) is no evidence either way.
+        out[name] = sorted(op for op in set(ops_a) & set(ops_b)
+                           if not op.startswith("_") and ops_a[op] != ops_b[op])
     return out

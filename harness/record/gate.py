@@ -82,6 +82,10 @@ RULES: Tuple[Tuple[str, str, str], ...] = (
     ("determinism.in_effect.nnpack_enabled", BLOCKING,
      "NNPACK on or off changes how convolutions add up (cpu_isa=portable switches it off "
      "since harness of 2026-12-07; a portable run recorded before ran NNPACK)"),
+    ("determinism.in_effect.sqrt_kernel", BLOCKING,
+     "float32 square roots came from another kernel (cpu_isa=portable computes them "
+     "correctly rounded since harness of 2026-12-08; a portable run recorded before took "
+     "them from MKL's vector math, whose bits follow the CPU vendor)"),
     ("determinism.*", BLOCKING, "a determinism setting or thread count differs"),
     ("environment.PYTHONHASHSEED", BLOCKING, "changes set/dict iteration orders"),
     ("environment.CUBLAS_WORKSPACE_CONFIG", BLOCKING, "changes cuBLAS reduction strategy"),

@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict
 
 from harness.errors import EnvironmentProblem
+from harness.training import portable_math
 
 # determinism.cpu_isa: which CPU kernels torch, oneDNN and MKL may use. PyTorch picks its
 # vector kernels by the CPU's ISA, and AVX-512 and AVX2 kernels round differently; pinning
@@ -45,10 +46,14 @@ CPU_ISA: Dict[str, Dict[str, Any]] = {
     #   channels by the L1 cache size (32 KB on AMD Zen 3 and 4, 48 KB on Intel Sapphire
     #   Rapids and AMD Zen 5), so the order of the additions follows the CPU. Off, the
     #   convolution is ATen's im2col + MKL gemm in both directions (and faster here).
+    # - float32 square roots correctly rounded in ATen's kernels (portable_math.py): torch.sqrt
+    #   runs in MKL's vector math, whose COMPATIBLE branch gave other bits on an Intel Xeon
+    #   than on an AMD EPYC for Adam's denominator (measured 2026-12-08). The other vector
+    #   math ops that no measurement shows alike stop the run (portable.py).
     "portable": {"env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                          "MKL_CBWR": "COMPATIBLE,STRICT"},
                  "capability": "AVX2", "needs": ["avx2", "fma"], "mkldnn": False,
-                 "nnpack": False},
+                 "nnpack": False, "sqrt": portable_math.NAME},
 }
 CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
@@ -92,6 +97,8 @@ def apply(det: Dict[str, Any]) -> None:
         torch.backends.mkldnn.enabled = False  # cpu_isa=portable: see CPU_ISA
     if pin.get("nnpack") is False:
         torch.backends.nnpack.set_flags(False)  # cpu_isa=portable: see CPU_ISA
+    if pin.get("sqrt") == portable_math.NAME:
+        portable_math.install()  # cpu_isa=portable: see CPU_ISA
     # Inter-op parallelism reorders independent ops; one thread keeps the order fixed.
     try:
         torch.set_num_interop_threads(1)
@@ -151,6 +158,7 @@ def audit() -> Dict[str, Any]:
         **({} if torch.backends.mkldnn.enabled else {"mkldnn_enabled": False}),
         # torch.backends.nnpack has a setter only; its getter is the one it reads itself.
         **({} if torch._C._get_nnpack_enabled() else {"nnpack_enabled": False}),
+        **({"sqrt_kernel": portable_math.NAME} if portable_math.installed() else {}),
         "env": {**{name: os.environ.get(name) for name in
                    ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
                     "MKL_NUM_THREADS")},
@@ -170,6 +178,8 @@ def expected_audit(det: Dict[str, Any]) -> Dict[str, Any]:
     for library in ("mkldnn", "nnpack"):
         if pin.get(library) is False:
             expected[f"{library}_enabled"] = False
+    if pin.get("sqrt"):
+        expected["sqrt_kernel"] = pin["sqrt"]
     if det["mode"] != "off":
         expected.update({
             "deterministic_algorithms": True,

@@ -13,3 +13,16 @@ from harness.training import portable
     ("aten::linalg_vector_norm", "")])
 def test_which_ops_portable_mode_refuses(name, library):
     assert portable.blocked(name) == library
+
+
+@pytest.mark.parametrize("name, dtype, library", [
+    ("aten::sqrt", "float32", ""), ("aten::_foreach_sqrt_", "float32", ""),
+    ("aten::exp.default", "float32", ""), ("aten::tanh", "float32", ""),
+    ("aten::log", "float32", "MKL's vector math (VML)"),
+    ("aten::erf_", "float32", "MKL's vector math (VML)"),
+    ("aten::_foreach_log.default", "float32", "MKL's vector math (VML)"),
+    ("aten::sqrt", "float64", "MKL's vector math (VML)"),
+    ("aten::sin", "float64", "MKL's vector math (VML)"), ("aten::sin", "float32", ""),
+    ("aten::log", "bfloat16", ""), ("aten::log_softmax", "float32", "")])
+def test_vector_math_ops_are_refused_by_dtype_unless_portable(name, dtype, library):
+    assert portable.blocked(name, dtype) == library
