@@ -18,6 +18,7 @@ from conftest import TESTS, loss_bits, read_lock, run_dir_of
 
 from harness.host import machine_class
 from harness.record import corpus
+from harness.training.determinism import cpu_supports
 
 # One replay per class: its avx2 run (every x86-64 class of the corpus has one).
 REPLAYED = [run for entry in corpus.entries() for run in entry.runs("avx2")[:1]]
@@ -121,3 +122,30 @@ def test_a_portable_run_from_before_its_own_sqrt_is_refused_and_named(cli, tmp_p
     assert "determinism.in_effect.sqrt_kernel" in done.stderr
     assert "MKL's vector math, whose bits follow the CPU vendor" in done.stderr
     assert [p.name for p in old_run.parent.iterdir()] == [old_run.name]  # nothing ran
+
+
+# Issue 30's promise across vendors: a run recorded on another machine class, in a CPU mode
+# the corpus shows gives other bits there, replays DIVERGED here, and the op trace it
+# carries names the first op that computed differently, with identical inputs (the
+# machine, not the data), and the class as the setting that differs.
+ACROSS = [run for entry in corpus.entries()
+          if not machine_class.same_class(entry.facts, machine_class.this_machine())
+          for mode in entry.modes() for run in entry.runs(mode)[:1]
+          if (run / "op-trace.jsonl.gz").exists()
+          and cpu_supports(mode, machine_class.this_machine()["isa_flags"])
+          and corpus.agreement(entry.facts, machine_class.this_machine(), mode) is False]
+
+
+@pytest.mark.parametrize("original", ACROSS[:1], ids=[
+    f"{p.parent.parent.parent.name}-{p.parent.name}" for p in ACROSS[:1]])
+def test_a_divergence_across_machine_classes_names_its_op(cli, original, tmp_path, fashion):
+    old_run = _copy(original, tmp_path)
+    done = cli("replay", str(old_run), "--allow-mismatch", "--trust")
+    assert done.returncode == 7 and "DIVERGED" in done.stdout, done.stdout + done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("op trace:")]
+    print(line)
+    assert line.startswith("op trace: first differing op aten::"), line
+    assert "with identical inputs: this op computes differently in this environment" in line
+    assert "hardware.cpu.class: " in line
+    record = json.loads((run_dir_of(done) / "replay.json").read_text())
+    assert record["first_differing_op"]["line"] == line
