@@ -229,7 +229,8 @@ def arguments() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="1,10,50,120,350", help="millions of parameters")
     parser.add_argument("--data-gb", default="1,10", help="sizes of the single large files")
-    parser.add_argument("--files", type=int, default=1_000_000, help="small files in a dir")
+    parser.add_argument("--files", type=int, default=1_000_000,
+                        help="small files in a dir (0: keep the recorded figures)")
     parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs per ratio")
     parser.add_argument("--dir", type=Path, default=None, help="where the data is written")
     parser.add_argument("--quick", action="store_true",
@@ -267,12 +268,16 @@ def main() -> None:
             write_large(path, gigabytes)
             result["data"][f"{gigabytes:g}GB"] = {**data_costs(path), "machine_class": here}
             path.unlink()
-        print(f"scale: {args.files} small files ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        write_small(tmp / "small", args.files)
-        written_s = round(time.perf_counter() - started, 1)
-        result["data"][f"{args.files}files"] = {
-            **data_costs(tmp / "small"), "written_s": written_s, "machine_class": here}
+        if args.files == 0:
+            result["data"].update({k: v for k, v in kept.get("data", {}).items()
+                                   if k.endswith("files")})
+        else:
+            print(f"scale: {args.files} small files ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            write_small(tmp / "small", args.files)
+            written_s = round(time.perf_counter() - started, 1)
+            result["data"][f"{args.files}files"] = {
+                **data_costs(tmp / "small"), "written_s": written_s, "machine_class": here}
     # The largest model sets the peak: kept with the models when they are left out.
     result["peak_rss_gb"] = kept.get("peak_rss_gb") if args.models == "none" else peak_rss_gb()
     result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)

@@ -38,6 +38,13 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def file_blake3(path) -> str:
+    """BLAKE3 of a file's bytes (one thread: its caller reads the file on another core)."""
+    import blake3
+
+    return blake3.blake3(max_threads=1).update_mmap(path).hexdigest()
+
+
 def canonical_sha256(data: Any) -> str:
     """sha256 of `data`'s canonical JSON: configs, lockfiles, image content, facts."""
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()

@@ -52,8 +52,8 @@ def test_a_checkpoint_that_does_not_fit_is_said_and_the_run_resumes_exactly(tmp_
     assert status["state"] == "failed" and status["exit_code"] == 4
     assert "no space left" in status["error"]["message"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step-00000002.pt", "step-00000002.pt.sha256", "step-00000004.pt",
-        "step-00000004.pt.sha256"]  # intact, with their checksums, no partial file
+        "step-00000002.pt", "step-00000002.pt.b3", "step-00000004.pt",
+        "step-00000004.pt.b3"]  # intact, with their checksums, no partial file
 
     resize(64)
     harness(ctx, "train", "--resume", run_dir.name, check_rc=0)

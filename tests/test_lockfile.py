@@ -114,5 +114,5 @@ def test_run_directory_has_the_contract_files(tiny_run):
     assert all(float.fromhex(r["loss_hex"]) == r["loss"] for r in train)
     assert records[-1]["kind"] == "eval"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
-        ["step-00000004.pt", "step-00000004.pt.sha256", "step-00000006.pt",
-         "step-00000006.pt.sha256"]  # 8 steps, every 4 kept: the newest two, with checksums
+        ["step-00000004.pt", "step-00000004.pt.b3", "step-00000006.pt",
+         "step-00000006.pt.b3"]  # 8 steps, every 4 kept: the newest two, with checksums

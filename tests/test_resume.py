@@ -227,11 +227,11 @@ def reseal(path: Path, state: dict) -> None:
     """Write an edited state where it was, with a matching checksum, as the harness would."""
     import torch
 
-    from harness.digest import file_sha256
+    from harness.digest import file_blake3
     from harness.training import checkpoint
 
     torch.save(state, path)
-    checkpoint.checksum_path(path).write_text(f"{file_sha256(path)}  {path.name}\n")
+    checkpoint.checksum_path(path).write_text(f"{file_blake3(path)}  {path.name}\n")
 
 
 def wait_until_unlocked(run_dir: Path, timeout: float = 60.0) -> float:

@@ -256,7 +256,7 @@ def restore(rt: Runtime, model, optimizer, scheduler) -> Progress:
         progress = Progress(restored["step"], restored["epoch"], restored["position"],
                             [*restored["resumes"], {"from_step": restored["step"],
                                                     "checkpoint": path.name,
-                                                    "sha256": restored["sha256"]}])
+                                                    **restored["checksum"]}])
         rt.say(f"harness: resuming from {path.name}: step {progress.step}, epoch "
                f"{progress.epoch + 1}, {progress.position} samples of the epoch done")
     if rt.rank.is_main:

@@ -42,19 +42,19 @@ def test_old_checkpoints_and_their_checksums_are_removed_together(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, training_state(step, width=20), keep=2)
     names = sorted(p.name for p in checkpoint.directory(tmp_path).iterdir())
-    assert names == ["step-00000002.pt", "step-00000002.pt.sha256",
-                     "step-00000003.pt", "step-00000003.pt.sha256"]
+    assert names == ["step-00000002.pt", "step-00000002.pt.b3",
+                     "step-00000003.pt", "step-00000003.pt.b3"]
 
 
 def test_partial_writes_and_orphaned_checksums_are_removed(tmp_path):
     path = checkpoint.save(tmp_path, training_state(width=20))
     folder = path.parent
-    leftovers = [folder / ".step-00000009.pt.123.tmp", folder / ".step-00000009.pt.sha256.123.tmp",
-                 folder / "step-00000009.pt.sha256"]
+    leftovers = [folder / ".step-00000009.pt.123.tmp", folder / ".step-00000009.pt.b3.123.tmp",
+                 folder / "step-00000009.pt.b3", folder / "step-00000008.pt.sha256"]
     for leftover in leftovers:
         leftover.write_text("cut short")
     assert checkpoint.remove_partial_writes(tmp_path) == sorted(p.name for p in leftovers)
-    assert sorted(p.name for p in folder.iterdir()) == [path.name, path.name + ".sha256"]
+    assert sorted(p.name for p in folder.iterdir()) == [path.name, path.name + ".b3"]
 
 
 def test_a_format_2_checkpoint_is_still_read_and_checked(tmp_path):
@@ -64,7 +64,7 @@ def test_a_format_2_checkpoint_is_still_read_and_checked(tmp_path):
     path = checkpoint.path_for(tmp_path, state["step"])
     path.parent.mkdir()
     torch.save(state, path)
-    assert checkpoint.load(path)["sha256"] == state["state_sha256"]
+    assert checkpoint.load(path)["checksum"] == {"sha256": state["state_sha256"]}
     state["position"] += 1  # an edit the hash inside does not cover any more
     torch.save(state, path)
     with pytest.raises(checkpoint.Damaged, match="state_sha256"):
