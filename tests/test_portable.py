@@ -53,3 +53,39 @@ def test_an_op_portable_mode_cannot_pin_stops_the_run_before_training(cli, tmp_p
     # The same model trains where the op is allowed: the check, not the model, stopped it.
     cli("train", "hashy", "model._target_=harness_testkit.SpectralMLP",
         "determinism.cpu_isa=avx2", "--config-dir", CONF, "--runs-dir", str(runs), check_rc=0)
+
+
+# A user's script, in the style of a regression example: a model whose loss takes a log.
+LOG_LOSS_SCRIPT = '''
+import sys
+import torch
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+x, y = torch.rand(64, 8), torch.rand(64, 1) + 0.5
+for step in range(5):
+    optimizer.zero_grad()
+    prediction = torch.nn.functional.softplus(model(x)) + 0.1
+    loss = torch.log(prediction / y) if sys.argv[1] == "log" else prediction / y - 1
+    loss.square().mean().backward()
+    optimizer.step()
+torch.save(model.state_dict(), "model.pt")
+'''
+
+
+def test_a_command_with_an_op_portable_mode_cannot_pin_stops_after_its_first_step(cli,
+                                                                                  tmp_path):
+    (tmp_path / "fit.py").write_text(LOG_LOSS_SCRIPT)
+    command = ["run", "backend=local", "--output", "model.pt", "--runs-dir",
+               str(tmp_path / "runs")]
+    done = cli(*command, "determinism.cpu_isa=portable", "--", "python", "fit.py", "log")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "aten::log runs in MKL's vector math (VML)" in done.stderr
+    assert "the command stopped after its first optimizer step" in done.stderr
+    assert not (tmp_path / "model.pt").exists()
+    # Controls: the same model without the log trains in portable mode (Adam's sqrt is
+    # portable mode's own), and with the log in native mode.
+    cli(*command, "determinism.cpu_isa=portable", "--", "python", "fit.py", "ratio",
+        check_rc=0)
+    cli(*command, "--", "python", "fit.py", "log", check_rc=0)

@@ -411,10 +411,11 @@ class CommandTrace:
     is the user's code's guest: an error of the tracer's own stops the trace with a
     warning, never the command."""
 
-    def __init__(self, steps: int, run_dir: Path):
+    def __init__(self, steps: int, run_dir: Path, portable: bool = False):
         self.tracer, self.run_dir, self.mode = Tracer(None, steps), Path(run_dir), None
         self.hooks: list = []
         self.modules = None
+        self.portable = portable  # determinism.cpu_isa=portable: check the first step's ops
 
     def install(self) -> None:
         import atexit
@@ -467,10 +468,32 @@ class CommandTrace:
             return
         if self.tracer._pid == os.getpid():  # not given up
             self.tracer.traced_steps.append(self.tracer.current_step)
+        if self.portable and self.tracer.current_step == 1:
+            self._refuse_unportable_ops()
         if self.tracer.current_step >= self.tracer.steps:
             self.stop(in_optimizer_hook=True)
         else:
             self.tracer.current_step += 1
+
+    def _refuse_unportable_ops(self) -> None:
+        """In portable mode, stop the command after its first step when one of its ops has
+        no portable path (training/portable.py), naming the ops: the built-in loop refuses
+        them before its first update; a command's ops are known once it took a step. The
+        trace is written first, so `harness trace show` lists where they ran."""
+        import sys
+
+        from harness import rundir
+        from harness.errors import ConfigError
+        from harness.training import portable
+
+        found = portable.blocked_in_trace(self.tracer.ops)
+        if not found:
+            return
+        self.stop(in_optimizer_hook=True)
+        said = f"{portable.refusal(found)} (the command stopped after its first optimizer step)"
+        print(f"harness: error: {said}", file=sys.stderr, flush=True)
+        rundir.record_error(self.run_dir, said, ConfigError.exit_code)  # what the launcher says
+        raise SystemExit(ConfigError.exit_code)  # through the user's optimizer.step()
 
     def stop(self, in_optimizer_hook: bool = False) -> None:
         """End the trace and write it (once); the mode and the module hooks are taken away.

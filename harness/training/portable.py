@@ -73,6 +73,27 @@ def _dtype_of(args) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else ""
 
 
+def blocked_in_trace(ops: List[Dict]) -> List[Tuple[str, str]]:
+    """(op, library) of the ops in op-trace entries (harness/record/op_trace.py's format)
+    that portable mode cannot pin, each once, in the order first dispatched."""
+    found: List[Tuple[str, str]] = []
+    for op in ops:
+        dtype = op["in"][0][2] if op.get("in") else ""
+        library = blocked(op["op"], dtype)
+        if library and (op["op"], library) not in found:
+            found.append((op["op"], library))
+    return found
+
+
+def refusal(found: List[Tuple[str, str]]) -> str:
+    """The message that stops a portable run whose ops include `found`."""
+    return ("determinism.cpu_isa=portable cannot pin every op of this model: " +
+            "; ".join(f"{name} runs in {library}" for name, library in found) +
+            ". These would give other bits on another CPU vendor. Train with "
+            "determinism.cpu_isa=native or avx2 (replays on CPUs of this class), or replace "
+            "the op.")
+
+
 @contextlib.contextmanager
 def first_step_check(cfg: Dict, step: int) -> Iterator[None]:
     """Around the first step's forward and backward of a portable run: raise ConfigError
@@ -95,9 +116,4 @@ def first_step_check(cfg: Dict, step: int) -> Iterator[None]:
     with Watch():
         yield
     if seen:
-        raise ConfigError(
-            "determinism.cpu_isa=portable cannot pin every op of this model: " +
-            "; ".join(f"{name} runs in {library}" for name, library in seen) +
-            ". These would give other bits on another CPU vendor. Train with "
-            "determinism.cpu_isa=native or avx2 (replays on CPUs of this class), or replace "
-            "the op.")
+        raise ConfigError(refusal(seen))

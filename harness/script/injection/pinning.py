@@ -178,14 +178,15 @@ def _pin_torch(torch, seed: int, det: Dict[str, Any]) -> None:
     _state["applied"] = applied
     _patch_dataloader(torch)
     _watch_compile(torch)
-    _trace_ops()
+    _trace_ops(portable=det.get("cpu_isa") == "portable")
     _report(at_exit=False)
 
 
-def _trace_ops() -> None:
+def _trace_ops(portable: bool) -> None:
     """The op trace of the command's first optimizer steps (harness/training/op_tracer.py), in one
     process: rank 0's (RANK unset or 0), and none once a process of the run wrote one (a
-    second Python process of the command, a resumed attempt)."""
+    second Python process of the command, a resumed attempt). In portable mode it also
+    stops the command after its first step if an op has no portable path."""
     import multiprocessing
 
     steps = int(os.environ.get(OP_TRACE_STEPS) or 0)
@@ -197,7 +198,7 @@ def _trace_ops() -> None:
     from harness.training import op_tracer
 
     try:
-        trace = op_tracer.CommandTrace(steps, run_dir)
+        trace = op_tracer.CommandTrace(steps, run_dir, portable)
         trace.install()
         _state["op_trace"] = trace
     except (ImportError, AttributeError, RuntimeError) as exc:  # another torch than ours
