@@ -31,7 +31,8 @@ CPU_ISA: Dict[str, Dict[str, Any]] = {
                        "MKL_CBWR": "AVX512"},
                "capability": "AVX512", "needs": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]},
     # portable: built for the same bits on any x86-64 CPU with AVX2 and FMA, Intel or AMD
-    # (recorded end to end on AMD Zen 3 and Zen 4 only so far; docs/replay.md). The avx2 pin is
+    # (in its current form recorded end to end on one Intel class so far; docs/replay.md has
+    # the measurements across vendors that shaped it). The avx2 pin is
     # not that: MKL honours MKL_CBWR=AVX2 on Intel CPUs only (elsewhere it runs its AUTO
     # branch), and oneDNN sizes its blocking by the caches it finds. So, op by op:
     # - ATen's own kernels at the AVX2 capability: the same code and the same IEEE
