@@ -96,31 +96,27 @@ def test_a_portable_run_from_another_class_replays_identical_here(cli, original,
         assert agreement is None and row["group"] == "unproven", row
 
 
-# A portable run recorded (on AMD Zen 3) before portable mode switched NNPACK off: its
-# convolutions ran in NNPACK, whose sums follow the CPU's L1 cache size.
+# Portable runs recorded before a change to portable mode, each refused with the gate row
+# that names what changed: on AMD Zen 3 before NNPACK was switched off (its convolutions ran
+# in NNPACK, whose sums follow the CPU's L1 cache size), and on AMD Zen 4 before portable
+# mode computed float32 square roots itself (Adam's took MKL's, which gave other bits on an
+# Intel Xeon from the same inputs).
 BEFORE_NNPACK_OFF = TESTS / "fixtures" / "old_runs" / "20261206T224631611644Z-fashion_mnist-0cf036"
-
-
-def test_a_portable_run_from_before_nnpack_was_off_is_refused_and_named(cli, tmp_path, fashion):
-    old_run = _copy(BEFORE_NNPACK_OFF, tmp_path)
-    done = cli("replay", str(old_run), "--trust")
-    assert done.returncode == 6, done.stdout + done.stderr
-    assert "determinism.in_effect.nnpack_enabled" in done.stderr
-    assert "NNPACK on or off changes how convolutions add up" in done.stderr
-    assert [p.name for p in old_run.parent.iterdir()] == [old_run.name]  # nothing ran
-
-
-# A portable run recorded (on AMD Zen 4) before portable mode computed float32 square roots
-# itself: Adam's took MKL's, which gave other bits on an Intel Xeon from the same inputs.
 BEFORE_OWN_SQRT = TESTS / "fixtures" / "old_runs" / "20261207T211245655810Z-fashion_mnist-fb48de"
 
 
-def test_a_portable_run_from_before_its_own_sqrt_is_refused_and_named(cli, tmp_path, fashion):
-    old_run = _copy(BEFORE_OWN_SQRT, tmp_path)
+@pytest.mark.parametrize("original, row, why", [
+    (BEFORE_NNPACK_OFF, "determinism.in_effect.nnpack_enabled",
+     "NNPACK on or off changes how convolutions add up"),
+    (BEFORE_OWN_SQRT, "determinism.in_effect.sqrt_kernel",
+     "MKL's vector math, whose bits follow the CPU vendor")],
+    ids=["before-nnpack-off", "before-own-sqrt"])
+def test_a_portable_run_from_before_a_change_of_the_mode_is_refused_and_named(
+        cli, tmp_path, fashion, original, row, why):
+    old_run = _copy(original, tmp_path)
     done = cli("replay", str(old_run), "--trust")
     assert done.returncode == 6, done.stdout + done.stderr
-    assert "determinism.in_effect.sqrt_kernel" in done.stderr
-    assert "MKL's vector math, whose bits follow the CPU vendor" in done.stderr
+    assert row in done.stderr and why in done.stderr
     assert [p.name for p in old_run.parent.iterdir()] == [old_run.name]  # nothing ran
 
 

@@ -14,7 +14,7 @@ the run before the optimizer steps, naming it.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, FrozenSet, Iterator, List, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Tuple
 
 from harness.errors import ConfigError
 
@@ -76,12 +76,17 @@ def _dtype_of(args) -> str:
 def blocked_in_trace(ops: List[Dict]) -> List[Tuple[str, str]]:
     """(op, library) of the ops in op-trace entries (harness/record/op_trace.py's format)
     that portable mode cannot pin, each once, in the order first dispatched."""
+    return unpinnable((op["op"], op["in"][0][2] if op.get("in") else "") for op in ops)
+
+
+def unpinnable(ops: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """(op, library) of the (op, dtype) pairs that portable mode cannot pin, each op once,
+    in order."""
     found: List[Tuple[str, str]] = []
-    for op in ops:
-        dtype = op["in"][0][2] if op.get("in") else ""
-        library = blocked(op["op"], dtype)
-        if library and (op["op"], library) not in found:
-            found.append((op["op"], library))
+    for name, dtype in ops:
+        library = blocked(name, dtype)
+        if library and (name, library) not in found:
+            found.append((name, library))
     return found
 
 
@@ -103,17 +108,15 @@ def first_step_check(cfg: Dict, step: int) -> Iterator[None]:
         return
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen: List[Tuple[str, str]] = []
+    dispatched: List[Tuple[str, str]] = []
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.name()
-            library = blocked(name, _dtype_of(args))
-            if library and (name, library) not in seen:
-                seen.append((name, library))
+            dispatched.append((func.name(), _dtype_of(args)))
             return func(*args, **(kwargs or {}))
 
     with Watch():
         yield
-    if seen:
-        raise ConfigError(refusal(seen))
+    found = unpinnable(dispatched)
+    if found:
+        raise ConfigError(refusal(found))

@@ -77,7 +77,7 @@ def install() -> None:
         warnings.simplefilter("ignore", UserWarning)
         for overload, form in FORMS.items():
             original = torch.library.get_kernel(f"aten::{overload}", "CPU")
-            library.impl(overload, _kernel(original, form), "CPU")
+            library.impl(overload, _kernel(original, form, overload.startswith("pow")), "CPU")
     _library = library
 
 
@@ -91,12 +91,13 @@ FORMS = {"sqrt": "functional", "sqrt.out": "out", "sqrt_": "inplace",
          "pow_.Scalar": "inplace"}
 
 
-def _kernel(original, form: str):
+def _kernel(original, form: str, is_pow: bool):
+    """The replacement kernel of one overload: `form` as in FORMS; `is_pow` for aten::pow's,
+    whose second argument is the exponent."""
     import torch
 
     def kernel(*args, **kwargs):
         x = args[0]
-        is_pow = len(args) > 1 and not isinstance(args[1], torch.Tensor)
         if x.dtype != torch.float32 or (is_pow and args[1] != 0.5):
             return original.call_boxed(torch._C._dispatch_keyset_full(), *args, **kwargs)
         result = correctly_rounded_sqrt(x)
